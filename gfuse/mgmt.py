@@ -1,0 +1,200 @@
+"""Talking to glusterd: fetch the volfile (GETSPEC), find brick ports (PORTBYBRICK), watch for changes."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Sequence
+
+import trio
+
+from . import handshake as hs
+from . import rpc
+from .fops import CBK_PROGRAM, Cbk
+from .transport import RpcConnection
+from .volfile import Graph, parse
+
+log = logging.getLogger(__name__)
+
+
+class MgmtError(Exception):
+    """glusterd could not give us what we asked for; the message is meant for a user."""
+
+    def __init__(self, message: str, errno_: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
+@dataclass(frozen=True)
+class Server:
+    host: str
+    port: int = hs.GLUSTERD_PORT
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """``SERVER[:PORT]:/VOLUME[/SUBDIR]`` as users write it."""
+
+    server: Server
+    volume: str
+    subdir: str = ""
+
+
+_SPEC = re.compile(r"^(?P<host>\[[^\]]+\]|[^:/\s]+)(?::(?P<port>\d+))?:/?(?P<vol>[A-Za-z0-9_.-]+)(?P<sub>/[^\s]*)?$")
+
+
+def parse_volume_spec(text: str) -> VolumeSpec:
+    m = _SPEC.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not SERVER[:PORT]:/VOLUME[/SUBDIR]")
+    port = int(m["port"]) if m["port"] else hs.GLUSTERD_PORT
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range in {text!r}")
+    sub = (m["sub"] or "").strip("/")
+    return VolumeSpec(Server(m["host"].strip("[]"), port), m["vol"], sub)
+
+
+def parse_servers(text: str, default_port: int = hs.GLUSTERD_PORT) -> list[Server]:
+    """``backup-volfile-servers`` value: hosts separated by ':' or ',' (optionally host:port with ',')."""
+    out = []
+    sep = "," if "," in text else ":"
+    for item in filter(None, (t.strip() for t in text.split(sep))):
+        if sep == "," and ":" in item:
+            h, p = item.rsplit(":", 1)
+            out.append(Server(h, int(p)))
+        else:
+            out.append(Server(item, default_port))
+    return out
+
+
+def mgmt_cred() -> bytes:
+    return rpc.Credential(pid=os.getpid()).encode_v2()
+
+
+async def _call(server: Server, prog: int, vers: int, proc: int, body: bytes, timeout: float) -> bytes:
+    """One call on a short-lived connection to glusterd."""
+    try:
+        with trio.fail_after(timeout):
+            async with trio.open_nursery() as nursery:
+                conn = await RpcConnection.connect(nursery, server.host, server.port, name=f"glusterd {server}",
+                                                   ping_timeout=None, connect_timeout=timeout)
+                try:
+                    return await conn.call(prog, vers, proc, body, cred_flavor=rpc.AUTH_GLUSTERFS_V2,
+                                           cred_body=mgmt_cred())
+                finally:
+                    await conn.aclose()
+    except trio.TooSlowError:
+        raise MgmtError(f"glusterd at {server} did not answer within {timeout:g}s", errno.ETIMEDOUT) from None
+    except OSError as e:
+        raise MgmtError(f"glusterd at {server} is unreachable: {e.strerror or e}", e.errno or errno.EIO) from None
+    except rpc.RPCError as e:
+        raise MgmtError(f"glusterd at {server} refused the request: {e}", errno.EPROTO) from None
+
+
+async def getspec(server: Server, volume: str, timeout: float = 10.0) -> str:
+    body = await _call(server, hs.HANDSHAKE_PROGRAM, hs.HANDSHAKE_VERSION, hs.GETSPEC, hs.getspec_req(volume), timeout)
+    r = hs.getspec_rsp(body)
+    if r.ret < 0:
+        if r.errno in (errno.ENOENT, 0):
+            raise MgmtError(f"volume {volume!r} does not exist on {server} (or is not started)", errno.ENOENT)
+        raise MgmtError(f"glusterd at {server} refused volume {volume!r}: {os.strerror(r.errno)}", r.errno)
+    if not r.spec.strip():
+        raise MgmtError(f"glusterd at {server} returned an empty volfile for {volume!r}", errno.ENOENT)
+    return r.spec
+
+
+async def fetch_graph(servers: Sequence[Server], volume: str, timeout: float = 10.0) -> tuple[Server, Graph]:
+    """GETSPEC from the first server that answers (``backup-volfile-servers`` in order)."""
+    last: MgmtError | None = None
+    for server in servers:
+        try:
+            text = await getspec(server, volume, timeout)
+            return server, parse(text)
+        except MgmtError as e:
+            if e.errno == errno.ENOENT:
+                raise  # the volume is unknown: another server of the same cluster will not know it either
+            log.warning("volfile server %s failed: %s", server, e)
+            last = e
+    assert last is not None, "no volfile servers given"
+    raise last
+
+
+async def port_by_brick(server: Server, brick_path: str, timeout: float = 10.0) -> int:
+    body = await _call(server, hs.PORTMAP_PROGRAM, hs.PORTMAP_VERSION, hs.PORTBYBRICK,
+                       hs.portbybrick_req(brick_path), timeout)
+    ret, err, _status, port = hs.portbybrick_rsp(body)
+    if ret < 0 or port <= 0:
+        raise MgmtError(f"brick {brick_path} has no port on {server}: is the brick process running?",
+                        err or errno.ENOTCONN)
+    return port
+
+
+class VolfileWatcher:
+    """Keeps a connection to glusterd and re-fetches the volfile when it may have changed.
+
+    glusterd pushes a FETCHSPEC callback to its connected clients when a volume's
+    volfile changes; after a reconnect we re-fetch too, because a change may have been
+    missed. ``on_change`` is awaited with the new graph only when its text differs.
+    """
+
+    def __init__(self, servers: Sequence[Server], volume: str, current: Graph,
+                 on_change: Callable[[Graph], Awaitable[None]], backoff_max: float = 10.0) -> None:
+        self.servers = list(servers)
+        self.volume = volume
+        self.current = current
+        self._on_change = on_change
+        self._backoff_max = backoff_max
+        self._kick = trio.Event()
+
+    def _callback(self, call: rpc.Call) -> None:
+        if call.prog == CBK_PROGRAM and call.proc == Cbk.FETCHSPEC:
+            self._kick.set()
+
+    async def _refetch(self) -> None:
+        try:
+            _, graph = await fetch_graph(self.servers, self.volume)
+        except MgmtError as e:
+            log.warning("re-fetching the volfile of %s failed: %s", self.volume, e)
+            return
+        if graph.text != self.current.text:
+            log.info("volfile of %s changed", self.volume)
+            self.current = graph
+            await self._on_change(graph)
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        delay = 0.5
+        started = False
+        i = 0
+        while True:
+            server = self.servers[i % len(self.servers)]
+            try:
+                async with trio.open_nursery() as nursery:
+                    conn = await RpcConnection.connect(nursery, server.host, server.port, name=f"glusterd {server}",
+                                                       on_callback=self._callback, ping_timeout=None)
+                    if not started:
+                        task_status.started()
+                        started = True
+                    else:
+                        await self._refetch()
+                    delay = 0.5
+                    while not conn.closed.is_set():
+                        with trio.move_on_after(1.0):
+                            await self._kick.wait()
+                        if self._kick.is_set():
+                            self._kick = trio.Event()
+                            await self._refetch()
+                    nursery.cancel_scope.cancel()
+            except OSError as e:
+                log.debug("volfile watcher: %s: %s", server, e)
+                if not started:
+                    task_status.started()
+                    started = True
+            i += 1
+            await trio.sleep(delay)
+            delay = min(delay * 2, self._backoff_max)
