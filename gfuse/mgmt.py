@@ -13,6 +13,7 @@ import trio
 
 from . import handshake as hs
 from . import rpc
+from .errors import leaf
 from .fops import CBK_PROGRAM, Cbk
 from .transport import RpcConnection
 from .volfile import Graph, parse
@@ -80,21 +81,28 @@ def mgmt_cred() -> bytes:
 async def _call(server: Server, prog: int, vers: int, proc: int, body: bytes, timeout: float) -> bytes:
     """One call on a short-lived connection to glusterd."""
     try:
-        with trio.fail_after(timeout):
-            async with trio.open_nursery() as nursery:
-                conn = await RpcConnection.connect(nursery, server.host, server.port, name=f"glusterd {server}",
-                                                   ping_timeout=None, connect_timeout=timeout)
-                try:
-                    return await conn.call(prog, vers, proc, body, cred_flavor=rpc.AUTH_GLUSTERFS_V2,
-                                           cred_body=mgmt_cred())
-                finally:
-                    await conn.aclose()
-    except trio.TooSlowError:
-        raise MgmtError(f"glusterd at {server} did not answer within {timeout:g}s", errno.ETIMEDOUT) from None
-    except OSError as e:
-        raise MgmtError(f"glusterd at {server} is unreachable: {e.strerror or e}", e.errno or errno.EIO) from None
-    except rpc.RPCError as e:
-        raise MgmtError(f"glusterd at {server} refused the request: {e}", errno.EPROTO) from None
+        return await _call_raw(server, prog, vers, proc, body, timeout)
+    except Exception as exc:  # unwrap what the nursery wrapped
+        e = leaf(exc)
+        if isinstance(e, trio.TooSlowError):
+            raise MgmtError(f"glusterd at {server} did not answer within {timeout:g}s", errno.ETIMEDOUT) from None
+        if isinstance(e, OSError):
+            raise MgmtError(f"glusterd at {server} is unreachable ({e.strerror or e})", e.errno or errno.EIO) from None
+        if isinstance(e, rpc.RPCError):
+            raise MgmtError(f"glusterd at {server} refused the request: {e}", errno.EPROTO) from None
+        raise
+
+
+async def _call_raw(server: Server, prog: int, vers: int, proc: int, body: bytes, timeout: float) -> bytes:
+    with trio.fail_after(timeout):
+        async with trio.open_nursery() as nursery:
+            conn = await RpcConnection.connect(nursery, server.host, server.port, name=f"glusterd {server}",
+                                               ping_timeout=None, connect_timeout=timeout)
+            try:
+                return await conn.call(prog, vers, proc, body, cred_flavor=rpc.AUTH_GLUSTERFS_V2,
+                                       cred_body=mgmt_cred())
+            finally:
+                await conn.aclose()
 
 
 async def getspec(server: Server, volume: str, timeout: float = 10.0) -> str:
@@ -119,7 +127,7 @@ async def fetch_graph(servers: Sequence[Server], volume: str, timeout: float = 1
         except MgmtError as e:
             if e.errno == errno.ENOENT:
                 raise  # the volume is unknown: another server of the same cluster will not know it either
-            log.warning("volfile server %s failed: %s", server, e)
+            log.info("volfile server %s failed: %s", server, e)
             last = e
     assert last is not None, "no volfile servers given"
     raise last

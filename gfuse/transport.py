@@ -20,6 +20,7 @@ from typing import Callable
 import trio
 
 from . import rpc
+from .errors import leaf
 from .handshake import DUMP_PROGRAM, DUMP_VERSION, PING
 from .xdr import ProtocolError
 
@@ -73,7 +74,14 @@ class RpcConnection:
                       connect_timeout: float = 10.0) -> "RpcConnection":
         """Open a TCP connection and start its reader (and pinger) in ``nursery``."""
         with trio.move_on_after(connect_timeout) as cs:
-            stream = await trio.open_tcp_stream(host, port)
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+            except OSError as e:
+                cause = leaf(e.__cause__) if e.__cause__ is not None else e
+                if not isinstance(cause, OSError):
+                    cause = e
+                raise OSError(cause.errno or errno.ECONNREFUSED,
+                              f"cannot connect to {host}:{port}: {cause.strerror or cause}") from e
         if cs.cancelled_caught:
             raise OSError(errno.ETIMEDOUT, f"connecting to {host}:{port} timed out after {connect_timeout:g}s")
         _keepalive(stream.socket)

@@ -17,7 +17,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import trio
@@ -25,7 +25,8 @@ import trio
 from .. import fops as F
 from .. import handshake as hs
 from .. import rpc
-from ..dicts import Dict, decode_old, old_str
+from ..dicts import Dict, old_str
+from ..errors import leaf
 from ..fops import Flock, Proc, Result
 from ..iatt import NULL_GFID, ROOT_GFID, Iatt
 from ..mgmt import MgmtError, Server, port_by_brick
@@ -176,7 +177,10 @@ class BrickClient:
                     self.last_error = conn.close_reason
                     self._emit(False, conn.close_reason)
                     nursery.cancel_scope.cancel()
-            except (OSError, MgmtError, BrickError, rpc.RPCError) as e:
+            except Exception as exc:  # noqa: BLE001 - nursery-wrapped connect/handshake failures
+                e = leaf(exc)
+                if not isinstance(e, (OSError, MgmtError, BrickError, rpc.RPCError, trio.TooSlowError)):
+                    raise
                 self.last_error = str(e)
                 self._emit(False, str(e))
                 log.debug("%s: connect failed: %s", self.name, e)
@@ -530,4 +534,3 @@ def decode_setvolume_dict(d: dict[str, bytes]) -> dict[str, str]:
     return {k: old_str(v) for k, v in d.items()}
 
 
-__all__ = ["BrickClient", "BrickError", "BrickEvent", "new_gfid", "now_cred", "decode_old", "field"]
