@@ -1,0 +1,579 @@
+"""cluster/distribute: DHT-compatible placement of names over subvolumes.
+
+A file lives on the subvolume whose range, in its parent directory's layout
+(``trusted.glusterfs.dht`` on each subvolume's copy of the directory), holds the
+name's hash. Directories exist on every subvolume. A file found elsewhere than its
+hashed subvolume is reached through a zero-byte *linkto* file on the hashed one, as
+gluster leaves them after renames and rebalances.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import stat as st
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Sequence
+
+from .. import fops as F
+from ..dhthash import LAYOUT_XATTR, LINKTO_XATTR, Range, new_layout, name_hash
+from ..dicts import Dict, UInt
+from ..fops import DirEntry, Flock, Result
+from ..iatt import NULL_GFID, ROOT_GFID, Iatt, gfid_str
+from ..rpc import Credential
+from .replicate import _pick_error, gather
+
+log = logging.getLogger(__name__)
+
+LINKTO_MODE = st.S_IFREG | st.S_ISVTX
+
+
+def is_linkto(stat: Iatt | None, xdata: Dict | None) -> bool:
+    return bool(stat and st.S_ISREG(stat.mode) and (stat.mode & 0o7777) == st.S_ISVTX and stat.size == 0
+                and xdata and LINKTO_XATTR in xdata)
+
+
+@dataclass
+class _DhtFd:
+    gfid: bytes
+    is_dir: bool
+    #: file: (subvolume, its handle); dir: one handle per subvolume
+    handles: list[int | None]
+    sub: int = 0
+    #: directory streams: our offset → (subvolume index, that subvolume's offset)
+    cookies: dict[int, tuple[int, int]] = field(default_factory=dict)
+    next_cookie: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+
+class Distribute:
+    def __init__(self, name: str, children: Sequence[Any]) -> None:
+        self.name = name
+        self.children = list(children)
+        self._names = {c.name: i for i, c in enumerate(self.children)}
+        self._layouts: dict[bytes, list[Range | None]] = {}
+        #: gfid → subvolume holding the data (files); directories are everywhere
+        self._where: dict[bytes, int] = {}
+        self._fds: dict[int, _DhtFd] = {}
+        self._handles = itertools.count(1)
+        self.commit_hash = 0
+
+    def __repr__(self) -> str:
+        return f"<Distribute {self.name} {len(self.children)} subvolumes>"
+
+    @property
+    def is_up(self) -> bool:
+        return any(c.is_up for c in self.children)
+
+    # ------------------------------------------------------------ layout
+
+    async def layout(self, dir_gfid: bytes, refresh: bool = False) -> list[Range | None]:
+        if len(self.children) == 1:
+            return [Range(0, 0, 0, 0xFFFFFFFF)]
+        if not refresh and dir_gfid in self._layouts:
+            return self._layouts[dir_gfid]
+        res = await gather([lambda c=c: c.getxattr(dir_gfid, LAYOUT_XATTR) for c in self.children])
+        ranges: list[Range | None] = []
+        for r in res:
+            v = r.dict.get(LAYOUT_XATTR) if isinstance(r, Result) and r.dict else None
+            try:
+                ranges.append(Range.decode(v) if isinstance(v, bytes) else None)
+            except ValueError:
+                ranges.append(None)
+        if all(x is None for x in ranges):
+            err = _pick_error(res) if all(isinstance(r, OSError) for r in res) else None
+            if err is not None and err.errno == errno.ENOENT:
+                raise err
+            log.warning("%s: directory %s has no layout", self.name, gfid_str(dir_gfid))
+        self._layouts[dir_gfid] = ranges
+        return ranges
+
+    async def hashed(self, pargfid: bytes, name: str) -> int:
+        ranges = await self.layout(pargfid)
+        h = name_hash(name)
+        for i, r in enumerate(ranges):
+            if r is not None and r.holds(h):
+                return i
+        ranges = await self.layout(pargfid, refresh=True)
+        for i, r in enumerate(ranges):
+            if r is not None and r.holds(h):
+                return i
+        raise OSError(errno.EIO, f"{self.name}: no subvolume holds hash {h:#x} of {name!r} "
+                                 f"(layout of {gfid_str(pargfid)} has a hole)")
+
+    def _layout_for(self, gfid: bytes, path_hint: str) -> list[Range]:
+        start = name_hash(path_hint or gfid_str(gfid)) % len(self.children)
+        return new_layout(len(self.children), start, self.commit_hash)
+
+    # ------------------------------------------------------------ lookup
+
+    def _xdata(self, xdata: Dict | None) -> Dict:
+        out: Dict = dict(xdata or {})
+        out[LINKTO_XATTR] = UInt(256)
+        return out
+
+    async def _where_is(self, gfid: bytes) -> int | None:
+        """Subvolume of a file (None for a directory); a nameless lookup everywhere when unknown."""
+        if gfid == ROOT_GFID or len(self.children) == 1:
+            return 0 if len(self.children) == 1 else None
+        if gfid in self._where:
+            return self._where[gfid]
+        res = await gather([lambda c=c: c.lookup_gfid(gfid, self._xdata(None)) for c in self.children])
+        found = [(i, r) for i, r in enumerate(res) if isinstance(r, Result) and r.stat is not None
+                 and not is_linkto(r.stat, r.xdata)]
+        if not found:
+            raise _pick_error(res)
+        if found[0][1].stat.is_dir:
+            return None
+        self._where[gfid] = found[0][0]
+        return found[0][0]
+
+    async def lookup(self, pargfid: bytes, name: str, xdata: Dict | None = None, *, gfid: bytes = NULL_GFID,
+                     cred: Credential | None = None) -> Result:
+        if not name:
+            return await self.lookup_gfid(gfid, xdata, cred)
+        x = self._xdata(xdata)
+        if len(self.children) == 1:
+            r = await self.children[0].lookup(pargfid, name, x, cred=cred)
+            return r
+        h = await self.hashed(pargfid, name)
+        try:
+            r = await self.children[h].lookup(pargfid, name, x, cred=cred)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            return await self._lookup_everywhere(pargfid, name, x, cred)
+        if r.stat.is_dir:
+            self._where.pop(r.stat.gfid, None)
+            return r
+        if is_linkto(r.stat, r.xdata):
+            target = self._linkto_target(r.xdata)
+            if target is None:
+                return await self._lookup_everywhere(pargfid, name, x, cred)
+            try:
+                t = await self.children[target].lookup(pargfid, name, x, cred=cred)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                return await self._lookup_everywhere(pargfid, name, x, cred)
+            self._where[t.stat.gfid] = target
+            return t
+        self._where[r.stat.gfid] = h
+        return r
+
+    def _linkto_target(self, xdata: Dict | None) -> int | None:
+        v = (xdata or {}).get(LINKTO_XATTR)
+        if isinstance(v, bytes):
+            v = v.rstrip(b"\0").decode(errors="replace")
+        return self._names.get(v) if isinstance(v, str) else None
+
+    async def _lookup_everywhere(self, pargfid: bytes, name: str, x: Dict, cred: Credential | None) -> Result:
+        res = await gather([lambda c=c: c.lookup(pargfid, name, x, cred=cred) for c in self.children])
+        for i, r in enumerate(res):
+            if isinstance(r, Result) and r.stat is not None and not is_linkto(r.stat, r.xdata):
+                if not r.stat.is_dir:
+                    self._where[r.stat.gfid] = i
+                return r
+        errs = [r for r in res if isinstance(r, OSError)]
+        if errs and all(e.errno == errno.ENOENT for e in errs):
+            raise errs[0]
+        if any(isinstance(r, Result) for r in res):
+            raise OSError(errno.ENOENT, f"{name}: only a stale linkto file exists")
+        raise _pick_error(res)
+
+    async def lookup_gfid(self, gfid: bytes, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        i = await self._where_is(gfid)
+        return await self.children[0 if i is None else i].lookup_gfid(gfid, self._xdata(xdata), cred=cred)
+
+    # ------------------------------------------------------------ inode ops
+
+    async def _on_inode(self, gfid: bytes, call: Callable[[Any], Awaitable[Result]]) -> Result:
+        i = await self._where_is(gfid)
+        return await call(self.children[0 if i is None else i])
+
+    async def _on_all_dirs(self, gfid: bytes, call: Callable[[Any], Awaitable[Result]]) -> Result:
+        """Directory metadata changes go to every subvolume (the first answer is returned)."""
+        i = await self._where_is(gfid)
+        if i is not None:
+            return await call(self.children[i])
+        res = await gather([lambda c=c: call(c) for c in self.children])
+        ok = [r for r in res if isinstance(r, Result)]
+        if not ok:
+            raise _pick_error(res)
+        if len(ok) < len(res):
+            log.warning("%s: directory change reached %d of %d subvolumes", self.name, len(ok), len(res))
+        return ok[0]
+
+    async def stat(self, gfid: bytes, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        return await self._on_inode(gfid, lambda c: c.stat(gfid, xdata, cred=cred))
+
+    async def readlink(self, gfid: bytes, size: int = 4096, cred: Credential | None = None) -> Result:
+        return await self._on_inode(gfid, lambda c: c.readlink(gfid, size, cred=cred))
+
+    async def access(self, gfid: bytes, mask: int, cred: Credential | None = None) -> Result:
+        return await self._on_inode(gfid, lambda c: c.access(gfid, mask, cred=cred))
+
+    async def getxattr(self, gfid: bytes, name: str = "", xdata: Dict | None = None,
+                       cred: Credential | None = None) -> Result:
+        return await self._on_inode(gfid, lambda c: c.getxattr(gfid, name, xdata, cred=cred))
+
+    async def setattr(self, gfid: bytes, stbuf: Iatt, valid: int, xdata: Dict | None = None,
+                      cred: Credential | None = None) -> Result:
+        return await self._on_all_dirs(gfid, lambda c: c.setattr(gfid, stbuf, valid, xdata, cred=cred))
+
+    async def setxattr(self, gfid: bytes, d: Dict, flags: int = 0, xdata: Dict | None = None,
+                       cred: Credential | None = None) -> Result:
+        return await self._on_all_dirs(gfid, lambda c: c.setxattr(gfid, d, flags, xdata, cred=cred))
+
+    async def removexattr(self, gfid: bytes, name: str, xdata: Dict | None = None,
+                          cred: Credential | None = None) -> Result:
+        return await self._on_all_dirs(gfid, lambda c: c.removexattr(gfid, name, xdata, cred=cred))
+
+    async def truncate(self, gfid: bytes, size: int, xdata: Dict | None = None,
+                       cred: Credential | None = None) -> Result:
+        return await self._on_inode(gfid, lambda c: c.truncate(gfid, size, xdata, cred=cred))
+
+    async def statfs(self, gfid: bytes = ROOT_GFID, xdata: Dict | None = None) -> Result:
+        res = await gather([lambda c=c: c.statfs(gfid, xdata) for c in self.children])
+        ok = [r for r in res if isinstance(r, Result)]
+        if not ok:
+            raise _pick_error(res)
+        first = ok[0]
+        if len(ok) > 1:
+            s = first.statfs
+            for r in ok[1:]:
+                o = r.statfs
+                # sum in units of the first subvolume's fragment size
+                ratio = o.frsize / s.frsize if s.frsize else 1
+                s.blocks += int(o.blocks * ratio)
+                s.bfree += int(o.bfree * ratio)
+                s.bavail += int(o.bavail * ratio)
+                s.files += o.files
+                s.ffree += o.ffree
+                s.favail += o.favail
+        return first
+
+    # ------------------------------------------------------------ entry ops
+
+    async def _create_on_hashed(self, pargfid: bytes, name: str,
+                                call: Callable[[Any], Awaitable[Result]]) -> tuple[int, Result]:
+        h = await self.hashed(pargfid, name)
+        r = await call(self.children[h])
+        if r.stat is not None:
+            self._where[r.stat.gfid] = h
+        return h, r
+
+    async def mknod(self, pargfid: bytes, name: str, mode: int, rdev: int, gfid: bytes, umask: int = 0,
+                    xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        return (await self._create_on_hashed(pargfid, name, lambda c: c.mknod(
+            pargfid, name, mode, rdev, gfid, umask, xdata, cred=cred)))[1]
+
+    async def symlink(self, pargfid: bytes, name: str, target: str, gfid: bytes, umask: int = 0,
+                      xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        return (await self._create_on_hashed(pargfid, name, lambda c: c.symlink(
+            pargfid, name, target, gfid, umask, xdata, cred=cred)))[1]
+
+    async def create(self, pargfid: bytes, name: str, flags: int, mode: int, gfid: bytes, umask: int = 0,
+                     xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        h, r = await self._create_on_hashed(pargfid, name, lambda c: c.create(
+            pargfid, name, flags, mode, gfid, umask, xdata, cred=cred))
+        handles: list[int | None] = [None] * len(self.children)
+        handles[h] = r.fd
+        r.fd = self._new_fd(gfid, False, handles, h)
+        return r
+
+    async def mkdir(self, pargfid: bytes, name: str, mode: int, gfid: bytes, umask: int = 0,
+                    xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        """On the hashed subvolume first (it decides EEXIST), then everywhere else, then the layout."""
+        if len(self.children) == 1:
+            r = await self.children[0].mkdir(pargfid, name, mode, gfid, umask, xdata, cred=cred)
+            await self._set_layout(0, gfid, Range(self.commit_hash, 0, 0, 0xFFFFFFFF))
+            return r
+        h = await self.hashed(pargfid, name)
+        r = await self.children[h].mkdir(pargfid, name, mode, gfid, umask, xdata, cred=cred)
+        others = [i for i in range(len(self.children)) if i != h]
+        res = await gather([lambda i=i: self.children[i].mkdir(pargfid, name, mode, gfid, umask, xdata, cred=cred)
+                            for i in others])
+        for i, x in zip(others, res):
+            if isinstance(x, OSError) and x.errno != errno.EEXIST:
+                log.warning("%s: mkdir %s on %s failed: %s", self.name, name, self.children[i].name, x)
+        layout = self._layout_for(gfid, name)
+        await gather([lambda i=i: self._set_layout(i, gfid, layout[i]) for i in range(len(self.children))])
+        self._layouts[gfid] = list(layout)
+        return r
+
+    async def _set_layout(self, i: int, gfid: bytes, r: Range) -> Result:
+        return await self.children[i].setxattr(gfid, {LAYOUT_XATTR: r.encode()})
+
+    async def _unlink_linkto(self, pargfid: bytes, name: str, keep: int, cred: Credential | None) -> None:
+        """Remove a stale linkto of ``name`` on its hashed subvolume if that is not where the data is."""
+        if len(self.children) == 1:
+            return
+        try:
+            h = await self.hashed(pargfid, name)
+        except OSError:
+            return
+        if h == keep:
+            return
+        try:
+            r = await self.children[h].lookup(pargfid, name, self._xdata(None), cred=cred)
+            if is_linkto(r.stat, r.xdata):
+                await self.children[h].unlink(pargfid, name, cred=cred)
+        except OSError:
+            pass
+
+    async def unlink(self, pargfid: bytes, name: str, xdata: Dict | None = None,
+                     cred: Credential | None = None) -> Result:
+        r0 = await self.lookup(pargfid, name, cred=cred)
+        i = self._where.get(r0.stat.gfid, 0)
+        r = await self.children[i].unlink(pargfid, name, xdata, cred=cred)
+        await self._unlink_linkto(pargfid, name, i, cred)
+        return r
+
+    async def rmdir(self, pargfid: bytes, name: str, flags: int = 0, xdata: Dict | None = None,
+                    cred: Credential | None = None) -> Result:
+        if len(self.children) == 1:
+            return await self.children[0].rmdir(pargfid, name, flags, xdata, cred=cred)
+        d = await self.lookup(pargfid, name, cred=cred)
+        if not d.stat.is_dir:
+            raise OSError(errno.ENOTDIR, name)
+        # refuse before removing anything if any copy holds real entries
+        for i, c in enumerate(self.children):
+            if await self._has_entries(c, d.stat.gfid):
+                raise OSError(errno.ENOTEMPTY, f"{name}: directory not empty")
+        h = await self.hashed(pargfid, name)
+        others = [i for i in range(len(self.children)) if i != h]
+        res = await gather([lambda i=i: self.children[i].rmdir(pargfid, name, flags, xdata, cred=cred)
+                            for i in others])
+        bad = [r for r in res if isinstance(r, OSError) and r.errno != errno.ENOENT]
+        if bad:
+            raise bad[0]
+        r = await self.children[h].rmdir(pargfid, name, flags, xdata, cred=cred)
+        self._layouts.pop(d.stat.gfid, None)
+        return r
+
+    async def _has_entries(self, child: Any, gfid: bytes) -> bool:
+        try:
+            o = await child.opendir(gfid)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise
+        try:
+            r = await child.readdirp(o.fd, 0, 4096, self._xdata(None))
+            return any(e.name not in (".", "..") and not is_linkto(e.stat, e.xdata) for e in r.entries)
+        finally:
+            await child.release(o.fd)
+
+    async def link(self, gfid: bytes, newpar: bytes, newname: str, xdata: Dict | None = None,
+                   cred: Credential | None = None) -> Result:
+        i = await self._where_is(gfid)
+        src = 0 if i is None else i
+        r = await self.children[src].link(gfid, newpar, newname, xdata, cred=cred)
+        await self._make_linkto(newpar, newname, src, cred)
+        return r
+
+    async def _make_linkto(self, pargfid: bytes, name: str, data_sub: int, cred: Credential | None) -> None:
+        """If ``name`` hashes elsewhere than where its data is, leave a linkto on the hashed subvolume."""
+        if len(self.children) == 1:
+            return
+        h = await self.hashed(pargfid, name)
+        if h == data_sub:
+            return
+        r = await self.children[data_sub].lookup(pargfid, name, cred=cred)
+        target = self.children[data_sub].name
+        try:
+            await self.children[h].mknod(pargfid, name, LINKTO_MODE, 0, r.stat.gfid, 0,
+                                         {LINKTO_XATTR: target.encode() + b"\0"},
+                                         cred=None)
+        except OSError as e:
+            if e.errno != errno.EEXIST:
+                log.warning("%s: could not create linkto for %s on %s: %s", self.name, name,
+                            self.children[h].name, e)
+
+    async def rename(self, oldpar: bytes, oldname: str, newpar: bytes, newname: str, xdata: Dict | None = None,
+                     cred: Credential | None = None) -> Result:
+        src = await self.lookup(oldpar, oldname, cred=cred)
+        if src.stat.is_dir or len(self.children) == 1:
+            if len(self.children) == 1:
+                return await self.children[0].rename(oldpar, oldname, newpar, newname, xdata, cred=cred)
+            h = await self.hashed(newpar, newname)
+            r = await self.children[h].rename(oldpar, oldname, newpar, newname, xdata, cred=cred)
+            others = [i for i in range(len(self.children)) if i != h]
+            await gather([lambda i=i: self.children[i].rename(oldpar, oldname, newpar, newname, xdata, cred=cred)
+                          for i in others])
+            return r
+        data = self._where.get(src.stat.gfid, 0)
+        # an existing destination stored on another subvolume would survive a rename on ours: remove it
+        try:
+            dst = await self.lookup(newpar, newname, cred=cred)
+            if dst.stat.is_dir:
+                raise OSError(errno.EISDIR, newname)
+            dsub = self._where.get(dst.stat.gfid, data)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            dst, dsub = None, data
+        r = await self.children[data].rename(oldpar, oldname, newpar, newname, xdata, cred=cred)
+        if dst is not None and dsub != data and dst.stat.gfid != src.stat.gfid:
+            try:
+                await self.children[dsub].unlink(newpar, newname, cred=cred)
+            except OSError as e:
+                log.warning("%s: removing replaced %s on %s failed: %s", self.name, newname,
+                            self.children[dsub].name, e)
+        await self._unlink_linkto(oldpar, oldname, data, cred)
+        try:
+            h = await self.hashed(newpar, newname)
+            if h != data:
+                try:
+                    old = await self.children[h].lookup(newpar, newname, self._xdata(None), cred=cred)
+                    if is_linkto(old.stat, old.xdata):
+                        await self.children[h].unlink(newpar, newname, cred=cred)
+                except OSError:
+                    pass
+                await self._make_linkto(newpar, newname, data, cred)
+        except OSError as e:
+            log.warning("%s: linkto for renamed %s failed: %s", self.name, newname, e)
+        return r
+
+    # ------------------------------------------------------------ fds
+
+    def _new_fd(self, gfid: bytes, is_dir: bool, handles: list[int | None], sub: int = 0) -> int:
+        h = next(self._handles)
+        self._fds[h] = _DhtFd(gfid, is_dir, handles, sub)
+        return h
+
+    def _fd(self, handle: int) -> _DhtFd:
+        fd = self._fds.get(handle)
+        if fd is None:
+            raise OSError(errno.EBADF, f"{self.name}: unknown fd {handle}")
+        return fd
+
+    async def open(self, gfid: bytes, flags: int, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        i = await self._where_is(gfid)
+        sub = 0 if i is None else i
+        r = await self.children[sub].open(gfid, flags, xdata, cred=cred)
+        handles: list[int | None] = [None] * len(self.children)
+        handles[sub] = r.fd
+        r.fd = self._new_fd(gfid, False, handles, sub)
+        return r
+
+    async def opendir(self, gfid: bytes, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        res = await gather([lambda c=c: c.opendir(gfid, xdata, cred=cred) for c in self.children])
+        handles = [r.fd if isinstance(r, Result) else None for r in res]
+        ok = [r for r in res if isinstance(r, Result)]
+        if not ok:
+            raise _pick_error(res)
+        first = ok[0]
+        first.fd = self._new_fd(gfid, True, handles)
+        return first
+
+    async def release(self, handle: int) -> None:
+        fd = self._fds.pop(handle, None)
+        if fd is None:
+            raise OSError(errno.EBADF, f"{self.name}: unknown fd {handle}")
+        await gather([lambda i=i, h=h: self.children[i].release(h) for i, h in enumerate(fd.handles)
+                      if h is not None])
+
+    releasedir = release
+
+    def _file(self, handle: int) -> tuple[Any, int]:
+        fd = self._fd(handle)
+        h = fd.handles[fd.sub]
+        if h is None:
+            raise OSError(errno.EBADFD, f"{self.name}: fd {handle} not open")
+        return self.children[fd.sub], h
+
+    async def read(self, handle: int, offset: int, size: int, xdata: Dict | None = None,
+                   cred: Credential | None = None) -> Result:
+        c, h = self._file(handle)
+        return await c.read(h, offset, size, xdata, cred=cred)
+
+    async def write(self, handle: int, offset: int, data: bytes, xdata: Dict | None = None,
+                    cred: Credential | None = None) -> Result:
+        c, h = self._file(handle)
+        return await c.write(h, offset, data, xdata, cred=cred)
+
+    async def fstat(self, handle: int, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        fd = self._fd(handle)
+        if fd.is_dir:
+            return await self.stat(fd.gfid, xdata, cred)
+        c, h = self._file(handle)
+        return await c.fstat(h, xdata, cred=cred)
+
+    async def flush(self, handle: int, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        c, h = self._file(handle)
+        return await c.flush(h, xdata, cred=cred)
+
+    async def fsync(self, handle: int, datasync: bool = False, xdata: Dict | None = None,
+                    cred: Credential | None = None) -> Result:
+        fd = self._fd(handle)
+        if fd.is_dir:
+            return Result(0, 0)
+        c, h = self._file(handle)
+        return await c.fsync(h, datasync, xdata, cred=cred)
+
+    async def ftruncate(self, handle: int, size: int, xdata: Dict | None = None,
+                        cred: Credential | None = None) -> Result:
+        c, h = self._file(handle)
+        return await c.ftruncate(h, size, xdata, cred=cred)
+
+    async def fallocate(self, handle: int, mode: int, offset: int, size: int, xdata: Dict | None = None,
+                        cred: Credential | None = None) -> Result:
+        c, h = self._file(handle)
+        return await c.fallocate(h, mode, offset, size, xdata, cred=cred)
+
+    async def fsetattr(self, handle: int, stbuf: Iatt, valid: int, xdata: Dict | None = None,
+                       cred: Credential | None = None) -> Result:
+        return await self.setattr(self._fd(handle).gfid, stbuf, valid, xdata, cred)
+
+    async def lk(self, handle: int, cmd: int, flock: Flock, xdata: Dict | None = None,
+                 cred: Credential | None = None) -> Result:
+        c, h = self._file(handle)
+        return await c.lk(h, cmd, flock, xdata, cred=cred)
+
+    async def readdirp(self, handle: int, offset: int = 0, size: int = 128 * 1024, xdata: Dict | None = None,
+                       cred: Credential | None = None) -> Result:
+        """Subvolume after subvolume; directories only from the first, linkto files hidden.
+
+        Offsets handed out are cookies of this fd mapping to (subvolume, its offset).
+        """
+        fd = self._fd(handle)
+        if offset == 0:
+            sub, off = 0, 0
+        else:
+            if offset not in fd.cookies:
+                raise OSError(errno.EINVAL, f"{self.name}: unknown directory offset {offset}")
+            sub, off = fd.cookies[offset]
+        x = self._xdata(xdata)
+        while sub < len(self.children):
+            h = fd.handles[sub]
+            if h is None:
+                sub, off = sub + 1, 0
+                continue
+            r = await self.children[sub].readdirp(h, off, size, x, cred=cred)
+            if not r.entries:
+                sub, off = sub + 1, 0
+                continue
+            out: list[DirEntry] = []
+            for e in r.entries:
+                keep = True
+                if sub > 0 and (e.type == 4 or (e.stat is not None and e.stat.is_dir) or e.name in (".", "..")):
+                    keep = False
+                elif is_linkto(e.stat, e.xdata):
+                    keep = False
+                cookie = next(fd.next_cookie)
+                fd.cookies[cookie] = (sub, e.off)
+                if keep:
+                    e.off = cookie
+                    out.append(e)
+                elif out:
+                    out[-1].off = cookie  # resume after the hidden entry
+                last_cookie = cookie
+            if out:
+                out[-1].off = last_cookie
+                r.entries = out
+                return r
+            # every entry of this page was hidden: continue from where the page ended
+            sub, off = fd.cookies[last_cookie]
+        return Result(0, 0, entries=[])

@@ -1,0 +1,643 @@
+"""cluster/replicate: AFR-compatible replication on the client.
+
+Every modification is a transaction that gluster's self-heal daemon understands:
+lock in the replicate translator's domain, pre-op changelog (``trusted.afr.dirty``),
+the fop on every replica *concurrently* with one credential (same gfid, same ctime),
+post-op that clears dirty and blames (``trusted.afr.<client>``) the replicas that
+missed it, unlock. Reads go to one replica that no other replica blames.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import struct
+from typing import Any, Awaitable, Callable, Sequence
+
+import trio
+
+from .. import fops as F
+from ..dicts import Dict, UInt
+from ..fops import Flock, Proc, Result
+from ..iatt import NULL_GFID, Iatt
+from ..rpc import Credential
+from .client import now_cred
+
+log = logging.getLogger(__name__)
+
+DIRTY = "trusted.afr.dirty"
+DATA, METADATA, ENTRY = 0, 1, 2
+LLONG_MAX = (1 << 63) - 1
+ZERO = bytes(12)
+
+
+def changelog(slot: int, delta: int = 1) -> bytes:
+    v = [0, 0, 0]
+    v[slot] = delta
+    return struct.pack(">iii", *v)
+
+
+def parse_changelog(value: Any) -> tuple[int, int, int]:
+    if isinstance(value, (bytes, bytearray)) and len(value) >= 12:
+        return struct.unpack(">iii", bytes(value[:12]))
+    return (0, 0, 0)
+
+
+async def gather(fns: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    """Run the calls concurrently; each slot holds the result or the OSError it raised."""
+    out: list[Any] = [None] * len(fns)
+
+    async def one(i: int) -> None:
+        try:
+            out[i] = await fns[i]()
+        except OSError as e:
+            out[i] = e
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(fns)):
+            nursery.start_soon(one, i)
+    return out
+
+
+def _pick_error(results: Sequence[Any]) -> OSError:
+    """The most telling error among replica failures (a real errno beats ENOTCONN)."""
+    errs = [r for r in results if isinstance(r, OSError)]
+    for e in errs:
+        if e.errno not in (errno.ENOTCONN, errno.EBADFD):
+            return e
+    return errs[0] if errs else OSError(errno.EIO, "no replica answered")
+
+
+class _AfrFd:
+    __slots__ = ("gfid", "flags", "is_dir", "handles", "read_child")
+
+    def __init__(self, gfid: bytes, flags: int, is_dir: bool, handles: list[int | None]) -> None:
+        self.gfid = gfid
+        self.flags = flags
+        self.is_dir = is_dir
+        self.handles = handles
+        self.read_child: int | None = None
+
+
+class Replicate:
+    """The fop interface over N replicas (children implement the same interface)."""
+
+    def __init__(self, name: str, children: Sequence[Any], pending: Sequence[str] | None = None,
+                 quorum: str | int = "auto") -> None:
+        self.name = name
+        self.children = list(children)
+        n = len(self.children)
+        names = list(pending) if pending else [c.name for c in self.children]
+        if len(names) != n:
+            raise ValueError(f"{name}: afr-pending-xattr names {len(names)} entries for {n} children")
+        self.pending_keys = [f"trusted.afr.{x}" for x in names]
+        if quorum == "auto":
+            self.quorum = n // 2 + 1 if n % 2 else n // 2  # even counts: half, with the first child up
+            self._first_breaks_tie = n % 2 == 0
+        elif quorum in ("none", 0, "0"):
+            self.quorum, self._first_breaks_tie = 1, False
+        else:
+            self.quorum, self._first_breaks_tie = int(quorum), False
+        self._fds: dict[int, _AfrFd] = {}
+        self._handles = itertools.count(1)
+        self._rr = itertools.count()
+        #: gfid → replicas that may be read (not blamed by another replica)
+        self._readable: dict[bytes, list[int]] = {}
+
+    def __repr__(self) -> str:
+        return f"<Replicate {self.name} {len(self.children)} children>"
+
+    # ------------------------------------------------------------ state
+
+    def up(self) -> list[int]:
+        return [i for i, c in enumerate(self.children) if c.is_up]
+
+    @property
+    def is_up(self) -> bool:
+        return bool(self.up())
+
+    def _check_quorum(self, idx: Sequence[int], what: str) -> None:
+        ok = len(idx) >= self.quorum and (not self._first_breaks_tie or len(idx) > len(self.children) // 2
+                                          or 0 in idx)
+        if not ok:
+            raise OSError(errno.ENOTCONN, f"{self.name}: {what} refused, client quorum not met "
+                                          f"({len(idx)} of {len(self.children)} replicas up, need {self.quorum})")
+
+    def _readable_children(self, gfid: bytes) -> list[int]:
+        up = self.up()
+        good = [i for i in self._readable.get(gfid, up) if i in up]
+        return good
+
+    def _learn(self, gfid: bytes, results: Sequence[Any]) -> None:
+        """Who may be read, from the changelogs the replicas returned on lookup."""
+        ok = [i for i, r in enumerate(results) if isinstance(r, Result) and r.stat is not None]
+        blamed: set[int] = set()
+        for i in ok:
+            x = results[i].xdata or {}
+            for j, key in enumerate(self.pending_keys):
+                if j != i:
+                    d, m, _e = parse_changelog(x.get(key))
+                    if d or m:
+                        blamed.add(j)
+        self._readable[gfid] = [i for i in ok if i not in blamed]
+
+    def _lookup_xdata(self, xdata: Dict | None) -> Dict:
+        out: Dict = dict(xdata or {})
+        for k in (*self.pending_keys, DIRTY):
+            out[k] = UInt(12)
+        return out
+
+    # ------------------------------------------------------------ reads
+
+    async def _read_one(self, gfid: bytes, call: Callable[[int], Awaitable[Result]], what: str) -> Result:
+        """Try readable replicas in turn (spread by round robin); split-brain → EIO."""
+        good = self._readable_children(gfid)
+        if not good:
+            if gfid in self._readable and self.up():
+                raise OSError(errno.EIO, f"{self.name}: {what}: no readable replica (split-brain?)")
+            good = self.up()
+        if not good:
+            raise OSError(errno.ENOTCONN, f"{self.name}: {what}: no replica is up")
+        k = next(self._rr) % len(good)
+        order = good[k:] + good[:k]
+        last: OSError | None = None
+        for i in order:
+            try:
+                return await call(i)
+            except OSError as e:
+                if e.errno not in (errno.ENOTCONN, errno.EBADFD):
+                    raise
+                last = e
+        assert last is not None
+        raise last
+
+    async def lookup(self, pargfid: bytes, name: str, xdata: Dict | None = None, *, gfid: bytes = NULL_GFID,
+                     cred: Credential | None = None) -> Result:
+        up = self.up()
+        if not up:
+            raise OSError(errno.ENOTCONN, f"{self.name}: no replica is up")
+        x = self._lookup_xdata(xdata)
+        res = await gather([lambda i=i: self.children[i].lookup(pargfid, name, x, gfid=gfid, cred=cred) for i in up])
+        results: list[Any] = [None] * len(self.children)
+        for i, r in zip(up, res):
+            results[i] = r
+        ok = [r for r in results if isinstance(r, Result)]
+        if not ok:
+            raise _pick_error(res)
+        gfids = {r.stat.gfid for r in ok}
+        if len(gfids) > 1:
+            log.error("%s: gfid mismatch for %s/%s across replicas", self.name, pargfid.hex(), name)
+            raise OSError(errno.EIO, f"{self.name}: gfid split-brain on {name!r}")
+        g = ok[0].stat.gfid
+        self._learn(g, results)
+        good = self._readable.get(g) or [i for i, r in enumerate(results) if isinstance(r, Result)]
+        if not self._readable.get(g) and len(ok) > 1 and not ok[0].stat.is_dir:
+            log.warning("%s: %s is in split-brain", self.name, name or g.hex())
+        return results[good[0]]
+
+    async def lookup_gfid(self, gfid: bytes, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        return await self.lookup(bytes(16), "", xdata, gfid=gfid, cred=cred)
+
+    async def stat(self, gfid: bytes, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        return await self._read_one(gfid, lambda i: self.children[i].stat(gfid, xdata, cred=cred), "stat")
+
+    async def readlink(self, gfid: bytes, size: int = 4096, cred: Credential | None = None) -> Result:
+        return await self._read_one(gfid, lambda i: self.children[i].readlink(gfid, size, cred=cred), "readlink")
+
+    async def access(self, gfid: bytes, mask: int, cred: Credential | None = None) -> Result:
+        return await self._read_one(gfid, lambda i: self.children[i].access(gfid, mask, cred=cred), "access")
+
+    async def getxattr(self, gfid: bytes, name: str = "", xdata: Dict | None = None,
+                       cred: Credential | None = None) -> Result:
+        return await self._read_one(gfid, lambda i: self.children[i].getxattr(gfid, name, xdata, cred=cred),
+                                    "getxattr")
+
+    async def statfs(self, gfid: bytes, xdata: Dict | None = None) -> Result:
+        up = self.up()
+        res = await gather([lambda i=i: self.children[i].statfs(gfid, xdata) for i in up])
+        ok = [r for r in res if isinstance(r, Result)]
+        if not ok:
+            raise _pick_error(res)
+        return min(ok, key=lambda r: r.statfs.bavail * r.statfs.frsize)
+
+    # ------------------------------------------------------------ locks
+
+    async def _lock(self, idx: list[int], lock: Callable[[int, int], Awaitable[Any]],
+                    unlock: Callable[[int], Awaitable[Any]], nb: int, blocking: int) -> list[int]:
+        """Non-blocking on all; on contention unlock and take them one by one, blocking, in order."""
+        res = await gather([lambda i=i: lock(i, nb) for i in idx])
+        got = [i for i, r in zip(idx, res) if isinstance(r, Result)]
+        if any(isinstance(r, OSError) and r.errno == errno.EAGAIN for r in res):
+            await gather([lambda i=i: unlock(i) for i in got])
+            got = []
+            for i in idx:
+                try:
+                    await lock(i, blocking)
+                    got.append(i)
+                except OSError as e:
+                    if e.errno not in (errno.ENOTCONN, errno.EBADFD):
+                        await gather([lambda j=j: unlock(j) for j in got])
+                        raise
+        return got
+
+    def _inodelk_fns(self, gfid: bytes, fd: _AfrFd | None, start: int, length: int, owner: bytes):
+        """Lock/unlock calls of one transaction; the brick matches them by the (non-null) lock owner."""
+        dom = self.name
+        cred = now_cred(lk_owner=owner)
+
+        def fl(t: int) -> Flock:
+            return Flock(type=t, start=start, len=length, owner=owner)
+
+        async def lock(i: int, cmd: int) -> Result:
+            c = self.children[i]
+            if fd is not None and fd.handles[i] is not None:
+                return await c.finodelk(fd.handles[i], dom, cmd, fl(F.WRLCK), cred=cred)
+            return await c.inodelk(gfid, dom, cmd, fl(F.WRLCK), cred=cred)
+
+        async def unlock(i: int) -> Any:
+            c = self.children[i]
+            try:
+                if fd is not None and fd.handles[i] is not None:
+                    return await c.finodelk(fd.handles[i], dom, F.SETLK, fl(F.UNLCK), cred=cred)
+                return await c.inodelk(gfid, dom, F.SETLK, fl(F.UNLCK), cred=cred)
+            except OSError as e:
+                log.debug("%s: unlock on child %d failed: %s", self.name, i, e)
+
+        return lock, unlock
+
+    def _entrylk_fns(self, pargfid: bytes, name: str, owner: bytes):
+        dom = self.name
+        cred = now_cred(lk_owner=owner)
+
+        async def lock(i: int, cmd: int) -> Result:
+            return await self.children[i].entrylk(pargfid, dom, name, cmd, F.ENTRYLK_WRLCK, cred=cred)
+
+        async def unlock(i: int) -> Any:
+            try:
+                return await self.children[i].entrylk(pargfid, dom, name, F.ENTRYLK_UNLOCK, F.ENTRYLK_WRLCK,
+                                                      cred=cred)
+            except OSError as e:
+                log.debug("%s: entry unlock on child %d failed: %s", self.name, i, e)
+
+        return lock, unlock
+
+    # ------------------------------------------------------------ transactions
+
+    async def _changelog(self, idx: Sequence[int], gfid: bytes, fd: _AfrFd | None, d: Dict,
+                         xdata: Dict | None = None) -> list[Any]:
+        async def one(i: int) -> Result:
+            c = self.children[i]
+            if fd is not None and fd.handles[i] is not None:
+                return await c.fxattrop(fd.handles[i], F.XATTROP_ADD_ARRAY, d, xdata)
+            return await c.xattrop(gfid, F.XATTROP_ADD_ARRAY, d, xdata)
+
+        return await gather([lambda i=i: one(i) for i in idx])
+
+    async def _transaction(self, what: str, slot: int, gfid: bytes, fd: _AfrFd | None,
+                           locks: list[tuple[Callable, Callable, int, int]],
+                           op: Callable[[int], Awaitable[Result]], *, always_changelog: bool = True,
+                           preop_xdata: Dict | None = None) -> Result:
+        up = self.up()
+        if fd is not None:
+            up = [i for i in up if fd.handles[i] is not None]
+        self._check_quorum(up, what)
+        locked_sets: list[tuple[Callable, list[int]]] = []
+        try:
+            idx = up
+            for lock, unlock, nb, blocking in locks:
+                got = await self._lock(idx, lock, unlock, nb, blocking)
+                locked_sets.append((unlock, got))
+                idx = [i for i in idx if i in got]
+            self._check_quorum(idx, what)
+            degraded = len(idx) < len(self.children)
+            changelog_on = always_changelog or degraded
+            preop_done: list[int] = []
+            if changelog_on:
+                res = await self._changelog(idx, gfid, fd, {DIRTY: changelog(slot, 1)}, preop_xdata)
+                idx = preop_done = [i for i, r in zip(idx, res) if isinstance(r, Result)]
+                self._check_quorum(idx, what)
+            res = await gather([lambda i=i: op(i) for i in idx])
+            done = [i for i, r in zip(idx, res) if isinstance(r, Result)]
+            if not done:
+                # failed everywhere alike (EEXIST, EACCES, …): consistent, nobody to blame
+                if preop_done:
+                    await self._changelog(preop_done, gfid, fd, {DIRTY: changelog(slot, -1)})
+                raise _pick_error(res)
+            failed = [i for i in range(len(self.children)) if i not in done]
+            if changelog_on or failed:
+                post: Dict = {DIRTY: changelog(slot, -1 if changelog_on else 0)}
+                for j in failed:
+                    post[self.pending_keys[j]] = changelog(slot, 1)
+                await self._changelog(done, gfid, fd, post)
+                if failed:
+                    log.warning("%s: %s missed on replica(s) %s; marked for self-heal", self.name, what,
+                                [self.children[j].name for j in failed])
+                    self._readable[gfid] = [i for i in self._readable.get(gfid, done) if i in done] or done
+            if len(done) < self.quorum:
+                raise OSError(errno.ENOTCONN, f"{self.name}: {what} succeeded on only {len(done)} replica(s), "
+                                              f"quorum is {self.quorum}")
+            return res[idx.index(done[0])]
+        finally:
+            for unlock, got in reversed(locked_sets):
+                with trio.CancelScope(shield=True):
+                    await gather([lambda i=i, u=unlock: u(i) for i in got])
+
+    def _data_locks(self, gfid: bytes, fd: _AfrFd | None) -> list:
+        lock, unlock = self._inodelk_fns(gfid, fd, 0, 0, os.urandom(8))
+        return [(lock, unlock, F.SETLK, F.SETLKW)]
+
+    def _meta_locks(self, gfid: bytes) -> list:
+        lock, unlock = self._inodelk_fns(gfid, None, LLONG_MAX - 1, 0, os.urandom(8))
+        return [(lock, unlock, F.SETLK, F.SETLKW)]
+
+    def _entry_locks(self, *entries: tuple[bytes, str]) -> list:
+        out = []
+        owner = os.urandom(8)
+        for pargfid, name in sorted(set(entries)):
+            lock, unlock = self._entrylk_fns(pargfid, name, owner)
+            out.append((lock, unlock, F.ENTRYLK_LOCK_NB, F.ENTRYLK_LOCK))
+        return out
+
+    async def _entry_op(self, what: str, pargfid: bytes, name: str, op: Callable[[int], Awaitable[Result]],
+                        key: str, extra_locks: list | None = None) -> Result:
+        locks = self._entry_locks((pargfid, name)) + (extra_locks or [])
+        return await self._transaction(what, ENTRY, pargfid, None, locks, op, always_changelog=False,
+                                       preop_xdata={key: name})
+
+    # ------------------------------------------------------------ entry fops
+
+    def _cred(self, proc: Proc, cred: Credential | None, valid: int = 0) -> Credential:
+        """One credential for every replica: same ctime everywhere, or the replicas drift apart."""
+        return cred if cred is not None else now_cred(proc, valid=valid)
+
+    async def mknod(self, pargfid: bytes, name: str, mode: int, rdev: int, gfid: bytes, umask: int = 0,
+                    xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        c = self._cred(Proc.MKNOD, cred)
+        return await self._entry_op("mknod", pargfid, name, lambda i: self.children[i].mknod(
+            pargfid, name, mode, rdev, gfid, umask, xdata, cred=c), "glusterfs.xattrop-entry-create")
+
+    async def mkdir(self, pargfid: bytes, name: str, mode: int, gfid: bytes, umask: int = 0,
+                    xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        c = self._cred(Proc.MKDIR, cred)
+        return await self._entry_op("mkdir", pargfid, name, lambda i: self.children[i].mkdir(
+            pargfid, name, mode, gfid, umask, xdata, cred=c), "glusterfs.xattrop-entry-create")
+
+    async def symlink(self, pargfid: bytes, name: str, target: str, gfid: bytes, umask: int = 0,
+                      xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        c = self._cred(Proc.SYMLINK, cred)
+        return await self._entry_op("symlink", pargfid, name, lambda i: self.children[i].symlink(
+            pargfid, name, target, gfid, umask, xdata, cred=c), "glusterfs.xattrop-entry-create")
+
+    async def link(self, gfid: bytes, newpar: bytes, newname: str, xdata: Dict | None = None,
+                   cred: Credential | None = None) -> Result:
+        c = self._cred(Proc.LINK, cred)
+        return await self._entry_op("link", newpar, newname, lambda i: self.children[i].link(
+            gfid, newpar, newname, xdata, cred=c), "glusterfs.xattrop-entry-create")
+
+    async def unlink(self, pargfid: bytes, name: str, xdata: Dict | None = None,
+                     cred: Credential | None = None) -> Result:
+        c = self._cred(Proc.UNLINK, cred)
+        return await self._entry_op("unlink", pargfid, name, lambda i: self.children[i].unlink(
+            pargfid, name, xdata, cred=c), "glusterfs.xattrop-entry-delete")
+
+    async def rmdir(self, pargfid: bytes, name: str, flags: int = 0, xdata: Dict | None = None,
+                    cred: Credential | None = None) -> Result:
+        c = self._cred(Proc.RMDIR, cred)
+        return await self._entry_op("rmdir", pargfid, name, lambda i: self.children[i].rmdir(
+            pargfid, name, flags, xdata, cred=c), "glusterfs.xattrop-entry-delete")
+
+    async def rename(self, oldpar: bytes, oldname: str, newpar: bytes, newname: str, xdata: Dict | None = None,
+                     cred: Credential | None = None) -> Result:
+        c = self._cred(Proc.RENAME, cred)
+        locks = self._entry_locks((oldpar, oldname), (newpar, newname))
+        return await self._transaction("rename", ENTRY, oldpar, None, locks, lambda i: self.children[i].rename(
+            oldpar, oldname, newpar, newname, xdata, cred=c), always_changelog=False,
+            preop_xdata={"glusterfs.xattrop-entry-delete": oldname})
+
+    async def create(self, pargfid: bytes, name: str, flags: int, mode: int, gfid: bytes, umask: int = 0,
+                     xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        c = self._cred(Proc.CREATE, cred)
+        handles: list[int | None] = [None] * len(self.children)
+
+        async def op(i: int) -> Result:
+            r = await self.children[i].create(pargfid, name, flags, mode, gfid, umask, xdata, cred=c)
+            handles[i] = r.fd
+            return r
+
+        try:
+            r = await self._entry_op("create", pargfid, name, op, "glusterfs.xattrop-entry-create")
+        except BaseException:
+            await self._release_handles(handles)
+            raise
+        r.fd = self._new_fd(gfid, flags, False, handles)
+        self._readable[gfid] = [i for i, h in enumerate(handles) if h is not None]
+        return r
+
+    # ------------------------------------------------------------ metadata fops
+
+    async def _meta(self, what: str, gfid: bytes, op: Callable[[int], Awaitable[Result]]) -> Result:
+        return await self._transaction(what, METADATA, gfid, None, self._meta_locks(gfid), op)
+
+    async def setattr(self, gfid: bytes, stbuf: Iatt, valid: int, xdata: Dict | None = None,
+                      cred: Credential | None = None) -> Result:
+        c = self._cred(Proc.SETATTR, cred, valid)
+        return await self._meta("setattr", gfid, lambda i: self.children[i].setattr(gfid, stbuf, valid, xdata,
+                                                                                    cred=c))
+
+    async def setxattr(self, gfid: bytes, d: Dict, flags: int = 0, xdata: Dict | None = None,
+                       cred: Credential | None = None) -> Result:
+        c = self._cred(Proc.SETXATTR, cred)
+        return await self._meta("setxattr", gfid, lambda i: self.children[i].setxattr(gfid, d, flags, xdata,
+                                                                                      cred=c))
+
+    async def removexattr(self, gfid: bytes, name: str, xdata: Dict | None = None,
+                          cred: Credential | None = None) -> Result:
+        c = self._cred(Proc.REMOVEXATTR, cred)
+        return await self._meta("removexattr", gfid, lambda i: self.children[i].removexattr(gfid, name, xdata,
+                                                                                            cred=c))
+
+    async def truncate(self, gfid: bytes, size: int, xdata: Dict | None = None,
+                       cred: Credential | None = None) -> Result:
+        c = self._cred(Proc.TRUNCATE, cred)
+        return await self._transaction("truncate", DATA, gfid, None, self._data_locks(gfid, None),
+                                       lambda i: self.children[i].truncate(gfid, size, xdata, cred=c))
+
+    # ------------------------------------------------------------ fds
+
+    def _new_fd(self, gfid: bytes, flags: int, is_dir: bool, handles: list[int | None]) -> int:
+        h = next(self._handles)
+        self._fds[h] = _AfrFd(gfid, flags, is_dir, handles)
+        return h
+
+    def _fd(self, handle: int) -> _AfrFd:
+        fd = self._fds.get(handle)
+        if fd is None:
+            raise OSError(errno.EBADF, f"{self.name}: unknown fd {handle}")
+        return fd
+
+    async def _release_handles(self, handles: list[int | None]) -> None:
+        await gather([lambda i=i, h=h: self.children[i].release(h) for i, h in enumerate(handles) if h is not None])
+
+    async def _open_all(self, gfid: bytes, opener: Callable[[int], Awaitable[Result]], flags: int,
+                        is_dir: bool) -> Result:
+        up = self.up()
+        if not up:
+            raise OSError(errno.ENOTCONN, f"{self.name}: no replica is up")
+        res = await gather([lambda i=i: opener(i) for i in up])
+        handles: list[int | None] = [None] * len(self.children)
+        first: Result | None = None
+        for i, r in zip(up, res):
+            if isinstance(r, Result):
+                handles[i] = r.fd
+                first = first or r
+        if first is None:
+            raise _pick_error(res)
+        first.fd = self._new_fd(gfid, flags, is_dir, handles)
+        return first
+
+    async def open(self, gfid: bytes, flags: int, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        return await self._open_all(gfid, lambda i: self.children[i].open(gfid, flags, xdata, cred=cred), flags,
+                                    False)
+
+    async def opendir(self, gfid: bytes, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        return await self._open_all(gfid, lambda i: self.children[i].opendir(gfid, xdata, cred=cred), 0, True)
+
+    async def release(self, handle: int) -> None:
+        fd = self._fds.pop(handle, None)
+        if fd is None:
+            raise OSError(errno.EBADF, f"{self.name}: unknown fd {handle}")
+        await self._release_handles(fd.handles)
+
+    releasedir = release
+
+    async def _fd_read(self, handle: int, call: Callable[[int, int], Awaitable[Result]], what: str) -> Result:
+        fd = self._fd(handle)
+
+        async def one(i: int) -> Result:
+            h = fd.handles[i]
+            if h is None:
+                raise OSError(errno.EBADFD, f"{self.name}: fd not open on child {i}")
+            return await call(i, h)
+
+        if fd.is_dir:
+            # a directory stream must stay on one replica: offsets are per brick
+            if fd.read_child is None or not self.children[fd.read_child].is_up:
+                cands = [i for i in self._readable_children(fd.gfid) if fd.handles[i] is not None] or \
+                        [i for i in self.up() if fd.handles[i] is not None]
+                if not cands:
+                    raise OSError(errno.ENOTCONN, f"{self.name}: {what}: no replica is up")
+                fd.read_child = cands[0]
+            return await one(fd.read_child)
+        return await self._read_one(fd.gfid, one, what)
+
+    async def read(self, handle: int, offset: int, size: int, xdata: Dict | None = None,
+                   cred: Credential | None = None) -> Result:
+        return await self._fd_read(handle, lambda i, h: self.children[i].read(h, offset, size, xdata, cred=cred),
+                                   "read")
+
+    async def fstat(self, handle: int, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        return await self._fd_read(handle, lambda i, h: self.children[i].fstat(h, xdata, cred=cred), "fstat")
+
+    async def fgetxattr(self, handle: int, name: str = "", xdata: Dict | None = None,
+                        cred: Credential | None = None) -> Result:
+        return await self._fd_read(handle, lambda i, h: self.children[i].fgetxattr(h, name, xdata, cred=cred),
+                                   "fgetxattr")
+
+    async def readdirp(self, handle: int, offset: int = 0, size: int = 128 * 1024, xdata: Dict | None = None,
+                       cred: Credential | None = None) -> Result:
+        return await self._fd_read(handle, lambda i, h: self.children[i].readdirp(h, offset, size, xdata,
+                                                                                  cred=cred), "readdirp")
+
+    async def _fd_all(self, handle: int, call: Callable[[int, int], Awaitable[Result]]) -> Result:
+        fd = self._fd(handle)
+        idx = [i for i in self.up() if fd.handles[i] is not None]
+        if not idx:
+            raise OSError(errno.ENOTCONN, f"{self.name}: no replica is up")
+        res = await gather([lambda i=i: call(i, fd.handles[i]) for i in idx])
+        ok = [r for r in res if isinstance(r, Result)]
+        if not ok:
+            raise _pick_error(res)
+        return ok[0]
+
+    async def flush(self, handle: int, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        return await self._fd_all(handle, lambda i, h: self.children[i].flush(h, xdata, cred=cred))
+
+    async def fsync(self, handle: int, datasync: bool = False, xdata: Dict | None = None,
+                    cred: Credential | None = None) -> Result:
+        return await self._fd_all(handle, lambda i, h: self.children[i].fsync(h, datasync, xdata, cred=cred))
+
+    async def write(self, handle: int, offset: int, data: bytes, xdata: Dict | None = None,
+                    cred: Credential | None = None) -> Result:
+        fd = self._fd(handle)
+        c = self._cred(Proc.WRITE, cred)
+        return await self._transaction("write", DATA, fd.gfid, fd, self._data_locks(fd.gfid, fd),
+                                       lambda i: self.children[i].write(fd.handles[i], offset, data, xdata, cred=c))
+
+    async def ftruncate(self, handle: int, size: int, xdata: Dict | None = None,
+                        cred: Credential | None = None) -> Result:
+        fd = self._fd(handle)
+        c = self._cred(Proc.FTRUNCATE, cred)
+        return await self._transaction("ftruncate", DATA, fd.gfid, fd, self._data_locks(fd.gfid, fd),
+                                       lambda i: self.children[i].ftruncate(fd.handles[i], size, xdata, cred=c))
+
+    async def fallocate(self, handle: int, mode: int, offset: int, size: int, xdata: Dict | None = None,
+                        cred: Credential | None = None) -> Result:
+        fd = self._fd(handle)
+        c = self._cred(Proc.FALLOCATE, cred)
+        return await self._transaction("fallocate", DATA, fd.gfid, fd, self._data_locks(fd.gfid, fd),
+                                       lambda i: self.children[i].fallocate(fd.handles[i], mode, offset, size,
+                                                                            xdata, cred=c))
+
+    async def fsetattr(self, handle: int, stbuf: Iatt, valid: int, xdata: Dict | None = None,
+                       cred: Credential | None = None) -> Result:
+        fd = self._fd(handle)
+        return await self.setattr(fd.gfid, stbuf, valid, xdata, cred)
+
+    async def fsetxattr(self, handle: int, d: Dict, flags: int = 0, xdata: Dict | None = None,
+                        cred: Credential | None = None) -> Result:
+        return await self.setxattr(self._fd(handle).gfid, d, flags, xdata, cred)
+
+    async def fremovexattr(self, handle: int, name: str, xdata: Dict | None = None,
+                           cred: Credential | None = None) -> Result:
+        return await self.removexattr(self._fd(handle).gfid, name, xdata, cred)
+
+    async def lk(self, handle: int, cmd: int, flock: Flock, xdata: Dict | None = None,
+                 cred: Credential | None = None) -> Result:
+        """POSIX locks go to every replica; a partial grant is undone so nobody holds half a lock."""
+        fd = self._fd(handle)
+        idx = [i for i in self.up() if fd.handles[i] is not None]
+        if cmd == F.GETLK:
+            return await self._fd_read(handle, lambda i, h: self.children[i].lk(h, cmd, flock, xdata, cred=cred),
+                                       "getlk")
+        self._check_quorum(idx, "lock")
+        res = await gather([lambda i=i: self.children[i].lk(fd.handles[i], cmd, flock, xdata, cred=cred)
+                            for i in idx])
+        ok = [i for i, r in zip(idx, res) if isinstance(r, Result)]
+        if flock.type != F.UNLCK and len(ok) < max(self.quorum, 1):
+            undo = Flock(F.UNLCK, flock.whence, flock.start, flock.len, flock.pid, flock.owner)
+            await gather([lambda i=i: self.children[i].lk(fd.handles[i], F.SETLK, undo, cred=cred) for i in ok])
+            raise _pick_error(res)
+        if not ok:
+            raise _pick_error(res)
+        return res[idx.index(ok[0])]
+
+    # inode locks / xattrop pass straight through to every replica (used by upper layers rarely)
+    async def inodelk(self, gfid: bytes, domain: str, cmd: int, flock: Flock, xdata: Dict | None = None,
+                      cred: Credential | None = None) -> Result:
+        res = await gather([lambda i=i: self.children[i].inodelk(gfid, domain, cmd, flock, xdata, cred=cred)
+                            for i in self.up()])
+        ok = [r for r in res if isinstance(r, Result)]
+        if len(ok) < len(res):
+            raise _pick_error(res)
+        return ok[0]
+
+    async def entrylk(self, gfid: bytes, domain: str, name: str | None, cmd: int, type_: int = F.ENTRYLK_WRLCK,
+                      xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        res = await gather([lambda i=i: self.children[i].entrylk(gfid, domain, name, cmd, type_, xdata, cred=cred)
+                            for i in self.up()])
+        ok = [r for r in res if isinstance(r, Result)]
+        if len(ok) < len(res):
+            raise _pick_error(res)
+        return ok[0]
