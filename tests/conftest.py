@@ -1,0 +1,220 @@
+"""Shared pytest fixtures: a real glusterd and real volumes on loopback (see gfuse/testcluster.py).
+
+Fixture names are stable; other test modules rely on them:
+
+``glusterd`` (session)
+    glusterd is running (started if needed) and stale volumes of dead earlier runs are gone.
+    Gives a :class:`gfuse.testcluster.Glusterd` (``pid``, ``host``, ``port``).
+``vol_dist1``, ``vol_replica3``, ``vol_distrep`` (session)
+    Started volumes (1 brick / replica 3 / 2 x 3), created on first use, deleted at session end
+    even if tests fail. Shared by all tests of the session: after each test that used one, dead
+    or SIGSTOPped bricks are brought back and options changed with ``Volume.set_option`` are
+    restored. Files written stay: use unique paths (e.g. ``tmp_path.name``) in your tests.
+``volume`` (function, parametrized)
+    One of the three shared volumes; by default a test using it runs once per kind. Narrow it
+    with ``@pytest.mark.parametrize("volume", ["replica3"], indirect=True)``.
+``make_volume`` (function)
+    Factory ``make_volume(kind="replica3", options=None, start=True) -> Volume`` for a private
+    volume (a few seconds each), deleted when the test ends. Use it for destructive tests.
+``native_mount`` (function)
+    Factory ``native_mount(volume, mountpoint=None, options=()) -> NativeMount`` that mounts with
+    the native client (``mount -t glusterfs``) and unmounts at the end of the test.
+
+Tests that use any of these get the ``cluster`` marker (``native_mount`` also ``native``)
+automatically, and are skipped with the reason when not root or GlusterFS is not installed.
+With ``GFUSE_REQUIRE_CLUSTER=1`` (set by scripts/test.sh) they fail instead of skipping, so a
+broken CI install cannot pass silently.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from gfuse import testcluster as tc
+
+KIND_NAMES = tuple(tc.KINDS)  # ("dist1", "replica3", "distrep")
+_SESSION_VOLUME_FIXTURES = tuple(f"vol_{k}" for k in KIND_NAMES)
+_CLUSTER_FIXTURES = {
+    "glusterd",
+    "volume",
+    "make_volume",
+    "native_mount",
+    *_SESSION_VOLUME_FIXTURES,
+}
+_NATIVE_FIXTURES = {"native_mount"}
+
+# volumes created by the session fixtures, and the options they were created with
+_session_volumes: dict[str, tuple[tc.Volume, dict[str, str]]] = {}
+
+
+def _required() -> bool:
+    return os.environ.get("GFUSE_REQUIRE_CLUSTER", "") not in ("", "0", "false", "no")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    reason = tc.unavailable_reason()
+    state = f"unavailable ({reason})" if reason else "available"
+    return [
+        f"gluster test cluster: {state}; brick host {tc.BRICK_HOST}, state dir {tc.STATE_DIR}"
+        + ("; required (GFUSE_REQUIRE_CLUSTER)" if _required() else "")
+    ]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    cluster_reason = tc.unavailable_reason()
+    native_reason = tc.native_mount_unavailable_reason()
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & _CLUSTER_FIXTURES:
+            item.add_marker(pytest.mark.cluster)
+        if names & _NATIVE_FIXTURES:
+            item.add_marker(pytest.mark.native)
+        if _required():
+            continue  # the fixtures raise a clear error instead
+        if item.get_closest_marker("native") and native_reason:
+            item.add_marker(pytest.mark.skip(reason=f"native glusterfs mount: {native_reason}"))
+        elif item.get_closest_marker("cluster") and cluster_reason:
+            item.add_marker(pytest.mark.skip(reason=f"real GlusterFS: {cluster_reason}"))
+
+
+# ------------------------------------------------------------------------------------------
+# glusterd and the shared volumes
+
+
+@pytest.fixture(scope="session")
+def glusterd() -> Iterator[tc.Glusterd]:
+    """glusterd is running; volumes of dead earlier test runs are deleted (ours only)."""
+    reason = tc.unavailable_reason()
+    if reason:
+        if _required():
+            pytest.fail(f"GFUSE_REQUIRE_CLUSTER is set but: {reason}", pytrace=False)
+        pytest.skip(f"real GlusterFS: {reason}")
+    gd = tc.ensure_glusterd()
+    try:
+        tc.cleanup_stale()
+    except tc.GlusterError as exc:  # leftovers of dead runs must not stop this run
+        warnings.warn(f"cleanup of stale test volumes failed: {exc}", stacklevel=1)
+    try:
+        yield gd
+    finally:
+        # belt and braces: the volume fixtures delete their own volumes; this catches any left
+        for vol, _ in list(_session_volumes.values()):
+            try:
+                vol.delete()
+            except tc.GlusterError:
+                pass
+        _session_volumes.clear()
+
+
+def _session_volume(kind: str) -> Iterator[tc.Volume]:
+    vol = tc.create_volume(kind)
+    _session_volumes[kind] = (vol, dict(vol.options))
+    try:
+        yield vol
+    finally:
+        _session_volumes.pop(kind, None)
+        vol.delete()
+
+
+@pytest.fixture(scope="session")
+def vol_dist1(glusterd: tc.Glusterd) -> Iterator[tc.Volume]:
+    """A started 1-brick distribute volume, shared by the session."""
+    yield from _session_volume("dist1")
+
+
+@pytest.fixture(scope="session")
+def vol_replica3(glusterd: tc.Glusterd) -> Iterator[tc.Volume]:
+    """A started replica-3 volume (bricks 0-2 form one replica set), shared by the session."""
+    yield from _session_volume("replica3")
+
+
+@pytest.fixture(scope="session")
+def vol_distrep(glusterd: tc.Glusterd) -> Iterator[tc.Volume]:
+    """A started 2 x 3 distributed-replicate volume (sets: bricks 0-2 and 3-5), shared."""
+    yield from _session_volume("distrep")
+
+
+def _restore(vol: tc.Volume, baseline: dict[str, str]) -> None:
+    vol.ensure_online()
+    if vol.options != baseline:
+        for key in set(vol.options) - set(baseline):
+            vol.reset_option(key)
+        for key, value in baseline.items():
+            if vol.options.get(key) != value:
+                vol.set_option(key, value)
+
+
+@pytest.fixture(autouse=True)
+def _restore_session_volumes() -> Iterator[None]:
+    """After each test: shared volumes get their bricks back online and their options back."""
+    yield
+    for vol, baseline in list(_session_volumes.values()):
+        _restore(vol, baseline)
+
+
+@pytest.fixture(params=KIND_NAMES)
+def volume(request: pytest.FixtureRequest) -> tc.Volume:
+    """One shared volume per kind (indirect-parametrize with a kind name to choose)."""
+    kind = request.param
+    if kind not in tc.KINDS:
+        raise ValueError(f"volume fixture: unknown kind {kind!r}; choose from {KIND_NAMES}")
+    return request.getfixturevalue(f"vol_{kind}")
+
+
+@pytest.fixture
+def make_volume(glusterd: tc.Glusterd) -> Iterator[Callable[..., tc.Volume]]:
+    """Factory for private volumes, deleted at the end of the test."""
+    made: list[tc.Volume] = []
+
+    def factory(
+        kind: str = "replica3",
+        options: dict[str, str | int | bool] | None = None,
+        start: bool = True,
+    ) -> tc.Volume:
+        vol = tc.create_volume(kind, options=options, start=start)
+        made.append(vol)
+        return vol
+
+    try:
+        yield factory
+    finally:
+        errors = []
+        for vol in reversed(made):
+            try:
+                vol.delete()
+            except tc.GlusterError as exc:
+                errors.append(str(exc))
+        if errors:
+            pytest.fail("make_volume teardown: " + "\n".join(errors), pytrace=False)
+
+
+@pytest.fixture
+def native_mount(glusterd: tc.Glusterd) -> Iterator[Callable[..., tc.NativeMount]]:
+    """Factory: mount a volume with the native glusterfs client; unmounted after the test."""
+    reason = tc.native_mount_unavailable_reason()
+    if reason:
+        if _required():
+            pytest.fail(f"GFUSE_REQUIRE_CLUSTER is set but: {reason}", pytrace=False)
+        pytest.skip(f"native glusterfs mount: {reason}")
+    mounts: list[tc.NativeMount] = []
+
+    def factory(
+        volume: tc.Volume | str,
+        mountpoint: str | Path | None = None,
+        options: Sequence[str] = (),
+    ) -> tc.NativeMount:
+        m = tc.NativeMount(volume, mountpoint, options=options)
+        m.mount()
+        mounts.append(m)
+        return m
+
+    try:
+        yield factory
+    finally:
+        for m in reversed(mounts):
+            m.unmount()
