@@ -549,6 +549,7 @@ def test_real_readdirp() -> None:
 
 def test_real_cache_invalidation_callback() -> None:
     m = rpc.decode_message((DATA / "cbk_cache_invalidation.call.bin").read_bytes())
+    assert len(m.body) == 4 + 36 + 3 * 4 + 3 * 100 + 4  # gfid text, 3 u32, 3 gf_iatt, empty xdata
     c = F.decode_callback(m.proc, m.body)
     assert isinstance(c, F.CacheInvalidation)
     assert c.gfid == bytes.fromhex(FACTS["file_gfid"])
@@ -560,6 +561,7 @@ def test_real_cache_invalidation_callback() -> None:
 
 def test_real_inodelk_contention_callback() -> None:
     m = rpc.decode_message((DATA / "cbk_inodelk_contention.call.bin").read_bytes())
+    assert len(m.body) == 16 + 40 + 4 + 4 + len(FACTS["inodelk_domain"]) + 4  # gfid flock pid domain xdata
     c = F.decode_callback(m.proc, m.body)
     assert isinstance(c, F.InodelkContention)
     assert c.gfid == bytes.fromhex(FACTS["file_gfid"])
