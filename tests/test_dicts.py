@@ -80,6 +80,14 @@ def test_old_round_trip_and_old_str() -> None:
     assert {k: old_str(v) for k, v in back.items()} == d
 
 
+def test_old_non_utf8_key_and_value_round_trip() -> None:
+    """decode_old keeps undecodable key bytes as surrogates; encode_old must give the same bytes back."""
+    wire = be32(1) + be32(2) + be32(2) + b"k\xff\0" + b"v\0"
+    d = decode_old(wire)
+    assert d == {"k\udcff": b"v\0"}
+    assert encode_old(d) == wire
+
+
 def test_old_key_without_nul_is_refused() -> None:
     bad = be32(1) + be32(2) + be32(1) + b"abX" + b"v"
     with pytest.raises(ProtocolError):
@@ -219,6 +227,15 @@ def test_gfx_xdr_size_is_pairs_length() -> None:
     assert xdr_size == len(wire) - 12
     assert xdr_size % 4 == 0
     assert count == npairs == len(d)
+
+
+def test_gfx_non_utf8_key_and_str_round_trip() -> None:
+    """decode_gfx keeps undecodable bytes as surrogates (keys and STR values); encode_gfx must restore them."""
+    pairs = be32(3) + b"k\xff\0\0" + be32(T_STR) + be32(3) + b"\xfev\0\0"
+    wire = be32(len(pairs)) + be32(1) + be32(1) + pairs
+    d = gfx(wire)
+    assert d == {"k\udcff": "\udcfev"}
+    assert encode_gfx(d) == wire
 
 
 def test_gfx_str_old_decodes_as_bytes() -> None:

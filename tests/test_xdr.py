@@ -93,6 +93,12 @@ def test_string_invalid_utf8_is_kept_with_surrogateescape() -> None:
     assert s.encode("utf-8", "surrogateescape") == b"\xff"
 
 
+def test_string_non_utf8_round_trips() -> None:
+    """A name read from a brick (e.g. a READDIRP entry that is not UTF-8) can be sent back as it was."""
+    wire = b"\0\0\0\x03a\xffb\0"
+    assert Packer().string(Unpacker(wire).string()).bytes() == wire
+
+
 @pytest.mark.parametrize("size,wire_len", [(16, 16), (5, 8), (1, 4), (0, 0)])
 def test_fixed_opaque_padding(size: int, wire_len: int) -> None:
     data = bytes(range(1, size + 1))
