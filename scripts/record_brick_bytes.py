@@ -17,8 +17,9 @@ What it does, step by step:
 
 Files written (each a complete RPC message, i.e. one record *without* its 4-byte record mark):
 ``<name>.reply.bin`` for replies, ``<name>.call.bin`` for calls (brick callbacks, and the WRITE request
-our client sent, which the brick accepted), plus ``volfile_*.vol`` texts and ``facts.json``
-(what the script did: written payload, names, gfids, ... so tests can assert real facts).
+our client sent, which the brick accepted), ``brick_stream.bin`` (every byte one brick connection
+received, record marks included), ``volfile_*.vol`` texts and ``facts.json`` (what the script did:
+written payload, names, gfids, ... so tests can assert real facts). Files of an earlier run are removed first.
 
 The GETSPEC reply holds the *trusted* volfile (glusterd sends it to local clients) with the brick's
 ``username``/``password``: both are random uuids of a volume deleted right after recording, but they are
@@ -341,6 +342,9 @@ def main() -> int:
     host = socket.gethostname()
     made: list[tuple[str, bool]] = []
     facts: dict = {"volume": name, "glusterfs": gluster("--version").splitlines()[0].strip()}
+    out.mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("*.bin"), *out.glob("*.vol"), out / "facts.json"]:
+        old.unlink(missing_ok=True)
     try:
         base.mkdir(parents=True)
         gluster("volume", "create", name, f"{host}:{base}/b", "force")
@@ -349,7 +353,6 @@ def main() -> int:
         gluster("volume", "start", name)
         made[-1] = (name, True)
 
-        out.mkdir(parents=True, exist_ok=True)
         for kind, bricks in (("replica3", [f"{host}:{base}/r{i}" for i in range(3)]),
                              ("distrep", [f"{host}:{base}/d{i}" for i in range(6)])):
             vol = f"{name}{kind}"
