@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import logging
+import os
+import subprocess
 import sys
 import time
 
@@ -110,6 +111,187 @@ async def _probe(servers: list[Server], volume: str, timeout: float) -> bool:
     return not down
 
 
+def _default_log_file(mountpoint: str) -> str:
+    name = os.path.realpath(mountpoint).strip("/").replace("/", "-") or "root"
+    return f"/var/log/gfuse/{name}.log"
+
+
+def _setup_file_logging(path: str, level: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    h = logging.FileHandler(path)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(h)
+    root.setLevel(level)
+
+
+@cli.command()
+@click.argument("volume_spec", metavar="SERVER[:PORT]:/VOLUME[/SUBDIR]")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("-o", "options", default="", metavar="OPT[,OPT…]",
+              help="backup-volfile-servers=H1:H2, ro, log-file=PATH, log-level=LEVEL, allow_other, subdir=DIR, "
+                   "attribute-timeout=S, entry-timeout=S, ping-timeout=S, read-ahead-kb=N.")
+@click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground and log to stderr.")
+@click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(1, 600),
+              help="Seconds to wait for the mount to become live.")
+@click.option("--ready-fd", type=int, hidden=True)
+def mount(volume_spec: str, mountpoint: str, options: str, foreground: bool, timeout: float,
+          ready_fd: int | None) -> None:
+    """Mount a GlusterFS volume with gfuse.
+
+    Returns once the mount is live and serves it from a background process (unless -f),
+    which logs to /var/log/gfuse/<mountpoint>.log or the log-file option. Exits non-zero
+    with one line when the volume cannot be mounted.
+
+    \b
+    Examples:
+        gfuse mount 127.0.0.1:/vol /mnt/vol
+        gfuse mount 10.0.0.5:/vol/projects/a /mnt/a -o backup-volfile-servers=10.0.0.6:10.0.0.7,ro
+    """
+    from .mount import MountError, parse_options, run_foreground
+
+    try:
+        opts = parse_options(options)
+    except MountError as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        parse_volume_spec(volume_spec)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    if not os.path.isdir(mountpoint):
+        raise UserError(f"mount point {mountpoint} does not exist or is not a directory")
+    if os.path.ismount(mountpoint):
+        raise UserError(f"{mountpoint} is already a mount point")
+    log_file = opts.log_file or _default_log_file(mountpoint)
+    if foreground or ready_fd is not None:
+        if ready_fd is not None:
+            _setup_file_logging(log_file, opts.log_level)
+        else:
+            logging.getLogger().setLevel(opts.log_level)
+            if opts.log_file:
+                logging.getLogger().addHandler(logging.FileHandler(opts.log_file))
+        errors: list[str] = []
+
+        def ready(msg: str | None) -> None:
+            if msg is not None:
+                errors.append(msg)
+            if ready_fd is not None:
+                try:
+                    os.write(ready_fd, (f"ERR {msg}\n" if msg else "OK\n").encode())
+                    os.close(ready_fd)
+                except OSError:
+                    pass
+
+        code = run_foreground(volume_spec, mountpoint, opts, ready)
+        if errors and ready_fd is None:
+            raise UserError(errors[0])
+        sys.exit(code)
+    # daemonize: a detached child serves the mount and tells us when it is live
+    r, w = os.pipe()
+    args = [sys.executable, "-m", "gfuse.cli", "mount", volume_spec, mountpoint, "-o", options,
+            "--ready-fd", str(w), "--timeout", str(timeout)]
+    with open(os.devnull, "rb") as devnull_in, open(os.devnull, "wb") as devnull_out:
+        proc = subprocess.Popen(args, stdin=devnull_in, stdout=devnull_out, stderr=devnull_out,
+                                pass_fds=(w,), start_new_session=True, close_fds=True)
+    os.close(w)
+    answer = _read_ready(r, timeout + 5)
+    if answer == "OK":
+        click.echo(f"gfuse: mounted {volume_spec} on {mountpoint} (pid {proc.pid}, log {log_file})")
+        return
+    if answer is None:
+        code = proc.poll()
+        if code is None:
+            proc.kill()
+            raise UserError(f"mounting {volume_spec} timed out after {timeout:g}s (see {log_file})")
+        raise UserError(f"the mount process exited with status {code} before the mount was live (see {log_file})")
+    proc.wait(timeout=10)
+    raise UserError(answer.removeprefix("ERR ").strip())
+
+
+def _read_ready(fd: int, timeout: float) -> str | None:
+    import select
+
+    data = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while b"\n" not in data:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    return data.decode(errors="replace").strip() or None
+
+
+@cli.command()
+@click.argument("mountpoint", type=click.Path())
+@click.option("-l", "--lazy", is_flag=True, help="Detach now, clean up when no longer busy.")
+def umount(mountpoint: str, lazy: bool) -> None:
+    """Unmount a gfuse mount (the serving process exits by itself)."""
+    from .mount import gfuse_mounts
+
+    real = os.path.abspath(mountpoint)  # no realpath: a hung mount would hang us too
+    if real not in {m for _, m in gfuse_mounts()}:
+        raise UserError(f"{mountpoint} is not a gfuse mount")
+    cmd = ["umount"] + (["-l"] if lazy else []) + [real]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if p.returncode != 0:
+        msg = (p.stderr or p.stdout).strip().splitlines()
+        raise UserError(msg[-1] if msg else f"umount {real} failed with status {p.returncode}")
+
+
+@cli.command()
+@click.argument("mountpoint", required=False, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(mountpoint: str | None, as_json: bool) -> None:
+    """Show gfuse mounts: each brick up/down and operations in flight."""
+    import json
+
+    from .mount import gfuse_mounts, query_status
+
+    mounts = gfuse_mounts()
+    if mountpoint is not None:
+        real = os.path.abspath(mountpoint)
+        mounts = [m for m in mounts if m[1] == real]
+        if not mounts:
+            raise UserError(f"{mountpoint} is not a gfuse mount")
+    out = []
+    bad = False
+    for source, mp in mounts:
+        try:
+            out.append(query_status(mp))
+        except (OSError, ValueError) as e:
+            bad = True
+            out.append({"source": source, "mountpoint": mp, "error": f"serving process not answering ({e})"})
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    elif not out:
+        click.echo("no gfuse mounts")
+    for s in out if not as_json else []:
+        if "error" in s:
+            click.echo(f"{s['source']} on {s['mountpoint']}: {s['error']}")
+            continue
+        ups = sum(b["up"] for b in s["bricks"])
+        click.echo(f"{s['source']} on {s['mountpoint']} ({s['shape']}, pid {s['pid']}"
+                   f"{', read-only' if s['read_only'] else ''}): {ups}/{len(s['bricks'])} bricks up, "
+                   f"{s['pending_brick_calls']} brick calls pending, {s['fuse_requests_in_flight']} FUSE requests "
+                   f"in flight")
+        for b in s["bricks"]:
+            state = "up" if b["up"] else f"DOWN ({b['error']})"
+            click.echo(f"  {b['name']:<24} {b['brick']:<40} {state}")
+        bad = bad or ups < len(s["bricks"])
+    sys.exit(1 if bad else 0)
+
+
 async def _rtt(b: BrickClient, n: int = 5) -> float:
     """Median round trip of a PING to the brick."""
     assert b.conn is not None
@@ -146,6 +328,35 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"gfuse: internal error: {type(e).__name__}: {e} (run with --log-level DEBUG for details)",
                    err=True)
         sys.exit(EXIT_FAIL)
+
+
+def mount_helper(argv: list[str] | None = None) -> None:
+    """``mount.fuse.gfuse SOURCE DIR [-o OPTS] [-fnsv] [-t TYPE]``: what mount(8) and fstab call."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    pos: list[str] = []
+    opts: list[str] = []
+    foreground = False
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "-o" and i + 1 < len(args):
+            opts.append(args[i + 1])
+            i += 2
+            continue
+        if a.startswith("-o") and len(a) > 2:
+            opts.append(a[2:])
+        elif a == "-t" and i + 1 < len(args):
+            i += 2
+            continue
+        elif a.startswith("-"):
+            foreground = foreground or "f" in a[1:]
+        else:
+            pos.append(a)
+        i += 1
+    if len(pos) != 2:
+        click.echo("usage: mount.fuse.gfuse SERVER[:PORT]:/VOLUME[/SUBDIR] MOUNTPOINT [-o OPTIONS]", err=True)
+        sys.exit(EXIT_USAGE)
+    main(["mount", pos[0], pos[1], "-o", ",".join(opts)] + (["-f"] if foreground else []))
 
 
 if __name__ == "__main__":

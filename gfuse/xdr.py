@@ -71,7 +71,7 @@ class Packer:
         return self
 
     def string(self, s: str | bytes) -> "Packer":
-        return self.opaque(s.encode() if isinstance(s, str) else s)
+        return self.opaque(s.encode("utf-8", "surrogateescape") if isinstance(s, str) else s)
 
     def raw(self, data: bytes) -> "Packer":
         """Bytes already in XDR form."""

@@ -1,0 +1,463 @@
+"""The FUSE bridge: pyfuse3 Operations over the top of the translator graph.
+
+FUSE inodes map to gfids (inode = low 64 bits of the gfid, as gluster's own FUSE
+client numbers them; the mount's root is inode 1). Each handler turns the caller's
+uid/gid/groups/pid into the RPC credential, so bricks enforce permissions exactly as
+for the native client. pyfuse3 kills the whole mount on any exception other than
+``FUSEError``, so every handler maps failures to an errno.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat as st
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, TypeVar
+
+import pyfuse3
+
+from .fops import Proc, Result
+from .iatt import NULL_GFID, ROOT_GFID, SET_ATIME, SET_GID, SET_MODE, SET_MTIME, SET_UID, Iatt
+from .rpc import Credential
+from .xlators.client import new_gfid, now_cred
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+MAX_GROUPS = 90  # keeps the v3 credential under gluster's 400-byte limit
+#: xattrs that belong to gluster, never shown to or set by users
+HIDDEN_XATTR_PREFIXES = ("trusted.afr.", "trusted.glusterfs.", "trusted.gfid", "trusted.ec.", "glusterfs.",
+                         "trusted.pgfid.", "trusted.tier.", "security.selinux.gluster")
+ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+T = TypeVar("T")
+
+
+def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Map every failure to FUSEError: anything else would abort the whole mount."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: "GlusterOperations", *args: Any) -> T:
+        self.inflight += 1
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            code = e.errno or errno.EIO
+            if code not in (errno.ENOENT, errno.EEXIST, errno.ENODATA, errno.ENOTEMPTY, errno.EACCES,
+                            errno.EPERM, errno.ENOTSUP):
+                log.warning("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            log.exception("%s failed unexpectedly", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.inflight -= 1
+
+    return wrapper
+
+
+@dataclass
+class _Inode:
+    gfid: bytes
+    nlookup: int = 0
+
+
+@dataclass
+class _DirHandle:
+    fd: int
+    gfid: bytes
+    #: our readdir ids → the layer's offset to continue from
+    cookies: dict[int, int] = field(default_factory=dict)
+    next_id: int = 1
+
+
+def ino_of(gfid: bytes) -> int:
+    return int.from_bytes(gfid[8:], "big") or 1
+
+
+class GlusterOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, top: Any, root_gfid: bytes = ROOT_GFID, *, read_only: bool = False,
+                 attr_timeout: float = 1.0, entry_timeout: float = 1.0) -> None:
+        super().__init__()
+        self.top = top
+        self.root_gfid = root_gfid
+        self.read_only = read_only
+        self.attr_timeout = attr_timeout
+        self.entry_timeout = entry_timeout
+        self.inodes: dict[int, _Inode] = {pyfuse3.ROOT_INODE: _Inode(root_gfid, 1)}
+        self.dirs: dict[int, _DirHandle] = {}
+        self._dir_handles = 1
+        self._groups: dict[int, tuple[float, tuple[int, ...]]] = {}
+        self._acl_unsupported = True
+        self.inflight = 0
+
+    # ------------------------------------------------------------ helpers
+
+    def gfid(self, inode: int) -> bytes:
+        i = self.inodes.get(inode)
+        if i is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return i.gfid
+
+    def _remember(self, stat: Iatt) -> int:
+        ino = pyfuse3.ROOT_INODE if stat.gfid == self.root_gfid else ino_of(stat.gfid)
+        rec = self.inodes.get(ino)
+        if rec is None:
+            self.inodes[ino] = _Inode(stat.gfid, 1)
+        else:
+            rec.nlookup += 1
+        return ino
+
+    def attrs(self, stat: Iatt, ino: int | None = None) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino if ino is not None else (pyfuse3.ROOT_INODE if stat.gfid == self.root_gfid
+                                                 else ino_of(stat.gfid))
+        a.generation = 0
+        a.entry_timeout = self.entry_timeout
+        a.attr_timeout = self.attr_timeout
+        a.st_mode = stat.mode
+        a.st_nlink = stat.nlink
+        a.st_uid = stat.uid
+        a.st_gid = stat.gid
+        a.st_rdev = stat.rdev
+        a.st_size = stat.size
+        a.st_blksize = stat.blksize or 4096
+        a.st_blocks = stat.blocks
+        a.st_atime_ns = stat.atime * 1_000_000_000 + stat.atime_nsec
+        a.st_mtime_ns = stat.mtime * 1_000_000_000 + stat.mtime_nsec
+        a.st_ctime_ns = stat.ctime * 1_000_000_000 + stat.ctime_nsec
+        return a
+
+    def _entry(self, stat: Iatt) -> pyfuse3.EntryAttributes:
+        return self.attrs(stat, self._remember(stat))
+
+    def _groups_of(self, pid: int) -> tuple[int, ...]:
+        now = time.monotonic()
+        hit = self._groups.get(pid)
+        if hit and now - hit[0] < 1.0:
+            return hit[1]
+        try:
+            groups = tuple(sorted(pyfuse3.get_sup_groups(pid)))[:MAX_GROUPS]
+        except (OSError, ValueError):
+            groups = ()
+        if len(self._groups) > 4096:
+            self._groups.clear()
+        self._groups[pid] = (now, groups)
+        return groups
+
+    def cred(self, ctx: pyfuse3.RequestContext | None, proc: Proc | None = None, valid: int = 0) -> Credential:
+        if ctx is None:
+            return now_cred(proc, valid=valid)
+        return now_cred(proc, valid=valid, uid=ctx.uid, gid=ctx.gid, pid=ctx.pid,
+                        groups=self._groups_of(ctx.pid) if ctx.uid else ())
+
+    def _ro(self) -> None:
+        if self.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+
+    @staticmethod
+    def _name(name: bytes) -> str:
+        if len(name) > NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        if b"/" in name or name in (b"", b".", b".."):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return name.decode("utf-8", "surrogateescape")
+
+    # ------------------------------------------------------------ inode ops
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if len(name) > NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        r = await self.top.lookup(self.gfid(parent_inode), name.decode("utf-8", "surrogateescape"),
+                                  cred=self.cred(ctx))
+        return self._entry(r.stat)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            rec = self.inodes.get(ino)
+            if rec is None or ino == pyfuse3.ROOT_INODE:
+                continue
+            rec.nlookup -= n
+            if rec.nlookup <= 0:
+                del self.inodes[ino]
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        r = await self.top.stat(self.gfid(inode), cred=self.cred(ctx))
+        return self.attrs(r.stat, inode)
+
+    @fuse_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._ro()
+        gfid = self.gfid(inode)
+        last: Result | None = None
+        if fields.update_size:
+            c = self.cred(ctx, Proc.FTRUNCATE if fh is not None else Proc.TRUNCATE)
+            if fh is not None and fh not in self.dirs:
+                last = await self.top.ftruncate(fh, attr.st_size, cred=c)
+            else:
+                last = await self.top.truncate(gfid, attr.st_size, cred=c)
+        valid = 0
+        s = Iatt(gfid=gfid)
+        if fields.update_mode:
+            valid |= SET_MODE
+            s.mode = attr.st_mode
+        if fields.update_uid:
+            valid |= SET_UID
+            s.uid = attr.st_uid
+        if fields.update_gid:
+            valid |= SET_GID
+            s.gid = attr.st_gid
+        if fields.update_atime:
+            valid |= SET_ATIME
+            s.atime, s.atime_nsec = divmod(attr.st_atime_ns, 1_000_000_000)
+        if fields.update_mtime:
+            valid |= SET_MTIME
+            s.mtime, s.mtime_nsec = divmod(attr.st_mtime_ns, 1_000_000_000)
+        if valid:
+            last = await self.top.setattr(gfid, s, valid, cred=self.cred(ctx, Proc.SETATTR, valid))
+        if last is None or last.post is None:
+            last = await self.top.stat(gfid, cred=self.cred(ctx))
+            return self.attrs(last.stat, inode)
+        return self.attrs(last.post, inode)
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        r = await self.top.readlink(self.gfid(inode), cred=self.cred(ctx))
+        return (r.path or "").encode("utf-8", "surrogateescape")
+
+    async def _create_entry(self, proc: Proc, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext,
+                            call: Callable[[bytes, str, bytes, Credential], Awaitable[Result]]) -> Result:
+        self._ro()
+        n = self._name(name)
+        return await call(self.gfid(parent_inode), n, new_gfid(), self.cred(ctx, proc))
+
+    @fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        r = await self._create_entry(Proc.MKNOD, parent_inode, name, ctx, lambda p, n, g, c: self.top.mknod(
+            p, n, mode, rdev, g, ctx.umask, cred=c))
+        return self._entry(r.stat)
+
+    @fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        r = await self._create_entry(Proc.MKDIR, parent_inode, name, ctx, lambda p, n, g, c: self.top.mkdir(
+            p, n, mode | st.S_IFDIR, g, ctx.umask, cred=c))
+        return self._entry(r.stat)
+
+    @fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        t = target.decode("utf-8", "surrogateescape")
+        r = await self._create_entry(Proc.SYMLINK, parent_inode, name, ctx, lambda p, n, g, c: self.top.symlink(
+            p, n, t, g, ctx.umask, cred=c))
+        return self._entry(r.stat)
+
+    @fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._ro()
+        r = await self.top.link(self.gfid(inode), self.gfid(new_parent_inode), self._name(new_name),
+                                cred=self.cred(ctx, Proc.LINK))
+        return self._entry(r.stat)
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._ro()
+        await self.top.unlink(self.gfid(parent_inode), self._name(name), cred=self.cred(ctx, Proc.UNLINK))
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._ro()
+        await self.top.rmdir(self.gfid(parent_inode), self._name(name), cred=self.cred(ctx, Proc.RMDIR))
+
+    @fuse_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self._ro()
+        old, new = self._name(name_old), self._name(name_new)
+        op, np_ = self.gfid(parent_inode_old), self.gfid(parent_inode_new)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # gluster has no atomic exchange
+        if flags & pyfuse3.RENAME_NOREPLACE:
+            try:
+                await self.top.lookup(np_, new, cred=self.cred(ctx))
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+        await self.top.rename(op, old, np_, new, cred=self.cred(ctx, Proc.RENAME))
+
+    @fuse_errors
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        try:
+            await self.top.access(self.gfid(inode), mode, cred=self.cred(ctx))
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EPERM):
+                return False
+            raise
+        return True
+
+    @fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        r = await self.top.statfs(self.root_gfid)
+        s = r.statfs
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = s.bsize
+        out.f_frsize = s.frsize
+        out.f_blocks = s.blocks
+        out.f_bfree = s.bfree
+        out.f_bavail = s.bavail
+        out.f_files = s.files
+        out.f_ffree = s.ffree
+        out.f_favail = s.favail
+        out.f_namemax = min(s.namemax or NAME_MAX, NAME_MAX)
+        return out
+
+    # ------------------------------------------------------------ files
+
+    @staticmethod
+    def _open_flags(flags: int) -> int:
+        return flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC)
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if self.read_only and flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        r = await self.top.open(self.gfid(inode), self._open_flags(flags), cred=self.cred(ctx))
+        return pyfuse3.FileInfo(fh=r.fd)
+
+    @fuse_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        r = await self._create_entry(Proc.CREATE, parent_inode, name, ctx, lambda p, n, g, c: self.top.create(
+            p, n, (flags & ~os.O_NOCTTY) | os.O_CREAT, (mode & 0o7777) | st.S_IFREG, g, ctx.umask, cred=c))
+        return pyfuse3.FileInfo(fh=r.fd), self._entry(r.stat)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        r = await self.top.read(fh, off, size)
+        return r.data or b""
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        r = await self.top.write(fh, off, buf, cred=now_cred(Proc.WRITE))
+        return r.ret
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        await self.top.flush(fh)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.top.fsync(fh, bool(datasync))
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        await self.top.release(fh)
+
+    # ------------------------------------------------------------ directories
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        gfid = self.gfid(inode)
+        r = await self.top.opendir(gfid, cred=self.cred(ctx))
+        self._dir_handles += 1
+        h = self._dir_handles
+        self.dirs[h] = _DirHandle(r.fd, gfid)
+        return h
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        d = self.dirs.get(fh)
+        if d is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        offset = 0 if start_id == 0 else d.cookies.get(start_id)
+        if offset is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        while True:
+            r = await self.top.readdirp(d.fd, offset, 128 * 1024)
+            if not r.entries:
+                return
+            for e in r.entries:
+                offset = e.off
+                if e.name in (".", "..") or e.stat is None or e.stat.gfid == NULL_GFID:
+                    continue
+                if e.stat.gfid == self.root_gfid:
+                    continue
+                d.next_id += 1
+                nid = d.next_id
+                d.cookies[nid] = e.off
+                attrs = self.attrs(e.stat)
+                if not pyfuse3.readdir_reply(token, e.name.encode("utf-8", "surrogateescape"), attrs, nid):
+                    return
+                self._remember(e.stat)  # readdirplus: the kernel now holds a lookup reference
+
+    @fuse_errors
+    async def releasedir(self, fh: int) -> None:
+        d = self.dirs.pop(fh, None)
+        if d is not None:
+            await self.top.release(d.fd)
+
+    @fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    # ------------------------------------------------------------ xattrs
+
+    @staticmethod
+    def _hidden(name: str) -> bool:
+        return name.startswith(HIDDEN_XATTR_PREFIXES)
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._ro()
+        n = name.decode("utf-8", "surrogateescape")
+        if name in ACL_XATTRS:
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        if self._hidden(n):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        await self.top.setxattr(self.gfid(inode), {n: bytes(value)}, cred=self.cred(ctx, Proc.SETXATTR))
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        n = name.decode("utf-8", "surrogateescape")
+        if name in ACL_XATTRS:
+            raise pyfuse3.FUSEError(errno.ENODATA if not self._acl_unsupported else errno.ENOTSUP)
+        if self._hidden(n):
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        r = await self.top.getxattr(self.gfid(inode), n, cred=self.cred(ctx))
+        v = (r.dict or {}).get(n)
+        if v is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        if isinstance(v, str):
+            return v.encode("utf-8", "surrogateescape")
+        if isinstance(v, (bytes, bytearray)):
+            return bytes(v)
+        return str(v).encode()
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        r = await self.top.getxattr(self.gfid(inode), "", cred=self.cred(ctx))
+        return [k.encode("utf-8", "surrogateescape") for k in (r.dict or {}) if not self._hidden(k)]
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._ro()
+        n = name.decode("utf-8", "surrogateescape")
+        if self._hidden(n):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        await self.top.removexattr(self.gfid(inode), n, cred=self.cred(ctx, Proc.REMOVEXATTR))
+

@@ -1,0 +1,323 @@
+"""Serving one mount: volfile → graph → bricks → FUSE, plus the status socket ``gfuse status`` reads.
+
+Runs in the foreground inside ``trio.run``; ``gfuse mount`` without ``-f`` starts it in
+a detached child and returns once the mount is live (see :mod:`gfuse.cli`).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import stat as st
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from .errors import leaf
+from .graph import ClientGraph
+from .iatt import ROOT_GFID
+from .mgmt import MgmtError, Server, VolfileWatcher, fetch_graph, parse_servers, parse_volume_spec
+from .volfile import VolfileError
+from .fuse import GlusterOperations
+
+log = logging.getLogger(__name__)
+
+RUN_DIR = "/run/gfuse"
+#: options mount(8) and fstab pass along that mean nothing to us
+IGNORED_OPTIONS = {"defaults", "rw", "auto", "noauto", "_netdev", "nofail", "user", "nouser", "users", "exec",
+                   "noexec", "suid", "nosuid", "dev", "nodev", "relatime", "noatime", "atime", "strictatime",
+                   "nodiratime", "diratime", "async", "sync", "owner", "group", "comment", "x-systemd.automount"}
+KNOWN_OPTIONS = {"backup-volfile-servers", "backupvolfile-server", "ro", "log-file", "log-level", "allow_other",
+                 "subdir", "attribute-timeout", "entry-timeout", "read-ahead-kb", "ping-timeout"}
+
+
+class MountError(Exception):
+    """The volume cannot be mounted; the message is one line for the user."""
+
+
+@dataclass
+class MountOptions:
+    backup_servers: list[Server] = field(default_factory=list)
+    read_only: bool = False
+    log_file: str | None = None
+    log_level: str = "INFO"
+    allow_other: bool = False
+    subdir: str = ""
+    attr_timeout: float = 1.0
+    entry_timeout: float = 1.0
+    read_ahead_kb: int = 1024
+    ping_timeout: float | None = None
+
+
+def parse_options(text: str | None) -> MountOptions:
+    """``-o`` options: unknown ones are an error (a typo must not silently mount something else)."""
+    o = MountOptions()
+    if not text:
+        return o
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, _, value = item.partition("=")
+        if key in IGNORED_OPTIONS or key.startswith("x-"):
+            continue
+        if key not in KNOWN_OPTIONS:
+            raise MountError(f"unknown mount option {key!r} (known: {', '.join(sorted(KNOWN_OPTIONS))})")
+        try:
+            if key in ("backup-volfile-servers", "backupvolfile-server"):
+                o.backup_servers += parse_servers(value)
+            elif key == "ro":
+                o.read_only = True
+            elif key == "log-file":
+                o.log_file = value
+            elif key == "log-level":
+                lv = value.upper()
+                if lv not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "TRACE", "NONE"):
+                    raise ValueError(f"log-level must be DEBUG, INFO, WARNING or ERROR, not {value!r}")
+                o.log_level = {"TRACE": "DEBUG", "NONE": "CRITICAL"}.get(lv, lv)
+            elif key == "allow_other":
+                o.allow_other = True
+            elif key == "subdir":
+                o.subdir = value.strip("/")
+            elif key == "attribute-timeout":
+                o.attr_timeout = float(value)
+            elif key == "entry-timeout":
+                o.entry_timeout = float(value)
+            elif key == "read-ahead-kb":
+                o.read_ahead_kb = int(value)
+            elif key == "ping-timeout":
+                o.ping_timeout = float(value)
+        except ValueError as e:
+            raise MountError(f"bad value for mount option {key!r}: {e}") from None
+    return o
+
+
+def status_socket_path(mountpoint: str) -> str:
+    """Where the serving process answers ``gfuse status``; from the path alone, never touching the mount."""
+    h = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
+    return os.path.join(RUN_DIR, f"{h}.sock")
+
+
+def set_read_ahead(mountpoint: str, kb: int) -> None:
+    """Let reads arrive as large requests: FUSE bdi read_ahead_kb defaults to 128."""
+    # never stat() our own mount from the serving thread: the request would wait for us
+    try:
+        majmin = None
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                if parts[4] == mountpoint:
+                    majmin = parts[2]
+        if majmin is None:
+            return
+        with open(f"/sys/class/bdi/{majmin}/read_ahead_kb", "w") as f:
+            f.write(str(kb))
+    except OSError as e:
+        log.info("could not set read_ahead_kb for %s: %s", mountpoint, e)
+
+
+async def resolve_subdir(top, subdir: str) -> bytes:
+    gfid = ROOT_GFID
+    for part in filter(None, subdir.split("/")):
+        try:
+            r = await top.lookup(gfid, part)
+        except OSError as e:
+            raise MountError(f"subdirectory {subdir!r} cannot be mounted: {part!r}: {os.strerror(e.errno or 5)}"
+                             ) from None
+        if not st.S_ISDIR(r.stat.mode):
+            raise MountError(f"subdirectory {subdir!r}: {part!r} is not a directory")
+        gfid = r.stat.gfid
+    return gfid
+
+
+class MountedVolume:
+    def __init__(self, spec_text: str, mountpoint: str, opts: MountOptions) -> None:
+        try:
+            self.spec = parse_volume_spec(spec_text)
+        except ValueError as e:
+            raise MountError(str(e)) from None
+        self.spec_text = spec_text
+        self.mountpoint = os.path.realpath(mountpoint)
+        # computed before mounting: touching our own mount point from the serving thread would deadlock
+        self.socket_path = status_socket_path(self.mountpoint)
+        self.opts = opts
+        if self.spec.subdir and not opts.subdir:
+            opts.subdir = self.spec.subdir
+        self.graph: ClientGraph | None = None
+        self.ops: GlusterOperations | None = None
+        self.started = time.time()
+
+    def check_mountpoint(self) -> None:
+        if not os.path.isdir(self.mountpoint):
+            raise MountError(f"mount point {self.mountpoint} does not exist or is not a directory")
+        if os.path.ismount(self.mountpoint):
+            raise MountError(f"{self.mountpoint} is already a mount point")
+
+    async def serve(self, ready: Callable[[str | None], None], timeout: float = 15.0) -> None:
+        """Mount and serve until unmounted or signalled. ``ready(None)`` once live, ``ready(msg)`` on failure."""
+        self.check_mountpoint()
+        servers = [self.spec.server, *self.opts.backup_servers]
+        try:
+            server, graph = await fetch_graph(servers, self.spec.volume, timeout)
+        except MgmtError as e:
+            raise MountError(str(e)) from None
+        except VolfileError as e:
+            raise MountError(f"the volfile of {self.spec.volume!r} cannot be used: {e}") from None
+        async with trio.open_nursery() as nursery:
+            try:
+                cg = ClientGraph(graph, server, self.spec.volume, ping_timeout=self.opts.ping_timeout)
+            except VolfileError as e:
+                raise MountError(str(e)) from None
+            self.graph = cg
+            await cg.start(nursery, timeout)
+            if not any(b.is_up for b in cg.bricks):
+                why = "; ".join(f"{b.name}: {b.last_error}" for b in cg.bricks)
+                raise MountError(f"no brick of volume {self.spec.volume!r} is reachable ({why})")
+            try:
+                with trio.fail_after(timeout):
+                    root = await resolve_subdir(cg.top, self.opts.subdir)
+                    await cg.top.lookup_gfid(root)
+            except trio.TooSlowError:
+                raise MountError(f"volume {self.spec.volume!r} did not answer within {timeout:g}s") from None
+            except OSError as e:
+                raise MountError(f"volume {self.spec.volume!r} cannot be read: {e}") from None
+            self.ops = GlusterOperations(cg.top, root, read_only=self.opts.read_only,
+                                         attr_timeout=self.opts.attr_timeout, entry_timeout=self.opts.entry_timeout)
+            fuse_opts = set(pyfuse3.default_options)
+            fuse_opts |= {f"fsname={self.spec_text}", "subtype=gfuse"}
+            if self.opts.read_only:
+                fuse_opts.add("ro")
+            if self.opts.allow_other:
+                fuse_opts.add("allow_other")
+            try:
+                pyfuse3.init(self.ops, self.mountpoint, fuse_opts)
+            except RuntimeError as e:
+                raise MountError(f"FUSE mount on {self.mountpoint} failed: {e}") from None
+            try:
+                set_read_ahead(self.mountpoint, self.opts.read_ahead_kb)
+                nursery.start_soon(self._status_server)
+                nursery.start_soon(self._signals)
+                watcher = VolfileWatcher(servers, self.spec.volume, graph, self._volfile_changed)
+                nursery.start_soon(watcher.run)
+                log.info("mounted %s on %s (%s)", self.spec_text, self.mountpoint, graph.shape())
+                ready(None)
+                await pyfuse3.main(min_tasks=4, max_tasks=64)
+            finally:
+                with trio.CancelScope(shield=True):
+                    pyfuse3.close(unmount=True)
+                    try:
+                        os.unlink(self.socket_path)
+                    except OSError:
+                        pass
+                nursery.cancel_scope.cancel()
+            log.info("unmounted %s", self.mountpoint)
+
+    async def _volfile_changed(self, graph) -> None:
+        log.warning("the volfile of %s changed (%s); gfuse keeps the graph it mounted with — remount to apply",
+                    self.spec.volume, graph.shape())
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for s in sigs:
+                if s == signal.SIGHUP:
+                    continue
+                log.info("signal %d: unmounting %s", s, self.mountpoint)
+                pyfuse3.terminate()
+                return
+
+    def status(self) -> dict:
+        cg = self.graph
+        bricks = []
+        pending = 0
+        for b in cg.bricks if cg else []:
+            out = b.conn.outstanding if b.conn is not None and b.is_up else 0
+            pending += out
+            bricks.append({"name": b.name, "brick": f"{b.host}:{b.brick_path}", "up": b.is_up,
+                           "error": "" if b.is_up else b.last_error, "outstanding": out, "open_fds": b.open_fds})
+        return {"source": self.spec_text, "mountpoint": self.mountpoint, "volume": self.spec.volume,
+                "shape": cg.graph.shape() if cg else "", "pid": os.getpid(), "since": self.started,
+                "bricks": bricks, "pending_brick_calls": pending,
+                "fuse_requests_in_flight": self.ops.inflight if self.ops else 0,
+                "inodes": len(self.ops.inodes) if self.ops else 0, "read_only": self.opts.read_only}
+
+    async def _status_server(self) -> None:
+        path = self.socket_path
+        os.makedirs(RUN_DIR, exist_ok=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(8)
+        with sock:
+            while True:
+                conn, _ = await sock.accept()
+                with conn:
+                    try:
+                        await conn.send((json.dumps(self.status()) + "\n").encode())
+                    except OSError:
+                        pass
+
+
+def run_foreground(spec_text: str, mountpoint: str, opts: MountOptions,
+                   ready: Callable[[str | None], None]) -> int:
+    """Run a mount until it ends; returns the exit status. Errors are reported through ``ready``."""
+    mv = MountedVolume(spec_text, mountpoint, opts)
+    reported = False
+
+    def report(msg: str | None) -> None:
+        nonlocal reported
+        reported = True
+        ready(msg)
+
+    try:
+        trio.run(mv.serve, report)
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes one line
+        e = leaf(exc)
+        if isinstance(e, KeyboardInterrupt):
+            return 130
+        if isinstance(e, MountError):
+            msg = str(e)
+        elif isinstance(e, OSError):
+            msg = f"{e.strerror or e}" if e.errno != errno.EPERM else f"permission denied: {e}"
+        else:
+            log.error("gfuse mount crashed", exc_info=exc)
+            msg = f"internal error: {type(e).__name__}: {e}"
+        if not reported:
+            report(msg)
+        else:
+            log.error("%s", msg)
+        return 1
+
+
+def query_status(mountpoint: str, timeout: float = 3.0) -> dict:
+    path = status_socket_path(mountpoint)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
+
+
+def gfuse_mounts() -> list[tuple[str, str]]:
+    """(source, mountpoint) of every gfuse mount in this mount namespace."""
+    out = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[2] == "fuse.gfuse":
+                out.append((parts[0], parts[1].replace("\\040", " ")))
+    return out
