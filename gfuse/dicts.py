@@ -56,10 +56,10 @@ def encode_old(d: Mapping[str, str | bytes | int] | None) -> bytes:
         return b""
     parts = [len(d).to_bytes(4, "big")]
     for k, v in d.items():
-        kb = k.encode()
+        kb = k.encode("utf-8", "surrogateescape")
         if isinstance(v, int):
             v = str(v)
-        vb = v.encode() + b"\0" if isinstance(v, str) else bytes(v)
+        vb = v.encode("utf-8", "surrogateescape") + b"\0" if isinstance(v, str) else bytes(v)
         parts.append(len(kb).to_bytes(4, "big") + len(vb).to_bytes(4, "big") + kb + b"\0" + vb)
     return b"".join(parts)
 
@@ -102,7 +102,7 @@ def _encode_value(p: Packer, v: Any) -> None:
     elif isinstance(v, float):
         p.i32(T_DOUBLE).f64(v)
     elif isinstance(v, str):
-        p.i32(T_STR).opaque(v.encode() + b"\0")
+        p.i32(T_STR).opaque(v.encode("utf-8", "surrogateescape") + b"\0")
     elif isinstance(v, (bytes, bytearray, memoryview)):
         p.i32(T_PTR).opaque(bytes(v))
     elif isinstance(v, uuid.UUID):
@@ -122,7 +122,7 @@ def encode_gfx(d: Mapping[str, Any] | None) -> bytes:
         return NULL_GFX_DICT
     p = Packer()
     for k, v in d.items():
-        p.opaque(k.encode() + b"\0")
+        p.opaque(k.encode("utf-8", "surrogateescape") + b"\0")
         _encode_value(p, v)
     pairs = p.bytes()
     return Packer().u32(len(pairs)).i32(len(d)).u32(len(d)).raw(pairs).bytes()

@@ -111,7 +111,10 @@ class Credential:
         p.u32(len(self.groups))
         for g in self.groups:
             p.u32(g)
-        return p.opaque(self.lk_owner).bytes()
+        body = p.opaque(self.lk_owner).bytes()
+        if len(body) > MAX_AUTH_BYTES:
+            raise ValueError(f"credential of {len(body)} bytes exceeds {MAX_AUTH_BYTES} (too many groups?)")
+        return body
 
     def encode_v3(self) -> bytes:
         p = Packer().i32(self.pid).u32(self.uid).u32(self.gid).u32(self.flags)

@@ -64,6 +64,10 @@ class RpcConnection:
         self._send_lock = trio.StrictFIFOLock()
         self._reader = rpc.RecordReader()
         self._last_recv = trio.current_time()
+        #: when the connection last went from idle to waiting: silence before that is not the server's fault
+        self._busy_since = self._last_recv
+        self._ping_in_flight = False
+        self._nursery: trio.Nursery | None = None
         self.closed = trio.Event()
         self.close_reason: str = ""
         self._cancel = trio.CancelScope()
@@ -107,6 +111,8 @@ class RpcConnection:
         xid = next(self._xids) & 0xFFFFFFFF
         record = rpc.frame(rpc.encode_call(xid, prog, vers, proc, cred_flavor, cred_body, body))
         w = _Waiter()
+        if not self._waiters:
+            self._busy_since = trio.current_time()
         self._waiters[xid] = w
         try:
             async with self._send_lock:
@@ -151,6 +157,7 @@ class RpcConnection:
     async def _run(self) -> None:
         with self._cancel:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 if self._ping_timeout:
                     nursery.start_soon(self._pinger)
                 await self._read_loop()
@@ -188,22 +195,27 @@ class RpcConnection:
         w.event.set()
 
     async def _pinger(self) -> None:
-        """PING while calls wait; give up on a server silent for ``ping_timeout``."""
-        assert self._ping_timeout
+        """PING while calls wait; give up on a server silent for ``ping_timeout`` while we wait on it."""
+        assert self._ping_timeout and self._nursery is not None
         interval = max(0.2, min(self._ping_timeout / 4, 10.0))
         while True:
             await trio.sleep(interval)
             if not self._waiters:
                 continue
-            idle = trio.current_time() - self._last_recv
-            if idle >= self._ping_timeout:
+            silence = trio.current_time() - max(self._last_recv, self._busy_since)
+            if silence >= self._ping_timeout:
                 log.warning("%s: no answer for %.1fs (ping-timeout %gs): disconnecting",
-                            self.name, idle, self._ping_timeout)
+                            self.name, silence, self._ping_timeout)
                 self._fail(f"ping timeout ({self._ping_timeout:g}s)")
                 return
-            if idle >= interval:
-                with trio.move_on_after(self._ping_timeout):
-                    try:
-                        await self.ping()
-                    except (OSError, rpc.RPCError):
-                        pass  # any answer, even a refusal, proves the server is alive
+            if silence >= interval and not self._ping_in_flight:
+                self._nursery.start_soon(self._ping_once)
+
+    async def _ping_once(self) -> None:
+        self._ping_in_flight = True
+        try:
+            await self.ping()
+        except (OSError, rpc.RPCError):
+            pass  # any answer, even a refusal, proves the server is alive; silence is judged by _pinger
+        finally:
+            self._ping_in_flight = False

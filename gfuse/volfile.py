@@ -54,7 +54,7 @@ class Graph:
 
     @property
     def checksum(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()
+        return hashlib.sha256(self.text.encode("utf-8", "surrogateescape")).hexdigest()
 
     def clients(self) -> list[Xlator]:
         """The ``protocol/client`` translators in volfile order (= brick order)."""

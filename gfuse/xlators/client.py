@@ -102,6 +102,8 @@ class BrickClient:
         self._fds: dict[int, _Fd] = {}
         self._fd_handles = itertools.count(1)
         self.first_attempt_done = trio.Event()
+        #: lock owner for lock fops sent without a credential (bricks refuse a null owner)
+        self.lk_owner = os.urandom(8)
 
     def __repr__(self) -> str:
         return f"<BrickClient {self.name} {self.host}:{self.brick_path} {'up' if self.is_up else 'down'}>"
@@ -281,6 +283,9 @@ class BrickClient:
             raise not_connected(f"{self.name} ({self.last_error})")
         return await self._call_on(conn, proc, body, cred, valid)
 
+    def _lock_cred(self, cred: rpc.Credential | None) -> rpc.Credential:
+        return cred if cred is not None else now_cred(lk_owner=self.lk_owner)
+
     def _remote_fd(self, handle: int) -> tuple[bytes, int]:
         fd = self._fds.get(handle)
         if fd is None:
@@ -369,11 +374,12 @@ class BrickClient:
 
     async def inodelk(self, gfid: bytes, domain: str, cmd: int, flock: Flock, xdata: Dict | None = None,
                       cred: rpc.Credential | None = None) -> Result:
-        return await self.call(Proc.INODELK, F.inodelk_req(gfid, domain, cmd, flock, xdata), cred)
+        return await self.call(Proc.INODELK, F.inodelk_req(gfid, domain, cmd, flock, xdata), self._lock_cred(cred))
 
     async def entrylk(self, gfid: bytes, domain: str, name: str | None, cmd: int, type_: int = F.ENTRYLK_WRLCK,
                       xdata: Dict | None = None, cred: rpc.Credential | None = None) -> Result:
-        return await self.call(Proc.ENTRYLK, F.entrylk_req(gfid, domain, name, cmd, type_, xdata), cred)
+        return await self.call(Proc.ENTRYLK, F.entrylk_req(gfid, domain, name, cmd, type_, xdata),
+                               self._lock_cred(cred))
 
     async def xattrop(self, gfid: bytes, op: int, d: Dict, xdata: Dict | None = None,
                       cred: rpc.Credential | None = None) -> Result:
@@ -475,17 +481,19 @@ class BrickClient:
     async def lk(self, fd: int, cmd: int, flock: Flock, xdata: Dict | None = None,
                  cred: rpc.Credential | None = None) -> Result:
         gfid, rfd = self._remote_fd(fd)
-        return await self.call(Proc.LK, F.lk_req(gfid, rfd, cmd, flock, xdata), cred)
+        return await self.call(Proc.LK, F.lk_req(gfid, rfd, cmd, flock, xdata), self._lock_cred(cred))
 
     async def finodelk(self, fd: int, domain: str, cmd: int, flock: Flock, xdata: Dict | None = None,
                        cred: rpc.Credential | None = None) -> Result:
         gfid, rfd = self._remote_fd(fd)
-        return await self.call(Proc.FINODELK, F.finodelk_req(gfid, rfd, domain, cmd, flock, xdata), cred)
+        return await self.call(Proc.FINODELK, F.finodelk_req(gfid, rfd, domain, cmd, flock, xdata),
+                               self._lock_cred(cred))
 
     async def fentrylk(self, fd: int, domain: str, name: str | None, cmd: int, type_: int = F.ENTRYLK_WRLCK,
                        xdata: Dict | None = None, cred: rpc.Credential | None = None) -> Result:
         gfid, rfd = self._remote_fd(fd)
-        return await self.call(Proc.FENTRYLK, F.fentrylk_req(gfid, rfd, domain, name, cmd, type_, xdata), cred)
+        return await self.call(Proc.FENTRYLK, F.fentrylk_req(gfid, rfd, domain, name, cmd, type_, xdata),
+                               self._lock_cred(cred))
 
     async def fxattrop(self, fd: int, op: int, d: Dict, xdata: Dict | None = None,
                        cred: rpc.Credential | None = None) -> Result:
