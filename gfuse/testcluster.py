@@ -1102,6 +1102,61 @@ class NativeMount:
         return f"NativeMount({self.source!r} on {str(self.path)!r}, mounted={self.mounted})"
 
 
+class GfuseMount(NativeMount):
+    """``gfuse mount HOST:/VOL DIR`` (daemonized, as users run it) for the lifetime of a ``with`` block.
+
+    On exit the mount is unmounted and the serving process is waited for (killed if it
+    lingers), so no FUSE server outlives a test.
+    """
+
+    def mount(self) -> "GfuseMount":
+        self.path.mkdir(parents=True, exist_ok=True)
+        _write_json(self._marker, {"mountpoint": str(self.path), "source": self.source,
+                                   "owner": _owner_record(os.getpid()), "made_dir": self._made_dir})
+        cmd = [sys.executable, "-m", "gfuse.cli", "mount", self.source, str(self.path)]
+        if self.options:
+            cmd += ["-o", ",".join(self.options)]
+        try:
+            out = _run(cmd, timeout=self.timeout, what="gfuse mount")
+            m = re.search(r"\(pid (\d+),", out.stdout or "")
+            self.pid = int(m.group(1)) if m else None
+            if not is_mounted(self.path):
+                raise GlusterError(f"gfuse mount {self.source} {self.path}: not in /proc/mounts")
+            os.stat(self.path)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.unmount()
+            raise
+        self.mounted = True
+        return self
+
+    def unmount(self) -> None:
+        super().unmount()
+        pid = getattr(self, "pid", None)
+        if pid:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and _pid_alive(pid):
+                time.sleep(0.05)
+            if _pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.pid = None
+
+    def __enter__(self) -> "GfuseMount":
+        return self.mount()
+
+    def __repr__(self) -> str:
+        return f"GfuseMount({self.source!r} on {str(self.path)!r}, mounted={self.mounted})"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 # --------------------------------------------------------------------------------------------
 # cleanup
 

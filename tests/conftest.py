@@ -218,3 +218,27 @@ def native_mount(glusterd: tc.Glusterd) -> Iterator[Callable[..., tc.NativeMount
     finally:
         for m in reversed(mounts):
             m.unmount()
+
+
+@pytest.fixture
+def gfuse_mount(glusterd: tc.Glusterd) -> Iterator[Callable[..., tc.GfuseMount]]:
+    """Factory: mount a volume with gfuse (daemonized, as users do); unmounted and reaped after the test."""
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse")
+    mounts: list[tc.GfuseMount] = []
+
+    def factory(
+        volume: tc.Volume | str,
+        mountpoint: str | Path | None = None,
+        options: Sequence[str] = (),
+    ) -> tc.GfuseMount:
+        m = tc.GfuseMount(volume, mountpoint, options=options)
+        m.mount()
+        mounts.append(m)
+        return m
+
+    try:
+        yield factory
+    finally:
+        for m in reversed(mounts):
+            m.unmount()
