@@ -38,3 +38,10 @@ fi
 export PIP_BREAK_SYSTEM_PACKAGES=1
 echo "install-deps.sh: $PYTHON -m pip install -e '.[test]' ($("$PYTHON" -c 'import sys; print(sys.executable)'))"
 "$PYTHON" -m pip install --disable-pip-version-check --root-user-action=ignore -q -e '.[test]'
+
+# mount(8) runs /sbin/mount.fuse.<subtype> for `mount -t fuse.gfuse` and fstab lines
+helper="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/mount.fuse.gfuse"
+if [ -x "$helper" ] && [ "$(readlink -f /sbin/mount.fuse.gfuse 2>/dev/null)" != "$(readlink -f "$helper")" ]; then
+    ln -sf "$helper" /sbin/mount.fuse.gfuse
+    echo "install-deps.sh: /sbin/mount.fuse.gfuse -> $helper"
+fi
