@@ -40,6 +40,7 @@ class ClientGraph:
         self._process_name = process_name
         self._ping_timeout = ping_timeout
         self.skipped: list[str] = []
+        self.replicas: list[Replicate] = []
         self.top = self._build(graph.top)
 
     def _build(self, xl: Xlator) -> Any:
@@ -54,6 +55,7 @@ class ClientGraph:
             pend = xl.options.get("afr-pending-xattr")
             node = Replicate(xl.name, kids, pend.split(",") if pend else None,
                              quorum=_quorum(xl.options, len(kids)))
+            self.replicas.append(node)
         elif xl.type == "cluster/distribute":
             node = Distribute(xl.name, kids)
         elif len(kids) == 1:
@@ -71,9 +73,16 @@ class ClientGraph:
         """Start every brick session and wait (up to ``timeout``) for each one's first attempt."""
         for b in self.bricks:
             nursery.start_soon(b.run)
+        for r in self.replicas:
+            await nursery.start(r.run)
         with trio.move_on_after(timeout):
             for b in self.bricks:
                 await b.first_attempt_done.wait()
+
+    async def flush(self) -> None:
+        """Finish delayed work (eager-lock post-ops) while the bricks are still connected."""
+        for r in self.replicas:
+            await r.release_all()
 
     def status(self) -> list[tuple[str, str, bool, str]]:
         return [(b.name, f"{b.host}:{b.brick_path}", b.is_up, "" if b.is_up else b.last_error) for b in self.bricks]

@@ -209,6 +209,8 @@ class MountedVolume:
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
             finally:
                 with trio.CancelScope(shield=True):
+                    with trio.move_on_after(10):
+                        await cg.flush()
                     pyfuse3.close(unmount=True)
                     try:
                         os.unlink(self.socket_path)

@@ -81,6 +81,36 @@ class _AfrFd:
         self.read_child: int | None = None
 
 
+class _EagerLock:
+    """A data lock kept across consecutive writes to one file (gluster's eager lock + delayed post-op).
+
+    Lock and pre-op are paid by the first write; later writes go straight to the replicas.
+    The post-op (clear dirty, blame replicas that missed a write) and unlock happen when
+    the file is idle for ``EAGER_DELAY``, on fsync/flush/close, on another modification of
+    the inode, or when a brick tells us another client waits for the lock.
+    """
+
+    __slots__ = ("gfid", "fd", "locked", "failed", "inflight", "last_use", "ready", "error", "closing", "drained",
+                 "unlock")
+
+    def __init__(self, gfid: bytes, fd: "_AfrFd") -> None:
+        self.gfid = gfid
+        self.fd = fd
+        self.locked: list[int] = []
+        self.failed: set[int] = set()
+        self.inflight = 0
+        self.last_use = trio.current_time()
+        self.ready = trio.Event()
+        self.error: BaseException | None = None
+        self.closing = False
+        self.drained = trio.Event()
+        self.unlock: Callable[[int], Awaitable[Any]] | None = None
+
+
+EAGER_DELAY = 1.0
+ANON_INODE_PREFIX = ".glusterfs-anonymous-inode-"
+
+
 class Replicate:
     """The fop interface over N replicas (children implement the same interface)."""
 
@@ -105,6 +135,12 @@ class Replicate:
         self._rr = itertools.count()
         #: gfid → replicas that may be read (not blamed by another replica)
         self._readable: dict[bytes, list[int]] = {}
+        self._eager: dict[bytes, _EagerLock] = {}
+        self._eager_kick = trio.Event()
+        self.eager_locking = True
+        for c in self.children:
+            if hasattr(c, "subscribe_callbacks"):
+                c.subscribe_callbacks(self._on_callback)
 
     def __repr__(self) -> str:
         return f"<Replicate {self.name} {len(self.children)} children>"
@@ -438,6 +474,7 @@ class Replicate:
     # ------------------------------------------------------------ metadata fops
 
     async def _meta(self, what: str, gfid: bytes, op: Callable[[int], Awaitable[Result]]) -> Result:
+        await self._release_eager(gfid)
         return await self._transaction(what, METADATA, gfid, None, self._meta_locks(gfid), op)
 
     async def setattr(self, gfid: bytes, stbuf: Iatt, valid: int, xdata: Dict | None = None,
@@ -461,8 +498,124 @@ class Replicate:
     async def truncate(self, gfid: bytes, size: int, xdata: Dict | None = None,
                        cred: Credential | None = None) -> Result:
         c = self._cred(Proc.TRUNCATE, cred)
+        await self._release_eager(gfid)
         return await self._transaction("truncate", DATA, gfid, None, self._data_locks(gfid, None),
                                        lambda i: self.children[i].truncate(gfid, size, xdata, cred=c))
+
+    # ------------------------------------------------------------ eager locking
+
+    def _on_callback(self, proc: int, msg: Any) -> None:
+        if proc == F.Cbk.INODELK_CONTENTION and getattr(msg, "domain", None) == self.name:
+            el = self._eager.get(msg.gfid)
+            if el is not None:
+                log.debug("%s: another client waits for %s: releasing our eager lock", self.name, msg.gfid.hex())
+                el.closing = True
+                self._eager_kick.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Owner of delayed post-ops: releases eager locks that went idle or are wanted elsewhere."""
+        task_status.started()
+        try:
+            while True:
+                with trio.move_on_after(EAGER_DELAY / 4):
+                    await self._eager_kick.wait()
+                self._eager_kick = trio.Event()
+                now = trio.current_time()
+                for gfid, el in list(self._eager.items()):
+                    if el.ready.is_set() and el.inflight == 0 and (el.closing or now - el.last_use >= EAGER_DELAY):
+                        await self._release_eager(gfid)
+        finally:
+            with trio.CancelScope(shield=True):
+                for gfid in list(self._eager):
+                    await self._release_eager(gfid)
+
+    async def release_all(self) -> None:
+        for gfid in list(self._eager):
+            await self._release_eager(gfid)
+
+    async def _release_eager(self, gfid: bytes) -> None:
+        """Post-op and unlock a held eager lock, after the writes in flight on it finish."""
+        el = self._eager.get(gfid)
+        if el is None:
+            return
+        el.closing = True
+        await el.ready.wait()
+        while el.inflight:
+            await el.drained.wait()
+        if self._eager.get(gfid) is not el:
+            return
+        del self._eager[gfid]
+        if el.error is not None or el.unlock is None:
+            return
+        with trio.CancelScope(shield=True):
+            done = [i for i in el.locked if i not in el.failed and self.children[i].is_up]
+            post: Dict = {DIRTY: changelog(DATA, -1)}
+            for j in range(len(self.children)):
+                if j not in done:
+                    post[self.pending_keys[j]] = changelog(DATA, 1)
+            if len(done) < len(self.children):
+                log.warning("%s: writes to %s missed replica(s) %s; marked for self-heal", self.name,
+                            gfid.hex(), [self.children[j].name for j in range(len(self.children)) if j not in done])
+            await self._changelog(done, gfid, el.fd, post)
+            await gather([lambda i=i: el.unlock(i) for i in el.locked])
+
+    async def _eager_write(self, fd: "_AfrFd", op: Callable[[int], Awaitable[Result]]) -> Result:
+        gfid = fd.gfid
+        el = self._eager.get(gfid)
+        while el is not None and el.closing:
+            await self._release_eager(gfid)
+            el = self._eager.get(gfid)
+        if el is None:
+            el = _EagerLock(gfid, fd)
+            self._eager[gfid] = el
+            try:
+                up = [i for i in self.up() if fd.handles[i] is not None]
+                self._check_quorum(up, "write")
+                lock, unlock = self._data_locks(gfid, fd)[0][:2]
+                got = await self._lock(up, lock, unlock, F.SETLK, F.SETLKW)
+                el.unlock = unlock
+                el.locked = got
+                self._check_quorum(got, "write")
+                res = await self._changelog(got, gfid, fd, {DIRTY: changelog(DATA, 1)})
+                el.failed |= {i for i, r in zip(got, res) if not isinstance(r, Result)}
+                self._check_quorum([i for i in got if i not in el.failed], "write")
+            except BaseException as e:
+                el.error = e
+                del self._eager[gfid]
+                el.ready.set()
+                if el.unlock is not None:
+                    with trio.CancelScope(shield=True):
+                        await gather([lambda i=i: el.unlock(i) for i in el.locked])
+                raise
+            el.ready.set()
+        else:
+            await el.ready.wait()
+            if el.error is not None:
+                return await self._eager_write(fd, op)
+        el.inflight += 1
+        el.drained = trio.Event() if el.drained.is_set() else el.drained
+        try:
+            idx = [i for i in el.locked if i not in el.failed and fd.handles[i] is not None]
+            self._check_quorum(idx, "write")
+            res = await gather([lambda i=i: op(i) for i in idx])
+            done = [i for i, r in zip(idx, res) if isinstance(r, Result)]
+            lost = [i for i in idx if i not in done]
+            if lost:
+                el.failed |= set(lost)
+                self._readable[gfid] = [i for i in self._readable.get(gfid, done) if i in done] or done
+            if not done:
+                raise _pick_error(res)
+            if len(done) < self.quorum:
+                raise OSError(errno.ENOTCONN, f"{self.name}: write succeeded on only {len(done)} replica(s), "
+                                              f"quorum is {self.quorum}")
+            return res[idx.index(done[0])]
+        finally:
+            el.inflight -= 1
+            el.last_use = trio.current_time()
+            if el.inflight == 0:
+                el.drained.set()
+                if el.closing:
+                    self._eager_kick.set()
 
     # ------------------------------------------------------------ fds
 
@@ -505,9 +658,13 @@ class Replicate:
         return await self._open_all(gfid, lambda i: self.children[i].opendir(gfid, xdata, cred=cred), 0, True)
 
     async def release(self, handle: int) -> None:
-        fd = self._fds.pop(handle, None)
+        fd = self._fds.get(handle)
         if fd is None:
             raise OSError(errno.EBADF, f"{self.name}: unknown fd {handle}")
+        el = self._eager.get(fd.gfid)
+        if el is not None and el.fd is fd:
+            await self._release_eager(fd.gfid)  # the lock lives on this fd's brick fds
+        self._fds.pop(handle, None)
         await self._release_handles(fd.handles)
 
     releasedir = release
@@ -547,8 +704,18 @@ class Replicate:
 
     async def readdirp(self, handle: int, offset: int = 0, size: int = 128 * 1024, xdata: Dict | None = None,
                        cred: Credential | None = None) -> Result:
-        return await self._fd_read(handle, lambda i, h: self.children[i].readdirp(h, offset, size, xdata,
-                                                                                  cred=cred), "readdirp")
+        while True:
+            r = await self._fd_read(handle, lambda i, h: self.children[i].readdirp(h, offset, size, xdata,
+                                                                                   cred=cred), "readdirp")
+            if not any(e.name.startswith(ANON_INODE_PREFIX) for e in r.entries):
+                return r
+            # AFR's own holding directory for entries being healed is never shown to users
+            last = r.entries[-1].off
+            r.entries = [e for e in r.entries if not e.name.startswith(ANON_INODE_PREFIX)]
+            if r.entries:
+                r.entries[-1].off = last
+                return r
+            offset = last
 
     async def _fd_all(self, handle: int, call: Callable[[int, int], Awaitable[Result]]) -> Result:
         fd = self._fd(handle)
@@ -562,16 +729,21 @@ class Replicate:
         return ok[0]
 
     async def flush(self, handle: int, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        await self._release_eager(self._fd(handle).gfid)
         return await self._fd_all(handle, lambda i, h: self.children[i].flush(h, xdata, cred=cred))
 
     async def fsync(self, handle: int, datasync: bool = False, xdata: Dict | None = None,
                     cred: Credential | None = None) -> Result:
+        await self._release_eager(self._fd(handle).gfid)
         return await self._fd_all(handle, lambda i, h: self.children[i].fsync(h, datasync, xdata, cred=cred))
 
     async def write(self, handle: int, offset: int, data: bytes, xdata: Dict | None = None,
                     cred: Credential | None = None) -> Result:
         fd = self._fd(handle)
         c = self._cred(Proc.WRITE, cred)
+        if self.eager_locking:
+            return await self._eager_write(fd, lambda i: self.children[i].write(fd.handles[i], offset, data, xdata,
+                                                                               cred=c))
         return await self._transaction("write", DATA, fd.gfid, fd, self._data_locks(fd.gfid, fd),
                                        lambda i: self.children[i].write(fd.handles[i], offset, data, xdata, cred=c))
 
@@ -579,6 +751,7 @@ class Replicate:
                         cred: Credential | None = None) -> Result:
         fd = self._fd(handle)
         c = self._cred(Proc.FTRUNCATE, cred)
+        await self._release_eager(fd.gfid)
         return await self._transaction("ftruncate", DATA, fd.gfid, fd, self._data_locks(fd.gfid, fd),
                                        lambda i: self.children[i].ftruncate(fd.handles[i], size, xdata, cred=c))
 
@@ -586,6 +759,7 @@ class Replicate:
                         cred: Credential | None = None) -> Result:
         fd = self._fd(handle)
         c = self._cred(Proc.FALLOCATE, cred)
+        await self._release_eager(fd.gfid)
         return await self._transaction("fallocate", DATA, fd.gfid, fd, self._data_locks(fd.gfid, fd),
                                        lambda i: self.children[i].fallocate(fd.handles[i], mode, offset, size,
                                                                             xdata, cred=c))
