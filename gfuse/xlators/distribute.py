@@ -54,6 +54,8 @@ class Distribute:
         self._layouts: dict[bytes, list[Range | None]] = {}
         #: gfid → subvolume holding the data (files); directories are everywhere
         self._where: dict[bytes, int] = {}
+        #: gfids known to be directories (they live on every subvolume)
+        self._dirs: set[bytes] = {ROOT_GFID}
         self._fds: dict[int, _DhtFd] = {}
         self._handles = itertools.count(1)
         self.commit_hash = 0
@@ -114,8 +116,10 @@ class Distribute:
 
     async def _where_is(self, gfid: bytes) -> int | None:
         """Subvolume of a file (None for a directory); a nameless lookup everywhere when unknown."""
-        if gfid == ROOT_GFID or len(self.children) == 1:
-            return 0 if len(self.children) == 1 else None
+        if len(self.children) == 1:
+            return 0
+        if gfid in self._dirs:
+            return None
         if gfid in self._where:
             return self._where[gfid]
         res = await gather([lambda c=c: c.lookup_gfid(gfid, self._xdata(None)) for c in self.children])
@@ -124,6 +128,7 @@ class Distribute:
         if not found:
             raise _pick_error(res)
         if found[0][1].stat.is_dir:
+            self._remember_dir(gfid)
             return None
         self._where[gfid] = found[0][0]
         return found[0][0]
@@ -145,6 +150,7 @@ class Distribute:
             return await self._lookup_everywhere(pargfid, name, x, cred)
         if r.stat.is_dir:
             self._where.pop(r.stat.gfid, None)
+            self._remember_dir(r.stat.gfid)
             return r
         if is_linkto(r.stat, r.xdata):
             target = self._linkto_target(r.xdata)
@@ -161,6 +167,11 @@ class Distribute:
         self._where[r.stat.gfid] = h
         return r
 
+    def _remember_dir(self, gfid: bytes) -> None:
+        if len(self._dirs) > 100_000:
+            self._dirs = {ROOT_GFID}
+        self._dirs.add(gfid)
+
     def _linkto_target(self, xdata: Dict | None) -> int | None:
         v = (xdata or {}).get(LINKTO_XATTR)
         if isinstance(v, bytes):
@@ -171,7 +182,9 @@ class Distribute:
         res = await gather([lambda c=c: c.lookup(pargfid, name, x, cred=cred) for c in self.children])
         for i, r in enumerate(res):
             if isinstance(r, Result) and r.stat is not None and not is_linkto(r.stat, r.xdata):
-                if not r.stat.is_dir:
+                if r.stat.is_dir:
+                    self._remember_dir(r.stat.gfid)
+                else:
                     self._where[r.stat.gfid] = i
                 return r
         errs = [r for r in res if isinstance(r, OSError)]
@@ -297,6 +310,7 @@ class Distribute:
         for i, x in zip(others, res):
             if isinstance(x, OSError) and x.errno != errno.EEXIST:
                 log.warning("%s: mkdir %s on %s failed: %s", self.name, name, self.children[i].name, x)
+        self._remember_dir(gfid)
         layout = self._layout_for(gfid, name)
         await gather([lambda i=i: self._set_layout(i, gfid, layout[i]) for i in range(len(self.children))])
         self._layouts[gfid] = list(layout)
