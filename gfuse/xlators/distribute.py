@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
 from .. import fops as F
+from ..bounded import BoundedDict
 from ..dhthash import LAYOUT_XATTR, LINKTO_XATTR, Range, new_layout, name_hash
 from ..dicts import Dict, UInt
 from ..fops import DirEntry, Flock, Result
@@ -51,9 +52,9 @@ class Distribute:
         self.name = name
         self.children = list(children)
         self._names = {c.name: i for i, c in enumerate(self.children)}
-        self._layouts: dict[bytes, list[Range | None]] = {}
+        self._layouts: BoundedDict[bytes, list[Range | None]] = BoundedDict(20_000)
         #: gfid → subvolume holding the data (files); directories are everywhere
-        self._where: dict[bytes, int] = {}
+        self._where: BoundedDict[bytes, int] = BoundedDict()
         #: gfids known to be directories (they live on every subvolume)
         self._dirs: set[bytes] = {ROOT_GFID}
         self._fds: dict[int, _DhtFd] = {}

@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import trio
 
 from .. import fops as F
+from ..bounded import BoundedDict
 from ..dicts import Dict, UInt
 from ..fops import Flock, Proc, Result
 from ..iatt import NULL_GFID, Iatt
@@ -134,7 +135,7 @@ class Replicate:
         self._handles = itertools.count(1)
         self._rr = itertools.count()
         #: gfid → replicas that may be read (not blamed by another replica)
-        self._readable: dict[bytes, list[int]] = {}
+        self._readable: BoundedDict[bytes, list[int]] = BoundedDict()
         self._eager: dict[bytes, _EagerLock] = {}
         self._eager_kick = trio.Event()
         self.eager_locking = True
@@ -189,6 +190,11 @@ class Replicate:
 
     async def _read_one(self, gfid: bytes, call: Callable[[int], Awaitable[Result]], what: str) -> Result:
         """Try readable replicas in turn (spread by round robin); split-brain → EIO."""
+        if gfid not in self._readable and self.up():
+            try:
+                await self.lookup_gfid(gfid)  # learn who may be read before reading
+            except OSError:
+                pass
         good = self._readable_children(gfid)
         if not good:
             if gfid in self._readable and self.up():
