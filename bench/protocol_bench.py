@@ -87,10 +87,9 @@ def main() -> None:
         from gfuse import testcluster
 
         testcluster.ensure_glusterd()
-        cluster = testcluster.LocalCluster()
-        vol = cluster.create_volume("dist1")
+        vol = testcluster.create_volume("dist1")
         try:
-            trio.run(bench, f"127.0.0.1:/{vol.name}", a.seconds, a.concurrency, a.mib)
+            trio.run(bench, vol.source, a.seconds, a.concurrency, a.mib)
         finally:
             vol.delete()
     elif a.volume:
