@@ -139,6 +139,8 @@ class Replicate:
         self._eager: dict[bytes, _EagerLock] = {}
         self._eager_kick = trio.Event()
         self.eager_locking = True
+        #: background tasks (unlocks after the caller got its answer), owned by :meth:`run`
+        self._bg: trio.Nursery | None = None
         for c in self.children:
             if hasattr(c, "subscribe_callbacks"):
                 c.subscribe_callbacks(self._on_callback)
@@ -382,9 +384,25 @@ class Replicate:
                                               f"quorum is {self.quorum}")
             return res[idx.index(done[0])]
         finally:
+            await self._unlock_later(locked_sets)
+
+    async def _unlock_later(self, locked_sets: list[tuple[Callable, list[int]]]) -> None:
+        """Unlock without making the caller wait a round trip (as AFR unwinds before unlocking).
+
+        A later transaction on the same entry that meets our lock still waits for it: it
+        falls back to a blocking lock, so ordering is kept.
+        """
+        async def unlock_all() -> None:
             for unlock, got in reversed(locked_sets):
                 with trio.CancelScope(shield=True):
                     await gather([lambda i=i, u=unlock: u(i) for i in got])
+
+        if not any(got for _, got in locked_sets):
+            return
+        if self._bg is not None:
+            self._bg.start_soon(unlock_all)
+        else:
+            await unlock_all()
 
     def _data_locks(self, gfid: bytes, fd: _AfrFd | None) -> list:
         lock, unlock = self._inodelk_fns(gfid, fd, 0, 0, os.urandom(8))
@@ -520,17 +538,21 @@ class Replicate:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Owner of delayed post-ops: releases eager locks that went idle or are wanted elsewhere."""
-        task_status.started()
         try:
-            while True:
-                with trio.move_on_after(EAGER_DELAY / 4):
-                    await self._eager_kick.wait()
-                self._eager_kick = trio.Event()
-                now = trio.current_time()
-                for gfid, el in list(self._eager.items()):
-                    if el.ready.is_set() and el.inflight == 0 and (el.closing or now - el.last_use >= EAGER_DELAY):
-                        await self._release_eager(gfid)
+            async with trio.open_nursery() as bg:
+                self._bg = bg
+                task_status.started()
+                while True:
+                    with trio.move_on_after(EAGER_DELAY / 4):
+                        await self._eager_kick.wait()
+                    self._eager_kick = trio.Event()
+                    now = trio.current_time()
+                    for gfid, el in list(self._eager.items()):
+                        if el.ready.is_set() and el.inflight == 0 and (el.closing
+                                                                       or now - el.last_use >= EAGER_DELAY):
+                            await self._release_eager(gfid)
         finally:
+            self._bg = None
             with trio.CancelScope(shield=True):
                 for gfid in list(self._eager):
                     await self._release_eager(gfid)
