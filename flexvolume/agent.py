@@ -1,0 +1,757 @@
+"""The gfuse node agent (``gfuse-agent``): owns every gfuse mount on the node.
+
+One long-running process per node. The FlexVolume driver and the CSI plugin are thin clients that
+send it msgpack requests over a unix socket (framing: :mod:`flexvolume.protocol`):
+
+=====================================================================  ===============================================
+request                                                                response (``ok: False`` → ``error``, ``code``)
+=====================================================================  ===============================================
+``{"op": "ping"}``                                                     ``{"ok", "version", "protocol", "mounts",
+                                                                       "health_passes"}``
+``{"op": "mount", "source": "host:/vol[/sub]", "target": "/abs",       ``{"ok", "already": bool, "pid"}``
+"options": ["gfuse -o item", …], "readonly": bool,
+"timeout": seconds (optional), "context": {str: str} (optional)}``
+``{"op": "unmount", "target": "/abs", "timeout": s (optional)}``       ``{"ok", "was_mounted": bool}``
+``{"op": "list"}``                                                     ``{"ok", "mounts": [{"source", "target",
+                                                                       "options", "readonly", "pid", "since",
+                                                                       "context", "repairs", "healthy", "state",
+                                                                       "reason"}, …]}``
+``{"op": "stats", "target": "/abs", "timeout": s (optional)}``         ``{"ok", "bytes_total", "bytes_used",
+                                                                       "bytes_available", "inodes_total",
+                                                                       "inodes_used", "inodes_available"}``
+=====================================================================  ===============================================
+
+How mounts survive the agent: each mount is served by its own daemonized ``gfuse mount`` process
+(its own session, re-parented away from the agent), never a child the agent waits on. Killing the
+agent (even SIGKILL) or replacing it with a new version leaves every mount serving. The agent keeps
+its mount table in a msgpack state file (:mod:`flexvolume.state`, written atomically); on start it
+re-adopts the mounts listed there.
+
+Health: every ``--health-interval`` seconds each mount's root is stat()ed *in a subprocess* with a
+timeout (the agent itself never touches a mount, so a dead or stuck one cannot hang it). A mount
+whose serving process died ("Transport endpoint is not connected") is repaired: if the volume's
+glusterd answers, the dead mount is lazily unmounted and mounted again at the same target, which
+propagates to pods (their kubelet directory is rshared/rslave). Processes in a pod that held file
+descriptors on the dead mount get errors on those descriptors (ENOTCONN/EIO); new opens go to the
+new mount. If the volume cannot be reached the dead mount is left in place (pods get errors rather
+than writing into the node's directory underneath) and the agent retries on the next pass. Between
+the lazy unmount and the new mount (one gfuse mount time, a few seconds) a pod creating files in the
+directory would write to the node's directory underneath: the repair is for crashes, not a seamless
+failover. A mount that answers too slowly (stuck bricks, SIGSTOPped server) is reported unhealthy,
+not torn down. An entry whose target is not mounted is mounted again (e.g. after a reboot) while its
+directory exists, and dropped once the directory is gone.
+
+In a Kubernetes DaemonSet the agent needs the host's mount namespace for the kubelet directory
+(``mountPropagation: Bidirectional``), ``hostPID: true`` (so it can see the serving processes it
+re-adopts), and the serving processes must outlive the agent's container: run them outside its
+cgroup, e.g. ``--mount-wrapper "systemd-run --scope --quiet --collect --"``; a container runtime
+kills every process of a container's cgroup when the container stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from .mounttable import (
+    canonical_target,
+    is_serving_process,
+    mounts_at,
+    same_source,
+    serving_pids,
+)
+from .protocol import (
+    DEFAULT_SOCKET,
+    IDLE_TIMEOUT,
+    PROTOCOL_VERSION,
+    FrameError,
+    decode,
+    encode,
+    error,
+    frame_length,
+)
+from .state import DEFAULT_STATE, MountRecord, StateError, load_state, save_state
+
+log = logging.getLogger("gfuse.agent")
+
+C_ENV = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+_PID_RE = re.compile(r"\(pid (\d+)")
+
+
+def agent_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("gfuse")
+    except Exception:  # noqa: BLE001 - not installed as a distribution (a source checkout)
+        from gfuse import __version__
+
+        return __version__
+
+
+class OpError(Exception):
+    """A request that cannot be done; ``message`` is one line for an admin, ``code`` from protocol.ERROR_CODES."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class AgentStartError(Exception):
+    """The agent cannot start (another agent runs, the socket cannot be bound, …)."""
+
+
+@dataclass
+class RunResult:
+    rc: int | None
+    stdout: str
+    stderr: str
+    timed_out: bool
+
+    def last_line(self) -> str:
+        for text in (self.stderr, self.stdout):
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            if lines:
+                return lines[-1]
+        return ""
+
+
+async def _sigkill(proc: trio.Process) -> None:
+    proc.kill()
+
+
+async def run_bounded(cmd: list[str], timeout: float) -> RunResult:
+    """Run a command with a hard time limit (SIGKILL when it is up); never raises for its failure."""
+    with trio.move_on_after(timeout):
+        try:
+            p = await trio.run_process(cmd, stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True,
+                                       check=False, env=C_ENV, deliver_cancel=_sigkill)
+        except OSError as e:
+            return RunResult(127, "", f"cannot run {cmd[0]}: {e.strerror}", False)
+        return RunResult(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"), False)
+    return RunResult(None, "", "", True)
+
+
+class _FrameReader:
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def _fill(self, n: int) -> bool:
+        while len(self.buf) < n:
+            chunk = await self.stream.receive_some(65536)
+            if not chunk:
+                return False
+            self.buf += chunk
+        return True
+
+    async def next(self) -> bytes | None:
+        """The next frame's body; None at a clean end of the connection."""
+        if not await self._fill(4):
+            if self.buf:
+                raise FrameError("connection closed inside a frame header")
+            return None
+        n = frame_length(bytes(self.buf[:4]))
+        if not await self._fill(4 + n):
+            raise FrameError("connection closed inside a frame")
+        body = bytes(self.buf[4:4 + n])
+        del self.buf[:4 + n]
+        return body
+
+
+class Agent:
+    def __init__(
+        self,
+        socket_path: str = DEFAULT_SOCKET,
+        state_path: str = DEFAULT_STATE,
+        *,
+        health_interval: float = 10.0,
+        probe_timeout: float = 5.0,
+        mount_timeout: float = 45.0,
+        gfuse_command: list[str] | None = None,
+        mount_wrapper: list[str] | None = None,
+        lock_wait: float = 10.0,
+    ) -> None:
+        self.socket_path = os.path.abspath(socket_path)
+        self.state_path = os.path.abspath(state_path)
+        self.health_interval = health_interval
+        self.probe_timeout = probe_timeout
+        self.mount_timeout = mount_timeout
+        self.gfuse_command = gfuse_command or [sys.executable, "-m", "gfuse.cli"]
+        self.mount_wrapper = mount_wrapper or []
+        self.lock_wait = lock_wait
+        self.table: dict[str, MountRecord] = {}
+        self.health_passes = 0
+        self._locks: dict[str, trio.Lock] = {}
+        self._health: dict[str, tuple[str, str]] = {}
+        self._lock_fd: int | None = None
+        self._limiter = trio.CapacityLimiter(8)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self._take_lock()
+        try:
+            self._load()
+            listener = await self._listen()
+            log.info("gfuse agent %s on %s, state %s, %d mount(s) to re-adopt", agent_version(), self.socket_path,
+                     self.state_path, len(self.table))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._signals, nursery.cancel_scope)
+                nursery.start_soon(self._health_loop)
+                nursery.start_soon(trio.serve_listeners, self._handle_stream, [listener])
+                task_status.started()
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    async def _take_lock(self) -> None:
+        os.makedirs(os.path.dirname(self.state_path), mode=0o700, exist_ok=True)
+        path = self.state_path + ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + self.lock_wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise AgentStartError(f"another gfuse agent holds {path} (it owns the mounts of "
+                                          f"{self.state_path}); stop it first") from None
+                await trio.sleep(0.1)
+        self._lock_fd = fd
+
+    def _load(self) -> None:
+        try:
+            self.table = load_state(self.state_path)
+        except StateError as e:
+            aside = f"{self.state_path}.corrupt-{int(time.time())}"
+            try:
+                os.replace(self.state_path, aside)
+            except OSError:
+                aside = "(could not move it aside)"
+            log.error("%s; moved to %s, starting with an empty mount table (existing gfuse mounts keep "
+                      "serving; unmount requests for them still work)", e, aside)
+            self.table = {}
+
+    def _save(self) -> None:
+        try:
+            save_state(self.state_path, self.table)
+        except OSError as e:
+            log.error("cannot write state file %s: %s — mounts made now will not be re-adopted after an agent "
+                      "restart", self.state_path, e.strerror or e)
+
+    async def _listen(self) -> trio.SocketListener:
+        os.makedirs(os.path.dirname(self.socket_path), mode=0o755, exist_ok=True)
+        if os.path.exists(self.socket_path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(1.0)
+            try:
+                probe.connect(self.socket_path)
+            except OSError:
+                os.unlink(self.socket_path)  # stale: its agent died
+            else:
+                raise AgentStartError(f"another process answers on {self.socket_path}; stop it or use --socket")
+            finally:
+                probe.close()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(self.socket_path)
+        except OSError as e:
+            sock.close()
+            raise AgentStartError(f"cannot bind {self.socket_path}: {e.strerror}") from None
+        os.chmod(self.socket_path, 0o600)
+        sock.listen(128)
+        return trio.SocketListener(sock)
+
+    async def _signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            async for s in sigs:
+                log.info("signal %d: stopping; the %d mount(s) keep serving (they belong to the pods)", s,
+                         len(self.table))
+                scope.cancel()
+                return
+
+    def _lock(self, target: str) -> trio.Lock:
+        lock = self._locks.get(target)
+        if lock is None:
+            lock = self._locks[target] = trio.Lock()
+        return lock
+
+    # -- requests -----------------------------------------------------------------------------
+
+    async def _handle_stream(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            reader = _FrameReader(stream)
+            while True:
+                body = None
+                try:
+                    with trio.move_on_after(IDLE_TIMEOUT):
+                        body = await reader.next()
+                except FrameError as e:
+                    await self._reply(stream, error(f"bad frame: {e}", "invalid"))
+                    return
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                if body is None:
+                    return
+                try:
+                    req = decode(body)
+                except FrameError as e:
+                    resp = error(f"bad request: {e}", "invalid")
+                else:
+                    resp = await self.dispatch(req)
+                if not await self._reply(stream, resp):
+                    return
+
+    @staticmethod
+    async def _reply(stream: trio.SocketStream, resp: dict[str, Any]) -> bool:
+        try:
+            await stream.send_all(encode(resp))
+            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+
+    async def dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        handler = {"ping": self.op_ping, "mount": self.op_mount, "unmount": self.op_unmount, "list": self.op_list,
+                   "stats": self.op_stats}.get(op if isinstance(op, str) else "")
+        if handler is None:
+            return error(f"unknown op {op!r} (known: ping, mount, unmount, list, stats)", "invalid")
+        try:
+            return await handler(req)
+        except OpError as e:
+            log.info("%s failed: %s", op, e.message)
+            return error(e.message, e.code)
+        except Exception as e:
+            log.exception("internal error in %s", op)
+            return error(f"internal error in {op}: {type(e).__name__}: {e} (see the gfuse agent log)", "internal")
+
+    @staticmethod
+    def _str(req: dict[str, Any], key: str) -> str:
+        v = req.get(key)
+        if not isinstance(v, str) or not v.strip():
+            raise OpError(f"{req.get('op')}: {key!r} is required (a non-empty string)", "invalid")
+        if "\0" in v:
+            raise OpError(f"{req.get('op')}: {key!r} contains a NUL byte", "invalid")
+        return v.strip()
+
+    def _target(self, req: dict[str, Any]) -> str:
+        t = self._str(req, "target")
+        if not t.startswith("/"):
+            raise OpError(f"{req.get('op')}: target {t!r} must be an absolute path", "invalid")
+        return canonical_target(t)
+
+    @staticmethod
+    def _timeout(req: dict[str, Any], default: float) -> float:
+        v = req.get("timeout", default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise OpError(f"{req.get('op')}: timeout must be a positive number of seconds, not {v!r}", "invalid")
+        return float(min(v, 600.0))
+
+    async def op_ping(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "version": agent_version(), "protocol": PROTOCOL_VERSION, "mounts": len(self.table),
+                "health_passes": self.health_passes}
+
+    async def op_mount(self, req: dict[str, Any]) -> dict[str, Any]:
+        from gfuse.mgmt import parse_volume_spec
+        from gfuse.mount import MountError, parse_options
+
+        source = self._str(req, "source")
+        target = self._target(req)
+        budget = self._timeout(req, self.mount_timeout)
+        raw = req.get("options", [])
+        if not isinstance(raw, (list, tuple)) or not all(isinstance(o, str) for o in raw):
+            raise OpError("mount: 'options' must be a list of strings (gfuse -o items)", "invalid")
+        readonly = req.get("readonly", False)
+        if not isinstance(readonly, bool):
+            raise OpError(f"mount: 'readonly' must be true or false, not {readonly!r}", "invalid")
+        ctx = req.get("context") or {}
+        if not isinstance(ctx, dict):
+            raise OpError("mount: 'context' must be a map of strings", "invalid")
+        try:
+            parse_volume_spec(source)
+        except ValueError as e:
+            raise OpError(f"mount: bad source: {e}", "invalid") from None
+        options = [item.strip() for o in raw for item in o.split(",") if item.strip()]
+        if "ro" in options:
+            readonly = True
+            options = [o for o in options if o != "ro"]
+        try:
+            parse_options(",".join(options))
+        except MountError as e:
+            raise OpError(f"mount: {e}", "invalid") from None
+        want = MountRecord(source=source, target=target, options=options, readonly=readonly,
+                           context={str(k): str(v) for k, v in ctx.items()})
+        async with self._lock(target):
+            return await self._mount_locked(want, budget)
+
+    async def _mount_locked(self, want: MountRecord, budget: float) -> dict[str, Any]:
+        target = want.target
+        stack = mounts_at(target)
+        if stack:
+            top = stack[-1]
+            if not top.is_gfuse:
+                raise OpError(f"{target} is already mounted ({top.fstype} from {top.source}); unmount it first or "
+                              f"use another directory", "conflict")
+            if not same_source(top.source, want.source):
+                raise OpError(f"{target} is already mounted by gfuse from {top.source}, not {want.source}; "
+                              f"unmount it first", "conflict")
+            if top.readonly != want.readonly:
+                have, asked = ("read-only", "read-write") if top.readonly else ("read-write", "read-only")
+                raise OpError(f"{target} is already mounted {have} from {top.source}, asked {asked}; unmount it "
+                              f"first", "conflict")
+            rec = self.table.get(target)
+            if rec is None:
+                rec = want
+                rec.pid = self._find_pid(rec)
+                log.info("adopting existing gfuse mount of %s on %s (pid %s)", rec.source, target, rec.pid)
+            elif want.context:
+                rec.context = want.context
+            state, reason = await self._probe(rec)
+            if state == "dead":
+                await self._repair(rec, reason, budget)
+            self._health[target] = ("healthy", "") if state == "dead" else (state, reason)
+            self.table[target] = rec
+            self._save()
+            return {"ok": True, "already": True, "pid": rec.pid}
+        try:
+            os.makedirs(target, mode=0o750, exist_ok=True)
+        except OSError as e:
+            raise OpError(f"cannot create the mount directory {target}: {e.strerror}", "invalid") from None
+        if not os.path.isdir(target):
+            raise OpError(f"{target} exists and is not a directory", "invalid")
+        want.pid = await self._spawn_mount(want, budget)
+        self.table[target] = want
+        self._health[target] = ("healthy", "")
+        self._save()
+        log.info("mounted %s on %s (pid %s%s)", want.source, target, want.pid,
+                 f", {', '.join(f'{k}={v}' for k, v in want.context.items())}" if want.context else "")
+        return {"ok": True, "already": False, "pid": want.pid}
+
+    async def _spawn_mount(self, rec: MountRecord, budget: float) -> int | None:
+        """``gfuse mount`` (it daemonizes and returns once live); the serving process's pid."""
+        opts = list(rec.options) + (["ro"] if rec.readonly else [])
+        cmd = [*self.mount_wrapper, *self.gfuse_command, "mount", rec.source, rec.target,
+               "--timeout", f"{max(1.0, budget - 6):g}"]
+        if opts:
+            cmd += ["-o", ",".join(opts)]
+        res = await run_bounded(cmd, budget)
+        if res.timed_out:
+            await self._cleanup_failed(rec.target)
+            raise OpError(f"mounting {rec.source} on {rec.target} did not finish within {budget:g}s; the volume's "
+                          f"servers are slow or unreachable", "timeout")
+        if res.rc != 0:
+            msg = res.last_line() or f"gfuse mount exited with status {res.rc}"
+            msg = msg.removeprefix("gfuse: ").removeprefix("Error: ")
+            await self._cleanup_failed(rec.target)
+            raise OpError(f"cannot mount {rec.source} on {rec.target}: {msg}", "unavailable")
+        m = _PID_RE.search(res.stdout)
+        pid = int(m.group(1)) if m else None
+        if not any(e.is_gfuse for e in mounts_at(rec.target)):
+            raise OpError(f"gfuse mount reported success but {rec.target} is not mounted (see the gfuse log)",
+                          "internal")
+        return pid if is_serving_process(pid, rec.target) else self._find_pid(rec)
+
+    async def _cleanup_failed(self, target: str) -> None:
+        """After a failed or timed-out mount: no half-made mount, no serving process left behind."""
+        pids = serving_pids(target)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stack = mounts_at(target)
+        if stack and stack[-1].is_gfuse and pids:
+            await run_bounded(["umount", "-c", "-l", target], 20)
+
+    @staticmethod
+    def _find_pid(rec: MountRecord) -> int | None:
+        if is_serving_process(rec.pid, rec.target):
+            return rec.pid
+        pids = serving_pids(rec.target)
+        return pids[-1] if pids else None
+
+    async def op_unmount(self, req: dict[str, Any]) -> dict[str, Any]:
+        target = self._target(req)
+        budget = self._timeout(req, 30.0)
+        async with self._lock(target):
+            with trio.move_on_after(budget) as cs:
+                return await self._unmount_locked(target, budget)
+            assert cs.cancelled_caught
+            raise OpError(f"unmounting {target} did not finish within {budget:g}s (see the agent log)", "timeout")
+
+    async def _unmount_locked(self, target: str, budget: float) -> dict[str, Any]:
+        rec = self.table.get(target)
+        stack = mounts_at(target)
+        if stack and not stack[-1].is_gfuse:
+            raise OpError(f"{target} is mounted with {stack[-1].fstype} from {stack[-1].source}, which is not a "
+                          f"gfuse mount; not unmounting it", "conflict")
+        was_mounted = bool(stack)
+        pids = set(serving_pids(target))
+        if rec is not None and is_serving_process(rec.pid, target):
+            pids.add(rec.pid)  # type: ignore[arg-type]
+        for _ in range(len(stack)):
+            top = mounts_at(target)
+            if not top or not top[-1].is_gfuse:
+                break
+            res = await run_bounded(["umount", "-c", target], min(20.0, budget))
+            if res.rc != 0 and mounts_at(target):
+                log.info("umount %s: %s; detaching it lazily", target, res.last_line() or "timed out")
+                res = await run_bounded(["umount", "-c", "-l", target], min(20.0, budget))
+                if res.rc != 0 and mounts_at(target) == top:
+                    raise OpError(f"cannot unmount {target}: {res.last_line() or 'umount timed out'}", "internal")
+        killed = await self._reap(target, pids, 10.0)
+        if killed:
+            log.warning("serving process(es) %s of %s did not exit after the unmount; killed", killed, target)
+            self._remove_status_socket(target)
+        if rec is not None:
+            self.table.pop(target, None)
+            self._save()
+        self._health.pop(target, None)
+        if was_mounted or rec is not None:
+            log.info("unmounted %s%s", target, f" ({rec.source})" if rec else "")
+        return {"ok": True, "was_mounted": was_mounted}
+
+    @staticmethod
+    async def _reap(target: str, pids: set[int], timeout: float) -> list[int]:
+        """Wait for the serving processes of ``target`` to exit; SIGKILL those that do not."""
+        deadline = trio.current_time() + timeout
+        while any(is_serving_process(p, target) for p in pids) and trio.current_time() < deadline:
+            await trio.sleep(0.05)
+        killed = []
+        for p in pids:
+            if is_serving_process(p, target):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                    killed.append(p)
+                except ProcessLookupError:
+                    pass
+        with trio.move_on_after(5):
+            while any(is_serving_process(p, target) for p in killed):
+                await trio.sleep(0.05)
+        return killed
+
+    @staticmethod
+    def _remove_status_socket(target: str) -> None:
+        try:
+            from gfuse.mount import status_socket_path
+
+            os.unlink(status_socket_path(target))
+        except (OSError, ImportError):
+            pass
+
+    async def op_list(self, req: dict[str, Any]) -> dict[str, Any]:
+        records = list(self.table.values())
+        probes: dict[str, tuple[str, str]] = {}
+
+        async def probe(rec: MountRecord) -> None:
+            async with self._limiter:
+                probes[rec.target] = await self._probe(rec, min(self.probe_timeout, 3.0))
+
+        async with trio.open_nursery() as nursery:
+            for rec in records:
+                nursery.start_soon(probe, rec)
+        out = []
+        for rec in records:
+            state, reason = probes[rec.target]
+            d = rec.to_wire()
+            d["pid"] = self._find_pid(rec)
+            d.update(healthy=state == "healthy", state=state, reason=reason)
+            out.append(d)
+        return {"ok": True, "mounts": out}
+
+    async def op_stats(self, req: dict[str, Any]) -> dict[str, Any]:
+        target = self._target(req)
+        timeout = self._timeout(req, self.probe_timeout)
+        res = await run_bounded(["stat", "-f", "-c", "%S %b %f %a %c %d", "--", target], timeout)
+        if res.timed_out:
+            raise OpError(f"statfs of {target} did not answer within {timeout:g}s: the volume's bricks are "
+                          f"unreachable or the mount is stuck (see `gfuse status {target}`)", "timeout")
+        if res.rc != 0:
+            msg = res.last_line() or f"stat exited with status {res.rc}"
+            code = "not_found" if "No such file" in msg else "unavailable"
+            raise OpError(f"statfs of {target} failed: {msg.removeprefix('stat: ')}", code)
+        try:
+            bsize, blocks, bfree, bavail, files, ffree = (int(x) for x in res.stdout.split())
+        except ValueError:
+            raise OpError(f"statfs of {target}: unexpected output {res.stdout!r:.100}", "internal") from None
+        return {"ok": True, "bytes_total": blocks * bsize, "bytes_used": (blocks - bfree) * bsize,
+                "bytes_available": bavail * bsize, "inodes_total": files, "inodes_used": files - ffree,
+                "inodes_available": ffree}
+
+    # -- health -------------------------------------------------------------------------------
+
+    async def _probe(self, rec: MountRecord, timeout: float | None = None) -> tuple[str, str]:
+        """("healthy" | "dead" | "hung" | "error" | "unmounted" | "foreign", reason)."""
+        target = rec.target
+        stack = mounts_at(target)
+        if not stack:
+            return "unmounted", f"{target} is not mounted"
+        top = stack[-1]
+        if not top.is_gfuse:
+            return "foreign", f"{target} is covered by a {top.fstype} mount from {top.source}"
+        timeout = timeout or self.probe_timeout
+        res = await run_bounded(["stat", "-c", "%i", "--", target], timeout)
+        if res.timed_out:
+            pid = self._find_pid(rec)
+            return "hung", (f"{target} did not answer within {timeout:g}s (serving process "
+                            f"{pid if pid else 'not found'}; bricks unreachable or the server is stuck)")
+        if res.rc == 0:
+            return "healthy", ""
+        msg = res.last_line().removeprefix("stat: ")
+        if "not connected" in msg or "connection abort" in msg.lower() or self._find_pid(rec) is None:
+            return "dead", msg or "the serving process is gone"
+        return "error", msg
+
+    async def _health_loop(self) -> None:
+        while True:
+            await self.check_all()
+            self.health_passes += 1
+            await trio.sleep(self.health_interval)
+
+    async def check_all(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for target in list(self.table):
+                nursery.start_soon(self._check_one, target)
+
+    async def _check_one(self, target: str) -> None:
+        lock = self._lock(target)
+        if lock.locked():
+            return  # a request is working on it
+        async with self._limiter, lock:
+            rec = self.table.get(target)
+            if rec is None:
+                return
+            state, reason = await self._probe(rec)
+            prev = self._health.get(target)
+            self._health[target] = (state, reason)
+            if state == "healthy":
+                if prev is not None and prev[0] != "healthy":
+                    log.info("%s is healthy again", target)
+                pid = self._find_pid(rec)
+                if pid != rec.pid:
+                    rec.pid = pid
+                    self._save()
+                return
+            if state == "unmounted" and not os.path.isdir(target):
+                log.info("%s is gone (its pod was removed); dropping it from the mount table", target)
+                self.table.pop(target, None)
+                self._health.pop(target, None)
+                self._save()
+                return
+            if state in ("dead", "unmounted"):
+                log.warning("%s (%s): %s; repairing", target, rec.source, reason)
+                try:
+                    await self._repair(rec, reason, self.mount_timeout)
+                except OpError as e:
+                    self._health[target] = (state, e.message)
+                    if prev != (state, e.message):
+                        log.error("repair of %s failed: %s", target, e.message)
+                    return
+                self._health[target] = ("healthy", "")
+                return
+            if prev != (state, reason):
+                log.warning("%s (%s) is unhealthy: %s", target, rec.source, reason)
+
+    async def _repair(self, rec: MountRecord, reason: str, budget: float) -> None:
+        target = rec.target
+        stack = mounts_at(target)
+        if stack and stack[-1].is_gfuse:
+            # fail closed: detach the dead mount only if the volume can be mounted again; otherwise pods
+            # keep getting errors instead of silently writing into the node's directory underneath
+            await self._volume_reachable(rec, min(10.0, budget / 2))
+            res = await run_bounded(["umount", "-c", "-l", target], 20)
+            if res.rc != 0 and mounts_at(target) == stack:
+                raise OpError(f"cannot detach the dead mount on {target}: {res.last_line() or 'timed out'}",
+                              "internal")
+            old = {p for p in [rec.pid, *serving_pids(target)] if p}
+            await self._reap(target, old, 2.0)
+        rec.pid = await self._spawn_mount(rec, budget)
+        rec.repairs += 1
+        self._save()
+        log.warning("repaired %s: mounted %s again (pid %s, repair #%d; open files on the old mount get errors, "
+                    "new opens work)", target, rec.source, rec.pid, rec.repairs)
+
+    @staticmethod
+    async def _volume_reachable(rec: MountRecord, timeout: float) -> None:
+        from gfuse.errors import leaf
+        from gfuse.mgmt import MgmtError, fetch_graph, parse_volume_spec
+        from gfuse.mount import MountError, parse_options
+        from gfuse.volfile import VolfileError
+
+        try:
+            spec = parse_volume_spec(rec.source)
+            backups = parse_options(",".join(rec.options)).backup_servers
+            await fetch_graph([spec.server, *backups], spec.volume, timeout)
+        except (ValueError, MountError) as e:
+            raise OpError(f"{rec.source}: {e}", "invalid") from None
+        except (MgmtError, VolfileError, OSError) as e:
+            raise OpError(f"the volume {rec.source} cannot be reached: {e}", "unavailable") from None
+        except BaseExceptionGroup as eg:
+            e = leaf(eg)
+            raise OpError(f"the volume {rec.source} cannot be reached: {e}", "unavailable") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="gfuse-agent", description="gfuse node agent: owns the gfuse mounts of this "
+                                "node and serves the FlexVolume driver and the CSI plugin over a unix socket.")
+    p.add_argument("--socket", default=DEFAULT_SOCKET, help="unix socket to listen on (default %(default)s)")
+    p.add_argument("--state", default=DEFAULT_STATE, help="mount table file (default %(default)s)")
+    p.add_argument("--health-interval", type=float, default=10.0, metavar="S",
+                   help="seconds between health checks of every mount (default %(default)s)")
+    p.add_argument("--probe-timeout", type=float, default=5.0, metavar="S",
+                   help="a mount not answering stat() within S seconds is unhealthy (default %(default)s)")
+    p.add_argument("--mount-timeout", type=float, default=45.0, metavar="S",
+                   help="default time limit of one gfuse mount (default %(default)s)")
+    p.add_argument("--gfuse-command", default=None, metavar="CMD",
+                   help="how to run gfuse (default: this Python's '-m gfuse.cli')")
+    p.add_argument("--mount-wrapper", default="", metavar="CMD",
+                   help="prefix for 'gfuse mount', e.g. 'systemd-run --scope --quiet --collect --' so serving "
+                        "processes live outside the agent container's cgroup")
+    p.add_argument("--lock-wait", type=float, default=10.0, metavar="S",
+                   help="wait up to S seconds for a previous agent to release the state file (default %(default)s)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    agent = Agent(args.socket, args.state, health_interval=args.health_interval, probe_timeout=args.probe_timeout,
+                  mount_timeout=args.mount_timeout,
+                  gfuse_command=shlex.split(args.gfuse_command) if args.gfuse_command else None,
+                  mount_wrapper=shlex.split(args.mount_wrapper), lock_wait=args.lock_wait)
+    try:
+        trio.run(agent.run)
+    except KeyboardInterrupt:
+        pass
+    except BaseException as exc:
+        from gfuse.errors import leaf
+
+        e = leaf(exc)
+        if isinstance(e, AgentStartError):
+            print(f"gfuse-agent: {e}", file=sys.stderr)
+            sys.exit(1)
+        if isinstance(e, OSError):
+            print(f"gfuse-agent: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+            sys.exit(1)
+        raise
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

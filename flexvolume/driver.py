@@ -1,0 +1,241 @@
+"""The gfuse FlexVolume driver (``gfuse-flexvolume``): kubelet's exec contract.
+
+kubelet (``pkg/volume/flexvolume``) runs ``<plugin-dir>/<vendor>~gfuse/gfuse`` with:
+
+- ``init`` → ``{"status": "Success", "capabilities": {"attach": false, "selinuxRelabel": false,
+  "fsGroup": false, "supportsMetrics": true}}`` (fsGroup false: kubelet never chowns a whole volume);
+- ``mount <mount-dir> <json-options>`` → mounts the volume on ``<mount-dir>``
+  (``/var/lib/kubelet/pods/<uid>/volumes/<vendor>~gfuse/<name>``) through the gfuse node agent;
+- ``unmount <mount-dir>`` → unmounts it (an unmounted directory is a success: kubelet retries);
+- anything else (attach, detach, waitforattach, mountdevice, getvolumename, expandvolume, …) →
+  ``{"status": "Not supported"}``, so kubelet falls back to its defaults.
+
+The JSON options are strings only (kubelet marshals a ``map[string]string``): kubelet's own keys
+``kubernetes.io/fsType``, ``kubernetes.io/readwrite`` ("rw"/"ro"), ``kubernetes.io/pvOrVolumeName``,
+``kubernetes.io/pod.name``, ``kubernetes.io/pod.namespace``, ``kubernetes.io/pod.uid``,
+``kubernetes.io/serviceAccount.name``, ``kubernetes.io/mounterArgs.FsGroup``, ``kubernetes.io/secret/<key>``
+(base64), plus the ``options`` of the PV's ``flexVolume`` source:
+
+``volume`` (required)   ``server:/volume[/subdir]``
+``backupServers``       other glusterd hosts for the volfile, separated by ``:`` ``,`` or spaces
+``readOnly``            ``"true"``/``"false"``; also read-only when kubelet says ``kubernetes.io/readwrite: ro``
+``mountOptions``        more ``gfuse mount -o`` items, comma-separated (e.g. ``ping-timeout=10,log-level=DEBUG``)
+
+Output: exactly one JSON object on stdout, nothing on stderr (kubelet reads both together), exit 0
+with ``Success`` (and ``Not supported``), 1 with ``Failure`` and a message a cluster admin can act on.
+Every call finishes in bounded time: each agent call has a timeout and a watchdog ends the process
+(with a Failure) if anything else stalls. Environment: ``GFUSE_AGENT_SOCKET`` (default
+``/run/gfuse/agent.sock``), ``GFUSE_FLEXVOLUME_TIMEOUT`` (seconds for one mount or unmount, default 60).
+
+Secrets (``secretRef`` on the PV) are decoded and checked but not used: gfuse authenticates to
+GlusterFS by address, as the native client does. ``FsGroup`` is ignored for the same reason the
+capability is false: ownership belongs on the volume, not to a recursive chown by kubelet.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import signal
+import sys
+from typing import Any, NoReturn
+
+from .protocol import DEFAULT_SOCKET
+
+SUCCESS, FAILURE, NOT_SUPPORTED = "Success", "Failure", "Not supported"
+CAPABILITIES = {"attach": False, "selinuxRelabel": False, "fsGroup": False, "supportsMetrics": True}
+#: fsType values that mean "this driver's filesystem"; kubelet passes "" when the PV gives none
+FS_TYPES = ("", "gfuse", "fuse.gfuse", "glusterfs")
+KNOWN_COMMANDS = ("init", "mount", "unmount")
+_SPEC = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:\d+)?:/[A-Za-z0-9_.-]+(/[^\0]*)?$")
+
+K_FSTYPE = "kubernetes.io/fsType"
+K_READWRITE = "kubernetes.io/readwrite"
+K_PV_NAME = "kubernetes.io/pvOrVolumeName"
+K_POD_NAME = "kubernetes.io/pod.name"
+K_POD_NAMESPACE = "kubernetes.io/pod.namespace"
+K_POD_UID = "kubernetes.io/pod.uid"
+K_SERVICE_ACCOUNT = "kubernetes.io/serviceAccount.name"
+K_FSGROUP = "kubernetes.io/mounterArgs.FsGroup"
+K_SECRET_PREFIX = "kubernetes.io/secret/"
+
+
+class DriverFailure(Exception):
+    """Ends the call with ``Failure`` and this message."""
+
+
+def _timeout() -> float:
+    try:
+        return max(5.0, min(600.0, float(os.environ.get("GFUSE_FLEXVOLUME_TIMEOUT", "60"))))
+    except ValueError:
+        return 60.0
+
+
+def _bool(opts: dict[str, str], key: str) -> bool:
+    v = opts.get(key, "").strip().lower()
+    if v in ("", "false", "0", "no", "off"):
+        return False
+    if v in ("true", "1", "yes", "on"):
+        return True
+    raise DriverFailure(f"option {key!r} must be \"true\" or \"false\", not {opts[key]!r} (PV spec.flexVolume.options)")
+
+
+def parse_mount_options(text: str) -> dict[str, Any]:
+    """kubelet's JSON → what the agent needs: source, options, readonly, context. Raises DriverFailure."""
+    try:
+        raw = json.loads(text)
+    except ValueError as e:
+        raise DriverFailure(f"the mount options are not valid JSON ({e}); kubelet passes a JSON object as the "
+                            f"third argument") from None
+    if not isinstance(raw, dict):
+        raise DriverFailure(f"the mount options must be a JSON object, not {type(raw).__name__}")
+    # kubelet only sends strings; be lenient with hand-written calls ("readOnly": true)
+    opts = {str(k): (json.dumps(v) if isinstance(v, bool) else str(v)) for k, v in raw.items() if v is not None}
+    volume = opts.get("volume", "").strip()
+    if not volume:
+        raise DriverFailure("option 'volume' is missing: set spec.flexVolume.options.volume of the PV to "
+                            "\"server:/volume[/subdir]\"")
+    if not _SPEC.match(volume):
+        raise DriverFailure(f"option 'volume' must be \"server:/volume[/subdir]\", not {volume!r}")
+    fstype = opts.get(K_FSTYPE, "").strip()
+    if fstype not in FS_TYPES:
+        raise DriverFailure(f"fsType {fstype!r} is not supported by the gfuse driver: leave spec.flexVolume.fsType "
+                            f"empty (or \"glusterfs\")")
+    rw = opts.get(K_READWRITE, "rw").strip() or "rw"
+    if rw not in ("rw", "ro"):
+        raise DriverFailure(f"{K_READWRITE} must be \"rw\" or \"ro\", not {rw!r}")
+    readonly = rw == "ro" or _bool(opts, "readOnly")
+    mount_options = [o.strip() for o in opts.get("mountOptions", "").split(",") if o.strip()]
+    backups = opts.get("backupServers", "").strip()
+    if backups:
+        hosts = [h for h in re.split(r"[,\s]+", backups) if h] if re.search(r"[,\s]", backups) else backups.split(":")
+        if any(":" in h for h in hosts) or not all(re.fullmatch(r"[A-Za-z0-9_.-]+", h) for h in hosts if h):
+            raise DriverFailure(f"option 'backupServers' must list host names separated by ':' or ',' (glusterd "
+                                f"port 24007), not {backups!r}")
+        mount_options.append("backup-volfile-servers=" + ":".join(h for h in hosts if h))
+    for key, value in opts.items():
+        if key.startswith(K_SECRET_PREFIX):
+            try:
+                base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise DriverFailure(f"secret key {key[len(K_SECRET_PREFIX):]!r} is not valid base64") from None
+    fsgroup = opts.get(K_FSGROUP, "").strip()
+    if fsgroup and not fsgroup.lstrip("-").isdigit():
+        raise DriverFailure(f"{K_FSGROUP} must be a number, not {fsgroup!r}")
+    context = {k: opts[key] for k, key in (("pod", K_POD_NAME), ("namespace", K_POD_NAMESPACE), ("pod_uid", K_POD_UID),
+                                          ("service_account", K_SERVICE_ACCOUNT), ("pv", K_PV_NAME))
+               if opts.get(key)}
+    return {"source": volume, "options": mount_options, "readonly": readonly, "context": context}
+
+
+def _mount_dir(arg: str) -> str:
+    if not arg or not os.path.isabs(arg) or "\0" in arg:
+        raise DriverFailure(f"the mount directory must be an absolute path, not {arg!r}")
+    return os.path.normpath(arg)
+
+
+def _client():
+    from .agentclient import AgentClient
+
+    return AgentClient(os.environ.get("GFUSE_AGENT_SOCKET") or DEFAULT_SOCKET)
+
+
+def cmd_mount(args: list[str]) -> dict[str, Any]:
+    from .agentclient import AgentError
+
+    if len(args) != 2:
+        raise DriverFailure(f"usage: mount <mount-dir> <json-options> (got {len(args)} argument(s))")
+    target = _mount_dir(args[0])
+    req = parse_mount_options(args[1])
+    parent = os.path.dirname(target)
+    try:
+        os.makedirs(parent, mode=0o750, exist_ok=True)
+        os.mkdir(target, 0o750)  # never stat() it: it may be a mount whose server died
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise DriverFailure(f"cannot create the mount directory {target}: {e.strerror}") from None
+    try:
+        resp = _client().mount(req["source"], target, options=req["options"], readonly=req["readonly"],
+                               timeout=_timeout(), context=req["context"])
+    except AgentError as e:
+        raise DriverFailure(e.message) from None
+    what = "already mounted" if resp.get("already") else "mounted"
+    return {"status": SUCCESS, "message": f"{what} {req['source']} on {target}"
+                                          f"{' read-only' if req['readonly'] else ''}"}
+
+
+def cmd_unmount(args: list[str]) -> dict[str, Any]:
+    from .agentclient import AgentError
+
+    if len(args) != 1:
+        raise DriverFailure(f"usage: unmount <mount-dir> (got {len(args)} argument(s))")
+    target = _mount_dir(args[0])
+    try:
+        resp = _client().unmount(target, timeout=_timeout())
+    except AgentError as e:
+        raise DriverFailure(e.message) from None
+    return {"status": SUCCESS, "message": f"unmounted {target}" if resp.get("was_mounted")
+            else f"{target} was not mounted"}
+
+
+def run(argv: list[str]) -> tuple[dict[str, Any], int]:
+    """One driver call: (the JSON object to print, the exit status)."""
+    if not argv:
+        return {"status": FAILURE, "message": "usage: gfuse-flexvolume init | mount <mount-dir> <json> | "
+                                              "unmount <mount-dir>"}, 1
+    cmd, args = argv[0], argv[1:]
+    try:
+        if cmd == "init":
+            return {"status": SUCCESS, "capabilities": dict(CAPABILITIES)}, 0
+        if cmd == "mount":
+            return cmd_mount(args), 0
+        if cmd == "unmount":
+            return cmd_unmount(args), 0
+    except DriverFailure as e:
+        return {"status": FAILURE, "message": " ".join(str(e).split())}, 1
+    return {"status": NOT_SUPPORTED, "message": f"the gfuse driver does not implement {cmd!r}"}, 0
+
+
+def _emit(obj: dict[str, Any], code: int) -> NoReturn:
+    data = (json.dumps(obj) + "\n").encode()
+    while data:
+        try:
+            n = os.write(1, data)
+        except OSError:
+            break
+        data = data[n:]
+    os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # nothing may reach stderr: kubelet parses stdout and stderr together as one JSON document
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    except OSError:
+        pass
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    limit = int(_timeout() + 15)
+
+    def watchdog(signum: int, frame: object) -> None:
+        _emit({"status": FAILURE, "message": f"the gfuse driver did not finish {argv[0] if argv else ''!s} within "
+                                             f"{limit}s; see the gfuse agent's log"}, 1)
+
+    signal.signal(signal.SIGALRM, watchdog)
+    signal.alarm(limit)
+    try:
+        obj, code = run(argv)
+    except BaseException as e:  # noqa: BLE001 - never a traceback: kubelet must get JSON
+        obj, code = {"status": FAILURE, "message": f"internal error in the gfuse driver: {type(e).__name__}: {e}"}, 1
+    signal.alarm(0)
+    _emit(obj, code)
+
+
+if __name__ == "__main__":
+    main()
