@@ -1,0 +1,17 @@
+"""The gfuse CSI plugin (``gfuse-csi``): Identity, Node and Controller services over gRPC.
+
+- :mod:`flexvolume.csi.server` — the command line and the gRPC server on a unix socket.
+- :mod:`flexvolume.csi.identity`, :mod:`flexvolume.csi.node`, :mod:`flexvolume.csi.controller` — the
+  three CSI services.
+- :mod:`flexvolume.csi.volumes` — volume ids, volume context, capability checks, gRPC errors.
+- :mod:`flexvolume.csi.stubs` — the CSI protobuf/gRPC stubs, generated at first import from the
+  compiled ``csi.proto`` shipped in a PyPI wheel (see its docstring); afterwards importable as
+  ``flexvolume.csi.csi_pb2`` and ``flexvolume.csi.csi_pb2_grpc``.
+
+Needs the ``csi`` extra: ``pip install 'gfuse[csi]'`` (grpcio, grpcio-tools, protobuf).
+"""
+
+DEFAULT_DRIVER_NAME = "gfuse.csi.example.org"
+DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
+DEFAULT_ENDPOINT = "unix:///var/lib/kubelet/plugins/gfuse.csi.example.org/csi.sock"
+DEFAULT_STATE_DIR = "/run/gfuse/csi"

@@ -1,0 +1,266 @@
+"""CSI Node service: one gfuse mount per volume per node (staging), a bind mount per pod (publish).
+
+- NodeStageVolume asks the node agent (``gfuse-agent``) to mount the volume's gluster source at the
+  staging path kubelet gives (``<kubelet-dir>/plugins/kubernetes.io/csi/<driver>/<hash>/globalmount``):
+  the agent owns the FUSE server process, so restarting this plugin never breaks a pod's mount.
+- NodePublishVolume bind-mounts the staging path on the pod's target path (read-only when asked);
+  NodeUnpublishVolume unmounts it and removes the target directory; NodeUnstageVolume has the
+  agent unmount the staging path.
+- Every path must lie inside ``--kubelet-dir``: a privileged plugin mounts nowhere else.
+- Every call is idempotent, as kubelet retries them; calls on the same volume (stage/unstage) or the
+  same target path (publish/unpublish) while one is in flight answer ABORTED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import subprocess
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from ..agentclient import AgentClient
+from .stubs import csi_pb2, csi_pb2_grpc
+from .volumes import (
+    CsiError,
+    OpLocks,
+    capability_readonly,
+    check_capability,
+    check_path,
+    invalid,
+    mount_at,
+    require,
+    rpc,
+    volume_from,
+)
+
+log = logging.getLogger(__name__)
+
+NodeRPC = csi_pb2.NodeServiceCapability.RPC
+VolumeUsage = csi_pb2.VolumeUsage
+
+#: seconds one mount/umount command may take
+COMMAND_TIMEOUT = 30.0
+#: seconds statvfs of a volume may take (a hung FUSE server would block forever)
+STATS_TIMEOUT = 5.0
+
+T = TypeVar("T")
+
+
+def run(cmd: list[str], timeout: float = COMMAND_TIMEOUT) -> None:
+    """Run a mount-table command; INTERNAL with its message if it fails."""
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise CsiError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{' '.join(cmd)}: no answer within {timeout:g}s") from None
+    except OSError as e:
+        raise CsiError(grpc.StatusCode.INTERNAL, f"{' '.join(cmd)}: {e}") from None
+    if p.returncode != 0:
+        msg = (p.stderr or p.stdout).strip().splitlines()
+        raise CsiError(grpc.StatusCode.INTERNAL,
+                       f"{' '.join(cmd)} failed (status {p.returncode}): {msg[-1] if msg else ''}")
+
+
+def unmount_all(path: str, what: str) -> None:
+    """Unmount every mount stacked on ``path`` (lazily if busy or dead)."""
+    for _ in range(16):
+        if mount_at(path) is None:
+            return
+        try:
+            run(["umount", path])
+        except CsiError as e:
+            log.warning("%s: %s; detaching lazily", what, e.message)
+            run(["umount", "-l", path])
+    if mount_at(path) is not None:
+        raise CsiError(grpc.StatusCode.INTERNAL, f"{what} {path} is still mounted after 16 unmounts")
+
+
+def bounded(key: str, fn: Callable[[], T], timeout: float, inflight: dict[str, threading.Thread],
+            mu: threading.Lock) -> T:
+    """``fn()`` in a helper thread, waiting ``timeout`` at most: a hung FUSE server must not hang the
+    RPC, nor pile up threads (while an earlier call for ``key`` is stuck, UNAVAILABLE at once).
+    OSError from ``fn`` is raised as it is."""
+    with mu:
+        t = inflight.get(key)
+        if t is not None and t.is_alive():
+            raise CsiError(grpc.StatusCode.UNAVAILABLE, f"{key}: an earlier call has not returned yet "
+                                                        f"(the gfuse mount is hung; see the agent's log)")
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["ok"] = fn()
+            except OSError as e:
+                box["err"] = e
+
+        t = threading.Thread(target=work, name=f"bounded {key}", daemon=True)
+        inflight[key] = t
+        t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise CsiError(grpc.StatusCode.UNAVAILABLE, f"{key}: no answer within {timeout:g}s (the gfuse mount is hung)")
+    with mu:
+        inflight.pop(key, None)
+    if "err" in box:
+        raise box["err"]
+    return box["ok"]
+
+
+def bounded_statvfs(path: str, timeout: float, inflight: dict[str, threading.Thread],
+                    mu: threading.Lock) -> os.statvfs_result:
+    """statvfs of ``path``, bounded (see :func:`bounded`); NOT_FOUND/UNAVAILABLE when it fails."""
+    try:
+        return bounded(path, lambda: os.statvfs(path), timeout, inflight, mu)
+    except OSError as e:
+        code = grpc.StatusCode.NOT_FOUND if e.errno == errno.ENOENT else grpc.StatusCode.UNAVAILABLE
+        raise CsiError(code, f"{path}: statvfs: {e.strerror or e}") from None
+
+
+class NodeService(csi_pb2_grpc.NodeServicer):
+    def __init__(self, node_id: str, kubelet_dir: str, agent: AgentClient, mount_timeout: float = 60.0,
+                 run_cmd: Callable[[list[str]], None] = run) -> None:
+        self.node_id = node_id
+        self.kubelet_dir = os.path.normpath(kubelet_dir)
+        self.agent = agent
+        self.mount_timeout = mount_timeout
+        self.locks = OpLocks()
+        self._run = run_cmd
+        self._stats_inflight: dict[str, threading.Thread] = {}
+        self._stats_mu = threading.Lock()
+
+    def health(self) -> None:
+        """Probe: the agent must answer."""
+        try:
+            self.agent.ping(timeout=5.0)
+        except Exception as e:  # noqa: BLE001 - AgentError or anything unexpected
+            raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, f"gfuse agent: {e}") from None
+
+    # -- stage ---------------------------------------------------------------------------------
+
+    @rpc
+    def NodeStageVolume(self, request, context):  # noqa: N802 - gRPC names
+        require(request.volume_id, "volume_id")
+        require(request.staging_target_path, "staging_target_path")
+        if not request.HasField("volume_capability"):
+            raise invalid("volume_capability is required")
+        staging = check_path(request.staging_target_path, self.kubelet_dir, "staging_target_path")
+        cap = request.volume_capability
+        check_capability(cap)
+        vol = volume_from(request.volume_id, request.volume_context)
+        flags = [f for f in cap.mount.mount_flags if f not in ("rw", "defaults")]
+        readonly = vol.readonly or capability_readonly(cap) or "ro" in flags
+        flags = [f for f in flags if f != "ro"]
+        with self.locks.hold("volume:" + request.volume_id, "path:" + staging):
+            if mount_at(staging) is None:  # never stat a path that may carry a dead mount
+                os.makedirs(staging, exist_ok=True)
+            log.info("staging %s (%s%s) at %s", request.volume_id, vol.source, ", ro" if readonly else "", staging)
+            self.agent.mount(vol.source, staging, options=vol.mount_options(flags), readonly=readonly,
+                             timeout=self.mount_timeout,
+                             context={"csi.volume_id": request.volume_id, "csi.role": "staging"})
+        return csi_pb2.NodeStageVolumeResponse()
+
+    @rpc
+    def NodeUnstageVolume(self, request, context):  # noqa: N802
+        require(request.volume_id, "volume_id")
+        require(request.staging_target_path, "staging_target_path")
+        staging = check_path(request.staging_target_path, self.kubelet_dir, "staging_target_path")
+        with self.locks.hold("volume:" + request.volume_id, "path:" + staging):
+            log.info("unstaging %s from %s", request.volume_id, staging)
+            self.agent.unmount(staging, timeout=self.mount_timeout)
+            unmount_all(staging, "staging path")  # anything the agent did not own (e.g. after a crash)
+            with contextlib.suppress(OSError):
+                os.rmdir(staging)
+        return csi_pb2.NodeUnstageVolumeResponse()
+
+    # -- publish -------------------------------------------------------------------------------
+
+    @rpc
+    def NodePublishVolume(self, request, context):  # noqa: N802
+        require(request.volume_id, "volume_id")
+        require(request.target_path, "target_path")
+        require(request.staging_target_path, "staging_target_path")
+        if not request.HasField("volume_capability"):
+            raise invalid("volume_capability is required")
+        target = check_path(request.target_path, self.kubelet_dir, "target_path")
+        staging = check_path(request.staging_target_path, self.kubelet_dir, "staging_target_path")
+        if target == staging:
+            raise invalid("target_path and staging_target_path are the same")
+        cap = request.volume_capability
+        check_capability(cap)
+        vol = volume_from(request.volume_id, request.volume_context)
+        readonly = request.readonly or capability_readonly(cap) or vol.readonly
+        with self.locks.hold("path:" + target):
+            staged = mount_at(staging)
+            if staged is None:
+                raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"volume {request.volume_id} is not staged at {staging} (NodeStageVolume first)")
+            existing = mount_at(target)
+            if existing is not None:
+                if existing.dev == staged.dev and existing.root == staged.root and existing.readonly == readonly:
+                    return csi_pb2.NodePublishVolumeResponse()  # published already, the same way
+                raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
+                               f"{target} is already mounted ({existing.fstype} {existing.source}"
+                               f"{', ro' if existing.readonly else ''}) and not as this volume "
+                               f"{'read-only' if readonly else 'read-write'}")
+            os.makedirs(target, exist_ok=True)
+            log.info("publishing %s: %s -> %s%s", request.volume_id, staging, target, " (ro)" if readonly else "")
+            self._run(["mount", "--bind", staging, target])
+            if readonly:
+                try:
+                    self._run(["mount", "-o", "remount,bind,ro", target])
+                except CsiError:
+                    with contextlib.suppress(CsiError):
+                        unmount_all(target, "target path")
+                    raise
+        return csi_pb2.NodePublishVolumeResponse()
+
+    @rpc
+    def NodeUnpublishVolume(self, request, context):  # noqa: N802
+        require(request.volume_id, "volume_id")
+        require(request.target_path, "target_path")
+        target = check_path(request.target_path, self.kubelet_dir, "target_path")
+        with self.locks.hold("path:" + target):
+            log.info("unpublishing %s from %s", request.volume_id, target)
+            unmount_all(target, "target path")
+            try:
+                os.rmdir(target)
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # not empty: data a pod wrote while nothing was mounted; keep it
+                log.warning("unpublish %s: cannot remove %s: %s", request.volume_id, target, e.strerror)
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    # -- information ---------------------------------------------------------------------------
+
+    @rpc
+    def NodeGetVolumeStats(self, request, context):  # noqa: N802
+        require(request.volume_id, "volume_id")
+        require(request.volume_path, "volume_path")
+        path = check_path(request.volume_path, self.kubelet_dir, "volume_path")
+        if mount_at(path) is None:
+            raise CsiError(grpc.StatusCode.NOT_FOUND,
+                           f"volume {request.volume_id} is not mounted at {path}")
+        st = bounded_statvfs(path, STATS_TIMEOUT, self._stats_inflight, self._stats_mu)
+        bs = st.f_frsize or st.f_bsize
+        return csi_pb2.NodeGetVolumeStatsResponse(usage=[
+            VolumeUsage(unit=VolumeUsage.BYTES, total=st.f_blocks * bs, available=st.f_bavail * bs,
+                        used=max(0, st.f_blocks - st.f_bfree) * bs),
+            VolumeUsage(unit=VolumeUsage.INODES, total=st.f_files, available=st.f_favail,
+                        used=max(0, st.f_files - st.f_ffree)),
+        ])
+
+    @rpc
+    def NodeGetCapabilities(self, request, context):  # noqa: N802
+        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[
+            csi_pb2.NodeServiceCapability(rpc=NodeRPC(type=t))
+            for t in (NodeRPC.STAGE_UNSTAGE_VOLUME, NodeRPC.GET_VOLUME_STATS)
+        ])
+
+    @rpc
+    def NodeGetInfo(self, request, context):  # noqa: N802
+        return csi_pb2.NodeGetInfoResponse(node_id=self.node_id)

@@ -1,0 +1,320 @@
+"""What the three CSI services share: errors, volume ids and context, capabilities, paths, locks.
+
+Volume ids
+----------
+- ``subdir:SERVER:/POOL/DIR`` — a volume the controller made: directory ``DIR`` of the pool volume
+  ``SERVER:/POOL`` (see :mod:`flexvolume.csi.controller`). The node mounts ``SERVER:/POOL/DIR``.
+- ``SERVER[:PORT]:/VOL[/SUBDIR]`` — a pre-provisioned (static) volume named by its gluster source.
+- anything else — a static volume whose ``volumeAttributes`` (the CSI volume context) give the
+  source.
+
+Volume context keys (``PV.spec.csi.volumeAttributes``; the controller fills them for its volumes)
+--------------------------------------------------------------------------------------------------
+``source`` (alias ``volume``)
+    ``SERVER[:PORT]:/VOL[/SUBDIR]``; overrides what the id says.
+``backupServers``
+    other glusterd hosts for the volfile, ``h2:h3`` or ``h2,h3:24007``.
+``mountOptions``
+    extra ``gfuse mount -o`` items, comma-separated (e.g. ``ping-timeout=10``).
+``readOnly``
+    ``"true"`` mounts the volume read-only on every node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+
+from gfuse.mgmt import parse_servers, parse_volume_spec
+
+from ..agentclient import AgentError
+from .stubs import csi_pb2
+
+log = logging.getLogger(__name__)
+
+SUBDIR_PREFIX = "subdir:"
+#: CSI spec: ids and names SHOULD be at most 128 bytes; a CO may reject longer ones
+MAX_ID_BYTES = 128
+
+AccessMode = csi_pb2.VolumeCapability.AccessMode
+READ_ONLY_MODES = frozenset({AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY})
+SUPPORTED_MODES = frozenset({
+    AccessMode.SINGLE_NODE_WRITER, AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY,
+    AccessMode.MULTI_NODE_SINGLE_WRITER, AccessMode.MULTI_NODE_MULTI_WRITER,
+})
+#: numbers of access modes added after spec v1.1 (SINGLE_NODE_SINGLE_WRITER, SINGLE_NODE_MULTI_WRITER):
+#: our v1.1 stubs see them as unknown enum values, but they are plain single-node writers to us
+NEWER_WRITER_MODES = frozenset({6, 7})
+
+
+class CsiError(Exception):
+    """Ends an RPC with a gRPC status ``code`` and a one-line ``message``."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = " ".join(str(message).split())
+
+
+def invalid(message: str) -> CsiError:
+    return CsiError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+#: agent error codes (flexvolume.protocol.ERROR_CODES) → gRPC codes
+AGENT_CODES = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "conflict": grpc.StatusCode.ALREADY_EXISTS,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+
+
+def agent_error(e: AgentError, what: str) -> CsiError:
+    return CsiError(AGENT_CODES.get(getattr(e, "code", "internal"), grpc.StatusCode.INTERNAL), f"{what}: {e}")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def rpc(method: F) -> F:
+    """Wrap a servicer method: CsiError/AgentError become their status, anything else INTERNAL."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            resp = method(self, request, context)
+        except CsiError as e:
+            log.warning("%s: %s %s", name, e.code.name, e.message)
+            context.abort(e.code, e.message)
+        except AgentError as e:
+            err = agent_error(e, "the gfuse agent")
+            log.warning("%s: %s %s", name, err.code.name, err.message)
+            context.abort(err.code, err.message)
+        except Exception as e:  # noqa: BLE001 - the CO gets a status, the log the traceback
+            log.exception("%s failed", name)
+            context.abort(grpc.StatusCode.INTERNAL, f"{name}: {type(e).__name__}: {e}")
+        log.debug("%s: OK", name)
+        return resp
+
+    return wrapper  # type: ignore[return-value]
+
+
+def require(value: Any, field_name: str) -> None:
+    """INVALID_ARGUMENT unless a required field is set (non-empty)."""
+    if not value:
+        raise invalid(f"{field_name} is required")
+
+
+# ------------------------------------------------------------------------------------------------
+# volumes
+
+
+@dataclass(frozen=True)
+class Volume:
+    """Where a CSI volume lives in gluster, and how to mount it."""
+
+    source: str                         # SERVER[:PORT]:/VOL[/SUBDIR]
+    backup_servers: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()       # gfuse mount -o items
+    readonly: bool = False
+
+    def mount_options(self, extra: Sequence[str] = ()) -> list[str]:
+        opts = list(self.options) + [o for o in extra if o not in self.options]
+        if self.backup_servers:
+            opts.append("backup-volfile-servers=" + ":".join(self.backup_servers))
+        return opts
+
+
+def check_source(source: str, what: str = "source") -> str:
+    """``SERVER[:PORT]:/VOL[/SUBDIR]`` normalised; INVALID_ARGUMENT if it is not one."""
+    try:
+        spec = parse_volume_spec(source)
+    except ValueError as e:
+        raise invalid(f"{what}: {e}") from None
+    if any(part in ("..", ".") for part in spec.subdir.split("/")):
+        raise invalid(f"{what}: {source!r} has '.' or '..' in its subdirectory")
+    host = spec.server.host
+    host = f"[{host}]" if ":" in host else host
+    port = "" if spec.server.port == 24007 else f":{spec.server.port}"
+    return f"{host}{port}:/{spec.volume}" + (f"/{spec.subdir}" if spec.subdir else "")
+
+
+def split_list(text: str) -> list[str]:
+    return [t.strip() for t in re.split(r"[,\s]+", text or "") if t.strip()]
+
+
+def parse_backup_servers(text: str, what: str = "backupServers") -> tuple[str, ...]:
+    if not text:
+        return ()
+    try:
+        servers = parse_servers(text)
+    except ValueError as e:
+        raise invalid(f"{what}: {e}") from None
+    if any(not s.host or "/" in s.host or " " in s.host for s in servers):
+        raise invalid(f"{what}: {text!r} is not a list of hosts")
+    # gfuse's backup-volfile-servers takes ':'-separated hosts (the default port)
+    return tuple(s.host for s in servers)
+
+
+def truthy(text: str | None) -> bool:
+    return (text or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def volume_from(volume_id: str, context: Mapping[str, str]) -> Volume:
+    """The gluster volume a CSI volume id (and its volume context) names."""
+    source = context.get("source") or context.get("volume") or ""
+    if source:
+        source = check_source(source, "volume context 'source'")
+    elif volume_id.startswith(SUBDIR_PREFIX):
+        source = check_source(volume_id[len(SUBDIR_PREFIX):], "volume id")
+    else:
+        try:
+            source = check_source(volume_id, "volume id")
+        except CsiError:
+            raise CsiError(grpc.StatusCode.NOT_FOUND,
+                           f"volume {volume_id!r}: the id names no gluster volume (SERVER:/VOL[/SUBDIR]) and "
+                           f"the volume context has no 'source'") from None
+    for key in ("mountOptions",):
+        for opt in split_list(context.get(key, "")):
+            if opt.split("=", 1)[0] in ("subdir", "backup-volfile-servers", "backupvolfile-server"):
+                raise invalid(f"volume context {key}: {opt!r} must be given as 'source'/'backupServers'")
+    return Volume(
+        source=source,
+        backup_servers=parse_backup_servers(context.get("backupServers", "")),
+        options=tuple(split_list(context.get("mountOptions", ""))),
+        readonly=truthy(context.get("readOnly")),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# capabilities
+
+
+def check_capability(cap: Any, what: str = "volume_capability") -> None:
+    """INVALID_ARGUMENT unless ``cap`` is a filesystem (mount) capability with a mode we serve."""
+    kind = cap.WhichOneof("access_type")
+    if kind == "block":
+        raise invalid(f"{what}: block volumes are not supported (gfuse volumes are filesystems)")
+    if kind != "mount":
+        raise invalid(f"{what}: access_type (mount) is required")
+    if not cap.HasField("access_mode"):
+        raise invalid(f"{what}: access_mode is required")
+    mode = cap.access_mode.mode
+    if mode not in SUPPORTED_MODES and mode not in NEWER_WRITER_MODES:
+        raise invalid(f"{what}: access mode {mode} is not supported")
+
+
+def unsupported_capability(cap: Any) -> str | None:
+    """Why ``cap`` is not supported, or None (for ValidateVolumeCapabilities)."""
+    try:
+        check_capability(cap)
+    except CsiError as e:
+        return e.message
+    return None
+
+
+def capability_readonly(cap: Any) -> bool:
+    return cap.HasField("access_mode") and cap.access_mode.mode in READ_ONLY_MODES
+
+
+# ------------------------------------------------------------------------------------------------
+# paths and mounts
+
+
+def check_path(path: str, root: str, what: str) -> str:
+    """``path`` normalised; INVALID_ARGUMENT unless absolute and inside ``root`` (the kubelet dir).
+
+    No realpath: resolving would stat through a possibly dead FUSE mount and hang.
+    """
+    require(path, what)
+    if not os.path.isabs(path):
+        raise invalid(f"{what} {path!r} is not absolute")
+    norm = os.path.normpath(path)
+    root = os.path.normpath(root)
+    if norm == root or not norm.startswith(root.rstrip("/") + "/"):
+        raise invalid(f"{what} {path!r} is outside the kubelet directory {root} (see --kubelet-dir)")
+    return norm
+
+
+@dataclass
+class MountInfo:
+    mount_id: int
+    parent_id: int
+    dev: str            # major:minor
+    root: str
+    mountpoint: str
+    options: frozenset[str]
+    fstype: str
+    source: str
+    super_options: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def readonly(self) -> bool:
+        return "ro" in self.options
+
+
+def _unescape(s: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+
+
+def mountinfo() -> list[MountInfo]:
+    """This mount namespace's mounts, in mount order."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.rstrip("\n").partition(" - ")
+            a = left.split(" ")
+            b = right.split(" ")
+            if len(a) < 6 or len(b) < 3:
+                continue
+            out.append(MountInfo(int(a[0]), int(a[1]), a[2], _unescape(a[3]), _unescape(a[4]),
+                                 frozenset(a[5].split(",")), b[0], _unescape(b[1]), frozenset(b[2].split(","))))
+    return out
+
+
+def mount_at(path: str) -> MountInfo | None:
+    """The topmost mount on ``path`` (normalised, not resolved), or None."""
+    found = None
+    for m in mountinfo():
+        if m.mountpoint == path:
+            found = m
+    return found
+
+
+# ------------------------------------------------------------------------------------------------
+# one operation per volume at a time
+
+
+class OpLocks:
+    """CSI: an operation on a volume while another is in flight on it SHOULD fail with ABORTED."""
+
+    def __init__(self) -> None:
+        self._held: set[str] = set()
+        self._mu = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, *keys: str) -> Iterator[None]:
+        keys = tuple(k for k in keys if k)
+        with self._mu:
+            busy = [k for k in keys if k in self._held]
+            if busy:
+                raise CsiError(grpc.StatusCode.ABORTED,
+                               f"an operation on {busy[0]!r} is already in progress; retry later")
+            self._held.update(keys)
+        try:
+            yield
+        finally:
+            with self._mu:
+                self._held.difference_update(keys)

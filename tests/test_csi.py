@@ -1,0 +1,688 @@
+"""CSI contract tests of the gfuse CSI plugin (``gfuse-csi``), written in Python.
+
+csi-sanity (Go) cannot be built on these machines and no kubelet or CSI sidecar can run here, so
+this module plays kubelet and the external-provisioner/resizer: it starts the plugin as a separate
+process on a temporary unix socket (``--mode both``) with a real node agent (``gfuse-agent``) on its
+own socket and state file, and calls it through gRPC stubs generated the same way the plugin's are.
+Paths are kubelet-shaped under a temporary kubelet directory (``--kubelet-dir``). Mounts are real:
+gfuse mounts of a real replica-3 GlusterFS volume, bind mounts for publishing, and the native
+client to check what landed on the volume.
+
+Everything started here is stopped and everything mounted is unmounted at the end, also when a
+test fails (processes by their pid, mounts found under the temporary directory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from flexvolume.agentclient import AgentClient, AgentError
+from flexvolume.mounttable import mounts_at, mounts_under
+
+try:  # generated at first import (flexvolume/csi/stubs.py): may download the ember-csi wheel once
+    from flexvolume.csi.stubs import csi_pb2 as pb
+    from flexvolume.csi.stubs import csi_pb2_grpc as pb_grpc
+except Exception as e:  # StubsError, or grpcio-tools missing
+    if os.environ.get("GFUSE_REQUIRE_CLUSTER", "") not in ("", "0", "false", "no"):
+        raise
+    pytest.skip(f"the CSI stubs cannot be generated here: {e}", allow_module_level=True)
+
+DRIVER = "gfuse.csi.test.example.org"
+NODE_ID = "csi-test-node"
+GiB = 1 << 30
+Code = grpc.StatusCode
+AccessMode = pb.VolumeCapability.AccessMode
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root"),
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse"),
+]
+
+
+def mount_cap(mode: int = AccessMode.MULTI_NODE_MULTI_WRITER, flags: tuple[str, ...] = ()) -> pb.VolumeCapability:
+    return pb.VolumeCapability(mount=pb.VolumeCapability.MountVolume(mount_flags=list(flags)),
+                               access_mode=AccessMode(mode=mode))
+
+
+def block_cap() -> pb.VolumeCapability:
+    return pb.VolumeCapability(block=pb.VolumeCapability.BlockVolume(),
+                               access_mode=AccessMode(mode=AccessMode.SINGLE_NODE_WRITER))
+
+
+# ------------------------------------------------------------------------------------------------
+# the plugin and the agent as processes
+
+
+def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except Exception:  # noqa: BLE001 - not ready yet
+            value = None
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the process exited with status {proc.returncode}\n{_tail(log)}")
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}\n{_tail(log)}")
+        time.sleep(0.1)
+
+
+def _tail(path: Path | None, n: int = 40) -> str:
+    if path is None or not path.exists():
+        return ""
+    lines = path.read_text(errors="replace").splitlines()
+    return f"--- last lines of {path}:\n" + "\n".join(lines[-n:])
+
+
+def _stop(proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def _serving_pids_under(root: str) -> list[int]:
+    """Daemonized ``gfuse mount`` processes whose mount point lies under ``root``."""
+    prefix = root.rstrip("/") + "/"
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{name}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "gfuse.cli" in argv and "mount" in argv:
+            i = argv.index("mount")
+            if i + 2 < len(argv) and argv[i + 2].startswith(prefix):
+                out.append(int(name))
+    return out
+
+
+def _cleanup_mounts(root: str) -> list[str]:
+    """Detach every mount under ``root`` and kill gfuse servers still serving there."""
+    left = []
+    for _ in range(5):
+        below = mounts_under(root)
+        if not below:
+            break
+        for m in reversed(below):
+            subprocess.run(["umount", "-l", m.target], capture_output=True, timeout=20)
+            left.append(m.target)
+    deadline = time.monotonic() + 10
+    while _serving_pids_under(root) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in _serving_pids_under(root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return left
+
+
+@dataclass
+class Csi:
+    root: Path
+    kubelet: Path
+    agent_socket: str
+    endpoint: str
+    plugin: subprocess.Popen
+    agent: subprocess.Popen
+    plugin_log: Path
+    agent_log: Path
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.endpoint)
+
+    @property
+    def logs(self) -> str:
+        return _tail(self.plugin_log) + "\n" + _tail(self.agent_log)
+
+    def agent_client(self) -> AgentClient:
+        return AgentClient(self.agent_socket, timeout=10)
+
+    def staging(self, name: str) -> str:
+        return str(self.kubelet / "plugins/kubernetes.io/csi" / DRIVER / name / "globalmount")
+
+    def target(self, pod: str, pv: str) -> str:
+        d = self.kubelet / "pods" / pod / "volumes/kubernetes.io~csi" / pv
+        d.mkdir(parents=True, exist_ok=True)  # kubelet makes the parent; the plugin makes the target
+        return str(d / "mount")
+
+
+def start_plugin(root: Path, name: str, *args: str) -> tuple[subprocess.Popen, str, Path]:
+    endpoint = f"unix://{root}/{name}.sock"
+    log = root / f"{name}.log"
+    cmd = [sys.executable, "-m", "flexvolume.csi.server", "--endpoint", endpoint, "--driver-name", DRIVER,
+           "--nodeid", NODE_ID, "--log-level", "DEBUG", *args]
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+    ch = grpc.insecure_channel(endpoint)
+    ident = pb_grpc.IdentityStub(ch)
+    _wait(lambda: ident.GetPluginInfo(pb.GetPluginInfoRequest(), timeout=2), 60, f"the CSI plugin {name}",
+          proc, log)
+    ch.close()
+    return proc, endpoint, log
+
+
+@pytest.fixture(scope="module")
+def csi(request: pytest.FixtureRequest) -> Iterator[Csi]:
+    """The plugin (--mode both) and its agent; logs kept on failure or with GFUSE_CSI_TEST_KEEP=1."""
+    failed_before = request.session.testsfailed
+    t0 = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="gfuse-csi-", dir="/tmp"))  # short: unix socket paths
+    kubelet = root / "kubelet"
+    kubelet.mkdir()
+    agent_socket = str(root / "agent.sock")
+    agent_log = root / "agent.log"
+    agent = plugin = None
+    try:
+        with open(agent_log, "ab") as f:
+            agent = subprocess.Popen([sys.executable, "-m", "flexvolume.agent", "--socket", agent_socket,
+                                      "--state", str(root / "agent-state.msgpack"), "--health-interval", "2",
+                                      "--log-level", "DEBUG"],
+                                     stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+        _wait(lambda: AgentClient(agent_socket, timeout=2).ping(), 60, "the gfuse agent", agent, agent_log)
+        plugin, endpoint, plugin_log = start_plugin(
+            root, "csi", "--mode", "both", "--kubelet-dir", str(kubelet), "--agent-socket", agent_socket,
+            "--state-dir", str(root / "state"), "--mount-timeout", "60")
+        print(f"agent and plugin up in {time.monotonic() - t0:.1f}s")
+        yield Csi(root, kubelet, agent_socket, endpoint, plugin, agent, plugin_log, agent_log)
+    finally:
+        _stop(plugin)  # the controller unmounts its pool mounts on SIGTERM
+        if agent is not None and agent.poll() is None:
+            with contextlib.suppress(AgentError):
+                client = AgentClient(agent_socket, timeout=30)
+                for m in client.list():
+                    client.unmount(m["target"])
+        _stop(agent)
+        left = _cleanup_mounts(str(root))
+        keep = os.environ.get("GFUSE_CSI_TEST_KEEP") or request.session.testsfailed > failed_before
+        if mounts_under(str(root)):
+            warnings.warn(f"mounts remain under {root}; not removing it", stacklevel=1)
+        elif keep:
+            warnings.warn(f"CSI test logs kept in {root} (plugin: csi.log, agent: agent.log)", stacklevel=1)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+        assert not left, f"mounts left behind under {root}: {left}"
+
+
+@pytest.fixture
+def stubs(csi: Csi) -> Iterator[tuple[pb_grpc.IdentityStub, pb_grpc.NodeStub, pb_grpc.ControllerStub]]:
+    ch = csi.channel()
+    try:
+        yield pb_grpc.IdentityStub(ch), pb_grpc.NodeStub(ch), pb_grpc.ControllerStub(ch)
+    finally:
+        ch.close()
+
+
+def eventually(check, timeout: float = 10.0, what: str = "the native client to see it"):
+    """The native client caches entries and attributes (1 s by default): a change made through
+    gfuse shows there after the cache expires. Poll ``check()`` until it passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if result is not False:
+                return result
+        except (AssertionError, OSError, ValueError):
+            if time.monotonic() >= deadline:
+                raise
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def _record(native, name: str) -> dict:
+    return json.loads((native.path / ".gfuse-csi/volumes" / f"{name}.json").read_text())
+
+
+def expect(code: grpc.StatusCode, call, request, timeout: float = 90) -> str:
+    with pytest.raises(grpc.RpcError) as ei:
+        call(request, timeout=timeout)
+    assert ei.value.code() == code, f"{ei.value.code()}: {ei.value.details()}"
+    return ei.value.details()
+
+
+# ------------------------------------------------------------------------------------------------
+# the stubs
+
+
+def test_stubs_are_generated_from_the_compiled_spec(tmp_path: Path) -> None:
+    from flexvolume.csi import stubs
+
+    gen = Path(pb.__file__).parent
+    assert (gen / "SOURCE").read_text().startswith("Generated by flexvolume.csi.stubs from the serialized csi.proto")
+    assert pb.__name__ == "flexvolume.csi.csi_pb2" and pb_grpc.__name__ == "flexvolume.csi.csi_pb2_grpc"
+    assert pb.DESCRIPTOR.package == "csi.v1"
+    assert set(pb.DESCRIPTOR.services_by_name) == {"Identity", "Controller", "Node"}
+    # the descriptor is read out of the file without running it
+    src = "from x import y\nDESCRIPTOR = _descriptor.FileDescriptor(name='csi.proto', serialized_pb=b'\\n\\tcsi.proto')\n"
+    assert stubs._descriptor_from_source(src, "t.py") == b"\n\tcsi.proto"
+    with pytest.raises(stubs.StubsError):
+        stubs._descriptor_from_source("import os\n", "t.py")
+    # a wheel that is not the pinned one is refused
+    fake = tmp_path / stubs.EMBER_WHEEL
+    fake.write_bytes(b"PK not the wheel")
+    with pytest.raises(stubs.StubsError, match="sha256"):
+        stubs._from_wheel(fake, check_hash=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# identity and capabilities
+
+
+def test_identity(stubs) -> None:
+    ident, _, _ = stubs
+    info = ident.GetPluginInfo(pb.GetPluginInfoRequest(), timeout=10)
+    assert info.name == DRIVER
+    assert info.vendor_version
+    caps = ident.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest(), timeout=10).capabilities
+    services = {c.service.type for c in caps if c.HasField("service")}
+    expansion = {c.volume_expansion.type for c in caps if c.HasField("volume_expansion")}
+    assert services == {pb.PluginCapability.Service.CONTROLLER_SERVICE}
+    assert expansion == {pb.PluginCapability.VolumeExpansion.ONLINE}
+    assert ident.Probe(pb.ProbeRequest(), timeout=10).ready.value is True
+
+
+def test_node_and_controller_capabilities(stubs) -> None:
+    _, node, ctrl = stubs
+    ncaps = {c.rpc.type for c in node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest(), timeout=10).capabilities}
+    assert ncaps == {pb.NodeServiceCapability.RPC.STAGE_UNSTAGE_VOLUME, pb.NodeServiceCapability.RPC.GET_VOLUME_STATS}
+    assert node.NodeGetInfo(pb.NodeGetInfoRequest(), timeout=10).node_id == NODE_ID
+    ccaps = {c.rpc.type for c in
+             ctrl.ControllerGetCapabilities(pb.ControllerGetCapabilitiesRequest(), timeout=10).capabilities}
+    RPC = pb.ControllerServiceCapability.RPC
+    assert ccaps == {RPC.CREATE_DELETE_VOLUME, RPC.EXPAND_VOLUME}
+    # what is not advertised answers UNIMPLEMENTED
+    expect(Code.UNIMPLEMENTED, ctrl.ControllerPublishVolume,
+           pb.ControllerPublishVolumeRequest(volume_id="x", node_id=NODE_ID, volume_capability=mount_cap()))
+    expect(Code.UNIMPLEMENTED, ctrl.ListVolumes, pb.ListVolumesRequest())
+    expect(Code.UNIMPLEMENTED, node.NodeExpandVolume, pb.NodeExpandVolumeRequest(volume_id="x", volume_path="/x"))
+
+
+def test_node_mode_without_agent(csi: Csi) -> None:
+    """--mode node: no Controller service, and Probe reports the missing agent as unhealthy."""
+    proc, endpoint, log = start_plugin(csi.root, "nodeonly", "--mode", "node", "--kubelet-dir", str(csi.kubelet),
+                                       "--agent-socket", str(csi.root / "no-agent.sock"))
+    try:
+        with grpc.insecure_channel(endpoint) as ch:
+            ident = pb_grpc.IdentityStub(ch)
+            caps = ident.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest(), timeout=10).capabilities
+            assert not any(c.HasField("service") for c in caps)
+            details = expect(Code.FAILED_PRECONDITION, ident.Probe, pb.ProbeRequest())
+            assert "agent" in details
+            expect(Code.UNIMPLEMENTED, pb_grpc.ControllerStub(ch).ControllerGetCapabilities,
+                   pb.ControllerGetCapabilitiesRequest())
+            # staging needs the agent: UNAVAILABLE, with the reason
+            staging = csi.staging("no-agent")
+            details = expect(Code.UNAVAILABLE, pb_grpc.NodeStub(ch).NodeStageVolume, pb.NodeStageVolumeRequest(
+                volume_id="127.0.0.2:/nosuchvolume", staging_target_path=staging, volume_capability=mount_cap()))
+            assert "not running" in details, details
+    finally:
+        _stop(proc)
+        assert proc.returncode == 0, _tail(log)
+    assert not os.path.exists(endpoint[len("unix://"):]), "the plugin must remove its socket when it stops"
+
+
+# ------------------------------------------------------------------------------------------------
+# required fields and error codes (no volume needed)
+
+
+def _bad_requests(k: Path) -> list[tuple[str, str, object, grpc.StatusCode]]:
+    st = str(k / "plugins/kubernetes.io/csi/x/globalmount")
+    tp = str(k / "pods/uid/volumes/kubernetes.io~csi/pv/mount")
+    vid = "127.0.0.2:/somevolume"
+    cap = mount_cap()
+    pool = {"pool": "127.0.0.2:/somepool"}
+    rng = pb.CapacityRange
+    IA, NF, FP = Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.FAILED_PRECONDITION
+    return [
+        ("node", "NodeStageVolume", pb.NodeStageVolumeRequest(staging_target_path=st, volume_capability=cap), IA),
+        ("node", "NodeStageVolume", pb.NodeStageVolumeRequest(volume_id=vid, volume_capability=cap), IA),
+        ("node", "NodeStageVolume", pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=st), IA),
+        ("node", "NodeStageVolume", pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=st,
+                                                              volume_capability=block_cap()), IA),
+        ("node", "NodeStageVolume", pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path="/tmp/elsewhere",
+                                                              volume_capability=cap), IA),
+        ("node", "NodeStageVolume", pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path="relative/path",
+                                                              volume_capability=cap), IA),
+        ("node", "NodeStageVolume", pb.NodeStageVolumeRequest(volume_id="no-such-volume", staging_target_path=st,
+                                                              volume_capability=cap), NF),
+        ("node", "NodeStageVolume", pb.NodeStageVolumeRequest(volume_id="x", staging_target_path=st,
+                                                              volume_capability=cap,
+                                                              volume_context={"source": "not a source"}), IA),
+        ("node", "NodeUnstageVolume", pb.NodeUnstageVolumeRequest(staging_target_path=st), IA),
+        ("node", "NodeUnstageVolume", pb.NodeUnstageVolumeRequest(volume_id=vid), IA),
+        ("node", "NodePublishVolume", pb.NodePublishVolumeRequest(staging_target_path=st, target_path=tp,
+                                                                  volume_capability=cap), IA),
+        ("node", "NodePublishVolume", pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=st,
+                                                                  volume_capability=cap), IA),
+        ("node", "NodePublishVolume", pb.NodePublishVolumeRequest(volume_id=vid, target_path=tp,
+                                                                  volume_capability=cap), IA),
+        ("node", "NodePublishVolume", pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=st,
+                                                                  target_path=tp), IA),
+        ("node", "NodePublishVolume", pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=st,
+                                                                  target_path=tp, volume_capability=block_cap()), IA),
+        ("node", "NodePublishVolume", pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=st,
+                                                                  target_path=tp, volume_capability=cap), FP),
+        ("node", "NodeUnpublishVolume", pb.NodeUnpublishVolumeRequest(target_path=tp), IA),
+        ("node", "NodeUnpublishVolume", pb.NodeUnpublishVolumeRequest(volume_id=vid), IA),
+        ("node", "NodeGetVolumeStats", pb.NodeGetVolumeStatsRequest(volume_path=tp), IA),
+        ("node", "NodeGetVolumeStats", pb.NodeGetVolumeStatsRequest(volume_id=vid), IA),
+        ("node", "NodeGetVolumeStats", pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=tp), NF),
+        ("ctrl", "CreateVolume", pb.CreateVolumeRequest(volume_capabilities=[cap], parameters=pool), IA),
+        ("ctrl", "CreateVolume", pb.CreateVolumeRequest(name="pvc-a", parameters=pool), IA),
+        ("ctrl", "CreateVolume", pb.CreateVolumeRequest(name="pvc-a", volume_capabilities=[block_cap()],
+                                                        parameters=pool), IA),
+        ("ctrl", "CreateVolume", pb.CreateVolumeRequest(name="pvc-a", volume_capabilities=[cap]), IA),
+        ("ctrl", "CreateVolume", pb.CreateVolumeRequest(name="pvc-a", volume_capabilities=[cap],
+                                                        parameters={**pool, "poool": "typo"}), IA),
+        ("ctrl", "CreateVolume", pb.CreateVolumeRequest(name="pvc-a", volume_capabilities=[cap],
+                                                        parameters={"pool": "127.0.0.2:/pool/sub"}), IA),
+        ("ctrl", "CreateVolume", pb.CreateVolumeRequest(name="pvc-a", volume_capabilities=[cap],
+                                                        parameters={**pool, "backend": "volume"}), IA),
+        ("ctrl", "CreateVolume", pb.CreateVolumeRequest(name="pvc-a", volume_capabilities=[cap], parameters=pool,
+                                                        capacity_range=rng(required_bytes=2 * GiB,
+                                                                           limit_bytes=GiB)), IA),
+        ("ctrl", "CreateVolume", pb.CreateVolumeRequest(name="pvc-a", volume_capabilities=[cap], parameters=pool,
+                                                        capacity_range=rng(required_bytes=-1)), IA),
+        ("ctrl", "CreateVolume", pb.CreateVolumeRequest(
+            name="pvc-a", volume_capabilities=[cap], parameters=pool,
+            volume_content_source=pb.VolumeContentSource(
+                snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id="s"))), IA),
+        ("ctrl", "DeleteVolume", pb.DeleteVolumeRequest(), IA),
+        ("ctrl", "ValidateVolumeCapabilities", pb.ValidateVolumeCapabilitiesRequest(volume_capabilities=[cap]), IA),
+        ("ctrl", "ValidateVolumeCapabilities", pb.ValidateVolumeCapabilitiesRequest(volume_id=vid), IA),
+        ("ctrl", "ValidateVolumeCapabilities", pb.ValidateVolumeCapabilitiesRequest(
+            volume_id="no-such-volume", volume_capabilities=[cap]), NF),
+        ("ctrl", "ControllerExpandVolume", pb.ControllerExpandVolumeRequest(
+            capacity_range=rng(required_bytes=GiB)), IA),
+        ("ctrl", "ControllerExpandVolume", pb.ControllerExpandVolumeRequest(volume_id=vid), IA),
+        ("ctrl", "ControllerExpandVolume", pb.ControllerExpandVolumeRequest(
+            volume_id="no-such-volume", capacity_range=rng(required_bytes=GiB)), NF),
+    ]
+
+
+def test_errors_and_codes(csi: Csi, stubs) -> None:
+    _, node, ctrl = stubs
+    failures = []
+    for i, (svc, method, request, code) in enumerate(_bad_requests(csi.kubelet)):
+        call = getattr(node if svc == "node" else ctrl, method)
+        try:
+            call(request, timeout=30)
+        except grpc.RpcError as e:
+            if e.code() != code:
+                failures.append(f"#{i} {method}({str(request).strip()!r}): {e.code().name} {e.details()!r}, "
+                                f"expected {code.name}")
+            elif not e.details():
+                failures.append(f"#{i} {method}: {code.name} without a message")
+        else:
+            failures.append(f"#{i} {method}({str(request).strip()!r}) succeeded, expected {code.name}")
+    assert not failures, "\n".join(failures)
+    # none of these may have mounted or created anything
+    assert not mounts_under(str(csi.kubelet))
+    assert not any(csi.kubelet.rglob("mount"))
+
+
+# ------------------------------------------------------------------------------------------------
+# node: real mounts of a replica-3 volume
+
+
+def _node_mounts(csi: Csi) -> list[str]:
+    return sorted(m.target for m in mounts_under(str(csi.kubelet)))
+
+
+def test_stage_publish_unpublish_unstage(csi: Csi, stubs, vol_replica3, native_mount) -> None:
+    """The node lifecycle with real mounts; the plugin that staged and published is SIGKILLed
+    halfway (the mounts belong to the agent and the kernel, not to it) and the main one finishes."""
+    vol = vol_replica3
+    native = native_mount(vol)
+    name = f"csi-{secrets.token_hex(4)}"
+    (native.path / name).mkdir()
+    # a static PV: the id names the gluster source, here a subdirectory of the volume
+    vid = f"{vol.source}/{name}"
+    cap = mount_cap()
+    staging = csi.staging(name)
+    rw_target = csi.target("pod-rw", name)
+    ro_target = csi.target("pod-ro", name)
+    first, endpoint, log = start_plugin(csi.root, "first", "--mode", "node", "--kubelet-dir", str(csi.kubelet),
+                                        "--agent-socket", csi.agent_socket)
+    ch = grpc.insecure_channel(endpoint)
+    try:
+        node = pb_grpc.NodeStub(ch)
+        _node_lifecycle_first_half(csi, node, vol, native, name, vid, cap, staging, rw_target, ro_target)
+    finally:
+        ch.close()
+        first.kill()
+        first.wait(10)
+    # the pods' mounts outlive the plugin
+    assert Path(ro_target, "from-native.txt").read_text() == "hello from the native client\n"
+    _, node, _ = stubs
+    _node_lifecycle_second_half(csi, node, native, name, vid, cap, staging, rw_target, ro_target)
+
+
+def _node_lifecycle_first_half(csi, node, vol, native, name, vid, cap, staging, rw_target, ro_target) -> None:
+    t0 = time.monotonic()
+    stage = pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=staging, volume_capability=cap)
+    node.NodeStageVolume(stage, timeout=90)
+    t_stage = time.monotonic() - t0
+    node.NodeStageVolume(stage, timeout=90)  # idempotent
+    [m] = mounts_at(staging)
+    assert m.fstype == "fuse.gfuse" and m.source.rstrip("/") == vid, m
+    assert [r["target"] for r in csi.agent_client().list()] == [staging], "the agent owns the staging mount"
+    # the same staging path for another volume: ALREADY_EXISTS, nothing changed
+    expect(Code.ALREADY_EXISTS, node.NodeStageVolume, pb.NodeStageVolumeRequest(
+        volume_id=vol.source, staging_target_path=staging, volume_capability=cap))
+    assert len(mounts_at(staging)) == 1
+
+    publish = pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=staging, target_path=rw_target,
+                                          volume_capability=cap)
+    node.NodePublishVolume(publish, timeout=30)
+    node.NodePublishVolume(publish, timeout=30)  # idempotent
+    assert len(mounts_at(rw_target)) == 1
+    # the same target read-only: incompatible with what is there
+    ro_publish = pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=staging, target_path=rw_target,
+                                             volume_capability=cap, readonly=True)
+    expect(Code.ALREADY_EXISTS, node.NodePublishVolume, ro_publish)
+    ro_publish.target_path = ro_target
+    node.NodePublishVolume(ro_publish, timeout=30)
+    node.NodePublishVolume(ro_publish, timeout=30)
+    assert mounts_at(ro_target)[-1].readonly and not mounts_at(rw_target)[-1].readonly
+
+    # a pod writes through its target; the native client reads it from the volume
+    data = os.urandom(256 * 1024)
+    with open(os.path.join(rw_target, "from-pod.bin"), "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    eventually(lambda: (native.path / name / "from-pod.bin").read_bytes() == data)
+    (native.path / name / "from-native.txt").write_text("hello from the native client\n")
+    eventually(lambda: Path(ro_target, "from-native.txt").read_text() == "hello from the native client\n",
+               what="gfuse to see the native client's file")
+    assert Path(ro_target, "from-pod.bin").read_bytes() == data
+    with pytest.raises(OSError) as ei:
+        Path(ro_target, "nope").write_text("x")
+    assert ei.value.errno == 30  # EROFS
+    print(f"NodeStageVolume (a real gfuse mount) took {t_stage:.2f}s")
+
+
+def _node_lifecycle_second_half(csi, node, native, name, vid, cap, staging, rw_target, ro_target) -> None:
+    data = (native.path / name / "from-pod.bin").read_bytes()
+    assert Path(rw_target, "from-pod.bin").read_bytes() == data
+    # kubelet retries after a plugin restart: the new plugin finds everything in place
+    before = _node_mounts(csi)
+    node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=staging,
+                                                   volume_capability=cap), timeout=90)
+    node.NodePublishVolume(pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=staging,
+                                                       target_path=rw_target, volume_capability=cap), timeout=30)
+    node.NodePublishVolume(pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=staging,
+                                                       target_path=ro_target, volume_capability=cap, readonly=True),
+                           timeout=30)
+    assert _node_mounts(csi) == before
+
+    # stats of a published volume: bytes and inodes, consistent
+    usage = {u.unit: u for u in node.NodeGetVolumeStats(
+        pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=rw_target), timeout=30).usage}
+    assert set(usage) == {pb.VolumeUsage.BYTES, pb.VolumeUsage.INODES}
+    b, i = usage[pb.VolumeUsage.BYTES], usage[pb.VolumeUsage.INODES]
+    st = os.statvfs(native.path)
+    assert b.total > 0 and 0 < b.used <= b.total and 0 <= b.available <= b.total
+    assert abs(b.total - st.f_blocks * st.f_frsize) <= 0.05 * b.total, (b, st)
+    assert i.total > 0 and i.used > 0 and i.available <= i.total
+
+    for target in (rw_target, ro_target):
+        unpublish = pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target)
+        node.NodeUnpublishVolume(unpublish, timeout=30)
+        node.NodeUnpublishVolume(unpublish, timeout=30)  # idempotent
+        assert not mounts_at(target) and not os.path.exists(target), "the target is unmounted and removed"
+    assert _node_mounts(csi) == [staging], "unpublish must leave the staging mount alone"
+    unstage = pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging)
+    node.NodeUnstageVolume(unstage, timeout=60)
+    node.NodeUnstageVolume(unstage, timeout=60)  # idempotent
+    assert _node_mounts(csi) == []
+    assert csi.agent_client().list() == []
+    # the data stays on the volume
+    assert (native.path / name / "from-pod.bin").read_bytes() == data
+
+
+# ------------------------------------------------------------------------------------------------
+# controller: the subdir backend on a pool volume
+
+
+def test_controller_subdir_volumes(csi: Csi, stubs, vol_replica3, native_mount) -> None:
+    _, node, ctrl = stubs
+    pool = vol_replica3
+    native = native_mount(pool)
+    name = f"pvc-{secrets.token_hex(8)}"
+    cap = mount_cap(AccessMode.SINGLE_NODE_WRITER)
+    params = {"pool": pool.source}
+    req = pb.CreateVolumeRequest(name=name, volume_capabilities=[cap], parameters=params,
+                                 capacity_range=pb.CapacityRange(required_bytes=GiB))
+    t0 = time.monotonic()
+    v1 = ctrl.CreateVolume(req, timeout=90).volume
+    t_create = time.monotonic() - t0
+    assert v1.volume_id == f"subdir:{pool.source}/{name}"
+    assert v1.capacity_bytes == GiB
+    assert dict(v1.volume_context) == {"source": f"{pool.source}/{name}"}
+    d = native.path / name
+    eventually(lambda: d.is_dir() and (d.stat().st_mode & 0o7777) == 0o777)
+    rec = eventually(lambda: _record(native, name))
+    assert rec["name"] == name and rec["capacity_bytes"] == GiB and rec["state"] == "ready"
+
+    # idempotent: the same name and a compatible request give the same volume
+    assert ctrl.CreateVolume(req, timeout=30).volume == v1
+    assert ctrl.CreateVolume(pb.CreateVolumeRequest(
+        name=name, volume_capabilities=[cap], parameters=params,
+        capacity_range=pb.CapacityRange(required_bytes=GiB // 2, limit_bytes=2 * GiB)), timeout=30).volume == v1
+    # the same name, incompatible: ALREADY_EXISTS
+    for rng in (pb.CapacityRange(required_bytes=2 * GiB), pb.CapacityRange(limit_bytes=GiB // 2)):
+        expect(Code.ALREADY_EXISTS, ctrl.CreateVolume, pb.CreateVolumeRequest(
+            name=name, volume_capabilities=[cap], parameters=params, capacity_range=rng))
+    expect(Code.ALREADY_EXISTS, ctrl.CreateVolume, pb.CreateVolumeRequest(
+        name=name, volume_capabilities=[cap], parameters={**params, "mountOptions": "ping-timeout=5"},
+        capacity_range=pb.CapacityRange(required_bytes=GiB)))
+
+    # validate
+    ok = ctrl.ValidateVolumeCapabilities(pb.ValidateVolumeCapabilitiesRequest(
+        volume_id=v1.volume_id, volume_capabilities=[cap, mount_cap()]), timeout=30)
+    assert list(ok.confirmed.volume_capabilities) == [cap, mount_cap()]
+    nok = ctrl.ValidateVolumeCapabilities(pb.ValidateVolumeCapabilitiesRequest(
+        volume_id=v1.volume_id, volume_capabilities=[block_cap()]), timeout=30)
+    assert not nok.HasField("confirmed") and "block" in nok.message
+
+    # expand: the new size is recorded; never shrinks; a too-small limit is OUT_OF_RANGE
+    exp = ctrl.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+        volume_id=v1.volume_id, capacity_range=pb.CapacityRange(required_bytes=3 * GiB)), timeout=30)
+    assert exp.capacity_bytes == 3 * GiB and not exp.node_expansion_required
+    eventually(lambda: _record(native, name)["capacity_bytes"] == 3 * GiB)
+    again = ctrl.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+        volume_id=v1.volume_id, capacity_range=pb.CapacityRange(required_bytes=GiB)), timeout=30)
+    assert again.capacity_bytes == 3 * GiB
+    expect(Code.OUT_OF_RANGE, ctrl.ControllerExpandVolume, pb.ControllerExpandVolumeRequest(
+        volume_id=v1.volume_id, capacity_range=pb.CapacityRange(required_bytes=GiB, limit_bytes=2 * GiB)))
+    # a retried CreateVolume of the original request still gets the (expanded) volume
+    assert ctrl.CreateVolume(req, timeout=30).volume.capacity_bytes == 3 * GiB
+
+    # the node mounts what the controller made, as kubelet would (id + volume context)
+    staging = csi.staging(name)
+    target = csi.target("pod-dyn", name)
+    node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=v1.volume_id, staging_target_path=staging,
+                                                   volume_capability=cap, volume_context=v1.volume_context),
+                         timeout=90)
+    try:
+        node.NodePublishVolume(pb.NodePublishVolumeRequest(
+            volume_id=v1.volume_id, staging_target_path=staging, target_path=target, volume_capability=cap,
+            volume_context=v1.volume_context), timeout=30)
+        Path(target, "data.txt").write_text("dynamic\n")
+        eventually(lambda: (d / "data.txt").read_text() == "dynamic\n")
+        assert not Path(target, ".gfuse-csi").exists(), "a pod sees its own directory only"
+    finally:
+        node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=v1.volume_id, target_path=target),
+                                 timeout=30)
+        node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=v1.volume_id, staging_target_path=staging),
+                               timeout=60)
+
+    # delete: the directory and its record go; again, and unknown ids, succeed
+    delete = pb.DeleteVolumeRequest(volume_id=v1.volume_id)
+    ctrl.DeleteVolume(delete, timeout=60)
+    eventually(lambda: not d.exists() and not (native.path / ".gfuse-csi/volumes" / f"{name}.json").exists())
+    eventually(lambda: list((native.path / ".gfuse-csi/trash").iterdir()) == [])
+    ctrl.DeleteVolume(delete, timeout=60)
+    for unknown in ("no-such-volume", f"subdir:{pool.source}/pvc-never-made", f"{pool.source}/static"):
+        ctrl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=unknown), timeout=60)
+    expect(Code.NOT_FOUND, ctrl.ValidateVolumeCapabilities, pb.ValidateVolumeCapabilitiesRequest(
+        volume_id=v1.volume_id, volume_capabilities=[cap]))
+    expect(Code.NOT_FOUND, ctrl.ControllerExpandVolume, pb.ControllerExpandVolumeRequest(
+        volume_id=v1.volume_id, capacity_range=pb.CapacityRange(required_bytes=4 * GiB)))
+    # a directory without a record is not ours: DeleteVolume of a crafted id leaves it alone
+    (native.path / "not-ours").mkdir(exist_ok=True)
+    ctrl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=f"subdir:{pool.source}/not-ours"), timeout=60)
+    assert (native.path / "not-ours").is_dir()
+    print(f"CreateVolume (with the controller's pool mount) took {t_create:.2f}s")
+
+
+def test_create_volume_finishes_an_interrupted_create(csi: Csi, stubs, vol_replica3, native_mount) -> None:
+    """A record left 'creating' (the controller died before mkdir) is finished by the retry."""
+    _, _, ctrl = stubs
+    pool = vol_replica3
+    native = native_mount(pool)
+    name = f"pvc-{secrets.token_hex(8)}"
+    cap = mount_cap()
+    req = pb.CreateVolumeRequest(name=name, volume_capabilities=[cap], parameters={"pool": pool.source},
+                                 capacity_range=pb.CapacityRange(required_bytes=GiB))
+    ctrl.CreateVolume(req, timeout=90)
+    rec_path = native.path / ".gfuse-csi/volumes" / f"{name}.json"
+    rec = eventually(lambda: _record(native, name))
+    # roll the pool back to the state after the first step of a create (through the native client)
+    eventually(lambda: (native.path / name).rmdir())
+    rec["state"] = "creating"
+    rec_path.write_text(json.dumps(rec))
+    time.sleep(1.5)  # gfuse's own caches (attribute/entry timeout 1 s) expire
+    expect(Code.NOT_FOUND, ctrl.ValidateVolumeCapabilities, pb.ValidateVolumeCapabilitiesRequest(
+        volume_id=rec["volume_id"], volume_capabilities=[cap]))
+    v = ctrl.CreateVolume(req, timeout=30).volume
+    assert v.volume_id == rec["volume_id"]
+    eventually(lambda: (native.path / name).is_dir() and _record(native, name)["state"] == "ready")
+    ctrl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id), timeout=60)
+    eventually(lambda: not (native.path / name).exists() and not rec_path.exists())
