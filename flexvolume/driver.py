@@ -19,7 +19,8 @@ The JSON options are strings only (kubelet marshals a ``map[string]string``): ku
 ``volume`` (required)   ``server:/volume[/subdir]``
 ``backupServers``       other glusterd hosts for the volfile, separated by ``:`` ``,`` or spaces
 ``readOnly``            ``"true"``/``"false"``; also read-only when kubelet says ``kubernetes.io/readwrite: ro``
-``mountOptions``        more ``gfuse mount -o`` items, comma-separated (e.g. ``ping-timeout=10,log-level=DEBUG``)
+``mountOptions``        more ``gfuse mount -o`` items, comma-separated (e.g. ``ping-timeout=10,log-level=DEBUG``);
+                        ``allow_other`` is always added (containers run as any user)
 
 Output: exactly one JSON object on stdout, nothing on stderr (kubelet reads both together), exit 0
 with ``Success`` (and ``Not supported``), 1 with ``Failure`` and a message a cluster admin can act on.
@@ -108,7 +109,9 @@ def parse_mount_options(text: str) -> dict[str, Any]:
     if rw not in ("rw", "ro"):
         raise DriverFailure(f"{K_READWRITE} must be \"rw\" or \"ro\", not {rw!r}")
     readonly = rw == "ro" or _bool(opts, "readOnly")
-    mount_options = [o.strip() for o in opts.get("mountOptions", "").split(",") if o.strip()]
+    # pods run as any user: without allow_other only root could use the mount
+    mount_options = ["allow_other"] + [o.strip() for o in opts.get("mountOptions", "").split(",")
+                                       if o.strip() and o.strip() != "allow_other"]
     backups = opts.get("backupServers", "").strip()
     if backups:
         hosts = [h for h in re.split(r"[,\s]+", backups) if h] if re.search(r"[,\s]", backups) else backups.split(":")
