@@ -205,7 +205,7 @@ def csi(request: pytest.FixtureRequest) -> Iterator[Csi]:
         _wait(lambda: AgentClient(agent_socket, timeout=2).ping(), 60, "the gfuse agent", agent, agent_log)
         plugin, endpoint, plugin_log = start_plugin(
             root, "csi", "--mode", "both", "--kubelet-dir", str(kubelet), "--agent-socket", agent_socket,
-            "--state-dir", str(root / "state"), "--mount-timeout", "60")
+            "--state-dir", str(root / "state"), "--mount-timeout", "60", "--repair-interval", "1")
         print(f"agent and plugin up in {time.monotonic() - t0:.1f}s")
         yield Csi(root, kubelet, agent_socket, endpoint, plugin, agent, plugin_log, agent_log)
     finally:
@@ -564,6 +564,49 @@ def _node_lifecycle_second_half(csi, node, native, name, vid, cap, staging, rw_t
     assert csi.agent_client().list() == []
     # the data stays on the volume
     assert (native.path / name / "from-pod.bin").read_bytes() == data
+
+
+def test_published_target_recovers_when_the_gfuse_server_dies(csi: Csi, stubs, vol_replica3, native_mount) -> None:
+    """The gfuse process serving a staged volume is SIGKILLed: the agent mounts the volume again at the
+    staging path, and the plugin binds the pod's dead target to the new mount (new opens work)."""
+    _, node, _ = stubs
+    vol = vol_replica3
+    native = native_mount(vol)
+    name = f"csi-{secrets.token_hex(4)}"
+    (native.path / name).mkdir()
+    vid = f"{vol.source}/{name}"
+    cap = mount_cap()
+    staging = csi.staging(name)
+    target = csi.target("pod-crash", name)
+    node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=staging,
+                                                   volume_capability=cap), timeout=90)
+    try:
+        node.NodePublishVolume(pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=staging,
+                                                           target_path=target, volume_capability=cap), timeout=30)
+        Path(target, "before.txt").write_text("before\n")
+        [rec] = [r for r in csi.agent_client().list() if r["target"] == staging]
+        assert rec["pid"], rec
+        t0 = time.monotonic()
+        os.kill(rec["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                os.stat(target)
+            except OSError as e:
+                assert e.errno in (107, 103), e  # ENOTCONN / ECONNABORTED
+                break
+            assert time.monotonic() < deadline, "the target still answers 5 s after its server was killed"
+            time.sleep(0.05)
+        _wait(lambda: Path(target, "before.txt").read_text() == "before\n", 60,
+              "the published target to work again", log=csi.plugin_log)
+        print(f"target repaired {time.monotonic() - t0:.1f}s after the kill")
+        Path(target, "after.txt").write_text("after\n")
+        eventually(lambda: (native.path / name / "after.txt").read_text() == "after\n")
+        assert len(mounts_at(target)) == 1 and len(mounts_at(staging)) == 1
+    finally:
+        node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target), timeout=30)
+        node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging), timeout=60)
+    assert _node_mounts(csi) == []
 
 
 # ------------------------------------------------------------------------------------------------

@@ -32,8 +32,10 @@ from .volumes import (
     capability_readonly,
     check_capability,
     check_path,
+    MountInfo,
     invalid,
     mount_at,
+    mountinfo,
     require,
     rpc,
     volume_from,
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 NodeRPC = csi_pb2.NodeServiceCapability.RPC
 VolumeUsage = csi_pb2.VolumeUsage
 
+GFUSE_FSTYPE = "fuse.gfuse"
 #: seconds one mount/umount command may take
 COMMAND_TIMEOUT = 30.0
 #: seconds statvfs of a volume may take (a hung FUSE server would block forever)
@@ -132,6 +135,77 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self._run = run_cmd
         self._stats_inflight: dict[str, threading.Thread] = {}
         self._stats_mu = threading.Lock()
+
+    # -- repair of published targets --------------------------------------------------------
+
+    def repair_targets(self) -> list[str]:
+        """Bind again every published target left on a dead gfuse mount whose staging mount was replaced.
+
+        When a gfuse serving process dies the agent mounts the volume again at the staging path, but
+        the pods' targets are bind mounts of the old, dead mount ("Transport endpoint is not
+        connected") and stay so until the pod restarts. A target whose device differs from the
+        current staging mount of the same source, and which fails with ENOTCONN (or ECONNABORTED)
+        while that staging mount answers, is detached lazily and bound again (read-only if it was).
+        Open files on the old mount keep failing; new opens work. Returns the targets repaired.
+        """
+        mounts = mountinfo()
+        pods = self.kubelet_dir.rstrip("/") + "/pods/"
+        plugins = self.kubelet_dir.rstrip("/") + "/plugins/"
+        top: dict[str, MountInfo] = {}
+        for m in mounts:
+            top[m.mountpoint] = m  # later mounts cover earlier ones
+        staged: dict[str, list[MountInfo]] = {}
+        for m in top.values():
+            if m.fstype == GFUSE_FSTYPE and m.mountpoint.startswith(plugins):
+                staged.setdefault(m.source, []).append(m)
+        repaired = []
+        for t in top.values():
+            if t.fstype != GFUSE_FSTYPE or not t.mountpoint.startswith(pods):
+                continue
+            candidates = [m for m in staged.get(t.source, []) if m.root == t.root]
+            if not candidates or any(m.dev == t.dev for m in candidates):
+                continue  # not published from a staging path, or still on the live mount
+            try:
+                with self.locks.hold("path:" + t.mountpoint):
+                    if self._repair_target(t, candidates):
+                        repaired.append(t.mountpoint)
+            except CsiError as e:
+                log.info("repair of %s skipped: %s", t.mountpoint, e.message)
+        return repaired
+
+    def _repair_target(self, t: MountInfo, candidates: list[MountInfo]) -> bool:
+        try:
+            bounded("target " + t.mountpoint, lambda: os.stat(t.mountpoint), STATS_TIMEOUT,
+                    self._stats_inflight, self._stats_mu)
+            return False  # it answers: nothing to repair
+        except OSError as e:
+            if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+                return False
+        staging = None
+        for m in candidates:
+            try:
+                bounded("staging " + m.mountpoint, lambda p=m.mountpoint: os.stat(p), STATS_TIMEOUT,
+                        self._stats_inflight, self._stats_mu)
+            except (OSError, CsiError):
+                continue
+            staging = m
+            break
+        if staging is None:
+            return False  # the agent has not repaired the staging mount yet
+        log.warning("published target %s is on a dead gfuse mount of %s; binding it again to %s",
+                    t.mountpoint, t.source, staging.mountpoint)
+        self._run(["umount", "-l", t.mountpoint])
+        self._run(["mount", "--bind", staging.mountpoint, t.mountpoint])
+        if t.readonly:
+            self._run(["mount", "-o", "remount,bind,ro", t.mountpoint])
+        return True
+
+    def repair_loop(self, interval: float, stop: threading.Event) -> None:
+        while not stop.wait(interval):
+            try:
+                self.repair_targets()
+            except Exception:  # noqa: BLE001 - keep the loop alive; the next pass retries
+                log.exception("repair pass failed")
 
     def health(self) -> None:
         """Probe: the agent must answer."""

@@ -91,6 +91,7 @@ class Plugin:
 
         self.args = args
         self.path = socket_path(args.endpoint)
+        self._stopping = threading.Event()
         self.agent = AgentClient(args.agent_socket, timeout=10.0)
         node_mode = args.mode in ("node", "both")
         ctrl_mode = args.mode in ("controller", "both")
@@ -119,10 +120,14 @@ class Plugin:
         if not port:
             raise ValueError(f"cannot listen on unix://{self.path}")
         self.server.start()
+        if self.node is not None and self.args.repair_interval > 0:
+            threading.Thread(target=self.node.repair_loop, args=(self.args.repair_interval, self._stopping),
+                             name="repair", daemon=True).start()
         log.info("gfuse CSI plugin %s (mode %s, node %s) listening on unix://%s", self.args.driver_name,
                  self.args.mode, self.args.nodeid, self.path)
 
     def stop(self, grace: float = 5.0) -> None:
+        self._stopping.set()
         self.server.stop(grace).wait(grace + 1)
         if self.pools is not None:
             try:
@@ -159,6 +164,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default %(default)s)")
     p.add_argument("--mount-timeout", type=float, default=60.0, metavar="S",
                    help="time limit of one gfuse mount (default %(default)s)")
+    p.add_argument("--repair-interval", type=float, default=10.0, metavar="S",
+                   help="node: every S seconds, bind published targets left on a dead gfuse mount to the "
+                        "repaired staging mount again; 0 disables (default %(default)s)")
     p.add_argument("--workers", type=int, default=8, help="concurrent RPCs (default %(default)s)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     args = p.parse_args(argv)
