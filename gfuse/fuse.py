@@ -128,7 +128,8 @@ class GlusterOperations(pyfuse3.Operations):
         a.st_nlink = stat.nlink
         a.st_uid = stat.uid
         a.st_gid = stat.gid
-        a.st_rdev = stat.rdev
+        # gluster carries device numbers as major << 32 | minor
+        a.st_rdev = os.makedev(stat.rdev >> 32, stat.rdev & 0xFFFFFFFF) if stat.rdev else 0
         a.st_size = stat.size
         a.st_blksize = stat.blksize or 4096
         a.st_blocks = stat.blocks
@@ -337,6 +338,14 @@ class GlusterOperations(pyfuse3.Operations):
         if self.read_only and flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         r = await self.top.open(self.gfid(inode), self._open_flags(flags), cred=self.cred(ctx))
+        if flags & os.O_TRUNC and flags & (os.O_WRONLY | os.O_RDWR):
+            # libfuse negotiates atomic O_TRUNC: the kernel sends no separate truncate. Truncating
+            # through the graph (not with O_TRUNC on each brick) keeps replicas transactional.
+            try:
+                await self.top.ftruncate(r.fd, 0, cred=self.cred(ctx, Proc.FTRUNCATE))
+            except BaseException:
+                await self.top.release(r.fd)
+                raise
         return pyfuse3.FileInfo(fh=r.fd)
 
     @fuse_errors

@@ -272,9 +272,6 @@ def test_create_read_write_append_overwrite(d: Path) -> None:
     raises_errno(errno.ENOTDIR, os.stat, f / "x")
 
 
-@pytest.mark.xfail(strict=True, reason="gfuse bug: open(O_TRUNC) of an existing file does not truncate it "
-                   "(fuse.py GlusterOperations._open_flags drops O_TRUNC; libfuse3 negotiates atomic_o_trunc, "
-                   "so the kernel sends no separate truncate)")
 def test_open_with_o_trunc(d: Path) -> None:
     f = d / "t"
     f.write_bytes(b"0123456789")
@@ -681,9 +678,6 @@ def test_mknod_and_mkfifo(d: Path) -> None:
     assert sorted(os.listdir(d)) == ["blk", "chr", "fifo", "reg", "sock"]
 
 
-@pytest.mark.xfail(strict=True, reason="gfuse bug: st_rdev of device nodes loses the major number: the iatt "
-                   "carries rdev as (major << 32 | minor) and fuse.py GlusterOperations.attrs passes it on "
-                   "unconverted (libfuse truncates it to 32 bits)")
 def test_device_numbers(shared: SharedMount, d: Path) -> None:
     os.mknod(d / "chr", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
     os.mknod(d / "blk", 0o600 | stat.S_IFBLK, os.makedev(7, 200))
@@ -938,9 +932,6 @@ def test_failed_brick_call_does_not_take_the_mount_down(make_volume, gfuse_mount
     assert os.path.exists(f"/proc/{pid}")
 
 
-@pytest.mark.xfail(strict=True, reason="gfuse bug: a directory without a DHT layout (the root of a fresh "
-                   "distributed volume) is not healed; every name in it fails with EIO "
-                   "('layout ... has a hole'), where the native client writes the layout on lookup")
 def test_fresh_distributed_volume_root_layout(make_volume, gfuse_mount) -> None:
     vol = make_volume("distrep")
     m = gfuse_mount(vol)

@@ -12,9 +12,13 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import os
+import random
 import stat as st
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
+
+import trio
 
 from .. import fops as F
 from ..bounded import BoundedDict
@@ -23,11 +27,13 @@ from ..dicts import Dict, UInt
 from ..fops import DirEntry, Flock, Result
 from ..iatt import NULL_GFID, ROOT_GFID, Iatt, gfid_str
 from ..rpc import Credential
+from .client import now_cred
 from .replicate import _pick_error, gather
 
 log = logging.getLogger(__name__)
 
 LINKTO_MODE = st.S_IFREG | st.S_ISVTX
+LAYOUT_HEAL_DOMAIN = "dht.layout.heal"
 
 
 def is_linkto(stat: Iatt | None, xdata: Dict | None) -> bool:
@@ -75,6 +81,19 @@ class Distribute:
             return [Range(0, 0, 0, 0xFFFFFFFF)]
         if not refresh and dir_gfid in self._layouts:
             return self._layouts[dir_gfid]
+        ranges, res = await self._read_layout(dir_gfid)
+        if all(x is None for x in ranges):
+            errs = [r for r in res if isinstance(r, OSError)]
+            if errs and all(e.errno == errno.ENOENT for e in errs) and len(errs) == len(res):
+                raise errs[0]
+            if all(isinstance(r, Result) or r.errno == errno.ENODATA for r in res):
+                ranges = await self._heal_layout(dir_gfid)
+            else:
+                log.warning("%s: directory %s has no layout", self.name, gfid_str(dir_gfid))
+        self._layouts[dir_gfid] = ranges
+        return ranges
+
+    async def _read_layout(self, dir_gfid: bytes) -> tuple[list[Range | None], list[Any]]:
         res = await gather([lambda c=c: c.getxattr(dir_gfid, LAYOUT_XATTR) for c in self.children])
         ranges: list[Range | None] = []
         for r in res:
@@ -83,13 +102,47 @@ class Distribute:
                 ranges.append(Range.decode(v) if isinstance(v, bytes) else None)
             except ValueError:
                 ranges.append(None)
-        if all(x is None for x in ranges):
-            err = _pick_error(res) if all(isinstance(r, OSError) for r in res) else None
-            if err is not None and err.errno == errno.ENOENT:
-                raise err
-            log.warning("%s: directory %s has no layout", self.name, gfid_str(dir_gfid))
-        self._layouts[dir_gfid] = ranges
-        return ranges
+        return ranges, res
+
+    async def _heal_layout(self, dir_gfid: bytes, timeout: float = 15.0) -> list[Range | None]:
+        """Give a directory that has no layout anywhere (e.g. a fresh volume's root) a full one.
+
+        Under an inode lock in DHT's layout-heal domain on every subvolume, as gluster does, so
+        two clients healing at once cannot write overlapping layouts.
+        """
+        owner = os.urandom(8)
+        cred = now_cred(lk_owner=owner)
+        lock = Flock(type=F.WRLCK, start=0, len=0, owner=owner)
+        unlock = Flock(type=F.UNLCK, start=0, len=0, owner=owner)
+        locked: list[int] = []
+        try:
+            with trio.fail_after(timeout):
+                while True:
+                    res = await gather([lambda c=c: c.inodelk(dir_gfid, LAYOUT_HEAL_DOMAIN, F.SETLK, lock, cred=cred)
+                                        for c in self.children])
+                    locked = [i for i, r in enumerate(res) if isinstance(r, Result)]
+                    if len(locked) == len(self.children):
+                        break
+                    await gather([lambda i=i: self.children[i].inodelk(dir_gfid, LAYOUT_HEAL_DOMAIN, F.SETLK,
+                                                                        unlock, cred=cred) for i in locked])
+                    locked = []
+                    if not all(isinstance(r, Result) or r.errno == errno.EAGAIN for r in res):
+                        raise _pick_error(res)
+                    await trio.sleep(0.1 + random.random() * 0.2)
+            ranges, res = await self._read_layout(dir_gfid)
+            if all(x is None for x in ranges):
+                layout = self._layout_for(dir_gfid, "")
+                out = await gather([lambda i=i: self._set_layout(i, dir_gfid, layout[i])
+                                    for i in range(len(self.children))])
+                ranges = [layout[i] if isinstance(r, Result) else None for i, r in enumerate(out)]
+                log.info("%s: wrote a layout for directory %s", self.name, gfid_str(dir_gfid))
+            return ranges
+        except trio.TooSlowError:
+            raise OSError(errno.EIO, f"{self.name}: could not lock {gfid_str(dir_gfid)} to heal its layout") from None
+        finally:
+            with trio.CancelScope(shield=True):
+                await gather([lambda i=i: self.children[i].inodelk(dir_gfid, LAYOUT_HEAL_DOMAIN, F.SETLK, unlock,
+                                                                    cred=cred) for i in locked])
 
     async def hashed(self, pargfid: bytes, name: str) -> int:
         ranges = await self.layout(pargfid)
