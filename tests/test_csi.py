@@ -705,6 +705,37 @@ def test_controller_subdir_volumes(csi: Csi, stubs, vol_replica3, native_mount) 
     print(f"CreateVolume (with the controller's pool mount) took {t_create:.2f}s")
 
 
+def test_controller_mode_with_pool_mounts_by_the_agent(csi: Csi, vol_replica3, native_mount) -> None:
+    """--mode controller --pool-mounter agent: no Node service; the pool mount belongs to the agent and
+    is released when the controller stops."""
+    pool = vol_replica3
+    native = native_mount(pool)
+    state = csi.root / "ctrl-state"
+    proc, endpoint, log = start_plugin(csi.root, "ctrl", "--mode", "controller", "--pool-mounter", "agent",
+                                       "--agent-socket", csi.agent_socket, "--state-dir", str(state))
+    name = f"pvc-{secrets.token_hex(8)}"
+    try:
+        with grpc.insecure_channel(endpoint) as ch:
+            ident, ctrl = pb_grpc.IdentityStub(ch), pb_grpc.ControllerStub(ch)
+            caps = ident.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest(), timeout=10).capabilities
+            assert any(c.service.type == pb.PluginCapability.Service.CONTROLLER_SERVICE for c in caps)
+            assert ident.Probe(pb.ProbeRequest(), timeout=10).ready.value
+            expect(Code.UNIMPLEMENTED, pb_grpc.NodeStub(ch).NodeGetInfo, pb.NodeGetInfoRequest())
+            v = ctrl.CreateVolume(pb.CreateVolumeRequest(
+                name=name, volume_capabilities=[mount_cap()], parameters={"pool": pool.source},
+                capacity_range=pb.CapacityRange(required_bytes=GiB)), timeout=90).volume
+            pools = [r for r in csi.agent_client().list() if r["target"].startswith(str(state))]
+            assert [r["source"] for r in pools] == [pool.source], pools
+            eventually(lambda: (native.path / name).is_dir())
+            ctrl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id), timeout=60)
+            eventually(lambda: not (native.path / name).exists())
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, _tail(log)
+    assert not [r for r in csi.agent_client().list() if r["target"].startswith(str(state))]
+    assert not mounts_under(str(state))
+
+
 def test_create_volume_finishes_an_interrupted_create(csi: Csi, stubs, vol_replica3, native_mount) -> None:
     """A record left 'creating' (the controller died before mkdir) is finished by the retry."""
     _, _, ctrl = stubs
