@@ -15,9 +15,9 @@ Calls made while a brick is faulty run in a daemon thread with a deadline (:func
 hung gfuse fails the test instead of hanging the run (every test also has a pytest-timeout); the
 mount fixture then unmounts lazily and kills the serving process.
 
-Known gfuse bugs are kept as strict xfails (see their reasons): unlink/rmdir/rename with a brick
-down are never healed by granular entry heal, and a write refused for lack of quorum on a held
-eager lock is still applied on the surviving brick.
+Regression tests for fixed replicate bugs: unlink/rmdir/rename with a brick down are healed by
+granular entry heal (the pre-op names the entry for the brick's index, rename logs both parents),
+and a write refused for lack of quorum on a held eager lock reaches no brick.
 """
 
 from __future__ import annotations
@@ -556,10 +556,6 @@ def test_two_bricks_down_writes_fail_cleanly_and_mount_recovers(make_volume, gfu
                 pass
 
 
-@pytest.mark.xfail(strict=True, reason="gfuse bug: Replicate._eager_write checks client quorum on the bricks its eager "
-                   "lock was taken on (el.locked - el.failed), not on the bricks up now, so with 2 of 3 bricks "
-                   "gone the write is still applied on the survivor before ENOTCONN is returned; close() then "
-                   "blames the others and self-heal spreads the refused write")
 @pytest.mark.timeout(150)
 def test_write_refused_for_quorum_does_not_reach_the_surviving_brick(make_volume, gfuse_mount) -> None:
     """Bricks 1 and 2 die together while a file is being written (gfuse still holds its eager lock):
@@ -723,12 +719,7 @@ def test_metadata_and_entry_ops_with_a_brick_down_are_healed(make_volume, gfuse_
     timer.report()
 
 
-GRANULAR_KEY_BUG = ("gfuse bug: replicate.unlink/rmdir/rename pre-op xattrop sends glusterfs.xattrop-entry-delete "
-                    "(the index xlator's *remove-name* key) instead of glusterfs.xattrop-entry-create, so the "
-                    "name never reaches .glusterfs/indices/entry-changes and granular entry heal never applies it")
 
-
-@pytest.mark.xfail(strict=True, reason=GRANULAR_KEY_BUG)
 @pytest.mark.timeout(150)
 def test_unlink_and_rmdir_with_a_brick_down_are_healed(make_volume, gfuse_mount) -> None:
     timer = Timer("unlink/rmdir")
@@ -764,8 +755,6 @@ def test_unlink_and_rmdir_with_a_brick_down_are_healed(make_volume, gfuse_mount)
     timer.report()
 
 
-@pytest.mark.xfail(strict=True, reason=GRANULAR_KEY_BUG + "; and rename changelogs only the old parent "
-                                                          "(native AFR pre/post-ops both parents, each with its name)")
 @pytest.mark.timeout(150)
 def test_renames_with_a_brick_down_are_healed(make_volume, gfuse_mount) -> None:
     timer = Timer("rename")

@@ -92,7 +92,7 @@ class _EagerLock:
     """
 
     __slots__ = ("gfid", "fd", "locked", "failed", "inflight", "last_use", "ready", "error", "closing", "drained",
-                 "unlock")
+                 "unlock", "generations")
 
     def __init__(self, gfid: bytes, fd: "_AfrFd") -> None:
         self.gfid = gfid
@@ -106,9 +106,14 @@ class _EagerLock:
         self.closing = False
         self.drained = trio.Event()
         self.unlock: Callable[[int], Awaitable[Any]] | None = None
+        #: each locked brick's connection generation: a brick that reconnected has dropped our lock
+        self.generations: dict[int, int] = {}
 
 
 EAGER_DELAY = 1.0
+#: xdata of an entry changelog: the brick's index xlator records this name for granular entry heal
+#: (for every entry fop — "-delete" would mean "forget the name", not "this was a delete")
+ENTRY_INDEX_KEY = "glusterfs.xattrop-entry-create"
 ANON_INODE_PREFIX = ".glusterfs-anonymous-inode-"
 
 
@@ -342,12 +347,27 @@ class Replicate:
     async def _transaction(self, what: str, slot: int, gfid: bytes, fd: _AfrFd | None,
                            locks: list[tuple[Callable, Callable, int, int]],
                            op: Callable[[int], Awaitable[Result]], *, always_changelog: bool = True,
-                           preop_xdata: Dict | None = None) -> Result:
+                           preop_xdata: Dict | None = None,
+                           targets: list[tuple[bytes, Dict | None]] | None = None) -> Result:
+        """lock → pre-op → op on every replica → post-op → unlock (in the background).
+
+        ``targets`` are the inodes whose changelog records the operation (by default ``gfid``;
+        a rename records both parents, each with its own name in the xdata that tells the
+        brick's index which names granular entry heal must look at).
+        """
+        tgts = targets or [(gfid, preop_xdata)]
         up = self.up()
         if fd is not None:
             up = [i for i in up if fd.handles[i] is not None]
         self._check_quorum(up, what)
         locked_sets: list[tuple[Callable, list[int]]] = []
+
+        async def log_all(idx: Sequence[int], d: Dict, with_xdata: bool) -> list[Any]:
+            """Changelog on every target; a replica counts as done only if all its targets took it."""
+            per = [await self._changelog(idx, g, fd if g == gfid else None, d, x if with_xdata else None)
+                   for g, x in tgts]
+            return [next((r for r in rs if not isinstance(r, Result)), rs[0]) for rs in zip(*per)] if per else []
+
         try:
             idx = up
             for lock, unlock, nb, blocking in locks:
@@ -359,7 +379,7 @@ class Replicate:
             changelog_on = always_changelog or degraded
             preop_done: list[int] = []
             if changelog_on:
-                res = await self._changelog(idx, gfid, fd, {DIRTY: changelog(slot, 1)}, preop_xdata)
+                res = await log_all(idx, {DIRTY: changelog(slot, 1)}, True)
                 idx = preop_done = [i for i, r in zip(idx, res) if isinstance(r, Result)]
                 self._check_quorum(idx, what)
             res = await gather([lambda i=i: op(i) for i in idx])
@@ -367,18 +387,19 @@ class Replicate:
             if not done:
                 # failed everywhere alike (EEXIST, EACCES, …): consistent, nobody to blame
                 if preop_done:
-                    await self._changelog(preop_done, gfid, fd, {DIRTY: changelog(slot, -1)})
+                    await log_all(preop_done, {DIRTY: changelog(slot, -1)}, False)
                 raise _pick_error(res)
             failed = [i for i in range(len(self.children)) if i not in done]
             if changelog_on or failed:
                 post: Dict = {DIRTY: changelog(slot, -1 if changelog_on else 0)}
                 for j in failed:
                     post[self.pending_keys[j]] = changelog(slot, 1)
-                await self._changelog(done, gfid, fd, post)
+                await log_all(done, post, bool(failed))
                 if failed:
                     log.warning("%s: %s missed on replica(s) %s; marked for self-heal", self.name, what,
                                 [self.children[j].name for j in failed])
-                    self._readable[gfid] = [i for i in self._readable.get(gfid, done) if i in done] or done
+                    for g, _ in tgts:
+                        self._readable[g] = [i for i in self._readable.get(g, done) if i in done] or done
             if len(done) < self.quorum:
                 raise OSError(errno.ENOTCONN, f"{self.name}: {what} succeeded on only {len(done)} replica(s), "
                                               f"quorum is {self.quorum}")
@@ -421,10 +442,10 @@ class Replicate:
         return out
 
     async def _entry_op(self, what: str, pargfid: bytes, name: str, op: Callable[[int], Awaitable[Result]],
-                        key: str, extra_locks: list | None = None) -> Result:
+                        extra_locks: list | None = None) -> Result:
         locks = self._entry_locks((pargfid, name)) + (extra_locks or [])
         return await self._transaction(what, ENTRY, pargfid, None, locks, op, always_changelog=False,
-                                       preop_xdata={key: name})
+                                       preop_xdata={ENTRY_INDEX_KEY: name})
 
     # ------------------------------------------------------------ entry fops
 
@@ -436,37 +457,37 @@ class Replicate:
                     xdata: Dict | None = None, cred: Credential | None = None) -> Result:
         c = self._cred(Proc.MKNOD, cred)
         return await self._entry_op("mknod", pargfid, name, lambda i: self.children[i].mknod(
-            pargfid, name, mode, rdev, gfid, umask, xdata, cred=c), "glusterfs.xattrop-entry-create")
+            pargfid, name, mode, rdev, gfid, umask, xdata, cred=c))
 
     async def mkdir(self, pargfid: bytes, name: str, mode: int, gfid: bytes, umask: int = 0,
                     xdata: Dict | None = None, cred: Credential | None = None) -> Result:
         c = self._cred(Proc.MKDIR, cred)
         return await self._entry_op("mkdir", pargfid, name, lambda i: self.children[i].mkdir(
-            pargfid, name, mode, gfid, umask, xdata, cred=c), "glusterfs.xattrop-entry-create")
+            pargfid, name, mode, gfid, umask, xdata, cred=c))
 
     async def symlink(self, pargfid: bytes, name: str, target: str, gfid: bytes, umask: int = 0,
                       xdata: Dict | None = None, cred: Credential | None = None) -> Result:
         c = self._cred(Proc.SYMLINK, cred)
         return await self._entry_op("symlink", pargfid, name, lambda i: self.children[i].symlink(
-            pargfid, name, target, gfid, umask, xdata, cred=c), "glusterfs.xattrop-entry-create")
+            pargfid, name, target, gfid, umask, xdata, cred=c))
 
     async def link(self, gfid: bytes, newpar: bytes, newname: str, xdata: Dict | None = None,
                    cred: Credential | None = None) -> Result:
         c = self._cred(Proc.LINK, cred)
         return await self._entry_op("link", newpar, newname, lambda i: self.children[i].link(
-            gfid, newpar, newname, xdata, cred=c), "glusterfs.xattrop-entry-create")
+            gfid, newpar, newname, xdata, cred=c))
 
     async def unlink(self, pargfid: bytes, name: str, xdata: Dict | None = None,
                      cred: Credential | None = None) -> Result:
         c = self._cred(Proc.UNLINK, cred)
         return await self._entry_op("unlink", pargfid, name, lambda i: self.children[i].unlink(
-            pargfid, name, xdata, cred=c), "glusterfs.xattrop-entry-delete")
+            pargfid, name, xdata, cred=c))
 
     async def rmdir(self, pargfid: bytes, name: str, flags: int = 0, xdata: Dict | None = None,
                     cred: Credential | None = None) -> Result:
         c = self._cred(Proc.RMDIR, cred)
         return await self._entry_op("rmdir", pargfid, name, lambda i: self.children[i].rmdir(
-            pargfid, name, flags, xdata, cred=c), "glusterfs.xattrop-entry-delete")
+            pargfid, name, flags, xdata, cred=c))
 
     async def rename(self, oldpar: bytes, oldname: str, newpar: bytes, newname: str, xdata: Dict | None = None,
                      cred: Credential | None = None) -> Result:
@@ -474,7 +495,7 @@ class Replicate:
         locks = self._entry_locks((oldpar, oldname), (newpar, newname))
         return await self._transaction("rename", ENTRY, oldpar, None, locks, lambda i: self.children[i].rename(
             oldpar, oldname, newpar, newname, xdata, cred=c), always_changelog=False,
-            preop_xdata={"glusterfs.xattrop-entry-delete": oldname})
+            targets=[(oldpar, {ENTRY_INDEX_KEY: oldname}), (newpar, {ENTRY_INDEX_KEY: newname})])
 
     async def create(self, pargfid: bytes, name: str, flags: int, mode: int, gfid: bytes, umask: int = 0,
                      xdata: Dict | None = None, cred: Credential | None = None) -> Result:
@@ -487,7 +508,7 @@ class Replicate:
             return r
 
         try:
-            r = await self._entry_op("create", pargfid, name, op, "glusterfs.xattrop-entry-create")
+            r = await self._entry_op("create", pargfid, name, op)
         except BaseException:
             await self._release_handles(handles)
             raise
@@ -603,6 +624,7 @@ class Replicate:
                 got = await self._lock(up, lock, unlock, F.SETLK, F.SETLKW)
                 el.unlock = unlock
                 el.locked = got
+                el.generations = {i: getattr(self.children[i], "generation", 0) for i in got}
                 self._check_quorum(got, "write")
                 res = await self._changelog(got, gfid, fd, {DIRTY: changelog(DATA, 1)})
                 el.failed |= {i for i, r in zip(got, res) if not isinstance(r, Result)}
@@ -623,7 +645,12 @@ class Replicate:
         el.inflight += 1
         el.drained = trio.Event() if el.drained.is_set() else el.drained
         try:
+            for i in el.locked:
+                c = self.children[i]
+                if i not in el.failed and (not c.is_up or getattr(c, "generation", 0) != el.generations.get(i, 0)):
+                    el.failed.add(i)  # down now, or back without our lock: it must not get this write
             idx = [i for i in el.locked if i not in el.failed and fd.handles[i] is not None]
+            # quorum is judged before anything is written, as AFR does: a refused write reaches no brick
             self._check_quorum(idx, "write")
             res = await gather([lambda i=i: op(i) for i in idx])
             done = [i for i, r in zip(idx, res) if isinstance(r, Result)]
