@@ -702,6 +702,9 @@ def test_controller_subdir_volumes(csi: Csi, stubs, vol_replica3, native_mount) 
     (native.path / "not-ours").mkdir(exist_ok=True)
     ctrl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=f"subdir:{pool.source}/not-ours"), timeout=60)
     assert (native.path / "not-ours").is_dir()
+    # ... nor does CreateVolume take it over
+    expect(Code.ALREADY_EXISTS, ctrl.CreateVolume, pb.CreateVolumeRequest(
+        name="not-ours", volume_capabilities=[cap], parameters=params))
     print(f"CreateVolume (with the controller's pool mount) took {t_create:.2f}s")
 
 

@@ -24,7 +24,7 @@ The volume id is ``subdir:SERVER:/POOL/<dir>``, so nodes and DeleteVolume need n
 Crash safety: CreateVolume writes the record (``creating``) before making the directory and marks
 it ``ready`` after; DeleteVolume renames the directory into the trash, removes the record, then
 empties the trash. A retry after a crash at any step finishes the job; a directory without a
-record is never deleted (it is not ours). Pods never see ``/.gfuse-csi``: they mount their own
+record is never deleted nor taken over (it is not ours). Pods never see ``/.gfuse-csi``: they mount their own
 directory only.
 
 Capacity is recorded, not enforced yet. TODO(issue 5): enforce it with a gluster directory quota
@@ -353,6 +353,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             rec = _read_json(rec_path)
             if rec is not None:
                 self._check_compatible(rec, request.name, params, required, limit)
+            elif os.path.lexists(root / dirname):
+                # the record is written before the directory: a directory without one is not ours
+                raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
+                               f"{params.pool} already has a /{dirname} that is not a volume of this driver; "
+                               f"not taking it over")
             else:
                 rec = {"name": request.name, "volume_id": volume_id, "pool": params.pool, "dir": dirname,
                        "capacity_bytes": capacity, "context": params.context(dirname),
