@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import pyfuse3
 
+from .bounded import BoundedDict
 from .fops import Proc, Result
 from .iatt import NULL_GFID, ROOT_GFID, SET_ATIME, SET_GID, SET_MODE, SET_MTIME, SET_UID, Iatt
 from .rpc import Credential
@@ -99,6 +100,8 @@ class GlusterOperations(pyfuse3.Operations):
         self._groups: dict[int, tuple[float, tuple[int, ...]]] = {}
         self._acl_unsupported = True
         self.inflight = 0
+        #: inodes recently seen without security.capability: the kernel asks before every write
+        self._no_caps: BoundedDict[int, float] = BoundedDict(10_000)
 
     # ------------------------------------------------------------ helpers
 
@@ -438,6 +441,7 @@ class GlusterOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTSUP)
         if self._hidden(n):
             raise pyfuse3.FUSEError(errno.EPERM)
+        self._no_caps.pop(inode, None)
         await self.top.setxattr(self.gfid(inode), {n: bytes(value)}, cred=self.cred(ctx, Proc.SETXATTR))
 
     @fuse_errors
@@ -447,7 +451,15 @@ class GlusterOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENODATA if not self._acl_unsupported else errno.ENOTSUP)
         if self._hidden(n):
             raise pyfuse3.FUSEError(errno.ENODATA)
-        r = await self.top.getxattr(self.gfid(inode), n, cred=self.cred(ctx))
+        caps = name == b"security.capability"
+        if caps and time.monotonic() - self._no_caps.get(inode, -1e9) < self.attr_timeout:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        try:
+            r = await self.top.getxattr(self.gfid(inode), n, cred=self.cred(ctx))
+        except OSError as e:
+            if caps and e.errno == errno.ENODATA:
+                self._no_caps[inode] = time.monotonic()
+            raise
         v = (r.dict or {}).get(n)
         if v is None:
             raise pyfuse3.FUSEError(errno.ENODATA)

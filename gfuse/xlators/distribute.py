@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 LINKTO_MODE = st.S_IFREG | st.S_ISVTX
 LAYOUT_HEAL_DOMAIN = "dht.layout.heal"
+#: how long a lookup's answer about where a name lives is trusted (the kernel's entry timeout)
+RECENT_TTL = 1.0
 
 
 def is_linkto(stat: Iatt | None, xdata: Dict | None) -> bool:
@@ -61,6 +63,8 @@ class Distribute:
         self._layouts: BoundedDict[bytes, list[Range | None]] = BoundedDict(20_000)
         #: gfid → subvolume holding the data (files); directories are everywhere
         self._where: BoundedDict[bytes, int] = BoundedDict()
+        #: (parent, name) → (subvolume, when) of recent file lookups, to skip a second lookup on unlink
+        self._recent: BoundedDict[tuple[bytes, str], tuple[int, float]] = BoundedDict(10_000)
         #: gfids known to be directories (they live on every subvolume)
         self._dirs: set[bytes] = {ROOT_GFID}
         self._fds: dict[int, _DhtFd] = {}
@@ -217,8 +221,10 @@ class Distribute:
                     raise
                 return await self._lookup_everywhere(pargfid, name, x, cred)
             self._where[t.stat.gfid] = target
+            self._recent[(pargfid, name)] = (target, trio.current_time())
             return t
         self._where[r.stat.gfid] = h
+        self._recent[(pargfid, name)] = (h, trio.current_time())
         return r
 
     def _remember_dir(self, gfid: bytes) -> None:
@@ -392,9 +398,22 @@ class Distribute:
 
     async def unlink(self, pargfid: bytes, name: str, xdata: Dict | None = None,
                      cred: Credential | None = None) -> Result:
-        r0 = await self.lookup(pargfid, name, cred=cred)
-        i = self._where.get(r0.stat.gfid, 0)
-        r = await self.children[i].unlink(pargfid, name, xdata, cred=cred)
+        if len(self.children) == 1:
+            return await self.children[0].unlink(pargfid, name, xdata, cred=cred)
+        hit = self._recent.pop((pargfid, name), None)
+        r: Result | None = None
+        if hit is not None and trio.current_time() - hit[1] < RECENT_TTL:
+            i = hit[0]  # the kernel looked this name up just before unlinking it
+            try:
+                r = await self.children[i].unlink(pargfid, name, xdata, cred=cred)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise  # moved meanwhile: find it again below
+        if r is None:
+            r0 = await self.lookup(pargfid, name, cred=cred)
+            i = self._where.get(r0.stat.gfid, 0)
+            self._recent.pop((pargfid, name), None)
+            r = await self.children[i].unlink(pargfid, name, xdata, cred=cred)
         await self._unlink_linkto(pargfid, name, i, cred)
         return r
 
@@ -461,6 +480,8 @@ class Distribute:
 
     async def rename(self, oldpar: bytes, oldname: str, newpar: bytes, newname: str, xdata: Dict | None = None,
                      cred: Credential | None = None) -> Result:
+        self._recent.pop((oldpar, oldname), None)
+        self._recent.pop((newpar, newname), None)
         src = await self.lookup(oldpar, oldname, cred=cred)
         if src.stat.is_dir or len(self.children) == 1:
             if len(self.children) == 1:
