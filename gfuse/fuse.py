@@ -100,6 +100,9 @@ class GlusterOperations(pyfuse3.Operations):
         self._groups: dict[int, tuple[float, tuple[int, ...]]] = {}
         self._acl_unsupported = True
         self.inflight = 0
+        #: open file handles per inode, and back: getattr of an unlinked open file needs a handle
+        self.open_files: dict[int, set[int]] = {}
+        self.fh_inode: dict[int, int] = {}
         #: inodes recently seen without security.capability: the kernel asks before every write
         self._no_caps: BoundedDict[int, float] = BoundedDict(10_000)
 
@@ -197,7 +200,14 @@ class GlusterOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        r = await self.top.stat(self.gfid(inode), cred=self.cred(ctx))
+        try:
+            r = await self.top.stat(self.gfid(inode), cred=self.cred(ctx))
+        except OSError as e:
+            # unlinked but still open: the kernel's getattr carries no handle, so use one of ours
+            fhs = self.open_files.get(inode)
+            if e.errno not in (errno.ENOENT, errno.ESTALE) or not fhs:
+                raise
+            r = await self.top.fstat(next(iter(fhs)), cred=self.cred(ctx))
         return self.attrs(r.stat, inode)
 
     @fuse_errors
@@ -349,14 +359,21 @@ class GlusterOperations(pyfuse3.Operations):
             except BaseException:
                 await self.top.release(r.fd)
                 raise
+        self._opened(inode, r.fd)
         return pyfuse3.FileInfo(fh=r.fd)
+
+    def _opened(self, inode: int, fh: int) -> None:
+        self.open_files.setdefault(inode, set()).add(fh)
+        self.fh_inode[fh] = inode
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         r = await self._create_entry(Proc.CREATE, parent_inode, name, ctx, lambda p, n, g, c: self.top.create(
             p, n, (flags & ~os.O_NOCTTY) | os.O_CREAT, (mode & 0o7777) | st.S_IFREG, g, ctx.umask, cred=c))
-        return pyfuse3.FileInfo(fh=r.fd), self._entry(r.stat)
+        entry = self._entry(r.stat)
+        self._opened(entry.st_ino, r.fd)
+        return pyfuse3.FileInfo(fh=r.fd), entry
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -378,6 +395,12 @@ class GlusterOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def release(self, fh: int) -> None:
+        inode = self.fh_inode.pop(fh, None)
+        fhs = self.open_files.get(inode) if inode is not None else None
+        if fhs is not None:
+            fhs.discard(fh)
+            if not fhs:
+                del self.open_files[inode]
         await self.top.release(fh)
 
     # ------------------------------------------------------------ directories

@@ -278,6 +278,10 @@ class Replicate:
         """Non-blocking on all; on contention unlock and take them one by one, blocking, in order."""
         res = await gather([lambda i=i: lock(i, nb) for i in idx])
         got = [i for i, r in zip(idx, res) if isinstance(r, Result)]
+        if not got and res:
+            err = _pick_error(res)
+            if err.errno not in (errno.ENOTCONN, errno.EAGAIN):
+                raise err  # e.g. ENOENT/ESTALE for an inode gone everywhere: not a quorum problem
         if any(isinstance(r, OSError) and r.errno == errno.EAGAIN for r in res):
             await gather([lambda i=i: unlock(i) for i in got])
             got = []
@@ -381,6 +385,8 @@ class Replicate:
             if changelog_on:
                 res = await log_all(idx, {DIRTY: changelog(slot, 1)}, True)
                 idx = preop_done = [i for i, r in zip(idx, res) if isinstance(r, Result)]
+                if not idx and res and _pick_error(res).errno != errno.ENOTCONN:
+                    raise _pick_error(res)  # e.g. the inode is gone everywhere: say so, not "quorum"
                 self._check_quorum(idx, what)
             res = await gather([lambda i=i: op(i) for i in idx])
             done = [i for i, r in zip(idx, res) if isinstance(r, Result)]
