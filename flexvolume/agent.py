@@ -15,7 +15,7 @@ request                                                                response 
 ``{"op": "list"}``                                                     ``{"ok", "mounts": [{"source", "target",
                                                                        "options", "readonly", "pid", "since",
                                                                        "context", "repairs", "healthy", "state",
-                                                                       "reason"}, …]}``
+                                                                       "reason", "repair_error"}, …]}``
 ``{"op": "stats", "target": "/abs", "timeout": s (optional)}``         ``{"ok", "bytes_total", "bytes_used",
                                                                        "bytes_available", "inodes_total",
                                                                        "inodes_used", "inodes_available"}``
@@ -29,8 +29,9 @@ re-adopts the mounts listed there.
 
 Health: every ``--health-interval`` seconds each mount's root is stat()ed *in a subprocess* with a
 timeout (the agent itself never touches a mount, so a dead or stuck one cannot hang it). A mount
-whose serving process died ("Transport endpoint is not connected") is repaired: if the volume's
-glusterd answers, the dead mount is lazily unmounted and mounted again at the same target, which
+whose serving process died ("Transport endpoint is not connected", and neither the process nor its
+status socket is alive) is repaired: if glusterd and at least one brick of the volume answer
+(``gfuse probe``), the dead mount is lazily unmounted and mounted again at the same target, which
 propagates to pods (their kubelet directory is rshared/rslave). Processes in a pod that held file
 descriptors on the dead mount get errors on those descriptors (ENOTCONN/EIO); new opens go to the
 new mount. If the volume cannot be reached the dead mount is left in place (pods get errors rather
@@ -51,6 +52,7 @@ kills every process of a container's cgroup when the container stops.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import logging
 import os
@@ -198,6 +200,7 @@ class Agent:
         self.health_passes = 0
         self._locks: dict[str, trio.Lock] = {}
         self._health: dict[str, tuple[str, str]] = {}
+        self._repair_errors: dict[str, str] = {}
         self._lock_fd: int | None = None
         self._limiter = trio.CapacityLimiter(8)
 
@@ -238,6 +241,12 @@ class Agent:
         self._lock_fd = fd
 
     def _load(self) -> None:
+        # temp files of a previous agent killed while it wrote the state (the state file itself is intact)
+        directory, base = os.path.split(self.state_path)
+        for name in os.listdir(directory):
+            if name.startswith(base + ".tmp."):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
         try:
             self.table = load_state(self.state_path)
         except StateError as e:
@@ -507,6 +516,13 @@ class Agent:
         pids = set(serving_pids(target))
         if rec is not None and is_serving_process(rec.pid, target):
             pids.add(rec.pid)  # type: ignore[arg-type]
+        if rec is not None:
+            # forget it first: if the unmount fails or is cut short, the health check must not mount it
+            # again; a retried unmount handles gfuse mounts that are not in the table
+            self.table.pop(target, None)
+            self._save()
+        self._health.pop(target, None)
+        self._repair_errors.pop(target, None)
         for _ in range(len(stack)):
             top = mounts_at(target)
             if not top or not top[-1].is_gfuse:
@@ -521,10 +537,6 @@ class Agent:
         if killed:
             log.warning("serving process(es) %s of %s did not exit after the unmount; killed", killed, target)
             self._remove_status_socket(target)
-        if rec is not None:
-            self.table.pop(target, None)
-            self._save()
-        self._health.pop(target, None)
         if was_mounted or rec is not None:
             log.info("unmounted %s%s", target, f" ({rec.source})" if rec else "")
         return {"ok": True, "was_mounted": was_mounted}
@@ -573,7 +585,8 @@ class Agent:
             state, reason = probes[rec.target]
             d = rec.to_wire()
             d["pid"] = self._find_pid(rec)
-            d.update(healthy=state == "healthy", state=state, reason=reason)
+            d.update(healthy=state == "healthy", state=state, reason=reason,
+                     repair_error="" if state == "healthy" else self._repair_errors.get(rec.target, ""))
             out.append(d)
         return {"ok": True, "mounts": out}
 
@@ -615,10 +628,30 @@ class Agent:
                             f"{pid if pid else 'not found'}; bricks unreachable or the server is stuck)")
         if res.rc == 0:
             return "healthy", ""
-        msg = res.last_line().removeprefix("stat: ")
-        if "not connected" in msg or "connection abort" in msg.lower() or self._find_pid(rec) is None:
-            return "dead", msg or "the serving process is gone"
-        return "error", msg
+        msg = res.last_line().removeprefix("stat: ") or f"stat exited with status {res.rc}"
+        # "Transport endpoint is not connected" is what the kernel answers once the serving process is
+        # gone -- and also what gfuse itself answers while every brick is down. Only a serving process
+        # that is really gone makes the mount dead (and repaired); otherwise it is unhealthy and left alone.
+        if await self._server_alive(rec):
+            return "error", msg
+        return "dead", msg
+
+    async def _server_alive(self, rec: MountRecord) -> bool:
+        """Evidence that the mount's serving process lives: its pid (needs the host's pid namespace), or
+        its status socket in /run/gfuse answering (needs that directory shared with the host)."""
+        if self._find_pid(rec) is not None:
+            return True
+        from gfuse.mount import status_socket_path
+
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with sock:
+            with trio.move_on_after(2.0):
+                try:
+                    await sock.connect(status_socket_path(rec.target))
+                except OSError:
+                    return False  # no socket, or nobody listening on it: the process is gone
+                return True
+        return True  # connect() did not finish: something holds the socket; do not call it dead
 
     async def _health_loop(self) -> None:
         while True:
@@ -657,14 +690,17 @@ class Agent:
                 self._save()
                 return
             if state in ("dead", "unmounted"):
-                log.warning("%s (%s): %s; repairing", target, rec.source, reason)
+                if prev is None or prev[0] != state:
+                    log.warning("%s (%s): %s; repairing", target, rec.source, reason)
                 try:
                     await self._repair(rec, reason, self.mount_timeout)
                 except OpError as e:
-                    self._health[target] = (state, e.message)
-                    if prev != (state, e.message):
-                        log.error("repair of %s failed: %s", target, e.message)
+                    if self._repair_errors.get(target) != e.message:
+                        log.error("repair of %s failed (retrying every %gs): %s", target, self.health_interval,
+                                  e.message)
+                    self._repair_errors[target] = e.message
                     return
+                self._repair_errors.pop(target, None)
                 self._health[target] = ("healthy", "")
                 return
             if prev != (state, reason):
@@ -676,7 +712,7 @@ class Agent:
         if stack and stack[-1].is_gfuse:
             # fail closed: detach the dead mount only if the volume can be mounted again; otherwise pods
             # keep getting errors instead of silently writing into the node's directory underneath
-            await self._volume_reachable(rec, min(10.0, budget / 2))
+            await self._volume_reachable(rec, min(5.0, budget / 4))
             res = await run_bounded(["umount", "-c", "-l", target], 20)
             if res.rc != 0 and mounts_at(target) == stack:
                 raise OpError(f"cannot detach the dead mount on {target}: {res.last_line() or 'timed out'}",
@@ -689,25 +725,31 @@ class Agent:
         log.warning("repaired %s: mounted %s again (pid %s, repair #%d; open files on the old mount get errors, "
                     "new opens work)", target, rec.source, rec.pid, rec.repairs)
 
-    @staticmethod
-    async def _volume_reachable(rec: MountRecord, timeout: float) -> None:
-        from gfuse.errors import leaf
-        from gfuse.mgmt import MgmtError, fetch_graph, parse_volume_spec
+    async def _volume_reachable(self, rec: MountRecord, timeout: float) -> None:
+        """Raise OpError unless glusterd gives the volfile and at least one brick answers -- what a
+        new ``gfuse mount`` needs (``gfuse probe``: exit 0 when every brick answered, 1 with
+        "N of M brick(s) did not answer" when some did not)."""
+        from gfuse.mgmt import parse_volume_spec
         from gfuse.mount import MountError, parse_options
-        from gfuse.volfile import VolfileError
 
         try:
             spec = parse_volume_spec(rec.source)
             backups = parse_options(",".join(rec.options)).backup_servers
-            await fetch_graph([spec.server, *backups], spec.volume, timeout)
         except (ValueError, MountError) as e:
             raise OpError(f"{rec.source}: {e}", "invalid") from None
-        except (MgmtError, VolfileError, OSError) as e:
-            raise OpError(f"the volume {rec.source} cannot be reached: {e}", "unavailable") from None
-        except BaseExceptionGroup as eg:
-            e = leaf(eg)
-            raise OpError(f"the volume {rec.source} cannot be reached: {e}", "unavailable") from None
-
+        cmd = [*self.gfuse_command, "probe", f"{spec.server}:/{spec.volume}", "--timeout", f"{timeout:g}"]
+        if backups:
+            cmd += ["--backup-volfile-servers", ",".join(str(b) for b in backups)]
+        res = await run_bounded(cmd, 3 * timeout + 10)
+        if res.rc == 0:
+            return
+        m = re.search(r"(\d+) of (\d+) brick\(s\) did not answer", res.stderr)
+        if m and int(m.group(1)) < int(m.group(2)):
+            return  # some bricks are down; the volume can still be mounted
+        why = "no answer" if res.timed_out else (res.last_line().removeprefix("gfuse: ") or f"status {res.rc}")
+        if m:
+            why = f"none of its {m.group(2)} bricks answers"
+        raise OpError(f"the volume {rec.source} cannot be reached: {why}", "unavailable")
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="gfuse-agent", description="gfuse node agent: owns the gfuse mounts of this "
