@@ -42,6 +42,18 @@ DRIVER = "gfuse"
 PLUGIN_DIR_NAME = f"{VENDOR}~{DRIVER}"  # kubelet escapes "gfuse.io/gfuse" to "gfuse.io~gfuse"
 
 
+#: the checkout this module (and so the code under test) comes from
+SOURCE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def source_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: ours) with this checkout first on PYTHONPATH, so that the agent, the driver and
+    the ``gfuse mount`` they start run the code under test, whatever ``pip install -e`` points at."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (SOURCE_ROOT, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 def _run(cmd: list[str], timeout: float = 30.0, check: bool = True) -> subprocess.CompletedProcess[str]:
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     if check and p.returncode != 0:
@@ -196,15 +208,15 @@ def kubelet_mount_options(
 def install_driver(plugin_root: str | Path, agent_socket: str | Path) -> Path:
     """Install the driver as kubelet finds it: ``<plugin_root>/gfuse.io~gfuse/gfuse``, an executable.
 
-    The installed file is a small shell script running ``flexvolume.driver`` with this Python and
-    pointing it at ``agent_socket`` (kubelet gives drivers no environment of their own).
+    The installed file is a small shell script running ``flexvolume.driver`` of this checkout with this
+    Python and pointing it at ``agent_socket`` (kubelet gives drivers no environment of their own).
     """
     d = Path(plugin_root) / PLUGIN_DIR_NAME
     d.mkdir(parents=True, exist_ok=True)
     exe = d / DRIVER
     tmp = d / f".{DRIVER}.tmp"
     tmp.write_text("#!/bin/sh\n"
-                   f"GFUSE_AGENT_SOCKET={shlex.quote(str(agent_socket))} "
+                   f"GFUSE_AGENT_SOCKET={shlex.quote(str(agent_socket))} PYTHONPATH={shlex.quote(SOURCE_ROOT)} "
                    f"exec {shlex.quote(sys.executable)} -m flexvolume.driver \"$@\"\n")
     tmp.chmod(0o755)
     tmp.replace(exe)  # atomic, as the DaemonSet installs it
@@ -348,7 +360,7 @@ class AgentProcess:
         with open(self.log, "ab") as log:
             log.write(f"---- starting agent at {time.strftime('%H:%M:%S')}\n".encode())
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         start_new_session=True, cwd="/")
+                                         start_new_session=True, cwd="/", env=source_env())
         self.started.append(self.proc.pid)
         deadline = time.monotonic() + timeout
         while True:
@@ -478,4 +490,4 @@ def gfuse_serving_pids(target: str | Path) -> list[int]:
 
 
 __all__ = ["AgentError", "AgentProcess", "DriverResult", "KubeletDir", "Node", "Pod", "PodInfo", "call_driver", "cleanup_mounts_under",
-           "gfuse_serving_pids", "install_driver", "kubelet_mount_options", "pid_alive", "wait_for"]
+           "gfuse_serving_pids", "install_driver", "kubelet_mount_options", "pid_alive", "source_env", "wait_for"]

@@ -31,6 +31,7 @@ from flexvolume.testing import (
     cleanup_mounts_under,
     gfuse_serving_pids,
     kubelet_mount_options,
+    source_env,
     wait_for,
 )
 
@@ -224,7 +225,7 @@ def test_requests_refused_precisely(agent: AgentProcess, tmp_path: Path) -> None
 def test_one_agent_per_state_file_and_socket(agent: AgentProcess, tmp_path: Path) -> None:
     def run_second(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "flexvolume.agent", *args], capture_output=True, text=True,
-                              timeout=30, check=False)
+                              timeout=30, check=False, env=source_env())
 
     p = run_second("--socket", f"{agent.socket}.2", "--state", str(agent.state), "--lock-wait", "0.5")
     assert p.returncode == 1 and p.stdout == ""
@@ -357,8 +358,11 @@ def test_state_is_readopted_after_a_reboot(vol_replica3, tmp_path: Path) -> None
         str(target): MountRecord(vol_replica3.source, str(target), ["allow_other"], pid=4194304),  # a pid that cannot be alive
         str(gone): MountRecord(vol_replica3.source, str(gone)),
     })
+    torn = Path(f"{a.state}.tmp.12345")  # left by an agent killed while writing the state
+    torn.write_bytes(b"\x82\xa7ver")
     a.start()
     try:
+        assert not torn.exists()
         c = a.client()
         entries = wait_for(lambda: [m for m in c.list() if m["healthy"] and m["repairs"] == 1] and c.list(), 60,
                            "the agent to mount the entry again")
@@ -465,13 +469,58 @@ def test_dead_serving_process_is_repaired(node: Node, vol_replica3, native_mount
     assert _pod_error(ctl) is None
     assert pod.exec(f"cat {vdir}/{fname}.after").stdout == "after repair\n"
     assert (vdir / f"{fname}.after").read_text() == "after repair\n"
-    # every write acknowledged before the crash is on the volume
+    # every write acknowledged before the crash is on the volume (the one that failed may or may not be:
+    # the server can die after the bricks took it and before it answered)
     lines = (native_mount(vol_replica3) / fname).read_text().splitlines()
-    assert lines == [f"line {i}" for i in range(failed_at)]
+    expected = [f"line {i}" for i in range(failed_at)]
+    first_bad = next((i for i, (a, b) in enumerate(zip(lines, expected)) if a != b), None)
+    assert lines[:failed_at] == expected, (f"{len(lines)} lines on the volume, {failed_at} acknowledged; first "
+                                           f"difference at {first_bad}; last lines {lines[-3:]}")
+    assert lines[failed_at:] in ([], [f"line {failed_at}"]), f"unexpected lines after the failed write: {lines[-3:]}"
     assert "repaired" in node.agent.log.read_text()
-    print(f"\nrepaired {repair_s:.1f}s after the serving process was killed; {failed_at} lines kept")
+    print(f"\nrepaired {repair_s:.1f}s after the serving process was killed; {failed_at} acknowledged lines kept"
+          f"{' (and the failed one)' if len(lines) > failed_at else ''}")
 
     r = node.unmount(vdir)
     assert r.status == "Success", r
     assert gfuse_serving_pids(vdir) == [] and not mounts_at(str(vdir))
     assert str(vdir) not in pod.mount_targets()
+
+
+def test_bricks_down_is_unhealthy_not_torn_down(agent: AgentProcess, make_volume, tmp_path: Path) -> None:
+    """gfuse answers "Transport endpoint is not connected" itself while every brick is down, like a dead
+    FUSE server would: the agent must tell them apart (the serving process lives) and leave the mount
+    in place -- unmounting it would expose the node's directory underneath to the pods. And a serving
+    process that dies while no brick answers is not detached until the volume can be mounted again."""
+    vol = make_volume("replica3")
+    c = agent.client()
+    target = tmp_path / "m"
+    pid = c.mount(vol.source, str(target))["pid"]
+    (target / "f").write_text("kept\n")
+    for i in range(3):
+        vol.kill_brick(i)
+    entry = wait_for(lambda: [m for m in c.list() if not m["healthy"]], 60, "the mount to be unhealthy")[0]
+    print(f"\nall bricks down: {entry['state']}: {entry['reason']}")
+    assert entry["state"] in ("error", "hung")
+    agent.wait_health_passes(2)
+    entry = c.list()[0]
+    assert entry["repairs"] == 0 and entry["pid"] == pid and gfuse_serving_pids(target) == [pid]
+    assert mounts_at(str(target)) and "repairing" not in agent.log.read_text()
+
+    # now the serving process dies too: dead, but nothing to mount again -- the dead mount stays
+    os.kill(pid, signal.SIGKILL)
+    entry = wait_for(lambda: [m for m in c.list() if m["repair_error"]], 30, "a failed repair")[0]
+    assert entry["state"] == "dead" and "Transport endpoint is not connected" in entry["reason"]
+    assert entry["repair_error"] == f"the volume {vol.source} cannot be reached: none of its 3 bricks answers"
+    agent.wait_health_passes(1)
+    assert len(mounts_at(str(target))) == 1 and mounts_at(str(target))[0].is_gfuse  # fail closed
+    with pytest.raises(OSError, match="Transport endpoint is not connected"):
+        os.stat(target)
+    assert c.list()[0]["repairs"] == 0
+
+    vol.start_force()  # the bricks come back: the next health pass repairs the mount
+    entry = wait_for(lambda: [m for m in c.list() if m["healthy"] and m["repairs"] == 1], 90,
+                     "the repair once the bricks are back")[0]
+    assert entry["repair_error"] == "" and entry["pid"] in gfuse_serving_pids(target)
+    assert (target / "f").read_text() == "kept\n"
+    c.unmount(str(target))

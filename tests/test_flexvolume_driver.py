@@ -176,10 +176,6 @@ def test_agent_not_answering_is_bounded(tmp_path: Path) -> None:
         assert out["status"] == "Failure" and r.returncode == 1
         assert out["message"] == f"gfuse agent at {path} did not answer 'mount' within 5s (see the agent's log)"
         assert 4.5 < r.seconds < 12
-        r = call_driver(driver, "unmount", str(target), env=env)
-        assert _exactly_one_json_object(r)["message"].endswith("did not answer 'unmount' within 5s (see the agent's "
-                                                               "log)")
-        assert r.seconds < 12
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,8 +276,7 @@ def test_mount_into_a_running_pod(node: Node, vol_replica3, native_mount, tmp_pa
 def test_unreachable_volume(node: Node, vol_replica3) -> None:
     pod_info = PodInfo(name="web-1")
     for i, (source, fragment) in enumerate([
-        (f"{vol_replica3.host}:1:/{vol_replica3.name}", f"{vol_replica3.host}:1"),
-        (f"{vol_replica3.host}:/gfuset_no_such_volume", "does not exist"),
+        (f"{vol_replica3.host}:/gfuset_no_such_volume", "does not exist"),  # more cases: tests/test_agent.py
     ]):
         vdir = node.kubelet.pod_volume_dir(pod_info.uid, f"data{i}")
         t0 = time.monotonic()
