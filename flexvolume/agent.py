@@ -306,6 +306,12 @@ class Agent:
     # -- requests -----------------------------------------------------------------------------
 
     async def _handle_stream(self, stream: trio.SocketStream) -> None:
+        try:
+            await self._serve_connection(stream)
+        except Exception:
+            log.exception("error on a client connection")
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
         async with stream:
             reader = _FrameReader(stream)
             while True:
@@ -332,7 +338,12 @@ class Agent:
     @staticmethod
     async def _reply(stream: trio.SocketStream, resp: dict[str, Any]) -> bool:
         try:
-            await stream.send_all(encode(resp))
+            try:
+                frame = encode(resp)
+            except (FrameError, TypeError, ValueError) as e:
+                log.error("cannot encode a response: %s", e)
+                frame = encode(error(f"the agent cannot encode its answer: {e}", "internal"))
+            await stream.send_all(frame)
             return True
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False
@@ -662,7 +673,13 @@ class Agent:
     async def check_all(self) -> None:
         async with trio.open_nursery() as nursery:
             for target in list(self.table):
-                nursery.start_soon(self._check_one, target)
+                nursery.start_soon(self._check_one_safely, target)
+
+    async def _check_one_safely(self, target: str) -> None:
+        try:
+            await self._check_one(target)
+        except Exception:
+            log.exception("health check of %s failed", target)  # a bug here must not stop the agent
 
     async def _check_one(self, target: str) -> None:
         lock = self._lock(target)
