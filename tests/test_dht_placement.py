@@ -44,7 +44,7 @@ def pair(vol_distrep: tc.Volume, glusterd: tc.Glusterd) -> Iterator[Pair]:
     if tc.native_mount_unavailable_reason():
         pytest.skip(f"native glusterfs mount: {tc.native_mount_unavailable_reason()}")
     p = Pair(vol_distrep)
-    p.native.mount()  # first: it gives the root of a fresh volume its layout (gfuse does not)
+    p.native.mount()
     try:
         p.gfuse.mount()
         yield p

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from gfuse import testcluster as tc
-from gfuse.dhthash import LAYOUT_XATTR
 
 HELPER = Path("/sbin/mount.fuse.gfuse")
 
@@ -134,15 +133,6 @@ def live_mount(vol: tc.Volume, mp: Path, *opts: str) -> int:
     assert m, p.stdout
     assert tc.is_mounted(mp)
     return int(m.group(1))
-
-
-def ensure_root_layout(vol: tc.Volume) -> None:
-    if vol.kind == "distrep":
-        try:
-            os.getxattr(vol.brick_dir(0), LAYOUT_XATTR)
-        except OSError:
-            with tc.NativeMount(vol) as n:
-                os.listdir(n.path)
 
 
 # ------------------------------------------------------------------------------------------

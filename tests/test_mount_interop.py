@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from gfuse import testcluster as tc
-from gfuse.dhthash import LAYOUT_XATTR
 
 KINDS = ["replica3", "distrep"]
 
@@ -33,9 +32,7 @@ class Pair:
         self.gfuse = tc.GfuseMount(vol)
 
     def start(self) -> None:
-        self.native.mount()  # first: a fresh distributed volume gets its root layout from it
-        if self.vol.kind == "distrep":
-            os.getxattr(self.vol.brick_dir(0), LAYOUT_XATTR)
+        self.native.mount()
         self.gfuse.mount()
 
     def stop(self) -> None:

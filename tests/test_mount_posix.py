@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from gfuse import testcluster as tc
-from gfuse.dhthash import LAYOUT_XATTR
+from gfuse.dhthash import LAYOUT_XATTR, Range
 
 KINDS = ["replica3", "distrep"]
 USER = 1000  # an unprivileged uid/gid for the permission tests
@@ -33,24 +33,6 @@ SYS_PYTHON = "/usr/bin/python3"  # readable by USER (the test interpreter may li
 
 # ------------------------------------------------------------------------------------------
 # helpers
-
-
-def ensure_root_layout(vol: tc.Volume) -> None:
-    """A fresh distributed volume has no layout on its root until a native client looked at it.
-
-    gfuse does not heal a missing layout (see test_fresh_distributed_volume_root_layout, an
-    xfail): let the native client write it once so the other tests can exercise gfuse itself.
-    """
-    if vol.kind != "distrep":
-        return
-    try:
-        os.getxattr(vol.brick_dir(0), LAYOUT_XATTR)
-        return
-    except OSError:
-        pass
-    with tc.NativeMount(vol) as m:
-        os.listdir(m.path)
-    os.getxattr(vol.brick_dir(0), LAYOUT_XATTR)  # written by the native lookup of the root
 
 
 class SharedMount:
@@ -94,7 +76,6 @@ def shared(request: pytest.FixtureRequest, glusterd: tc.Glusterd) -> Iterator[Sh
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse")
     vol = request.getfixturevalue(f"vol_{request.param}")
-    ensure_root_layout(vol)
     sm = SharedMount(vol, ["allow_other"])
     sm.start()
     try:
@@ -932,10 +913,24 @@ def test_failed_brick_call_does_not_take_the_mount_down(make_volume, gfuse_mount
     assert os.path.exists(f"/proc/{pid}")
 
 
-def test_fresh_distributed_volume_root_layout(make_volume, gfuse_mount) -> None:
+def test_fresh_distributed_volume_root_layout(make_volume, gfuse_mount, native_mount) -> None:
+    """Nobody has looked at this volume yet: its root has no layout until gfuse writes one, which the
+    native client then takes as it is."""
     vol = make_volume("distrep")
     m = gfuse_mount(vol)
     os.mkdir(m.path / "first")
     (m.path / "first" / "f").write_bytes(b"x")
     (m.path / "top-file").write_bytes(b"y")
     assert sorted(os.listdir(m.path)) == ["first", "top-file"]
+    ranges = []
+    for k in range(2):
+        values = {os.getxattr(b, LAYOUT_XATTR) for b in vol.brick_dirs[3 * k:3 * k + 3]}
+        assert len(values) == 1, f"replica set {k} disagrees on the root layout: {values}"
+        ranges.append(Range.decode(values.pop()))
+    spans = sorted((r.start, r.stop) for r in ranges)
+    assert spans[0][0] == 0 and spans[-1][1] == 0xFFFFFFFF and spans[1][0] == spans[0][1] + 1, spans
+    n = native_mount(vol)
+    assert sorted(os.listdir(n.path)) == ["first", "top-file"]
+    assert (n.path / "first" / "f").read_bytes() == b"x"
+    assert [Range.decode(os.getxattr(vol.brick_dir(3 * k), LAYOUT_XATTR)) for k in range(2)] == ranges, \
+        "the native client rewrote gfuse's root layout"
