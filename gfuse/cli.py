@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import subprocess
@@ -154,13 +155,17 @@ def mount(volume_spec: str, mountpoint: str, options: str, foreground: bool, tim
 
     try:
         opts = parse_options(options)
-    except MountError as e:
-        raise click.UsageError(str(e)) from None
-    try:
         parse_volume_spec(volume_spec)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-    if not os.path.isdir(mountpoint):
+    except (MountError, ValueError) as e:
+        raise UserError(str(e)) from None
+    try:
+        is_dir = os.path.isdir(mountpoint) if os.stat(mountpoint) else False
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise UserError(f"{mountpoint} is a dead mount (transport endpoint is not connected): "
+                            f"unmount it first with 'umount -l {mountpoint}'") from None
+        is_dir = False
+    if not is_dir:
         raise UserError(f"mount point {mountpoint} does not exist or is not a directory")
     if os.path.ismount(mountpoint):
         raise UserError(f"{mountpoint} is already a mount point")

@@ -198,7 +198,10 @@ class VolfileWatcher:
                             self._kick = trio.Event()
                             await self._refetch()
                     nursery.cancel_scope.cancel()
-            except OSError as e:
+            except Exception as exc:  # noqa: BLE001 - connection failures arrive wrapped by the nursery
+                e = leaf(exc)
+                if not isinstance(e, (OSError, rpc.RPCError)):
+                    raise
                 log.debug("volfile watcher: %s: %s", server, e)
                 if not started:
                     task_status.started()

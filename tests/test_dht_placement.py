@@ -242,9 +242,6 @@ def test_rename_to_a_name_on_the_other_set(pair: Pair, dname: str) -> None:
     assert not os.path.lexists(n)
 
 
-@pytest.mark.xfail(strict=True, reason="gfuse bug: on a distributed volume a directory's attributes come from "
-                   "one subvolume (distribute.py stat/_on_inode: subvolume 0; lookup: the hashed one); the native "
-                   "DHT merges them (latest a/m/ctime), so gfuse shows a stale mtime after a change on another set")
 def test_directory_times_merge_subvolumes(pair: Pair, dname: str) -> None:
     g, n = pair.gfuse.path / dname, pair.native.path / dname
     os.mkdir(g)

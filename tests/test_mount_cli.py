@@ -157,8 +157,6 @@ def test_error_unreachable_glusterd(vol_replica3: tc.Volume, mounts: Mounts) -> 
     wait_for(lambda: not serving_pids(mp), 10, "the mount process to exit")
 
 
-@pytest.mark.xfail(strict=True, reason="gfuse bug: a bad -o option is reported as click's three-line usage block "
-                   "(cli.py mount raises click.UsageError for parse_options' MountError) instead of one line")
 def test_error_bad_option(vol_replica3: tc.Volume, mounts: Mounts) -> None:
     mp = mounts.new()
     p = gfuse("mount", vol_replica3.source, str(mp), "-o", "nosuchopt")
@@ -303,9 +301,6 @@ def test_subdir_mount(vol_replica3: tc.Volume, mounts: Mounts) -> None:
         gfuse("umount", str(full))
 
 
-@pytest.mark.xfail(strict=True, reason="gfuse bug: the mount dies right after going live when the first volfile "
-                   "server is unreachable: mgmt.VolfileWatcher.run connects inside a trio nursery, so the "
-                   "connection error arrives as an ExceptionGroup that its 'except OSError' does not catch")
 def test_backup_volfile_server(vol_replica3: tc.Volume, mounts: Mounts) -> None:
     mp = mounts.new("backup")
     p = gfuse("mount", f"127.0.0.1:1:/{vol_replica3.name}", str(mp), "-o", "backup-volfile-servers=127.0.0.1",

@@ -43,6 +43,15 @@ def is_linkto(stat: Iatt | None, xdata: Dict | None) -> bool:
                 and xdata and LINKTO_XATTR in xdata)
 
 
+def merge_dir_times(base: Iatt, others: Sequence[Iatt]) -> None:
+    """Give ``base`` the latest a/m/ctime of all copies of a directory."""
+    for o in others:
+        for f in ("atime", "mtime", "ctime"):
+            if (getattr(o, f), getattr(o, f + "_nsec")) > (getattr(base, f), getattr(base, f + "_nsec")):
+                setattr(base, f, getattr(o, f))
+                setattr(base, f + "_nsec", getattr(o, f + "_nsec"))
+
+
 @dataclass
 class _DhtFd:
     gfid: bytes
@@ -209,6 +218,9 @@ class Distribute:
         if r.stat.is_dir:
             self._where.pop(r.stat.gfid, None)
             self._remember_dir(r.stat.gfid)
+            others = [i for i in range(len(self.children)) if i != h]
+            res = await gather([lambda i=i: self.children[i].lookup(pargfid, name, x, cred=cred) for i in others])
+            merge_dir_times(r.stat, [x.stat for x in res if isinstance(x, Result) and x.stat is not None])
             return r
         if is_linkto(r.stat, r.xdata):
             target = self._linkto_target(r.xdata)
@@ -278,7 +290,16 @@ class Distribute:
         return ok[0]
 
     async def stat(self, gfid: bytes, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
-        return await self._on_inode(gfid, lambda c: c.stat(gfid, xdata, cred=cred))
+        i = await self._where_is(gfid)
+        if i is not None:
+            return await self.children[i].stat(gfid, xdata, cred=cred)
+        # a directory: every subvolume has a copy; its times are the latest of them, as gluster shows
+        res = await gather([lambda c=c: c.stat(gfid, xdata, cred=cred) for c in self.children])
+        ok = [r for r in res if isinstance(r, Result) and r.stat is not None]
+        if not ok:
+            raise _pick_error(res)
+        merge_dir_times(ok[0].stat, [r.stat for r in ok[1:]])
+        return ok[0]
 
     async def readlink(self, gfid: bytes, size: int = 4096, cred: Credential | None = None) -> Result:
         return await self._on_inode(gfid, lambda c: c.readlink(gfid, size, cred=cred))
