@@ -8,7 +8,7 @@ bounded by a timeout (connect, send and receive share one deadline) and every fa
 
     c = AgentClient("/run/gfuse/agent.sock")
     c.ping()                                   # {"ok": True, "version": "0.1.0", "protocol": 1}
-    c.mount("server1:/vol/sub", "/var/lib/kubelet/pods/…/volumes/gfuse.io~gfuse/data",
+    c.mount("server1:/vol/sub", "/var/lib/kubelet/pods/…/volumes/gfuse.example.org~gfuse/data",
             options=["backup-volfile-servers=server2:server3"], readonly=False)
     c.stats(target)                            # {"bytes_total": …, "bytes_used": …, …}
     c.list()                                   # [{"source": …, "target": …, "pid": …, "healthy": …}, …]

@@ -37,9 +37,9 @@ from typing import Any, Self
 from .agentclient import AgentClient, AgentError
 from .mounttable import mounts_at, mounts_under, pid_alive, read_mounts
 
-VENDOR = "gfuse.io"
+VENDOR = "gfuse.example.org"
 DRIVER = "gfuse"
-PLUGIN_DIR_NAME = f"{VENDOR}~{DRIVER}"  # kubelet escapes "gfuse.io/gfuse" to "gfuse.io~gfuse"
+PLUGIN_DIR_NAME = f"{VENDOR}~{DRIVER}"  # kubelet escapes "gfuse.example.org/gfuse" to "gfuse.example.org~gfuse"
 
 
 #: the checkout this module (and so the code under test) comes from
@@ -154,7 +154,7 @@ class KubeletDir:
         return False
 
     def pod_volume_dir(self, pod_uid: str, name: str) -> Path:
-        """Where kubelet mounts a FlexVolume of driver ``gfuse.io/gfuse`` for a pod."""
+        """Where kubelet mounts a FlexVolume of driver ``gfuse.example.org/gfuse`` for a pod."""
         return self.root / "pods" / pod_uid / "volumes" / PLUGIN_DIR_NAME / name
 
 
@@ -206,7 +206,7 @@ def kubelet_mount_options(
 
 
 def install_driver(plugin_root: str | Path, agent_socket: str | Path) -> Path:
-    """Install the driver as kubelet finds it: ``<plugin_root>/gfuse.io~gfuse/gfuse``, an executable.
+    """Install the driver as kubelet finds it: ``<plugin_root>/gfuse.example.org~gfuse/gfuse``, an executable.
 
     The installed file is a small shell script running ``flexvolume.driver`` of this checkout with this
     Python and pointing it at ``agent_socket`` (kubelet gives drivers no environment of their own).

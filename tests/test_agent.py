@@ -349,9 +349,9 @@ def test_stats_and_health_bounded_on_a_stuck_mount(agent: AgentProcess, vol_repl
 def test_state_is_readopted_after_a_reboot(vol_replica3, tmp_path: Path) -> None:
     """Entries of the state file whose mounts are gone (node reboot) are mounted again while their
     directory exists; entries whose directory is gone (pod deleted) are dropped."""
-    target = tmp_path / "pods" / "uid1" / "volumes" / "gfuse.io~gfuse" / "data"
+    target = tmp_path / "pods" / "uid1" / "volumes" / "gfuse.example.org~gfuse" / "data"
     target.mkdir(parents=True)
-    gone = tmp_path / "pods" / "uid2" / "volumes" / "gfuse.io~gfuse" / "data"
+    gone = tmp_path / "pods" / "uid2" / "volumes" / "gfuse.example.org~gfuse" / "data"
     a = AgentProcess(tmp_path / "agent", health_interval=1.0)
     a.workdir.mkdir(parents=True)
     save_state(str(a.state), {

@@ -3,7 +3,7 @@
 kubelet (pkg/volume/flexvolume) runs ``<plugin-dir>/<vendor>~<driver>/<driver> <command> <args…>``
 with a JSON object of strings as the last argument of ``mount``, reads stdout and stderr together
 and unmarshals them as one JSON object. No kubelet can run here, so flexvolume.testing stands in:
-the driver is installed at ``<plugin-dir>/gfuse.io~gfuse/gfuse`` and executed from ``/`` with a bare
+the driver is installed at ``<plugin-dir>/gfuse.example.org~gfuse/gfuse`` and executed from ``/`` with a bare
 environment; the kubelet directory is a bind mount made rshared; a "pod" is a process in a mount
 namespace with slave propagation, started before the volume is mounted. The volumes and the gfuse
 mounts are real.
@@ -120,7 +120,7 @@ POD = PodInfo(name="web-0", namespace="shop", uid="0f3e2d1c-aaaa-bbbb-cccc-01234
      "kubernetes.io/readwrite must be \"rw\" or \"ro\", not 'rx'"),
 ])
 def test_bad_mount_options_fail_precisely(lone_driver: Path, tmp_path: Path, options: str, fragment: str) -> None:
-    target = tmp_path / "kubelet" / "pods" / POD.uid / "volumes" / "gfuse.io~gfuse" / "data"
+    target = tmp_path / "kubelet" / "pods" / POD.uid / "volumes" / "gfuse.example.org~gfuse" / "data"
     r = call_driver(lone_driver, "mount", str(target), options)
     out = _exactly_one_json_object(r)
     assert out["status"] == "Failure" and r.returncode == 1
@@ -152,7 +152,7 @@ def test_mount_options_as_kubelet_sends_them() -> None:
 
 
 def test_agent_not_running(lone_driver: Path, tmp_path: Path) -> None:
-    target = tmp_path / "kubelet" / "pods" / POD.uid / "volumes" / "gfuse.io~gfuse" / "data"
+    target = tmp_path / "kubelet" / "pods" / POD.uid / "volumes" / "gfuse.example.org~gfuse" / "data"
     for argv in (["mount", str(target), json.dumps(kubelet_mount_options("h:/v", POD))], ["unmount", str(target)]):
         r = call_driver(lone_driver, *argv)
         out = _exactly_one_json_object(r)
@@ -170,7 +170,7 @@ def test_agent_not_answering_is_bounded(tmp_path: Path) -> None:
         mute.listen(16)  # never accept()ed: connect succeeds, nothing is ever answered
         driver = install_driver(tmp_path / "volume-plugins", path)
         env = {"PATH": "/usr/bin:/bin", "GFUSE_FLEXVOLUME_TIMEOUT": "5"}
-        target = tmp_path / "pods" / "x" / "volumes" / "gfuse.io~gfuse" / "data"
+        target = tmp_path / "pods" / "x" / "volumes" / "gfuse.example.org~gfuse" / "data"
         r = call_driver(driver, "mount", str(target), json.dumps(kubelet_mount_options("h:/v", POD)), env=env)
         out = _exactly_one_json_object(r)
         assert out["status"] == "Failure" and r.returncode == 1
