@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import stat as stat_mod
+import struct
 from dataclasses import dataclass
 
 from .xdr import Packer, Unpacker
+
+#: gfx_iattx: gfid[16], 8 × u64, 4 × i64, 9 × u32 — 148 bytes, no padding
+_IATTX = struct.Struct(">16s8Q4q9I")
 
 ROOT_GFID = b"\0" * 15 + b"\x01"
 NULL_GFID = b"\0" * 16
@@ -64,24 +68,20 @@ class Iatt:
         return stat_mod.S_ISLNK(self.mode)
 
     def encode(self) -> bytes:
-        p = Packer().fixed(self.gfid, 16)
-        for v in (self.flags, self.ino, self.dev, self.rdev, self.size, self.blocks,
-                  self.attributes, self.attributes_mask):
-            p.u64(v)
-        for v in (self.atime, self.mtime, self.ctime, self.btime):
-            p.i64(v)
-        for v in (self.atime_nsec, self.mtime_nsec, self.ctime_nsec, self.btime_nsec,
-                  self.nlink, self.uid, self.gid, self.blksize, self.mode):
-            p.u32(v)
-        return p.bytes()
+        if len(self.gfid) != 16:
+            raise ValueError(f"gfid needs 16 bytes, got {len(self.gfid)}")
+        m64, m32 = 0xFFFFFFFFFFFFFFFF, 0xFFFFFFFF
+        return _IATTX.pack(
+            self.gfid,
+            *(v & m64 for v in (self.flags, self.ino, self.dev, self.rdev, self.size, self.blocks,
+                                self.attributes, self.attributes_mask)),
+            self.atime, self.mtime, self.ctime, self.btime,
+            *(v & m32 for v in (self.atime_nsec, self.mtime_nsec, self.ctime_nsec, self.btime_nsec,
+                                self.nlink, self.uid, self.gid, self.blksize, self.mode)))
 
     @classmethod
     def decode(cls, u: Unpacker) -> "Iatt":
-        gfid = u.fixed(16)
-        u64s = [u.u64() for _ in range(8)]
-        i64s = [u.i64() for _ in range(4)]
-        u32s = [u.u32() for _ in range(9)]
-        return cls(gfid, *u64s, *i64s, *u32s)
+        return cls(*u.struct(_IATTX))
 
     @classmethod
     def decode_gf_iatt(cls, u: Unpacker) -> "Iatt":

@@ -103,6 +103,10 @@ class Unpacker:
     def u32(self) -> int:
         return _U32.unpack(self._take(4))[0]
 
+    def struct(self, st: struct.Struct) -> tuple:
+        """Several fixed-size items at once (a hot path: iatt decoding)."""
+        return st.unpack(self._take(st.size))
+
     def i32(self) -> int:
         return _I32.unpack(self._take(4))[0]
 
