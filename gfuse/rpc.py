@@ -107,18 +107,14 @@ class Credential:
     ctime_nsec: int = 0
 
     def encode_v2(self) -> bytes:
-        p = Packer().i32(self.pid).u32(self.uid).u32(self.gid)
-        p.u32(len(self.groups))
-        for g in self.groups:
-            p.u32(g)
-        body = p.opaque(self.lk_owner).bytes()
-        if len(body) > MAX_AUTH_BYTES:
-            raise ValueError(f"credential of {len(body)} bytes exceeds {MAX_AUTH_BYTES} (too many groups?)")
-        return body
+        return self._finish(Packer().i32(self.pid).u32(self.uid).u32(self.gid))
 
     def encode_v3(self) -> bytes:
         p = Packer().i32(self.pid).u32(self.uid).u32(self.gid).u32(self.flags)
-        p.u32(self.ctime_nsec).u64(self.ctime_sec)
+        return self._finish(p.u32(self.ctime_nsec).u64(self.ctime_sec))
+
+    def _finish(self, p: Packer) -> bytes:
+        """The common tail (groups, lock owner) and the size limit every gluster credential has."""
         p.u32(len(self.groups))
         for g in self.groups:
             p.u32(g)

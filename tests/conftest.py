@@ -193,6 +193,27 @@ def make_volume(glusterd: tc.Glusterd) -> Iterator[Callable[..., tc.Volume]]:
             pytest.fail("make_volume teardown: " + "\n".join(errors), pytrace=False)
 
 
+def _mounts(kind: type[tc.NativeMount]) -> Iterator[Callable[..., tc.NativeMount]]:
+    """A factory of mounts of ``kind``, all unmounted (and their servers reaped) when the test ends."""
+    mounts: list[tc.NativeMount] = []
+
+    def factory(
+        volume: tc.Volume | str,
+        mountpoint: str | Path | None = None,
+        options: Sequence[str] = (),
+    ) -> tc.NativeMount:
+        m = kind(volume, mountpoint, options=options)
+        m.mount()
+        mounts.append(m)
+        return m
+
+    try:
+        yield factory
+    finally:
+        for m in reversed(mounts):
+            m.unmount()
+
+
 @pytest.fixture
 def native_mount(glusterd: tc.Glusterd) -> Iterator[Callable[..., tc.NativeMount]]:
     """Factory: mount a volume with the native glusterfs client; unmounted after the test."""
@@ -201,44 +222,12 @@ def native_mount(glusterd: tc.Glusterd) -> Iterator[Callable[..., tc.NativeMount
         if _required():
             pytest.fail(f"GFUSE_REQUIRE_CLUSTER is set but: {reason}", pytrace=False)
         pytest.skip(f"native glusterfs mount: {reason}")
-    mounts: list[tc.NativeMount] = []
-
-    def factory(
-        volume: tc.Volume | str,
-        mountpoint: str | Path | None = None,
-        options: Sequence[str] = (),
-    ) -> tc.NativeMount:
-        m = tc.NativeMount(volume, mountpoint, options=options)
-        m.mount()
-        mounts.append(m)
-        return m
-
-    try:
-        yield factory
-    finally:
-        for m in reversed(mounts):
-            m.unmount()
+    yield from _mounts(tc.NativeMount)
 
 
 @pytest.fixture
-def gfuse_mount(glusterd: tc.Glusterd) -> Iterator[Callable[..., tc.GfuseMount]]:
+def gfuse_mount(glusterd: tc.Glusterd) -> Iterator[Callable[..., tc.NativeMount]]:
     """Factory: mount a volume with gfuse (daemonized, as users do); unmounted and reaped after the test."""
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse")
-    mounts: list[tc.GfuseMount] = []
-
-    def factory(
-        volume: tc.Volume | str,
-        mountpoint: str | Path | None = None,
-        options: Sequence[str] = (),
-    ) -> tc.GfuseMount:
-        m = tc.GfuseMount(volume, mountpoint, options=options)
-        m.mount()
-        mounts.append(m)
-        return m
-
-    try:
-        yield factory
-    finally:
-        for m in reversed(mounts):
-            m.unmount()
+    yield from _mounts(tc.GfuseMount)
