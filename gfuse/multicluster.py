@@ -25,11 +25,12 @@ a machine where a default glusterd already runs (measured here, glusterfs 10.3):
    bricks reach the quota daemon at ``/var/run/gluster/quotad.socket`` (each quotad binds it: a
    second glusterd's quotad would steal the default glusterd's socket), the CLI reads
    ``/var/lib/glusterd/vols/VOL/quota.conf`` for ``volume quota VOL list`` (it would read the
-   default glusterd's), and quota's auxiliary mounts live under ``/var/run/gluster``. So each node
+   default glusterd's), the CLI talks to quotad only if ``/var/run/gluster/quotad/quotad.pid``
+   exists, and quota's auxiliary mounts live under ``/var/run/gluster``. So each node
    also gets its **own mount namespace** in which ``/var/lib/glusterd``, ``/run/gluster`` and
-   ``/var/log/glusterfs`` are bind mounts of that node's own directories -- exactly what a real
-   separate machine would have. The node's working directory is the same directory under both
-   names, so the cluster.rc options and the hard-coded paths agree.
+   ``/var/log/glusterfs`` are bind mounts of that node's working, run and log directories --
+   exactly what a real separate machine would have. Each is the same directory under both names,
+   so the cluster.rc options and the hard-coded paths agree.
 
 The namespaces are held by small ``sleep`` processes (``holders``); every gluster process of the
 cluster is started with ``nsenter`` into them. Unix sockets live in the file system, so a glusterd
@@ -84,8 +85,6 @@ __all__ = ["ROOT", "PREFIX", "MultiCluster", "Node", "MultiClusterError", "clean
 ROOT = Path(os.environ.get("GFUSE_MULTICLUSTER_ROOT", "/var/tmp/gfuse-multicluster"))
 PREFIX = "127.1.1"
 GLUSTERD_BIN = os.environ.get("GFUSE_GLUSTERD", "/usr/sbin/glusterd")
-#: host paths that gluster hard-codes; each node's mount namespace binds its own directory over them
-_BIND_TARGETS = {"glusterd": "/var/lib/glusterd", "run": "/run/gluster", "log": "/var/log/glusterfs"}
 
 
 class MultiClusterError(RuntimeError):
@@ -412,8 +411,8 @@ class MultiCluster:
         self._save()
         for node in self.nodes:
             binds = []
-            for sub, target in _BIND_TARGETS.items():
-                src = node.dir / sub
+            for src, target in ((node.workdir, "/var/lib/glusterd"), (node.rundir, "/run/gluster"),
+                                (node.logdir, "/var/log/glusterfs")):
                 src.mkdir(parents=True, exist_ok=True)
                 binds.append(f"mkdir -p {shlex.quote(target)} && mount --bind {shlex.quote(str(src))} {shlex.quote(target)}")
             node.rundir.mkdir(parents=True, exist_ok=True)
@@ -424,8 +423,18 @@ class MultiCluster:
                  "unshare", "--mount", "--propagation", "private", "sh", "-c", script], f"node {node.host}")
             self.state["holders"].append(_proc_record(node.holder))
             self._save()
-        for node in self.nodes:
-            self.start_glusterd(node.index, wait=False)
+        # glusterd daemonizes only after its initialisation (~3 s): start all at once
+        procs = [subprocess.Popen([*self.node_prefix(n.index), *self.glusterd_cmd(n.index)], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for n in self.nodes]
+        for node, proc in zip(self.nodes, procs):
+            try:
+                _out, err = proc.communicate(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise MultiClusterError(f"glusterd {node.host} did not daemonize within {self.timeout:.0f}s") from None
+            if proc.returncode != 0:
+                raise MultiClusterError(f"glusterd {node.host} failed (exit {proc.returncode}): {err.decode(errors='replace')}")
         for node in self.nodes:
             self.wait_glusterd(node.index)
 

@@ -122,11 +122,27 @@ class Glusterd:
 
     # -- raw ---------------------------------------------------------------------------------------
 
-    def argv(self, *args: str) -> list[str]:
+    def argv(self, *args: str, xml: bool = True) -> list[str]:
         cmd = list(self.command)
         if self.socket and not any(a.startswith("--glusterd-sock") for a in cmd):
             cmd.append(f"--glusterd-sock={self.socket}")
-        return [*cmd, "--mode=script", "--xml", *args]
+        return [*cmd, "--mode=script", *(["--xml"] if xml else []), *args]
+
+    def text(self, *args: str, timeout: float | None = None) -> str:
+        """Run one CLI command without --xml (for the few whose XML output is broken); its stdout."""
+        cmd = self.argv(*args, xml=False)
+        try:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=timeout or self.timeout)
+        except subprocess.TimeoutExpired:
+            raise StorageError("glusterd-unreachable", f"gluster {' '.join(args[:3])}: no answer within "
+                                                       f"{timeout or self.timeout:.0f}s") from None
+        out = proc.stdout + proc.stderr
+        if _UNREACHABLE.search(out) and proc.returncode != 0:
+            raise StorageError("glusterd-unreachable", f"gluster {' '.join(args[:3])}: {out.strip()}")
+        if proc.returncode != 0:
+            raise StorageError("gluster-error", f"gluster {' '.join(args[:3])}: {out.strip()}")
+        return proc.stdout
 
     def xml(self, *args: str, timeout: float | None = None) -> ET.Element:
         """Run one CLI command; its ``<cliOutput>`` on success, StorageError otherwise."""
@@ -155,7 +171,7 @@ class Glusterd:
                 log.debug("%s: ok", what)
                 return root
             err = ((root.findtext("opErrstr") if root is not None else None) or proc.stderr or proc.stdout).strip()
-            if root is None and (_UNREACHABLE.search(err) or not err):
+            if root is None and _UNREACHABLE.search(err):
                 raise StorageError("glusterd-unreachable",
                                    f"{what}: glusterd does not answer on {self.socket or 'its default socket'}: "
                                    f"{err or f'exit status {proc.returncode}'}")
@@ -164,7 +180,7 @@ class Glusterd:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            e = StorageError("gluster-error", f"{what}: {err}")
+            e = StorageError("gluster-error", f"{what}: {err or f'no output, exit status {proc.returncode}'}")
             e.gluster_errstr = err  # type: ignore[attr-defined]
             raise e
 
@@ -313,12 +329,23 @@ class Glusterd:
         try:
             self.xml("volume", "quota", name, "remove", path)
         except StorageError as e:
-            if re.search(r"no (such file|limit|quota)|not (set|configured)|does not exist|Failed to get trusted.gfid",
+            if re.search(r"no (such file|limit|quota|data available)|not (set|configured)|does not exist|"
+                         r"Failed to get trusted.gfid",
                          e.message, re.I):
                 return
             raise
 
-    def quota_list(self, name: str, paths: Iterable[str] = ()) -> list[QuotaLimit]:
+    def quota_paths(self, name: str) -> list[str]:
+        """Every path with a limit. (``quota VOL list --xml`` without paths prints nothing in
+        glusterfs 10.3, so this reads the table of the plain output.)"""
+        out = self.text("volume", "quota", name, "list")
+        return [line.split()[0] for line in out.splitlines() if line.startswith("/")]
+
+    def quota_list(self, name: str, paths: Iterable[str] | None = None) -> list[QuotaLimit]:
+        """Limits (exact bytes) of ``paths``, or of every limited path."""
+        paths = list(paths) if paths is not None else self.quota_paths(name)
+        if not paths:
+            return []
         try:
             root = self.xml("volume", "quota", name, "list", *paths)
         except StorageError as e:
