@@ -17,11 +17,13 @@ COPY daemonset/image/apt-install.sh /usr/local/sbin/apt-install
 
 # ---- build: the project and its dependencies in a venv (pyfuse3 compiles against libfuse3) ----------------
 FROM debian AS build
-RUN apt-install python3 python3-venv python3-dev gcc libc6-dev pkg-config libfuse3-dev
+COPY daemonset/image/wheelhouse/ /src/wheelhouse/
+# A compiler only when pyfuse3 has to be built here (a wheelhouse with a pyfuse3 wheel needs none: offline)
+RUN if ls /src/wheelhouse/pyfuse3-*.whl > /dev/null 2>&1; then apt-install python3 python3-venv; \
+    else apt-install python3 python3-venv python3-dev gcc libc6-dev pkg-config libfuse3-dev; fi
 COPY pyproject.toml README.md /src/
 COPY gfuse/ /src/gfuse/
 COPY flexvolume/ /src/flexvolume/
-COPY daemonset/image/wheelhouse/ /src/wheelhouse/
 # extras: k8s (kubernetes client: FlexVolume provisioner), csi (grpcio, protobuf, grpcio-tools: gfuse-csi)
 ARG GFUSE_EXTRAS=k8s,csi
 ENV GFUSE_CSI_STUBS_DIR=/opt/gfuse/csi-stubs
