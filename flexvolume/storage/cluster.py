@@ -96,8 +96,13 @@ def init(gd: Glusterd, nodes: Sequence[NodeSpec], *, pool: str = DEFAULT_POOL, r
         try:
             gd.peer_probe(n.host)
         except StorageError as e:
-            if "already in peer list" not in e.message and "localhost not needed" not in e.message:
-                raise
+            if "already in peer list" in e.message or "localhost not needed" in e.message:
+                continue
+            if re.search(r"not connected|connection refused|resolve|unreachable|timed? ?out", e.message, re.I):
+                raise StorageError("glusterd-unreachable",
+                                   f"node {n.host}: its glusterd does not answer on {n.host}:24007 (is glusterd "
+                                   f"running there, is the port open, does the name resolve?): {e.message}") from None
+            raise
     _wait_peers(gd, hosts[1:], peer_timeout)
     # 2. the pool volume
     r = replica or min(3, len(nodes))
