@@ -78,8 +78,10 @@ t0=$SECONDS
 if [ "$REBUILD_BASE" = 1 ] || ! podman image exists "$BASE"; then
     command -v debootstrap > /dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
     if [ -z "${MIRROR:-}" ]; then
-        MIRROR=$(grep -rhoE 'https?://[^ ]*/debian/?' /etc/apt/sources.list /etc/apt/sources.list.d/ 2> /dev/null \
-            | grep -v security | head -n1 || true)
+        # apt's own mirror (one-line or deb822 sources; comments and security/snapshot archives skipped)
+        MIRROR=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2> /dev/null \
+            | sed -e 's/#.*//' | grep -oE 'https?://[^ ]*/debian/?( |$)' | grep -v -e security -e snapshot \
+            | head -n1 | tr -d ' ' || true)
         MIRROR="${MIRROR:-http://deb.debian.org/debian}"
     fi
     rootfs="$WORKDIR/rootfs.$$"
