@@ -130,4 +130,6 @@ podman build --network none --build-arg BASE_IMAGE="$BASE" --label "org.example.
     || die "podman build failed; last lines of $WORKDIR/build.log:
 $(tail -n 20 "$WORKDIR/build.log")"
 rm -rf "$ctx"
+# earlier builds' stages and replaced images (~1 GB a build): only dangling images carrying our label
+podman image prune -f --filter "label=org.example.gfuse.source-hash" > /dev/null 2>&1 || true
 log "image $TAG ready ($((SECONDS - t0)) s)"
