@@ -8,7 +8,9 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-APT_PACKAGES=(glusterfs-server glusterfs-client fuse3 libfuse3-dev pkg-config attr)
+APT_PACKAGES=(glusterfs-server glusterfs-client fuse3 libfuse3-dev pkg-config attr
+              # rootful podman for the DaemonSet-pod test (crun fails here: runc), debootstrap for its image
+              podman runc conmon catatonit busybox-static debootstrap)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "install-deps.sh: needs root (apt-get, glusterd, mounts); run: sudo $0" >&2

@@ -12,4 +12,6 @@ export PYTHON
 ./scripts/install-deps.sh
 "$PYTHON" -c 'from gfuse.testcluster import ensure_glusterd; g = ensure_glusterd(); print(f"glusterd running, pid {g.pid}")'
 export GFUSE_REQUIRE_CLUSTER="${GFUSE_REQUIRE_CLUSTER:-1}"
+# build the container image for the podman DaemonSet test when it is missing (~2.5 min the first time)
+export GFUSE_PODMAN_BUILD="${GFUSE_PODMAN_BUILD:-1}"
 exec "$PYTHON" -m pytest -q "$@"
