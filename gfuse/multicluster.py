@@ -80,7 +80,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ROOT", "PREFIX", "MultiCluster", "Node", "MultiClusterError", "cleanup_stale", "unavailable_reason"]
+__all__ = ["PREFIX", "ROOT", "MultiCluster", "MultiClusterError", "Node", "cleanup_stale", "unavailable_reason"]
 
 ROOT = Path(os.environ.get("GFUSE_MULTICLUSTER_ROOT", "/var/tmp/gfuse-multicluster"))
 PREFIX = "127.1.1"
@@ -217,9 +217,7 @@ def _cluster_pids(state: dict[str, Any], cdir: Path) -> list[int]:
     for pid in _pids():
         if pid == me:
             continue
-        if ns_trusted and ns and _netns_inode(pid) == ns:
-            found.append(pid)
-        elif needle in _cmdline(pid):
+        if ns_trusted and ns and _netns_inode(pid) == ns or needle in _cmdline(pid):
             found.append(pid)
     return found
 

@@ -98,7 +98,7 @@ def init(gd: Glusterd, nodes: Sequence[NodeSpec], *, pool: str = DEFAULT_POOL, r
         except StorageError as e:
             if "already in peer list" in e.message or "localhost not needed" in e.message:
                 continue
-            if re.search(r"not connected|connection refused|resolve|unreachable|timed? ?out", e.message, re.I):
+            if re.search(r"not connected|connection refused|resolve|unreachable|timed? ?out", e.message, re.IGNORECASE):
                 raise StorageError("glusterd-unreachable",
                                    f"node {n.host}: its glusterd does not answer on {n.host}:24007 (is glusterd "
                                    f"running there, is the port open, does the name resolve?): {e.message}") from None

@@ -199,7 +199,7 @@ class Glusterd:
         try:
             root = self.xml("volume", "info", name)
         except StorageError as e:
-            if e.reason == "gluster-error" and re.search(r"does not exist|not found", e.message, re.I):
+            if e.reason == "gluster-error" and re.search(r"does not exist|not found", e.message, re.IGNORECASE):
                 return None
             raise
         vol = root.find("volInfo/volumes/volume")
@@ -276,7 +276,7 @@ class Glusterd:
         try:
             self.xml("volume", "delete", name)
         except StorageError as e:
-            if re.search(r"does not exist", e.message, re.I):
+            if re.search(r"does not exist", e.message, re.IGNORECASE):
                 return
             raise
 
@@ -331,7 +331,7 @@ class Glusterd:
         except StorageError as e:
             if re.search(r"no (such file|limit|quota|data available)|not (set|configured)|does not exist|"
                          r"Failed to get trusted.gfid",
-                         e.message, re.I):
+                         e.message, re.IGNORECASE):
                 return
             raise
 
@@ -349,7 +349,7 @@ class Glusterd:
         try:
             root = self.xml("volume", "quota", name, "list", *paths)
         except StorageError as e:
-            if re.search(r"no quota configured|quota is disabled|not enabled", e.message, re.I):
+            if re.search(r"no quota configured|quota is disabled|not enabled", e.message, re.IGNORECASE):
                 return []
             raise
         out = []
