@@ -326,7 +326,7 @@ def test_volume_impossible_requests(volume, gd):
     assert ei.value.reason == "invalid-parameters" and "replcia" in ei.value.message
 
 
-def test_volume_replica2_spreads_by_free_space(volume, gd):
+def test_volume_replica2_spreads_by_free_space(mc, volume, gd, state_dir):
     a = volume.create("pvc-spread-a", 32 * MiB, {"replica": "2"})
     b = volume.create("pvc-spread-b", 32 * MiB, {"replica": "2"})
     try:
@@ -339,8 +339,22 @@ def test_volume_replica2_spreads_by_free_space(volume, gd):
             volume.create("pvc-spread-c", 40 * MiB, {"replica": "3"})
         assert ei.value.reason == "pool-full"
     finally:
-        volume.delete("pvc-spread-a")
+        # a provisioner that cannot see the brick pools leaves the brick directories behind ...
+        VolumeBackend(gd, BrickPoolRegistry(gd, POOL), state_dir=state_dir).delete("pvc-spread-a")
         volume.delete("pvc-spread-b")
+    left = [Path(x.split(":", 1)[1]) for x in a.extra["bricks"]]
+    assert all(p.is_dir() for p in left)
+    # ... and `gfuse cluster gc` run on each node removes them (and nothing in use)
+    env = {**os.environ, "GFUSE_GLUSTER_COMMAND": " ".join(mc.gluster_command(1)), "GFUSE_GLUSTERD_SOCKET": ""}
+    removed = []
+    for n in mc.nodes:
+        out = subprocess.run(["gfuse", "cluster", "gc", "--node", n.host, "--pool", POOL], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        removed += [line.split(" ", 1)[1] for line in out.stdout.splitlines()]
+    assert sorted(removed) == sorted(str(p) for p in left)
+    assert not any(p.exists() for p in left)
+    assert (mc.node(1).bricks / POOL).is_dir()
 
 
 # ------------------------------------------------------------------------------------------------
