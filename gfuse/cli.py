@@ -364,8 +364,6 @@ def mount_helper(argv: list[str] | None = None) -> None:
     main(["mount", pos[0], pos[1], "-o", ",".join(opts)] + (["-f"] if foreground else []))
 
 
-if __name__ == "__main__":
-    main()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -489,3 +487,7 @@ def _format_cluster_status(st: dict) -> str:
 
 
 cli.add_command(cluster_group)
+
+
+if __name__ == "__main__":
+    main()

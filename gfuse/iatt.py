@@ -6,7 +6,7 @@ import stat as stat_mod
 import struct
 from dataclasses import dataclass
 
-from .xdr import Packer, Unpacker
+from .xdr import Unpacker
 
 #: gfx_iattx: gfid[16], 8 × u64, 4 × i64, 9 × u32 — 148 bytes, no padding
 _IATTX = struct.Struct(">16s8Q4q9I")

@@ -71,6 +71,14 @@ def _pick_error(results: Sequence[Any]) -> OSError:
     return errs[0] if errs else OSError(errno.EIO, "no replica answered")
 
 
+def _quorum_error(name: str, what: str, done: int, quorum: int, results: Sequence[Any]) -> OSError:
+    """Too few replicas took the change: the bricks' own reason (EDQUOT, ENOSPC, …) when they gave one."""
+    err = _pick_error(results)
+    if err.errno not in (errno.ENOTCONN, errno.EBADFD):
+        return err
+    return OSError(errno.ENOTCONN, f"{name}: {what} succeeded on only {done} replica(s), quorum is {quorum}")
+
+
 class _AfrFd:
     __slots__ = ("gfid", "flags", "is_dir", "handles", "read_child")
 
@@ -407,8 +415,7 @@ class Replicate:
                     for g, _ in tgts:
                         self._readable[g] = [i for i in self._readable.get(g, done) if i in done] or done
             if len(done) < self.quorum:
-                raise OSError(errno.ENOTCONN, f"{self.name}: {what} succeeded on only {len(done)} replica(s), "
-                                              f"quorum is {self.quorum}")
+                raise _quorum_error(self.name, what, len(done), self.quorum, res)
             return res[idx.index(done[0])]
         finally:
             await self._unlock_later(locked_sets)
@@ -667,8 +674,7 @@ class Replicate:
             if not done:
                 raise _pick_error(res)
             if len(done) < self.quorum:
-                raise OSError(errno.ENOTCONN, f"{self.name}: write succeeded on only {len(done)} replica(s), "
-                                              f"quorum is {self.quorum}")
+                raise _quorum_error(self.name, "write", len(done), self.quorum, res)
             return res[idx.index(done[0])]
         finally:
             el.inflight -= 1
