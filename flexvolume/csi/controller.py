@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import re
@@ -55,6 +54,7 @@ from typing import Any
 
 import grpc
 
+from .. import jsonfile
 from ..agentclient import AgentClient, AgentError
 from .node import bounded, unmount_all
 from .stubs import csi_pb2, csi_pb2_grpc
@@ -292,23 +292,14 @@ class PoolMounts:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    jsonfile.write_atomic(path, data)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return None
+        return jsonfile.read(path)
     except ValueError as e:
         raise CsiError(grpc.StatusCode.INTERNAL, f"{path}: corrupt volume record: {e}") from None
-    return data if isinstance(data, dict) else None
 
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):

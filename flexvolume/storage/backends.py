@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import jsonfile
 from .api import Backend, ProvisionedVolume, StorageError
 from .glusterd import Brick, Glusterd, VolumeInfo
 
@@ -161,23 +162,14 @@ class _Locks:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    jsonfile.write_atomic(path, data)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return None
+        return jsonfile.read(path)
     except ValueError as e:
         raise StorageError("gluster-error", f"{path}: corrupt record ({e}); fix or remove it by hand") from None
-    return data if isinstance(data, dict) else None
 
 
 # ------------------------------------------------------------------------------------------------
