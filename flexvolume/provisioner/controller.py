@@ -697,6 +697,8 @@ class Controller:
         sc = self._get_class(sc_name)
         if FINALIZER not in fins and (sc is None or sc.get("provisioner") != self.provisioner):
             return  # not ours
+        if self._settled(cached):
+            return  # bound, nothing to expand: no API calls (resyncs of many claims stay cheap)
         claim = self._read_claim(ns, name)
         if claim is None:
             return
@@ -741,6 +743,26 @@ class Controller:
                        f"failed to provision volume with StorageClass \"{_meta(sc)['name']}\": "
                        f"{type(e).__name__}: {e}")
             raise
+
+    def _settled(self, claim: Mapping[str, Any]) -> bool:
+        """From the caches: a bound claim with nothing left to do (no finalizer of ours, its PV at
+        the requested size, its status capacity at the PV's)."""
+        meta = _meta(claim)
+        name = (claim.get("spec") or {}).get("volumeName")
+        if not name or meta.get("deletionTimestamp") or FINALIZER in (meta.get("finalizers") or []):
+            return False
+        pv = self.volumes.get(name)
+        if pv is None:
+            return False
+        if not self._ours(pv) or ((pv.get("spec") or {}).get("claimRef") or {}).get("uid") != meta.get("uid"):
+            return True
+        try:
+            requested = parse_size(claim["spec"]["resources"]["requests"]["storage"])
+            current = parse_size(pv["spec"]["capacity"]["storage"])
+            have = parse_size(((claim.get("status") or {}).get("capacity") or {})["storage"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        return requested <= current <= have
 
     def _check_claim(self, claim: Mapping[str, Any]) -> int:
         spec = claim.get("spec") or {}
@@ -957,6 +979,10 @@ class Controller:
         cached = self.volumes.get(name)
         if cached is None or not self._ours(cached):
             return
+        if not _meta(cached).get("deletionTimestamp") and not (
+                (cached.get("status") or {}).get("phase") == "Released"
+                and (cached.get("spec") or {}).get("persistentVolumeReclaimPolicy") == "Delete"):
+            return  # nothing to do (the cache says so; no API calls)
         pv = self._read_volume(name)
         if pv is None or not self._ours(pv):
             return
