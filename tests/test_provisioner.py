@@ -893,3 +893,18 @@ def test_e2e_killed_while_deleting_then_restarted(case: str, pool: Any, provisio
         wait_gone(emu, "persistentvolumes", name, 60, log=second)
         assert second.stop() == 0, second.tail()
         assert_consistent(emu, pool, [c])
+
+
+def test_command_line_configuration_errors_are_one_line_and_exit_2(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from flexvolume.provisioner import main as prov_main
+
+    assert prov_main._lease_name(PROVISIONER) == "gfuse-example-org-gfuse"
+    assert prov_main.main(["--kubeconfig", str(tmp_path / "missing")]) == 2
+    with KubeEmulator() as emu:
+        kubeconfig = emu.write_kubeconfig(tmp_path / "kubeconfig")
+        assert prov_main.main(["--kubeconfig", str(kubeconfig), "--lease-duration", "5",
+                               "--renew-deadline", "10"]) == 2
+    args = prov_main.parse_args([])
+    assert (args.leader_elect, args.leader_election_namespace, args.glusterd_socket) == \
+        (True, "gfuse-system", "/var/run/glusterd.socket")

@@ -113,15 +113,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("cannot start: %s: %s", type(e).__name__, e)
         return 2
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("signal %s: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
     elector = None
     if args.leader_elect:
         from .leader import LeaderElector
@@ -134,6 +125,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as e:
             log.error("cannot start: %s", e)
             return 2
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
 
     controller = Controller(api, factory, provisioner=args.provisioner_name, identity=identity,
                             is_leader=elector.is_leader if elector else (lambda: True),
