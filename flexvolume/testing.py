@@ -73,7 +73,7 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -
         time.sleep(interval)
 
 
-def _gfuse_serving_pids_under(root: str) -> list[int]:
+def gfuse_serving_pids_under(root: str) -> list[int]:
     """gfuse serving processes (daemonized ``gfuse mount``) whose mount point is under ``root``."""
     prefix = root.rstrip("/") + "/"
     out = []
@@ -95,7 +95,7 @@ def cleanup_mounts_under(root: str | Path) -> list[str]:
     """Kill gfuse serving processes for mounts below ``root`` and detach every mount below it
     (not ``root`` itself). Returns what was unmounted."""
     root = os.path.abspath(str(root))
-    for pid in _gfuse_serving_pids_under(root):
+    for pid in gfuse_serving_pids_under(root):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     done = []

@@ -33,6 +33,7 @@ import grpc
 import pytest
 
 from flexvolume.agentclient import AgentClient, AgentError
+from flexvolume.testing import gfuse_serving_pids_under
 from flexvolume.mounttable import mounts_at, mounts_under
 
 try:  # generated at first import (flexvolume/csi/stubs.py): may download the ember-csi wheel once
@@ -103,24 +104,6 @@ def _stop(proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
         proc.wait(10)
 
 
-def _serving_pids_under(root: str) -> list[int]:
-    """Daemonized ``gfuse mount`` processes whose mount point lies under ``root``."""
-    prefix = root.rstrip("/") + "/"
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{name}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "gfuse.cli" in argv and "mount" in argv:
-            i = argv.index("mount")
-            if i + 2 < len(argv) and argv[i + 2].startswith(prefix):
-                out.append(int(name))
-    return out
-
-
 def _cleanup_mounts(root: str) -> list[str]:
     """Detach every mount under ``root`` and kill gfuse servers still serving there."""
     left = []
@@ -132,9 +115,9 @@ def _cleanup_mounts(root: str) -> list[str]:
             subprocess.run(["umount", "-l", m.target], capture_output=True, timeout=20)
             left.append(m.target)
     deadline = time.monotonic() + 10
-    while _serving_pids_under(root) and time.monotonic() < deadline:
+    while gfuse_serving_pids_under(root) and time.monotonic() < deadline:
         time.sleep(0.1)
-    for pid in _serving_pids_under(root):
+    for pid in gfuse_serving_pids_under(root):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return left
