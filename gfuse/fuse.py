@@ -114,8 +114,12 @@ class GlusterOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ESTALE)
         return i.gfid
 
+    def ino(self, gfid: bytes) -> int:
+        """The FUSE inode of a gfid: the mount's root is 1, others their gfid's low 64 bits."""
+        return pyfuse3.ROOT_INODE if gfid == self.root_gfid else ino_of(gfid)
+
     def _remember(self, stat: Iatt) -> int:
-        ino = pyfuse3.ROOT_INODE if stat.gfid == self.root_gfid else ino_of(stat.gfid)
+        ino = self.ino(stat.gfid)
         rec = self.inodes.get(ino)
         if rec is None:
             self.inodes[ino] = _Inode(stat.gfid, 1)
@@ -125,8 +129,7 @@ class GlusterOperations(pyfuse3.Operations):
 
     def attrs(self, stat: Iatt, ino: int | None = None) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
-        a.st_ino = ino if ino is not None else (pyfuse3.ROOT_INODE if stat.gfid == self.root_gfid
-                                                 else ino_of(stat.gfid))
+        a.st_ino = ino if ino is not None else self.ino(stat.gfid)
         a.generation = 0
         a.entry_timeout = self.entry_timeout
         a.attr_timeout = self.attr_timeout
