@@ -49,7 +49,7 @@ RUN apt-install glusterfs-server procps \
 EXPOSE 24007/tcp 24008/tcp 49152-49251/tcp
 CMD ["/bin/sh", "-c", "cp -a -n /usr/share/gfuse/glusterd-defaults/. /var/lib/glusterd/ && exec glusterd --no-daemon --log-file=- --log-level=INFO"]
 
-# ---- gfuse (default): node agent, CSI plugin, FlexVolume driver and its installer ------------------------------
+# ---- gfuse (default): node agent, CSI plugin, FlexVolume driver, installer and provisioner ----------------------------
 FROM debian AS gfuse
 ENV GFUSE_CSI_STUBS_DIR=/opt/gfuse/csi-stubs
 # fuse3: fusermount3 and libfuse3 (pyfuse3); glusterfs-client: the native client, for comparison and
@@ -59,12 +59,15 @@ RUN apt-install python3 fuse3 glusterfs-client systemd util-linux ca-certificate
 COPY --from=build /opt/gfuse /opt/gfuse
 COPY daemonset/image/flexvolume-shim.sh /usr/local/lib/gfuse/flexvolume-shim.sh
 COPY daemonset/image/install-flexvolume.sh /usr/local/bin/gfuse-install-flexvolume
-RUN for cmd in gfuse mount.fuse.gfuse gfuse-agent gfuse-csi gfuse-flexvolume; do \
+# the FlexVolume provisioner's gluster CLI in converged mode: nsenter into the node's glusterd
+COPY daemonset/image/node-gluster.sh /usr/local/bin/gfuse-node-gluster
+RUN for cmd in gfuse mount.fuse.gfuse gfuse-agent gfuse-csi gfuse-flexvolume gfuse-provisioner; do \
         ln -sf "/opt/gfuse/bin/$cmd" "/usr/local/bin/$cmd"; \
         [ -e "/opt/gfuse/bin/$cmd" ] || echo "warning: this version of the package has no $cmd command" >&2; \
     done \
     && ln -sf /opt/gfuse/bin/mount.fuse.gfuse /sbin/mount.fuse.gfuse \
-    && chmod 0755 /usr/local/bin/gfuse-install-flexvolume \
+    && chmod 0755 /usr/local/bin/gfuse-install-flexvolume /usr/local/bin/gfuse-node-gluster \
     && mkdir -p /run/gfuse /var/lib/gfuse /var/log/gfuse
-# The manifests choose the command: gfuse-agent, gfuse-csi --mode=node|controller, gfuse-install-flexvolume.
+# The manifests choose the command: gfuse-agent, gfuse-csi --mode=node|controller, gfuse-install-flexvolume,
+# gfuse-provisioner.
 CMD ["gfuse-agent"]

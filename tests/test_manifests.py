@@ -521,6 +521,256 @@ def test_controller_sockets_agree() -> None:
             assert arg_value(c, "--leader-election-namespace") == NAMESPACE
 
 
+# ---- the FlexVolume provisioner: its RBAC is what its code calls ------------------------------------------------
+
+PROVISIONER_CODE = ROOT / "flexvolume" / "provisioner"
+FLEX_PROVISIONER_SA = "gfuse-flexvolume-provisioner"
+FLEX_PROVISIONER_DEPLOYMENT = "gfuse-flexvolume-provisioner"
+
+
+def _api_attributes(tree: Any) -> tuple[dict[str, str], list[tuple[str, str]], set[tuple[str, str]]]:
+    """In one module: ``self.X = client.SomeApi(...)`` → {X: SomeApi}; every ``self.X.method`` reference
+    (called or passed on) → [(X, method)]; those passed to ``Informer(...)`` (listed and watched)."""
+    import ast
+
+    apis: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+            f = node.value.func
+            if isinstance(f, ast.Attribute) and f.attr.endswith("Api") and isinstance(f.value, ast.Name) \
+                    and f.value.id == "client":
+                for t in node.targets:
+                    if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                        apis[t.attr] = f.attr
+
+    def api_ref(node: Any) -> tuple[str, str] | None:
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) \
+                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self" \
+                and node.value.attr in apis:
+            return node.value.attr, node.attr
+        return None
+
+    refs = [r for r in (api_ref(n) for n in ast.walk(tree)) if r]
+    watched = {r for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "Informer"
+               for a in n.args for r in [api_ref(a)] if r}
+    return apis, refs, watched
+
+
+def _request_of(api_class: str, method: str) -> tuple[str, str]:
+    """The HTTP method and path the kubernetes client sends for ``api_class().method(...)`` (its own
+    request serializer, no network)."""
+    import inspect
+
+    from kubernetes import client
+
+    api = getattr(client, api_class)(client.ApiClient(client.Configuration(host="http://recorder.invalid")))
+    ser = getattr(api, f"_{method}_serialize", None)
+    assert ser is not None, f"kubernetes client {api_class}.{method}: no request serializer (client too old?)"
+    kw = {p: ("NAME" if p == "name" else "NS" if p == "namespace" else {} if p == "body" else None)
+          for p in inspect.signature(ser).parameters}
+    kw["_host_index"] = 0
+    http, url = ser(**kw)[:2]
+    return http, url.split("recorder.invalid", 1)[1].split("?", 1)[0]
+
+
+def _rbac_of(http: str, path: str) -> tuple[str, str, str, bool, bool]:
+    """(apiGroup, resource[/subresource], verb, namespaced, named) of one request path."""
+    parts = path.strip("/").split("/")
+    if parts[0] == "api":
+        group, rest = "", parts[2:]
+    else:
+        assert parts[0] == "apis", path
+        group, rest = parts[1], parts[3:]
+    namespaced = len(rest) > 2 and rest[0] == "namespaces"
+    if namespaced:
+        rest = rest[2:]
+    resource, name, sub = rest[0], rest[1] if len(rest) > 1 else None, rest[2] if len(rest) > 2 else None
+    verb = {"GET": "get" if name else "list", "POST": "create", "PUT": "update", "PATCH": "patch",
+            "DELETE": "delete" if name else "deletecollection"}[http]
+    return group, resource + (f"/{sub}" if sub else ""), verb, namespaced, bool(name)
+
+
+@functools.cache
+def provisioner_api_calls() -> frozenset[tuple[str, str, str, bool, bool]]:
+    """Every (apiGroup, resource, verb, namespaced, named) the FlexVolume provisioner's code can request:
+    each kubernetes API method its modules reference, as the client turns it into a request, plus
+    ``watch`` for the list functions its informers also watch."""
+    import ast
+
+    calls = set()
+    for py in sorted(PROVISIONER_CODE.glob("*.py")):
+        apis, refs, watched = _api_attributes(ast.parse(py.read_text()))
+        for attr, method in refs:
+            http, path = _request_of(apis[attr], method)
+            rb = _rbac_of(http, path)
+            calls.add(rb)
+            if (attr, method) in watched:
+                assert rb[2] == "list", f"{py.name}: an informer of {method}, not a list call"
+                calls.add((rb[0], rb[1], "watch", rb[3], False))
+    return frozenset(calls)
+
+
+def _subject_rules(sa: str) -> list[tuple[str | None, dict[str, Any]]]:
+    """(namespace or None for cluster-wide, rule) of every role bound to ServiceAccount gfuse-system/sa."""
+    def binds(b: dict[str, Any]) -> bool:
+        return any(s["kind"] == "ServiceAccount" and s["name"] == sa and s["namespace"] == NAMESPACE
+                   for s in b["subjects"])
+
+    out: list[tuple[str | None, dict[str, Any]]] = []
+    for b in docs_of("ClusterRoleBinding"):
+        if binds(b):
+            out += [(None, r) for r in one("ClusterRole", b["roleRef"]["name"])["rules"]]
+    for b in docs_of("RoleBinding"):
+        if binds(b):
+            ns = b["metadata"]["namespace"]
+            role = (one("ClusterRole", b["roleRef"]["name"]) if b["roleRef"]["kind"] == "ClusterRole"
+                    else next(r for r in docs_of("Role") if r["metadata"]["name"] == b["roleRef"]["name"]
+                              and r["metadata"]["namespace"] == ns))
+            out += [(ns, r) for r in role["rules"]]
+    return out
+
+
+def _grants(rule: dict[str, Any], group: str, resource: str, verb: str, name: str | None) -> bool:
+    names = rule.get("resourceNames")
+    return (group in rule.get("apiGroups", []) and resource in rule.get("resources", [])
+            and verb in rule.get("verbs", []) and (not names or (name is not None and name in names)))
+
+
+def test_provisioner_code_api_calls_found() -> None:
+    """The derivation sees what the provisioner is known to do (else the RBAC check below proves little)."""
+    calls = {(g, r, v) for g, r, v, _, _ in provisioner_api_calls()}
+    for expected in [("", "persistentvolumeclaims", "watch"), ("", "persistentvolumeclaims/status", "patch"),
+                     ("", "persistentvolumes", "create"), ("", "persistentvolumes", "delete"),
+                     ("storage.k8s.io", "storageclasses", "list"), ("", "events", "create"),
+                     ("coordination.k8s.io", "leases", "update")]:
+        assert expected in calls, f"{expected} not derived from the provisioner's code: {sorted(calls)}"
+
+
+def test_flexvolume_provisioner_rbac_is_what_its_code_calls() -> None:
+    """Every request the provisioner's code can make is allowed to its ServiceAccount (cluster-wide for
+    claims, volumes, classes and events, which live in any namespace; leases in the leader-election
+    namespace, by the Lease's name), and the roles grant nothing it does not call."""
+    from flexvolume.provisioner.controller import PROVISIONER
+    from flexvolume.provisioner.main import _lease_name
+
+    spec = one("Deployment", FLEX_PROVISIONER_DEPLOYMENT)["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == FLEX_PROVISIONER_SA
+    rules = _subject_rules(FLEX_PROVISIONER_SA)
+    lease = _lease_name(PROVISIONER)
+    used: set[tuple[str, str, str]] = set()
+    for group, resource, verb, namespaced, named in sorted(provisioner_api_calls()):
+        if group == "coordination.k8s.io":
+            where, name = [NAMESPACE], (lease if named else None)
+        else:
+            where, name = [None], None  # any namespace / cluster-scoped, any name
+        ok = any(ns in where and _grants(r, group, resource, verb, name) for ns, r in rules)
+        assert ok, (f"ServiceAccount {FLEX_PROVISIONER_SA} may not {verb} {group or 'core'}/{resource}"
+                    f"{' ' + name if name else ''} {'in ' + str(where[0]) if where[0] else 'cluster-wide'}, "
+                    f"which flexvolume/provisioner/ calls")
+        used.add((group, resource, verb))
+    for ns, r in rules:
+        for g in r["apiGroups"]:
+            for res in r["resources"]:
+                for v in r["verbs"]:
+                    assert (g, res, v) in used, (f"{FLEX_PROVISIONER_SA} is granted {v} {g or 'core'}/{res}"
+                                                 f"{' in ' + ns if ns else ''}, which the provisioner never calls")
+
+
+def _expand_vars(value: str, env: dict[str, str]) -> str:
+    return re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], value)
+
+
+def test_flexvolume_provisioner_deployment() -> None:
+    """The Deployment's command line is one gfuse-provisioner accepts, leader election is on with the
+    identity and namespace from the downward API, and it can reach glusterd and FUSE."""
+    from flexvolume.provisioner.main import parse_args
+
+    dep = one("Deployment", FLEX_PROVISIONER_DEPLOYMENT)
+    assert dep["metadata"]["namespace"] == NAMESPACE
+    spec = dep["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    assert c["command"] == ["gfuse-provisioner"]
+    fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"] if "valueFrom" in e}
+    assert fields == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    env = {"POD_NAME": "gfuse-flexvolume-provisioner-7d9f-abcde", "POD_NAMESPACE": dep["metadata"]["namespace"]}
+    args = parse_args([_expand_vars(a, env) for a in c["args"]])
+    assert args.identity == env["POD_NAME"]
+    assert args.leader_elect, "replicas are only safe with leader election"
+    assert dep["spec"]["replicas"] == 2
+    assert args.leader_election_namespace == NAMESPACE
+    assert args.kubeconfig is None, "in-cluster config (the ServiceAccount's token)"
+    # the storage it reaches: gluster CLI inside the node's glusterd (hostPID, on a storage node)
+    gluster = args.gluster_command.split()
+    assert gluster == ["gfuse-node-gluster"]
+    assert spec["hostPID"] is True
+    glusterd = one("DaemonSet", "gfuse-glusterd")["spec"]["template"]["spec"]
+    assert spec["nodeSelector"] == glusterd["nodeSelector"]
+    assert all(t in spec["tolerations"] for t in glusterd["tolerations"])
+    gd = container(glusterd, "glusterd")
+    run_mount = mount_of(glusterd, gd, "glusterd-run")["mountPath"]
+    # glusterd's default socket (/var/run -> /run in Debian) on its emptyDir, as glusterd's container sees it
+    assert args.glusterd_socket == "/var/run/glusterd.socket" and run_mount == "/run"
+    # its own FUSE mounts of the pool, private to the container
+    assert c["securityContext"]["privileged"] is True
+    assert mount_of(spec, c, "dev-fuse")["mountPath"] == "/dev/fuse"
+    assert mount_of(spec, c, "state-dir")["mountPath"] == args.state_dir
+    assert "mountPropagation" not in mount_of(spec, c, "state-dir")
+    assert mount_of(spec, c, "log-dir")["mountPath"] == "/var/log/gfuse"  # gfuse mount's logs
+    # the image provides the gluster command (installed by the Dockerfile into the gfuse stage)
+    assert re.search(r"COPY daemonset/image/node-gluster.sh /usr/local/bin/gfuse-node-gluster\b",
+                     _dockerfile_stages()["gfuse"])
+
+
+def test_flexvolume_storage_classes_are_accepted_by_the_provisioner(tmp_path: Path) -> None:
+    """Each class of gfuse.example.org/gfuse has parameters the provisioner's backend_for accepts."""
+    from flexvolume.provisioner.controller import CONTROLLER_PARAMETERS, PROVISIONER, backend_parameters
+    from flexvolume.storage.backends import PARAMETERS, backend_for
+    from flexvolume.storage.glusterd import Glusterd
+
+    classes = [sc for sc in docs_of("StorageClass") if sc["provisioner"] == PROVISIONER]
+    assert {sc["metadata"]["name"] for sc in classes} >= {"gfuse-flexvolume", "gfuse-converged-flexvolume"}
+    for sc in classes:
+        params = sc["parameters"]
+        assert set(params) <= set(PARAMETERS) | CONTROLLER_PARAMETERS, sc["metadata"]["name"]
+        backend = backend_for(backend_parameters(params), glusterd=Glusterd(None, command=["false"]),
+                              pool="gfuse-pool", state_dir=tmp_path)
+        assert backend.kind == params.get("backend", "subdir")
+    conv = one("StorageClass", "gfuse-converged-flexvolume")
+    assert conv["parameters"]["pool"] == one("StorageClass", "gfuse-converged")["parameters"]["pool"]
+
+
+def test_node_gluster_wrapper(tmp_path: Path) -> None:
+    """gfuse-node-gluster: its failures are one line the provisioner classes as glusterd-unreachable;
+    with a real glusterd it runs that glusterd's own CLI in its mount namespace."""
+    from flexvolume.storage.api import StorageError
+    from flexvolume.storage.glusterd import Glusterd
+
+    script = str(IMAGE_DIR / "node-gluster.sh")
+    for pid in ("abc", str(os.getpid())):  # not a pid; a process whose file system has no gluster CLI
+        if pid.isdigit() and Path(f"/proc/{pid}/root/usr/sbin/gluster").exists():
+            continue  # this test's own file system has a gluster CLI: nothing to show with it
+        env = {"PATH": os.environ["PATH"], "GFUSE_GLUSTERD_PID": pid}
+        r = subprocess.run([script, "volume", "list"], capture_output=True, text=True, env=env, timeout=30, check=False)
+        assert r.returncode == 1 and r.stdout == "" and r.stderr.startswith("Connection failed: gfuse-node-gluster: "), r
+        assert len(r.stderr.strip().splitlines()) == 1
+    with pytest.raises(StorageError) as e:
+        Glusterd(None, command=["env", "GFUSE_GLUSTERD_PID=abc", script], timeout=20).ping()
+    assert e.value.reason == "glusterd-unreachable", e.value
+    pids = [p for p in os.listdir("/proc") if p.isdigit() and _comm(p) == "glusterd"]
+    if os.geteuid() != 0 or not pids or not shutil.which("nsenter"):
+        pytest.skip("no glusterd running here as root: the nsenter path is exercised by test_podman_converged")
+    r = subprocess.run(["env", f"GFUSE_GLUSTERD_PID={pids[0]}", script, "--mode=script", "--xml", "volume", "list"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0 and "<opRet>0</opRet>" in r.stdout, r
+
+
+def _comm(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def test_converged_glusterd() -> None:
     ds = one("DaemonSet", "gfuse-glusterd")
     spec = ds["spec"]["template"]["spec"]

@@ -1,8 +1,9 @@
 """``gfuse-provisioner``: the FlexVolume dynamic provisioner as a long-running process.
 
-Runs in the ``gfuse-controller`` Deployment under the ``gfuse-controller`` ServiceAccount
-(``daemonset/base/rbac-controller.yaml`` grants what it needs: PVCs and their status, PVs,
-StorageClasses, Events, and Leases in ``gfuse-system``). Cluster access: in-cluster config when
+Runs as the ``gfuse-flexvolume-provisioner`` Deployment (``daemonset/converged/``) under the
+ServiceAccount of the same name (``daemonset/base/rbac-flexvolume-provisioner.yaml`` grants exactly
+the calls this package makes: PVCs and their status, PVs, StorageClasses, Events, and its Lease in
+``gfuse-system``; ``tests/test_manifests.py`` derives them from the code). Cluster access: in-cluster config when
 ``KUBERNETES_SERVICE_HOST`` is set, else ``--kubeconfig`` / ``$KUBECONFIG`` / ``~/.kube/config``.
 
 With ``--leader-elect`` (the default) replicas elect a leader on the Lease

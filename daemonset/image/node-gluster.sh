@@ -1,0 +1,45 @@
+#!/bin/sh
+# gfuse-node-gluster ARGS...: the gluster CLI of this node's glusterd, run inside glusterd's own mount
+# namespace. The FlexVolume provisioner's --gluster-command in converged mode (gfuse-flexvolume-provisioner,
+# daemonset/converged/): the provisioner pod runs on a storage node with hostPID, finds the glusterd
+# process of the node and runs `gluster ARGS` with nsenter --mount into it.
+#
+# Why not the CLI in the provisioner's own container: glusterd carries out changes (volume create, quota
+# limit-usage) only for requests on its unix socket (TCP 24007 serves read-only CLI requests), and the CLI
+# must see glusterd's files to do quota: `volume quota VOL list` reads /var/lib/glusterd/vols/VOL/quota.conf
+# and the auxiliary mount under /var/run/gluster that glusterd makes in *its* mount namespace. nsenter gives
+# the CLI glusterd's view (socket, state, aux mounts) and glusterd's own gluster binary (same version).
+#
+# GFUSE_GLUSTERD_PID: the glusterd to use (a host pid); unset: the only process named glusterd on the node.
+# Fails with "Connection failed: ..." (what the provisioner reports as glusterd-unreachable) when there is
+# no such process, it is ambiguous, or nsenter cannot enter it.
+set -u
+pid="${GFUSE_GLUSTERD_PID:-}"
+if [ -z "$pid" ]; then
+    found=
+    for d in /proc/[0-9]*; do
+        [ "$(cat "$d/comm" 2> /dev/null)" = glusterd ] && found="$found ${d#/proc/}"
+    done
+    n=$(echo $found | wc -w)
+    if [ "$n" -ne 1 ]; then
+        if [ "$n" -eq 0 ]; then
+            why="no glusterd process on this node (is this a storage node, and does the pod have hostPID?)"
+        else
+            why="$n glusterd processes on this node (pids$found): set GFUSE_GLUSTERD_PID"
+        fi
+        echo "Connection failed: gfuse-node-gluster: $why" >&2
+        exit 1
+    fi
+    pid=${found# }
+fi
+case "$pid" in
+    '' | *[!0-9]*)
+        echo "Connection failed: gfuse-node-gluster: GFUSE_GLUSTERD_PID=$pid is not a pid" >&2
+        exit 1
+        ;;
+esac
+if [ ! -e "/proc/$pid/root/usr/sbin/gluster" ]; then
+    echo "Connection failed: gfuse-node-gluster: glusterd (pid $pid) has no /usr/sbin/gluster in its file system" >&2
+    exit 1
+fi
+exec nsenter --target "$pid" --mount -- /usr/sbin/gluster "$@"
