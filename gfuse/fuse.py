@@ -21,7 +21,8 @@ from typing import Any, Awaitable, Callable, TypeVar
 import pyfuse3
 
 from .bounded import BoundedDict
-from .fops import Proc, Result
+from .fops import GETLK, SETLK, SETLKW, UNLCK, Flock, Proc, Result
+from .fuse_lowlevel import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Caller, Lock
 from .iatt import NULL_GFID, ROOT_GFID, SET_ATIME, SET_GID, SET_MODE, SET_MTIME, SET_UID, Iatt
 from .rpc import Credential
 from .xlators.client import new_gfid, now_cred
@@ -76,6 +77,11 @@ class _DirHandle:
     #: our readdir ids → the layer's offset to continue from
     cookies: dict[int, int] = field(default_factory=dict)
     next_id: int = 1
+
+
+def lk_owner(owner: int) -> bytes:
+    """A FUSE lock owner as gluster's FUSE client sends it: 8 bytes, least significant first."""
+    return owner.to_bytes(8, "little")
 
 
 def ino_of(gfid: bytes) -> int:
@@ -389,8 +395,55 @@ class GlusterOperations(pyfuse3.Operations):
         return r.ret
 
     @fuse_errors
-    async def flush(self, fh: int) -> None:
-        await self.top.flush(fh)
+    async def flush(self, fh: int, lock_owner: int | None = None) -> None:
+        """With the lock owner (from fuse_lowlevel), bricks also drop that owner's POSIX locks, as close() must."""
+        cred = None if lock_owner is None else now_cred(Proc.FLUSH, lk_owner=lk_owner(lock_owner))
+        await self.top.flush(fh, cred=cred)
+
+    # ------------------------------------------------------------ locks and fallocate (see fuse_lowlevel)
+
+    def _lock_cred(self, owner: int, caller: Caller) -> Credential:
+        return now_cred(Proc.LK, uid=caller.uid, gid=caller.gid, pid=caller.pid, lk_owner=lk_owner(owner),
+                        groups=self._groups_of(caller.pid) if caller.uid else ())
+
+    @staticmethod
+    def _flock(lock: Lock, owner: int) -> Flock:
+        if lock.start < 0 or lock.len < 0:
+            raise OSError(errno.EINVAL, "negative lock range")
+        return Flock(lock.type, 0, lock.start, lock.len, lock.pid & 0xFFFFFFFF, lk_owner(owner))
+
+    @fuse_errors
+    async def getlk(self, fh: int, owner: int, lock: Lock, caller: Caller) -> Lock:
+        r = await self.top.lk(fh, GETLK, self._flock(lock, owner), cred=self._lock_cred(owner, caller))
+        f = r.flock
+        if f is None or f.type == UNLCK:
+            return Lock(UNLCK, lock.start, lock.len, lock.pid)
+        pid = f.pid - (1 << 32) if f.pid >= 1 << 31 else f.pid
+        return Lock(f.type, f.start, f.len, pid)
+
+    @fuse_errors
+    async def setlk(self, fh: int, owner: int, lock: Lock, wait: bool, caller: Caller) -> None:
+        await self.top.lk(fh, SETLKW if wait else SETLK, self._flock(lock, owner),
+                          cred=self._lock_cred(owner, caller))
+
+    @fuse_errors
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int, caller: Caller) -> None:
+        """Modes as gluster's own FUSE client maps them: punch hole → DISCARD, zero range → ZEROFILL."""
+        self._ro()
+        if offset < 0 or length <= 0:
+            raise OSError(errno.EINVAL, "bad fallocate range")
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise OSError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}")
+        cred = lambda proc: now_cred(proc, uid=caller.uid, gid=caller.gid, pid=caller.pid,  # noqa: E731
+                                     groups=self._groups_of(caller.pid) if caller.uid else ())
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            if not mode & FALLOC_FL_KEEP_SIZE:
+                raise OSError(errno.EOPNOTSUPP, "punching a hole needs FALLOC_FL_KEEP_SIZE")
+            await self.top.discard(fh, offset, length, cred=cred(Proc.DISCARD))
+        elif mode & FALLOC_FL_ZERO_RANGE:
+            await self.top.zerofill(fh, offset, length, cred=cred(Proc.ZEROFILL))
+        else:
+            await self.top.fallocate(fh, mode, offset, length, cred=cred(Proc.FALLOCATE))
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:

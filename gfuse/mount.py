@@ -27,6 +27,7 @@ from .iatt import ROOT_GFID
 from .mgmt import MgmtError, Server, VolfileWatcher, fetch_graph, parse_servers, parse_volume_spec
 from .volfile import VolfileError
 from .fuse import GlusterOperations
+from .fuse_lowlevel import LowLevelHandlers
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +206,15 @@ class MountedVolume:
                 watcher = VolfileWatcher(servers, self.spec.volume, graph, self._volfile_changed)
                 nursery.start_soon(watcher.run)
                 log.info("mounted %s on %s (%s)", self.spec_text, self.mountpoint, graph.shape())
+                # pyfuse3 lacks lock/fallocate handlers: add them; their tasks end before the session does
+                lowlevel = LowLevelHandlers(self.ops)
+                extended = lowlevel.install()
                 ready(None)
-                await pyfuse3.main(min_tasks=4, max_tasks=64)
+                async with trio.open_nursery() as requests:
+                    if extended:
+                        await requests.start(lowlevel.run)
+                    await pyfuse3.main(min_tasks=4, max_tasks=64)
+                    requests.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True):
                     with trio.move_on_after(10):

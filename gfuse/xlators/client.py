@@ -505,6 +505,16 @@ class BrickClient:
         gfid, rfd = self._remote_fd(fd)
         return await self.call(Proc.FALLOCATE, F.fallocate_req(gfid, rfd, mode, offset, size, xdata), cred)
 
+    async def discard(self, fd: int, offset: int, size: int, xdata: Dict | None = None,
+                      cred: rpc.Credential | None = None) -> Result:
+        gfid, rfd = self._remote_fd(fd)
+        return await self.call(Proc.DISCARD, F.discard_req(gfid, rfd, offset, size, xdata), cred)
+
+    async def zerofill(self, fd: int, offset: int, size: int, xdata: Dict | None = None,
+                       cred: rpc.Credential | None = None) -> Result:
+        gfid, rfd = self._remote_fd(fd)
+        return await self.call(Proc.ZEROFILL, F.discard_req(gfid, rfd, offset, size, xdata), cred)
+
     async def release(self, fd: int) -> None:
         """Close a handle; the brick is told if it still knows the fd. Never raises for a lost connection."""
         f = self._fds.pop(fd, None)

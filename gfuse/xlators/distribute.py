@@ -633,6 +633,16 @@ class Distribute:
         c, h = self._file(handle)
         return await c.fallocate(h, mode, offset, size, xdata, cred=cred)
 
+    async def discard(self, handle: int, offset: int, size: int, xdata: Dict | None = None,
+                      cred: Credential | None = None) -> Result:
+        c, h = self._file(handle)
+        return await c.discard(h, offset, size, xdata, cred=cred)
+
+    async def zerofill(self, handle: int, offset: int, size: int, xdata: Dict | None = None,
+                       cred: Credential | None = None) -> Result:
+        c, h = self._file(handle)
+        return await c.zerofill(h, offset, size, xdata, cred=cred)
+
     async def fsetattr(self, handle: int, stbuf: Iatt, valid: int, xdata: Dict | None = None,
                        cred: Credential | None = None) -> Result:
         return await self.setattr(self._fd(handle).gfid, stbuf, valid, xdata, cred)

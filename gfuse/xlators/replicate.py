@@ -831,6 +831,23 @@ class Replicate:
                                        lambda i: self.children[i].fallocate(fd.handles[i], mode, offset, size,
                                                                             xdata, cred=c))
 
+    async def discard(self, handle: int, offset: int, size: int, xdata: Dict | None = None,
+                      cred: Credential | None = None) -> Result:
+        fd = self._fd(handle)
+        c = self._cred(Proc.DISCARD, cred)
+        await self._release_eager(fd.gfid)
+        return await self._transaction("discard", DATA, fd.gfid, fd, self._data_locks(fd.gfid, fd),
+                                       lambda i: self.children[i].discard(fd.handles[i], offset, size, xdata, cred=c))
+
+    async def zerofill(self, handle: int, offset: int, size: int, xdata: Dict | None = None,
+                       cred: Credential | None = None) -> Result:
+        fd = self._fd(handle)
+        c = self._cred(Proc.ZEROFILL, cred)
+        await self._release_eager(fd.gfid)
+        return await self._transaction("zerofill", DATA, fd.gfid, fd, self._data_locks(fd.gfid, fd),
+                                       lambda i: self.children[i].zerofill(fd.handles[i], offset, size, xdata,
+                                                                           cred=c))
+
     async def fsetattr(self, handle: int, stbuf: Iatt, valid: int, xdata: Dict | None = None,
                        cred: Credential | None = None) -> Result:
         fd = self._fd(handle)
@@ -853,8 +870,18 @@ class Replicate:
             return await self._fd_read(handle, lambda i, h: self.children[i].lk(h, cmd, flock, xdata, cred=cred),
                                        "getlk")
         self._check_quorum(idx, "lock")
-        res = await gather([lambda i=i: self.children[i].lk(fd.handles[i], cmd, flock, xdata, cred=cred)
-                            for i in idx])
+        one = lambda i: self.children[i].lk(fd.handles[i], cmd, flock, xdata, cred=cred)  # noqa: E731
+        if cmd == F.SETLKW and flock.type != F.UNLCK:
+            # Waiting locks go replica after replica in one order, as AFR does: two clients each
+            # granted a different replica first would wait for each other forever.
+            res = []
+            for i in idx:
+                res.extend(await gather([lambda i=i: one(i)]))
+                if not isinstance(res[-1], Result) and getattr(res[-1], "errno", None) != errno.ENOTCONN:
+                    res.extend(res[-1] for _ in idx[len(res):])
+                    break
+        else:
+            res = await gather([lambda i=i: one(i) for i in idx])
         ok = [i for i, r in zip(idx, res) if isinstance(r, Result)]
         if flock.type != F.UNLCK and len(ok) < max(self.quorum, 1):
             undo = Flock(F.UNLCK, flock.whence, flock.start, flock.len, flock.pid, flock.owner)

@@ -1,0 +1,296 @@
+"""POSIX (fcntl) and BSD (flock) locks and fallocate through gfuse, between clients on real bricks.
+
+Locks matter between *clients*: each lock holder below is its own process, working through a
+different mount (a second gfuse, or the native glusterfs client), so a conflict can only be seen
+if the lock reached the bricks. Every helper process is killed when its test ends.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+
+HOLDER = r"""
+import fcntl, os, signal, struct, sys
+path, kind, start, length, wait = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "w"
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+signal.signal(signal.SIGUSR1, lambda *_: (_ for _ in ()).throw(InterruptedError(4, "given up")))
+print("ready", flush=True)
+try:
+    if kind == "flock":
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLKW if wait else fcntl.F_SETLK,
+                    struct.pack("hhqqi", fcntl.F_WRLCK, 0, start, length, 0))
+except OSError as e:
+    print("error", e.errno, flush=True)
+    sys.exit(3)
+print("locked", flush=True)
+for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "close":
+        os.close(fd)
+        print("closed", flush=True)
+    elif cmd == "unlock":
+        fcntl.fcntl(fd, fcntl.F_SETLK, struct.pack("hhqqi", fcntl.F_UNLCK, 0, start, length, 0))
+        print("unlocked", flush=True)
+    elif cmd == "exit":
+        break
+"""
+
+
+class Holder:
+    """A process that takes a lock on ``path`` and keeps it until told otherwise."""
+
+    def __init__(self, path: Path, kind: str = "fcntl", start: int = 0, length: int = 0, wait: bool = False):
+        self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), kind, str(start), str(length),
+                                      "w" if wait else "n"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        assert self.read() == "ready"
+
+    def read(self, timeout: float = 30.0) -> str:
+        import selectors
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise TimeoutError("lock holder did not answer")
+        return self.proc.stdout.readline().strip()
+
+    def tell(self, cmd: str) -> str:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def holders() -> Iterator[list[Holder]]:
+    made: list[Holder] = []
+    yield made
+    for h in made:
+        h.stop()
+
+
+def try_lock(path: Path, start: int = 0, length: int = 0, kind: int = fcntl.F_WRLCK) -> int:
+    """F_SETLK from this process on a fresh fd: 0 or the errno; the fd (and lock) is dropped again."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLK, struct.pack("hhqqi", kind, 0, start, length, 0))
+        return 0
+    except OSError as e:
+        return e.errno
+    finally:
+        os.close(fd)
+
+
+def get_lock(path: Path, start: int = 0, length: int = 0) -> tuple[int, int, int, int]:
+    """F_GETLK for a write lock: (type, start, len, pid) of the conflicting lock or F_UNLCK."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        out = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, start, length, 0))
+    finally:
+        os.close(fd)
+    t, _w, s, ln, pid = struct.unpack("hhqqi", out)
+    return t, s, ln, pid
+
+
+def try_flock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return 0
+    except OSError as e:
+        return e.errno
+    finally:
+        os.close(fd)
+
+
+CONFLICT = (errno.EAGAIN, errno.EACCES)
+
+
+def test_posix_locks_between_two_gfuse_clients(vol_replica3, gfuse_mount, holders) -> None:
+    a, b = gfuse_mount(vol_replica3), gfuse_mount(vol_replica3)
+    name = f"lk-{os.getpid()}"
+    (a.path / name).write_bytes(b"x" * 4096)
+    h = Holder(a.path / name, start=0, length=100)
+    holders.append(h)
+    assert h.read() == "locked"
+    # the other client sees the lock, with its owner's range and pid
+    assert try_lock(b.path / name, 50, 10) in CONFLICT
+    t, s, ln, pid = get_lock(b.path / name, 0, 0)
+    assert (t, s, ln) == (fcntl.F_WRLCK, 0, 100)
+    assert pid == h.proc.pid
+    assert try_lock(b.path / name, 100, 50) == 0            # beyond the range: free
+    assert try_lock(b.path / name, 0, 10, fcntl.F_RDLCK) in CONFLICT
+    # unlock drops it
+    assert h.tell("unlock") == "unlocked"
+    assert try_lock(b.path / name, 0, 100) == 0
+    assert get_lock(b.path / name)[0] == fcntl.F_UNLCK
+
+
+def test_close_drops_the_posix_lock_while_the_process_lives(vol_replica3, gfuse_mount, holders) -> None:
+    a, b = gfuse_mount(vol_replica3), gfuse_mount(vol_replica3)
+    name = f"lk-close-{os.getpid()}"
+    (a.path / name).write_bytes(b"data")
+    h = Holder(a.path / name)
+    holders.append(h)
+    assert h.read() == "locked"
+    assert try_lock(b.path / name) in CONFLICT
+    assert h.tell("close") == "closed"  # POSIX: closing any fd of the file drops the process's locks
+    assert h.proc.poll() is None
+    assert try_lock(b.path / name) == 0
+
+
+def test_lock_of_a_killed_process_is_released(vol_replica3, gfuse_mount, holders) -> None:
+    a, b = gfuse_mount(vol_replica3), gfuse_mount(vol_replica3)
+    name = f"lk-kill-{os.getpid()}"
+    (a.path / name).write_bytes(b"data")
+    h = Holder(a.path / name)
+    holders.append(h)
+    assert h.read() == "locked"
+    h.proc.kill()
+    h.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while try_lock(b.path / name) != 0:
+        assert time.monotonic() < deadline, "the lock of a dead process was never released"
+        time.sleep(0.2)
+
+
+def test_blocking_lock_waits_for_the_holder(vol_replica3, gfuse_mount, holders) -> None:
+    a, b = gfuse_mount(vol_replica3), gfuse_mount(vol_replica3)
+    name = f"lk-wait-{os.getpid()}"
+    (a.path / name).write_bytes(b"data")
+    first = Holder(a.path / name)
+    holders.append(first)
+    assert first.read() == "locked"
+    second = Holder(b.path / name, wait=True)
+    holders.append(second)
+    with pytest.raises(TimeoutError):
+        second.read(timeout=1.5)  # F_SETLKW is waiting
+    t0 = time.monotonic()
+    assert first.tell("unlock") == "unlocked"
+    assert second.read(timeout=20) == "locked"
+    assert time.monotonic() - t0 < 10
+    assert try_lock(a.path / name) in CONFLICT  # now the second client holds it
+
+
+def test_interrupted_blocking_lock_leaves_no_lock_behind(vol_replica3, gfuse_mount, holders) -> None:
+    """A process that gives up waiting (signal) gets EINTR; the lock it would have got is not kept."""
+    a, b = gfuse_mount(vol_replica3), gfuse_mount(vol_replica3)
+    name = f"lk-intr-{os.getpid()}"
+    (a.path / name).write_bytes(b"data")
+    first = Holder(a.path / name)
+    holders.append(first)
+    assert first.read() == "locked"
+    waiter = Holder(b.path / name, wait=True)
+    holders.append(waiter)
+    with pytest.raises(TimeoutError):
+        waiter.read(timeout=1.0)
+    waiter.proc.send_signal(signal.SIGUSR1)
+    assert waiter.read(timeout=10) == f"error {errno.EINTR}"
+    waiter.proc.wait(10)
+    assert first.tell("unlock") == "unlocked"
+    deadline = time.monotonic() + 10
+    while try_lock(a.path / name) != 0:
+        assert time.monotonic() < deadline, "an abandoned lock request kept the lock"
+        time.sleep(0.2)
+
+
+def test_bsd_flock_between_clients(vol_replica3, gfuse_mount, holders) -> None:
+    a, b = gfuse_mount(vol_replica3), gfuse_mount(vol_replica3)
+    name = f"flock-{os.getpid()}"
+    (a.path / name).write_bytes(b"data")
+    h = Holder(a.path / name, kind="flock")
+    holders.append(h)
+    assert h.read() == "locked"
+    assert try_flock(b.path / name) == errno.EWOULDBLOCK
+    assert h.tell("close") == "closed"
+    assert try_flock(b.path / name) == 0
+
+
+def test_locks_interoperate_with_the_native_client(vol_replica3, gfuse_mount, native_mount, holders) -> None:
+    g, n = gfuse_mount(vol_replica3), native_mount(vol_replica3)
+    name = f"lk-native-{os.getpid()}"
+    (g.path / name).write_bytes(b"data")
+    h = Holder(g.path / name, start=10, length=10)
+    holders.append(h)
+    assert h.read() == "locked"
+    assert try_lock(n.path / name, 15, 1) in CONFLICT
+    assert try_lock(n.path / name, 20, 1) == 0
+    assert h.tell("unlock") == "unlocked"
+    hn = Holder(n.path / name, start=0, length=0)
+    holders.append(hn)
+    assert hn.read() == "locked"
+    assert try_lock(g.path / name, 4096, 1) in CONFLICT
+    assert get_lock(g.path / name)[0] == fcntl.F_WRLCK
+
+
+# ------------------------------------------------------------------------------------------- fallocate
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE = 0x01, 0x02, 0x10
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _brick_copies(vol, name: str) -> list[bytes]:
+    return [(Path(b) / name).read_bytes() for b in vol.brick_dirs]
+
+
+def test_fallocate_modes_reach_every_replica(vol_replica3, gfuse_mount, native_mount) -> None:
+    m = gfuse_mount(vol_replica3)
+    name = f"falloc-{os.getpid()}"
+    path = m.path / name
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fallocate(fd, 0, 0, 1 << 20)                       # plain: size grows, zeros
+        assert os.fstat(fd).st_size == 1 << 20
+        fallocate(fd, KEEP_SIZE, 1 << 20, 1 << 20)         # keep size: blocks, not size
+        assert os.fstat(fd).st_size == 1 << 20
+        for b in vol_replica3.brick_dirs:  # the space is reserved on every replica
+            assert (Path(b) / name).stat().st_blocks * 512 >= 2 << 20, b
+        os.pwrite(fd, b"\xff" * (1 << 20), 0)
+        fallocate(fd, PUNCH_HOLE | KEEP_SIZE, 4096, 8192)  # hole: zeros, size kept
+        fallocate(fd, ZERO_RANGE, 65536, 4096)             # zero range
+        with pytest.raises(OSError) as e:
+            fallocate(fd, PUNCH_HOLE, 0, 4096)             # a hole without KEEP_SIZE: refused by the kernel
+        assert e.value.errno in (errno.EOPNOTSUPP, errno.EINVAL)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    want = bytearray(b"\xff" * (1 << 20))
+    want[4096:12288] = bytes(8192)
+    want[65536:69632] = bytes(4096)
+    assert path.read_bytes() == bytes(want)
+    assert (native_mount(vol_replica3).path / name).read_bytes() == bytes(want)
+    digests = {hashlib.sha256(c).hexdigest() for c in _brick_copies(vol_replica3, name)}
+    assert len(digests) == 1 and digests == {hashlib.sha256(bytes(want)).hexdigest()}
+    for b in vol_replica3.brick_dirs:  # nothing left pending: every replica took every change
+        p = str(Path(b) / name)
+        for x in os.listxattr(p):
+            if x.startswith("trusted.afr.") and x != "trusted.afr.dirty":
+                assert os.getxattr(p, x) == bytes(12), (b, x)
+
