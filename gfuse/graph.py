@@ -41,6 +41,7 @@ class ClientGraph:
         self._ping_timeout = ping_timeout
         self.skipped: list[str] = []
         self.replicas: list[Replicate] = []
+        self._stopping = trio.Event()
         self.top = self._build(graph.top)
 
     def _build(self, xl: Xlator) -> Any:
@@ -78,6 +79,20 @@ class ClientGraph:
         with trio.move_on_after(timeout):
             for b in self.bricks:
                 await b.first_attempt_done.wait()
+
+    async def serve(self, timeout: float = 10.0, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        """Run the graph's sessions in a nursery of its own until :meth:`stop` (then finish delayed work)."""
+        async with trio.open_nursery() as nursery:
+            await self.start(nursery, timeout)
+            task_status.started()
+            await self._stopping.wait()
+            with trio.move_on_after(10):
+                await self.flush()
+            nursery.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        self._stopping.set()
 
     async def flush(self) -> None:
         """Finish delayed work (eager-lock post-ops) while the bricks are still connected."""

@@ -25,9 +25,10 @@ from .errors import leaf
 from .graph import ClientGraph
 from .iatt import ROOT_GFID
 from .mgmt import MgmtError, Server, VolfileWatcher, fetch_graph, parse_servers, parse_volume_spec
-from .volfile import VolfileError
+from .volfile import Graph, VolfileError
 from .fuse import GlusterOperations
 from .fuse_lowlevel import LowLevelHandlers
+from .xlators.switch import GraphSwitch
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,9 @@ class MountedVolume:
             except VolfileError as e:
                 raise MountError(str(e)) from None
             self.graph = cg
-            await cg.start(nursery, timeout)
+            self._graphs = {cg}
+            self._nursery, self._server = nursery, server
+            await nursery.start(cg.serve, timeout)
             if not any(b.is_up for b in cg.bricks):
                 why = "; ".join(f"{b.name}: {b.last_error}" for b in cg.bricks)
                 raise MountError(f"no brick of volume {self.spec.volume!r} is reachable ({why})")
@@ -187,7 +190,8 @@ class MountedVolume:
                 raise MountError(f"volume {self.spec.volume!r} did not answer within {timeout:g}s") from None
             except OSError as e:
                 raise MountError(f"volume {self.spec.volume!r} cannot be read: {e}") from None
-            self.ops = GlusterOperations(cg.top, root, read_only=self.opts.read_only,
+            self.switch = GraphSwitch(cg.top)
+            self.ops = GlusterOperations(self.switch, root, read_only=self.opts.read_only,
                                          attr_timeout=self.opts.attr_timeout, entry_timeout=self.opts.entry_timeout)
             fuse_opts = set(pyfuse3.default_options)
             fuse_opts |= {f"fsname={self.spec_text}", "subtype=gfuse"}
@@ -218,7 +222,8 @@ class MountedVolume:
             finally:
                 with trio.CancelScope(shield=True):
                     with trio.move_on_after(10):
-                        await cg.flush()
+                        for g in list(self._graphs):
+                            await g.flush()
                     pyfuse3.close(unmount=True)
                     try:
                         os.unlink(self.socket_path)
@@ -227,9 +232,30 @@ class MountedVolume:
                 nursery.cancel_scope.cancel()
             log.info("unmounted %s", self.mountpoint)
 
-    async def _volfile_changed(self, graph) -> None:
-        log.warning("the volfile of %s changed (%s); gfuse keeps the graph it mounted with — remount to apply",
-                    self.spec.volume, graph.shape())
+    async def _volfile_changed(self, graph: Graph) -> None:
+        """Build and connect a graph for the new volfile, then send new work to it (see GraphSwitch)."""
+        shape = graph.shape()
+        try:
+            cg = ClientGraph(graph, self._server, self.spec.volume, ping_timeout=self.opts.ping_timeout)
+        except VolfileError as e:
+            log.error("the new volfile of %s cannot be used (%s); keeping the current graph", self.spec.volume, e)
+            return
+        await self._nursery.start(cg.serve, 15.0)
+        if not any(b.is_up for b in cg.bricks):
+            log.error("no brick of the new volfile of %s is reachable; keeping the current graph", self.spec.volume)
+            cg.stop()
+            return
+        old = self.graph
+        self._graphs.add(cg)
+        self.graph = cg
+
+        def retire() -> None:
+            self._graphs.discard(old)
+            old.stop()
+            log.info("the previous graph of %s is stopped (no open file left on it)", self.spec.volume)
+        self.switch.switch(cg.top, retire)
+        log.info("volfile of %s changed: new files and lookups now use the new graph (%s); "
+                 "files already open stay on the previous one until closed", self.spec.volume, shape)
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
