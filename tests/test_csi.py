@@ -8,6 +8,10 @@ Paths are kubelet-shaped under a temporary kubelet directory (``--kubelet-dir``)
 gfuse mounts of a real replica-3 GlusterFS volume, bind mounts for publishing, and the native
 client to check what landed on the volume.
 
+The Controller's provisioning (quota'd subdirectories, a volume per PV, crash safety) needs a gluster
+cluster whose glusterd it can manage: ``tests/test_csi_backends.py`` runs it on a three-node test
+cluster; here only the requests it refuses before reaching any storage.
+
 Everything started here is stopped and everything mounted is unmounted at the end, also when a
 test fails (processes by their pid, mounts found under the temporary directory).
 """
@@ -15,7 +19,6 @@ test fails (processes by their pid, mounts found under the temporary directory).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -25,7 +28,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,13 +156,16 @@ class Csi:
         return str(d / "mount")
 
 
-def start_plugin(root: Path, name: str, *args: str) -> tuple[subprocess.Popen, str, Path]:
+def start_plugin(root: Path, name: str, *args: str, prefix: Sequence[str] = (),
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, Path]:
+    """``gfuse-csi`` on ``root/name.sock`` (``prefix``: e.g. nsenter into a test cluster's network)."""
     endpoint = f"unix://{root}/{name}.sock"
     log = root / f"{name}.log"
-    cmd = [sys.executable, "-m", "flexvolume.csi.server", "--endpoint", endpoint, "--driver-name", DRIVER,
+    cmd = [*prefix, sys.executable, "-m", "flexvolume.csi.server", "--endpoint", endpoint, "--driver-name", DRIVER,
            "--nodeid", NODE_ID, "--log-level", "DEBUG", *args]
     with open(log, "ab") as f:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                env=None if env is None else {**os.environ, **env})
     ch = grpc.insecure_channel(endpoint)
     ident = pb_grpc.IdentityStub(ch)
     _wait(lambda: ident.GetPluginInfo(pb.GetPluginInfoRequest(), timeout=2), 60, f"the CSI plugin {name}",
@@ -171,6 +177,14 @@ def start_plugin(root: Path, name: str, *args: str) -> tuple[subprocess.Popen, s
 @pytest.fixture(scope="module")
 def csi(request: pytest.FixtureRequest) -> Iterator[Csi]:
     """The plugin (--mode both) and its agent; logs kept on failure or with GFUSE_CSI_TEST_KEEP=1."""
+    with csi_processes(request) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def csi_processes(request: pytest.FixtureRequest, *plugin_args: str, prefix: Sequence[str] = ()) -> Iterator[Csi]:
+    """An agent and a plugin (--mode both, then ``plugin_args``), both run with ``prefix``; stopped,
+    their mounts undone and their directory removed at the end (kept with the logs after a failure)."""
     failed_before = request.session.testsfailed
     t0 = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="gfuse-csi-", dir="/tmp"))  # short: unix socket paths
@@ -181,14 +195,15 @@ def csi(request: pytest.FixtureRequest) -> Iterator[Csi]:
     agent = plugin = None
     try:
         with open(agent_log, "ab") as f:
-            agent = subprocess.Popen([sys.executable, "-m", "flexvolume.agent", "--socket", agent_socket,
+            agent = subprocess.Popen([*prefix, sys.executable, "-m", "flexvolume.agent", "--socket", agent_socket,
                                       "--state", str(root / "agent-state.msgpack"), "--health-interval", "2",
                                       "--log-level", "DEBUG"],
                                      stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
         _wait(lambda: AgentClient(agent_socket, timeout=2).ping(), 60, "the gfuse agent", agent, agent_log)
         plugin, endpoint, plugin_log = start_plugin(
             root, "csi", "--mode", "both", "--kubelet-dir", str(kubelet), "--agent-socket", agent_socket,
-            "--state-dir", str(root / "state"), "--mount-timeout", "60", "--repair-interval", "1")
+            "--state-dir", str(root / "state"), "--mount-timeout", "60", "--repair-interval", "1", *plugin_args,
+            prefix=prefix)
         print(f"agent and plugin up in {time.monotonic() - t0:.1f}s")
         yield Csi(root, kubelet, agent_socket, endpoint, plugin, agent, plugin_log, agent_log)
     finally:
@@ -234,10 +249,6 @@ def eventually(check, timeout: float = 10.0, what: str = "the native client to s
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(0.2)
-
-
-def _record(native, name: str) -> dict:
-    return json.loads((native.path / ".gfuse-csi/volumes" / f"{name}.json").read_text())
 
 
 def expect(code: grpc.StatusCode, call, request, timeout: float = 90) -> str:
@@ -384,7 +395,13 @@ def _bad_requests(k: Path) -> list[tuple[str, str, object, grpc.StatusCode]]:
         ("ctrl", "CreateVolume", pb.CreateVolumeRequest(name="pvc-a", volume_capabilities=[cap],
                                                         parameters={"pool": "127.0.0.2:/pool/sub"}), IA),
         ("ctrl", "CreateVolume", pb.CreateVolumeRequest(name="pvc-a", volume_capabilities=[cap],
-                                                        parameters={**pool, "backend": "volume"}), IA),
+                                                        parameters={"backend": "volume", "replcia": "3"}), IA),
+        ("ctrl", "CreateVolume", pb.CreateVolumeRequest(name="pvc-a", volume_capabilities=[cap],
+                                                        parameters={"backend": "bogus"}), IA),
+        ("ctrl", "CreateVolume", pb.CreateVolumeRequest(name="pvc-a", volume_capabilities=[cap],
+                                                        parameters={**pool, "dirMode": "0999"}), IA),
+        ("ctrl", "CreateVolume", pb.CreateVolumeRequest(name="pvc-a", volume_capabilities=[cap],
+                                                        parameters={**pool, "mountOptions": "subdir=/x"}), IA),
         ("ctrl", "CreateVolume", pb.CreateVolumeRequest(name="pvc-a", volume_capabilities=[cap], parameters=pool,
                                                         capacity_range=rng(required_bytes=2 * GiB,
                                                                            limit_bytes=GiB)), IA),
@@ -590,159 +607,3 @@ def test_published_target_recovers_when_the_gfuse_server_dies(csi: Csi, stubs, v
         node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target), timeout=30)
         node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging), timeout=60)
     assert _node_mounts(csi) == []
-
-
-# ------------------------------------------------------------------------------------------------
-# controller: the subdir backend on a pool volume
-
-
-def test_controller_subdir_volumes(csi: Csi, stubs, vol_replica3, native_mount) -> None:
-    _, node, ctrl = stubs
-    pool = vol_replica3
-    native = native_mount(pool)
-    name = f"pvc-{secrets.token_hex(8)}"
-    cap = mount_cap(AccessMode.SINGLE_NODE_WRITER)
-    params = {"pool": pool.source}
-    req = pb.CreateVolumeRequest(name=name, volume_capabilities=[cap], parameters=params,
-                                 capacity_range=pb.CapacityRange(required_bytes=GiB))
-    t0 = time.monotonic()
-    v1 = ctrl.CreateVolume(req, timeout=90).volume
-    t_create = time.monotonic() - t0
-    assert v1.volume_id == f"subdir:{pool.source}/{name}"
-    assert v1.capacity_bytes == GiB
-    assert dict(v1.volume_context) == {"source": f"{pool.source}/{name}"}
-    d = native.path / name
-    eventually(lambda: d.is_dir() and (d.stat().st_mode & 0o7777) == 0o777)
-    rec = eventually(lambda: _record(native, name))
-    assert rec["name"] == name and rec["capacity_bytes"] == GiB and rec["state"] == "ready"
-
-    # idempotent: the same name and a compatible request give the same volume
-    assert ctrl.CreateVolume(req, timeout=30).volume == v1
-    assert ctrl.CreateVolume(pb.CreateVolumeRequest(
-        name=name, volume_capabilities=[cap], parameters=params,
-        capacity_range=pb.CapacityRange(required_bytes=GiB // 2, limit_bytes=2 * GiB)), timeout=30).volume == v1
-    # the same name, incompatible: ALREADY_EXISTS
-    for rng in (pb.CapacityRange(required_bytes=2 * GiB), pb.CapacityRange(limit_bytes=GiB // 2)):
-        expect(Code.ALREADY_EXISTS, ctrl.CreateVolume, pb.CreateVolumeRequest(
-            name=name, volume_capabilities=[cap], parameters=params, capacity_range=rng))
-    expect(Code.ALREADY_EXISTS, ctrl.CreateVolume, pb.CreateVolumeRequest(
-        name=name, volume_capabilities=[cap], parameters={**params, "mountOptions": "ping-timeout=5"},
-        capacity_range=pb.CapacityRange(required_bytes=GiB)))
-
-    # validate
-    ok = ctrl.ValidateVolumeCapabilities(pb.ValidateVolumeCapabilitiesRequest(
-        volume_id=v1.volume_id, volume_capabilities=[cap, mount_cap()]), timeout=30)
-    assert list(ok.confirmed.volume_capabilities) == [cap, mount_cap()]
-    nok = ctrl.ValidateVolumeCapabilities(pb.ValidateVolumeCapabilitiesRequest(
-        volume_id=v1.volume_id, volume_capabilities=[block_cap()]), timeout=30)
-    assert not nok.HasField("confirmed") and "block" in nok.message
-
-    # expand: the new size is recorded; never shrinks; a too-small limit is OUT_OF_RANGE
-    exp = ctrl.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
-        volume_id=v1.volume_id, capacity_range=pb.CapacityRange(required_bytes=3 * GiB)), timeout=30)
-    assert exp.capacity_bytes == 3 * GiB and not exp.node_expansion_required
-    eventually(lambda: _record(native, name)["capacity_bytes"] == 3 * GiB)
-    again = ctrl.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
-        volume_id=v1.volume_id, capacity_range=pb.CapacityRange(required_bytes=GiB)), timeout=30)
-    assert again.capacity_bytes == 3 * GiB
-    expect(Code.OUT_OF_RANGE, ctrl.ControllerExpandVolume, pb.ControllerExpandVolumeRequest(
-        volume_id=v1.volume_id, capacity_range=pb.CapacityRange(required_bytes=GiB, limit_bytes=2 * GiB)))
-    # a retried CreateVolume of the original request still gets the (expanded) volume
-    assert ctrl.CreateVolume(req, timeout=30).volume.capacity_bytes == 3 * GiB
-
-    # the node mounts what the controller made, as kubelet would (id + volume context)
-    staging = csi.staging(name)
-    target = csi.target("pod-dyn", name)
-    node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=v1.volume_id, staging_target_path=staging,
-                                                   volume_capability=cap, volume_context=v1.volume_context),
-                         timeout=90)
-    try:
-        node.NodePublishVolume(pb.NodePublishVolumeRequest(
-            volume_id=v1.volume_id, staging_target_path=staging, target_path=target, volume_capability=cap,
-            volume_context=v1.volume_context), timeout=30)
-        Path(target, "data.txt").write_text("dynamic\n")
-        eventually(lambda: (d / "data.txt").read_text() == "dynamic\n")
-        assert not Path(target, ".gfuse-csi").exists(), "a pod sees its own directory only"
-    finally:
-        node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=v1.volume_id, target_path=target),
-                                 timeout=30)
-        node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=v1.volume_id, staging_target_path=staging),
-                               timeout=60)
-
-    # delete: the directory and its record go; again, and unknown ids, succeed
-    delete = pb.DeleteVolumeRequest(volume_id=v1.volume_id)
-    ctrl.DeleteVolume(delete, timeout=60)
-    eventually(lambda: not d.exists() and not (native.path / ".gfuse-csi/volumes" / f"{name}.json").exists())
-    eventually(lambda: list((native.path / ".gfuse-csi/trash").iterdir()) == [])
-    ctrl.DeleteVolume(delete, timeout=60)
-    for unknown in ("no-such-volume", f"subdir:{pool.source}/pvc-never-made", f"{pool.source}/static"):
-        ctrl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=unknown), timeout=60)
-    expect(Code.NOT_FOUND, ctrl.ValidateVolumeCapabilities, pb.ValidateVolumeCapabilitiesRequest(
-        volume_id=v1.volume_id, volume_capabilities=[cap]))
-    expect(Code.NOT_FOUND, ctrl.ControllerExpandVolume, pb.ControllerExpandVolumeRequest(
-        volume_id=v1.volume_id, capacity_range=pb.CapacityRange(required_bytes=4 * GiB)))
-    # a directory without a record is not ours: DeleteVolume of a crafted id leaves it alone
-    (native.path / "not-ours").mkdir(exist_ok=True)
-    ctrl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=f"subdir:{pool.source}/not-ours"), timeout=60)
-    assert (native.path / "not-ours").is_dir()
-    # ... nor does CreateVolume take it over
-    expect(Code.ALREADY_EXISTS, ctrl.CreateVolume, pb.CreateVolumeRequest(
-        name="not-ours", volume_capabilities=[cap], parameters=params))
-    print(f"CreateVolume (with the controller's pool mount) took {t_create:.2f}s")
-
-
-def test_controller_mode_with_pool_mounts_by_the_agent(csi: Csi, vol_replica3, native_mount) -> None:
-    """--mode controller --pool-mounter agent: no Node service; the pool mount belongs to the agent and
-    is released when the controller stops."""
-    pool = vol_replica3
-    native = native_mount(pool)
-    state = csi.root / "ctrl-state"
-    proc, endpoint, log = start_plugin(csi.root, "ctrl", "--mode", "controller", "--pool-mounter", "agent",
-                                       "--agent-socket", csi.agent_socket, "--state-dir", str(state))
-    name = f"pvc-{secrets.token_hex(8)}"
-    try:
-        with grpc.insecure_channel(endpoint) as ch:
-            ident, ctrl = pb_grpc.IdentityStub(ch), pb_grpc.ControllerStub(ch)
-            caps = ident.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest(), timeout=10).capabilities
-            assert any(c.service.type == pb.PluginCapability.Service.CONTROLLER_SERVICE for c in caps)
-            assert ident.Probe(pb.ProbeRequest(), timeout=10).ready.value
-            expect(Code.UNIMPLEMENTED, pb_grpc.NodeStub(ch).NodeGetInfo, pb.NodeGetInfoRequest())
-            v = ctrl.CreateVolume(pb.CreateVolumeRequest(
-                name=name, volume_capabilities=[mount_cap()], parameters={"pool": pool.source},
-                capacity_range=pb.CapacityRange(required_bytes=GiB)), timeout=90).volume
-            pools = [r for r in csi.agent_client().list() if r["target"].startswith(str(state))]
-            assert [r["source"] for r in pools] == [pool.source], pools
-            eventually(lambda: (native.path / name).is_dir())
-            ctrl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id), timeout=60)
-            eventually(lambda: not (native.path / name).exists())
-    finally:
-        _stop(proc)
-    assert proc.returncode == 0, _tail(log)
-    assert not [r for r in csi.agent_client().list() if r["target"].startswith(str(state))]
-    assert not mounts_under(str(state))
-
-
-def test_create_volume_finishes_an_interrupted_create(csi: Csi, stubs, vol_replica3, native_mount) -> None:
-    """A record left 'creating' (the controller died before mkdir) is finished by the retry."""
-    _, _, ctrl = stubs
-    pool = vol_replica3
-    native = native_mount(pool)
-    name = f"pvc-{secrets.token_hex(8)}"
-    cap = mount_cap()
-    req = pb.CreateVolumeRequest(name=name, volume_capabilities=[cap], parameters={"pool": pool.source},
-                                 capacity_range=pb.CapacityRange(required_bytes=GiB))
-    ctrl.CreateVolume(req, timeout=90)
-    rec_path = native.path / ".gfuse-csi/volumes" / f"{name}.json"
-    rec = eventually(lambda: _record(native, name))
-    # roll the pool back to the state after the first step of a create (through the native client)
-    eventually(lambda: (native.path / name).rmdir())
-    rec["state"] = "creating"
-    rec_path.write_text(json.dumps(rec))
-    time.sleep(1.5)  # gfuse's own caches (attribute/entry timeout 1 s) expire
-    expect(Code.NOT_FOUND, ctrl.ValidateVolumeCapabilities, pb.ValidateVolumeCapabilitiesRequest(
-        volume_id=rec["volume_id"], volume_capabilities=[cap]))
-    v = ctrl.CreateVolume(req, timeout=30).volume
-    assert v.volume_id == rec["volume_id"]
-    eventually(lambda: (native.path / name).is_dir() and _record(native, name)["state"] == "ready")
-    ctrl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id), timeout=60)
-    eventually(lambda: not (native.path / name).exists() and not rec_path.exists())

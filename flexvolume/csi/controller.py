@@ -1,38 +1,65 @@
-"""CSI Controller service: the "subdir" backend — each volume is a directory of a pool volume.
+"""CSI Controller service: volumes made by the provisioning backends of :mod:`flexvolume.storage`.
+
+CreateVolume / DeleteVolume / ControllerExpandVolume / ValidateVolumeCapabilities are the CSI face of
+:class:`flexvolume.storage.api.Backend`, the API the FlexVolume provisioner uses too: ``subdir``
+(a directory of a pool volume whose size is a gluster directory quota, enforced by the bricks:
+writes past it fail with EDQUOT; expansion raises the limit) and ``volume`` (a gluster volume per
+PV, bricks from the brick pools registered on the cluster, replicas on distinct nodes, its size a
+quota on the volume's root). The controller keeps no state of its own: what the backends record
+on the cluster is the only record, so their crash safety is the controller's.
 
 StorageClass parameters (CreateVolume ``parameters``)
 -----------------------------------------------------
-``pool`` (required)
-    the pool volume, ``SERVER[:PORT]:/VOL``.
 ``backend``
-    ``subdir`` (the default and, for now, the only one).
+    ``subdir`` (default) or ``volume``.
+``pool``
+    subdir: the pool volume, ``SERVER[:PORT]:/VOLUME`` (``SERVER`` is what nodes fetch the
+    volfile from) or ``VOLUME``; default ``gfuse-csi --pool``. The volume backend ignores it: its
+    bricks come from the brick pools registered on the controller's ``--pool`` volume.
 ``backupServers``
-    other glusterd hosts of the pool, ``h2:h3``; used for the controller's own mount and passed
-    to the nodes in the volume context.
-``mountOptions``
-    extra ``gfuse mount -o`` items the nodes use (volume context).
+    subdir: other glusterd hosts for the volfile, ``h2:h3`` (default: the pool's other brick hosts).
 ``dirMode``
-    octal mode of a new volume directory (default ``0777``: pods need not run as root).
+    subdir: octal mode of a new volume directory (default ``0777``: pods need not run as root).
+``replica``
+    volume: replica count (default 3); more than the nodes with brick pools is RESOURCE_EXHAUSTED.
+``volumeOptions``
+    volume: gluster options of the new volume, ``k=v,k=v``.
+``mountOptions``
+    extra ``gfuse mount -o`` items the nodes use (volume context); the controller's own.
 
-Layout on the pool
-------------------
-``/<dir>`` is the volume (``<dir>`` is the CreateVolume name when it is a safe file name, e.g.
-``pvc-<uid>``, else ``csi-sha-<hash of the name>``); ``/.gfuse-csi/volumes/<dir>.json`` records its
-name, capacity, parameters and state; ``/.gfuse-csi/trash/`` holds directories being deleted.
-The volume id is ``subdir:SERVER:/POOL/<dir>``, so nodes and DeleteVolume need nothing else.
+Unknown parameters are INVALID_ARGUMENT (``csi.storage.k8s.io/*`` ones are ignored). All parameters
+but ``mountOptions`` go to :func:`flexvolume.storage.backends.backend_for` unchanged.
 
-Crash safety: CreateVolume writes the record (``creating``) before making the directory and marks
-it ``ready`` after; DeleteVolume renames the directory into the trash, removes the record, then
-empties the trash. A retry after a crash at any step finishes the job; a directory without a
-record is never deleted nor taken over (it is not ours). Pods never see ``/.gfuse-csi``: they mount their own
-directory only.
+Names and volume ids
+--------------------
+The backends get :func:`backend_name` of the CreateVolume name: the name itself when both backends
+use it unchanged (``pvc-<uid>``), else ``csi-sha-<sha256>``. So the id gives the name back:
 
-Capacity is recorded, not enforced yet. TODO(issue 5): enforce it with a gluster directory quota
-(``volume quota POOL limit-usage /<dir> SIZE``) set through glusterd, raised by expansion.
+- subdir: ``subdir:SERVER:/POOL/<name>`` — the directory ``/<name>`` of the pool; nodes mount it.
+- volume: ``volume:SERVER:/gfuse_<name>`` — the gluster volume; ``SERVER`` is its first brick's host.
 
-The controller reaches the pool through a gfuse mount it keeps under ``--state-dir``/pools, either
-a private ``gfuse mount`` (default: the controller Deployment has no node agent) or one made by the
-node agent (``--pool-mounter agent``).
+The volume context carries ``source``, ``backupServers`` and ``mountOptions`` for the nodes.
+
+Volumes of the controller before it used the backends (issue 5) had the same subdir ids, a record
+in ``/.gfuse-csi/volumes/<dir>.json`` on the pool and no quota. Any RPC on such an id (or a
+CreateVolume of its name) first **adopts** it (:meth:`SubdirBackend.adopt
+<flexvolume.storage.backends.SubdirBackend.adopt>`: the backend's record, marker and a quota of
+the recorded size, none if it had none), then removes the old record (and the old trash of a
+delete that crashed halfway); from then on it is an ordinary subdir volume.
+
+Capacity: ``required_bytes``, else ``limit_bytes``, else :data:`DEFAULT_CAPACITY`. CreateVolume of
+an existing name answers that volume if its size is within the requested range, else ALREADY_EXISTS
+(other parameters are not compared: the backends do not record them). Expansion never shrinks;
+a ``limit_bytes`` below the current size is OUT_OF_RANGE.
+
+Errors: :data:`flexvolume.csi.volumes.STORAGE_CODES` maps each StorageError reason to a gRPC code
+(pool full → RESOURCE_EXHAUSTED, glusterd unreachable → UNAVAILABLE, …); the message is the
+backend's, with the reason in brackets.
+
+One glusterd per controller: it reaches glusterd by running ``--gluster-command`` on
+``--glusterd-socket`` (see :mod:`flexvolume.storage.glusterd`), so every pool must belong to that
+cluster. Pools are mounted under ``--state-dir``/pools, by the controller's own ``gfuse mount``
+(default) or by the node agent (``--pool-mounter agent``).
 """
 
 from __future__ import annotations
@@ -40,14 +67,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
-import re
-import secrets
+import shlex
 import shutil
-import subprocess
-import sys
 import threading
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,22 +79,30 @@ import grpc
 
 from .. import jsonfile
 from ..agentclient import AgentClient, AgentError
-from .node import bounded, unmount_all
+from ..storage.api import Backend, ProvisionedVolume, StorageError
+from ..storage.backends import VOLUME_PREFIX as GLUSTER_VOLUME_PREFIX
+from ..storage.backends import (
+    GfuseMounter,
+    SubdirBackend,
+    backend_for,
+    dir_name,
+    volume_name,
+)
+from ..storage.glusterd import Glusterd
 from .stubs import csi_pb2, csi_pb2_grpc
 from .volumes import (
     MAX_ID_BYTES,
     SUBDIR_PREFIX,
+    VOLUME_PREFIX,
     CsiError,
     OpLocks,
-    agent_error,
     check_capability,
+    check_mount_options,
     check_source,
     invalid,
-    mount_at,
     parse_backup_servers,
     require,
     rpc,
-    split_list,
     unsupported_capability,
     volume_from,
 )
@@ -79,70 +110,54 @@ from .volumes import (
 log = logging.getLogger(__name__)
 
 CtrlRPC = csi_pb2.ControllerServiceCapability.RPC
-META_DIR = ".gfuse-csi"
-PARAMETERS = {"pool", "backend", "backupServers", "mountOptions", "dirMode"}
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+#: StorageClass parameters of the controller itself (the volume context); all others are the backends'
+CONTEXT_PARAMETERS = frozenset({"mountOptions"})
+#: the size of a volume whose CreateVolume has no capacity range
+DEFAULT_CAPACITY = 1 << 30
+HASHED = "csi-sha-"
+#: where the controller kept its records before it used the storage backends
+LEGACY_META = ".gfuse-csi"
 
 
-def dir_name(name: str) -> str:
-    """The pool directory of a volume name (a pure function: the same name, the same directory)."""
-    if _SAFE_NAME.match(name) and not name.startswith("csi-sha-"):
+def backend_name(name: str) -> str:
+    """The backends' name of a CreateVolume name: the name when both backends use it unchanged as
+    directory and volume name (``pvc-<uid>``), else ``csi-sha-<sha256 of the name>`` (which they
+    do). Pure and injective, so a retry finds the volume and the volume id gives the name back."""
+    if dir_name(name) == name and volume_name(name, "") == name and not name.startswith(HASHED):
         return name
-    return "csi-sha-" + hashlib.sha256(name.encode()).hexdigest()[:40]
+    return HASHED + hashlib.sha256(name.encode()).hexdigest()[:40]
 
 
 @dataclass(frozen=True)
-class Params:
-    pool: str
-    backup_servers: tuple[str, ...]
-    mount_options: tuple[str, ...]
-    dir_mode: int
+class VolumeRef:
+    """What a volume id of this controller names."""
 
-    def context(self, dirname: str) -> dict[str, str]:
-        ctx = {"source": f"{self.pool}/{dirname}"}
-        if self.backup_servers:
-            ctx["backupServers"] = ":".join(self.backup_servers)
-        if self.mount_options:
-            ctx["mountOptions"] = ",".join(self.mount_options)
-        return ctx
+    kind: str    # "subdir" | "volume"
+    name: str    # the backends' name
+    pool: str    # subdir: SERVER:/POOL; volume: ""
 
 
-def parse_params(params: dict[str, str]) -> Params:
-    unknown = sorted(k for k in params if k not in PARAMETERS and not k.startswith("csi.storage.k8s.io/"))
-    if unknown:
-        raise invalid(f"unknown StorageClass parameter(s) {', '.join(unknown)} (known: {', '.join(sorted(PARAMETERS))})")
-    backend = params.get("backend", "subdir") or "subdir"
-    if backend != "subdir":
-        raise invalid(f"backend {backend!r} is not implemented (only 'subdir')")
-    pool_text = params.get("pool", "")
-    if not pool_text:
-        raise invalid("StorageClass parameter 'pool' (SERVER:/VOLUME) is required for the subdir backend")
-    pool = check_source(pool_text, "parameter 'pool'")
-    if pool.count(":/") != 1 or "/" in pool.split(":/", 1)[1]:
-        raise invalid(f"parameter 'pool': {pool_text!r} must name a whole volume, SERVER:/VOLUME")
-    try:
-        mode = int(params.get("dirMode", "0777"), 8)
-    except ValueError:
-        raise invalid(f"parameter 'dirMode': {params['dirMode']!r} is not an octal mode") from None
-    if not 0 <= mode <= 0o7777:
-        raise invalid(f"parameter 'dirMode': {params['dirMode']!r} is out of range")
-    opts = tuple(split_list(params.get("mountOptions", "")))
-    volume_from(pool, {"mountOptions": ",".join(opts)})  # same checks as the nodes make
-    return Params(pool, parse_backup_servers(params.get("backupServers", "")), opts, mode)
-
-
-def parse_id(volume_id: str) -> tuple[str, str] | None:
-    """``(pool, dir)`` of a volume id this controller makes, or None for any other id."""
-    if not volume_id.startswith(SUBDIR_PREFIX):
+def parse_id(volume_id: str, volume_prefix: str = GLUSTER_VOLUME_PREFIX) -> VolumeRef | None:
+    """The volume an id of this controller names, or None for any other id."""
+    for prefix, kind in ((SUBDIR_PREFIX, "subdir"), (VOLUME_PREFIX, "volume")):
+        if volume_id.startswith(prefix):
+            break
+    else:
         return None
     try:
-        source = check_source(volume_id[len(SUBDIR_PREFIX):])
+        source = check_source(volume_id[len(prefix):])
     except CsiError:
         return None
-    pool, _, sub = source.rpartition("/")
-    if ":/" not in pool or "/" in pool.split(":/", 1)[1] or not sub or sub.startswith("."):
+    server, _, path = source.rpartition(":/")
+    if kind == "subdir":
+        pool, _, name = path.partition("/")
+        if not pool or not name or "/" in name or dir_name(name) != name:
+            return None
+        return VolumeRef(kind, name, f"{server}:/{pool}")
+    name = path[len(volume_prefix):]
+    if "/" in path or not path.startswith(volume_prefix) or not name or volume_name(name, volume_prefix) != path:
         return None
-    return pool, sub
+    return VolumeRef(kind, name, "")
 
 
 def check_capacity(cr: Any) -> tuple[int, int]:
@@ -154,171 +169,149 @@ def check_capacity(cr: Any) -> tuple[int, int]:
     return required, limit
 
 
+def split_params(params: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(the volume context's parameters, the backend's parameters), the formats checked that the
+    backends take as given (pool, backupServers, mountOptions)."""
+    context = {k: v for k, v in params.items() if k in CONTEXT_PARAMETERS}
+    backend = {k: v for k, v in params.items() if k not in CONTEXT_PARAMETERS}
+    check_mount_options(context.get("mountOptions", ""), "parameter 'mountOptions'")
+    if backend.get("pool"):
+        text = backend["pool"]
+        if ":/" in text:
+            text = check_source(text, "parameter 'pool'")
+            if "/" in text.rpartition(":/")[2]:
+                raise invalid(f"parameter 'pool': {backend['pool']!r} must name a whole volume, SERVER:/VOLUME")
+        elif volume_name(text, "") != text:
+            raise invalid(f"parameter 'pool': {text!r} is neither SERVER:/VOLUME nor a volume name")
+        backend["pool"] = text
+    if backend.get("backupServers"):
+        backend["backupServers"] = ":".join(parse_backup_servers(backend["backupServers"], "parameter 'backupServers'"))
+    return context, backend
+
+
 # ------------------------------------------------------------------------------------------------
-# the controller's mounts of pools
+# the backends of this controller
 
 
-class PoolMounts:
-    """One gfuse mount per pool under ``base``, made on first use, checked before each use.
+class AgentMounter(GfuseMounter):
+    """Pool mounts made by the node agent (``--pool-mounter agent``): they are the agent's, repaired
+    by it, and released when the controller stops."""
 
-    :meth:`get` answers ``/proc/self/fd/N``, a directory fd opened on the mount's root right after
-    mounting: everything the controller writes goes to the pool even if the mount is detached
-    underneath it (``umount -l`` by someone, a repair), never into the local directory the mount
-    covered. Fds of replaced mounts are retired, not closed, until :meth:`close` (a closed number
-    could be reused while another RPC still works through it).
-    """
-
-    def __init__(self, base: str, mounter: str = "private", agent: AgentClient | None = None,
-                 timeout: float = 60.0) -> None:
-        if mounter not in ("private", "agent"):
-            raise ValueError(f"pool mounter must be 'private' or 'agent', not {mounter!r}")
-        if mounter == "agent" and agent is None:
-            raise ValueError("the agent pool mounter needs an agent client")
-        self.base = Path(base) / "pools"
-        self.mounter = mounter
+    def __init__(self, agent: AgentClient, timeout: float = 60.0) -> None:
+        super().__init__(timeout=timeout)
         self.agent = agent
-        self.timeout = timeout
-        self._locks: dict[str, threading.Lock] = {}
-        self._fds: dict[str, int] = {}
-        self._retired: list[int] = []
+
+    def _mount(self, source: str, path: Path, opts: Any) -> None:
+        try:
+            self.agent.mount(source, str(path), options=list(opts), timeout=self.timeout,
+                             context={"csi.role": "controller-pool"})
+        except AgentError as e:
+            raise StorageError("pool-unavailable", f"the gfuse agent cannot mount the pool {source}: {e}") from None
+
+    def unmount(self, path: Path) -> None:
+        with contextlib.suppress(AgentError):
+            self.agent.unmount(str(path), timeout=self.timeout)
+        super().unmount(path)
+
+
+class Backends:
+    """The storage of one controller: one glusterd (so one cluster), the backends StorageClass
+    parameters ask for (one per pool, sharing its mount under ``state_dir``/pools)."""
+
+    def __init__(self, glusterd: Glusterd, state_dir: str | Path, pool: str | None = None,
+                 mounter: GfuseMounter | None = None) -> None:
+        self.glusterd = glusterd
+        self.state_dir = Path(state_dir)
+        self.pool = pool
+        self.mounter = mounter or GfuseMounter()
+        self._cache: dict[Any, Backend] = {}
         self._mu = threading.Lock()
-        self._inflight: dict[str, threading.Thread] = {}
-        self._inflight_mu = threading.Lock()
 
-    def path(self, pool: str) -> str:
-        return str(self.base / hashlib.sha256(pool.encode()).hexdigest()[:16])
-
-    def _alive(self, path: str, fd: int) -> bool:
-        m = mount_at(path)
-        if m is None or not m.fstype.startswith("fuse"):
-            log.warning("pool mount %s is gone (%s)", path, "unmounted" if m is None else f"covered by {m.fstype}")
-            return False
-        try:
-            st = bounded(path, lambda: os.fstat(fd), 5.0, self._inflight, self._inflight_mu)
-        except (OSError, CsiError) as e:
-            log.warning("pool mount %s is dead (%s)", path, getattr(e, "message", None) or e)
-            return False
-        if f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}" != m.dev:
-            log.warning("pool mount %s was replaced underneath (device %s, fd on %d:%d)", path, m.dev,
-                        os.major(st.st_dev), os.minor(st.st_dev))
-            return False
-        return True
-
-    def get(self, pool: str, backup_servers: tuple[str, ...] = ()) -> Path:
-        """The root of ``pool`` as ``/proc/self/fd/N``; mounts it (again) if needed."""
-        path = self.path(pool)
+    def for_params(self, params: Mapping[str, str]) -> Backend:
+        registry = self.pool.rpartition(":/")[2] if self.pool else None
         with self._mu:
-            lock = self._locks.setdefault(path, threading.Lock())
-        with lock:
-            fd = self._fds.get(path)
-            if fd is not None:
-                if self._alive(path, fd):
-                    return Path(f"/proc/self/fd/{fd}")
-                with self._mu:
-                    self._retired.append(self._fds.pop(path))
-            if mount_at(path) is not None:  # ours from before a restart, or dead: start afresh
-                self._unmount(path)
-            os.makedirs(path, exist_ok=True)
-            self._mount(pool, path, backup_servers)
-            m = mount_at(path)
-            if m is None or not m.fstype.startswith("fuse"):
-                raise CsiError(grpc.StatusCode.INTERNAL, f"the pool {pool} is not mounted at {path} after mounting")
-            try:
-                fd = bounded(path, lambda: os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC),
-                             self.timeout, self._inflight, self._inflight_mu)
-            except OSError as e:
-                raise CsiError(grpc.StatusCode.UNAVAILABLE, f"the pool mount {path} of {pool}: {e}") from None
-            with self._mu:
-                self._fds[path] = fd
-            if not self._alive(path, fd):
-                raise CsiError(grpc.StatusCode.UNAVAILABLE, f"the pool mount {path} of {pool} died at once")
-            return Path(f"/proc/self/fd/{fd}")
+            return backend_for(params, glusterd=self.glusterd, pool=registry if params.get("backend") == "volume"
+                               else self.pool, state_dir=self.state_dir, mounter=self.mounter, _cache=self._cache)
 
-    def _mount(self, pool: str, path: str, backup_servers: tuple[str, ...]) -> None:
-        opts = []
-        if backup_servers:
-            opts.append("backup-volfile-servers=" + ":".join(backup_servers))
-        log.info("mounting pool %s at %s (%s)", pool, path, self.mounter)
-        if self.mounter == "agent":
-            assert self.agent is not None
-            try:
-                self.agent.mount(pool, path, options=opts, timeout=self.timeout,
-                                 context={"csi.role": "controller-pool"})
-            except AgentError as e:
-                raise agent_error(e, f"mounting the pool {pool}") from None
-            return
-        cmd = [sys.executable, "-m", "gfuse.cli", "mount", pool, path, "--timeout", str(max(1.0, self.timeout - 5))]
-        if opts:
-            cmd += ["-o", ",".join(opts)]
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            raise CsiError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                           f"mounting the pool {pool}: no answer within {self.timeout:g}s") from None
-        if p.returncode != 0:
-            msg = (p.stderr or p.stdout).strip().splitlines()
-            raise CsiError(grpc.StatusCode.UNAVAILABLE,
-                           f"mounting the pool {pool} failed: {msg[-1] if msg else p.returncode}")
-
-    def _unmount(self, path: str) -> None:
-        if self.mounter == "agent" and self.agent is not None:
-            with contextlib.suppress(AgentError):
-                self.agent.unmount(path, timeout=self.timeout)
-        with contextlib.suppress(CsiError):
-            unmount_all(path, "pool mount")
+    def of(self, ref: VolumeRef) -> Backend:
+        return self.for_params({"backend": ref.kind, **({"pool": ref.pool} if ref.pool else {})})
 
     def close(self) -> None:
         """Unmount every pool (at shutdown)."""
         with self._mu:
-            fds = list(self._fds.values()) + self._retired
-            self._fds.clear()
-            self._retired.clear()
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        if not self.base.is_dir():
-            return
-        for entry in sorted(self.base.iterdir()):
-            p = str(entry)
-            if mount_at(p) is not None:
-                log.info("unmounting pool mount %s", p)
-                self._unmount(p)
-            with contextlib.suppress(OSError):
-                os.rmdir(p)
+            backends = list(self._cache.values())
+        for b in backends:
+            if isinstance(b, SubdirBackend):
+                try:
+                    b.close()
+                except Exception:  # noqa: BLE001 - shutting down anyway
+                    log.exception("unmounting the pool %s failed", b.pool)
+
+
+def backends_from_args(args: Any, agent: AgentClient | None = None) -> Backends:
+    """The controller's storage from gfuse-csi's command line."""
+    mounter = AgentMounter(agent, args.mount_timeout) if args.pool_mounter == "agent" and agent is not None \
+        else GfuseMounter(timeout=args.mount_timeout)
+    glusterd = Glusterd(args.glusterd_socket or None, command=shlex.split(args.gluster_command))
+    return Backends(glusterd, args.state_dir, args.pool, mounter)
 
 
 # ------------------------------------------------------------------------------------------------
-# records
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    jsonfile.write_atomic(path, data)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return jsonfile.read(path)
-    except ValueError as e:
-        raise CsiError(grpc.StatusCode.INTERNAL, f"{path}: corrupt volume record: {e}") from None
 
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):
-    def __init__(self, driver_name: str, pools: PoolMounts) -> None:
+    def __init__(self, driver_name: str, backends: Backends) -> None:
         self.driver_name = driver_name
-        self.pools = pools
+        self.backends = backends
         self.locks = OpLocks()
 
-    def _volume(self, rec: dict[str, Any]) -> Any:
-        return csi_pb2.Volume(volume_id=rec["volume_id"], capacity_bytes=int(rec.get("capacity_bytes", 0)),
-                              volume_context=rec.get("context", {}))
+    @staticmethod
+    def _volume(pv: ProvisionedVolume, context_params: Mapping[str, str]) -> Any:
+        prefix = SUBDIR_PREFIX if pv.backend == "subdir" else VOLUME_PREFIX
+        context = {"source": pv.source}
+        if pv.backup_servers:
+            context["backupServers"] = ":".join(pv.backup_servers)
+        opts = check_mount_options(context_params.get("mountOptions", ""))
+        if opts:
+            context["mountOptions"] = ",".join(opts)
+        return csi_pb2.Volume(volume_id=prefix + check_source(pv.source), capacity_bytes=pv.size_bytes,
+                              volume_context=context)
+
+    # -- volumes of the controller before issue 5 ------------------------------------------------
 
     @staticmethod
-    def _meta(root: Path) -> Path:
-        d = root / META_DIR / "volumes"
-        if not d.is_dir():
-            d.mkdir(parents=True, exist_ok=True)
-            (root / META_DIR).chmod(0o700)
-        return d
+    def _adopt_legacy(backend: SubdirBackend, d: str, csi_name: str | None = None) -> bool:
+        """If ``/<d>`` of the pool has a record of the earlier controller, make it the backend's
+        volume ``d`` (see the module docstring). Each step is redone by a retry after a crash: the
+        old record goes last."""
+        root = backend.root()
+        meta = root / LEGACY_META
+        if not meta.is_dir():
+            return False
+        rec_path = meta / "volumes" / f"{d}.json"
+        try:
+            rec = jsonfile.read(rec_path)
+        except ValueError as e:
+            raise CsiError(grpc.StatusCode.INTERNAL, f"{rec_path}: corrupt volume record: {e}") from None
+        if rec is None or rec.get("dir", d) != d or (csi_name is not None and rec.get("name") != csi_name):
+            return False
+        made = (root / d).is_dir()
+        if made:  # ready, or a create that got as far as its mkdir
+            backend.adopt(d, int(rec.get("capacity_bytes") or 0))
+        # else a create that crashed before its mkdir, or a delete after moving the directory to the trash
+        trash = meta / "trash"
+        for entry in (trash.iterdir() if trash.is_dir() else ()):
+            if entry.name.rsplit(".", 2)[0] == d:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        rec_path.unlink(missing_ok=True)
+        log.info("volume %s of the earlier controller: %s", d, "adopted" if made else "its record removed")
+        return made
+
+    def _backend_of(self, ref: VolumeRef) -> Backend:
+        backend = self.backends.of(ref)
+        if isinstance(backend, SubdirBackend):
+            self._adopt_legacy(backend, ref.name)
+        return backend
 
     # -- create / delete -----------------------------------------------------------------------
 
@@ -332,104 +325,55 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if request.HasField("volume_content_source"):
             raise invalid("volume_content_source (snapshots, clones) is not supported")
         required, limit = check_capacity(request.capacity_range)
-        params = parse_params(dict(request.parameters))
-        dirname = dir_name(request.name)
-        volume_id = f"{SUBDIR_PREFIX}{params.pool}/{dirname}"
-        if len(volume_id.encode()) > MAX_ID_BYTES:
-            raise invalid(f"the volume id {volume_id!r} would exceed {MAX_ID_BYTES} bytes: use a shorter pool name")
-        capacity = required or limit
-        with self.locks.hold("name:" + request.name, "volume:" + volume_id):
-            root = self.pools.get(params.pool, params.backup_servers)
-            rec_path = self._meta(root) / f"{dirname}.json"
-            rec = _read_json(rec_path)
-            if rec is not None:
-                self._check_compatible(rec, request.name, params, required, limit)
-            elif os.path.lexists(root / dirname):
-                # the record is written before the directory: a directory without one is not ours
-                raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
-                               f"{params.pool} already has a /{dirname} that is not a volume of this driver; "
-                               f"not taking it over")
-            else:
-                rec = {"name": request.name, "volume_id": volume_id, "pool": params.pool, "dir": dirname,
-                       "capacity_bytes": capacity, "context": params.context(dirname),
-                       "parameters": dict(request.parameters), "driver": self.driver_name,
-                       "created": time.time(), "state": "creating"}
-                _write_json(rec_path, rec)
-            if rec.get("state") != "ready":
-                vdir = root / dirname
-                log.info("creating volume %s (%s) as %s, %d bytes", request.name, volume_id, vdir, capacity)
-                try:
-                    vdir.mkdir(mode=0o700)
-                except FileExistsError:
-                    pass
-                os.chmod(vdir, params.dir_mode)
-                rec["state"] = "ready"
-                _write_json(rec_path, rec)
-        return csi_pb2.CreateVolumeResponse(volume=self._volume(rec))
-
-    @staticmethod
-    def _check_compatible(rec: dict[str, Any], name: str, params: Params, required: int, limit: int) -> None:
-        def conflict(why: str) -> CsiError:
-            return CsiError(grpc.StatusCode.ALREADY_EXISTS, f"volume {name!r} exists with {why}")
-
-        if rec.get("name") != name:
-            raise conflict(f"a directory that belongs to volume {rec.get('name')!r}")
-        if rec.get("pool") != params.pool or rec.get("context") != params.context(rec["dir"]):
-            raise conflict(f"other parameters (pool {rec.get('pool')}, context {rec.get('context')})")
-        cap = int(rec.get("capacity_bytes", 0))
-        if (required and cap < required) or (limit and cap > limit):
-            raise conflict(f"capacity {cap} bytes, outside the requested range "
-                           f"[{required or 0}, {limit or 'unlimited'}]")
+        context_params, params = split_params(request.parameters)
+        with self.locks.hold("name:" + request.name):
+            backend = self.backends.for_params(params)
+            name = backend_name(request.name)
+            size = required or limit or DEFAULT_CAPACITY
+            if (isinstance(backend, SubdirBackend) and name != request.name and dir_name(request.name) == request.name
+                    and self._adopt_legacy(backend, request.name, request.name)):
+                name = request.name  # the earlier controller's directory of a name with a dot
+            try:
+                pv = backend.create(name, size, params)
+            except StorageError as e:
+                # the earlier controller's directory of this name (no marker): adopt it, then it is ours
+                if not (e.reason == "name-conflict" and isinstance(backend, SubdirBackend)
+                        and self._adopt_legacy(backend, name, request.name)):
+                    raise
+                pv = backend.create(name, size, params)
+            volume = self._volume(pv, context_params)
+            if len(volume.volume_id.encode()) > MAX_ID_BYTES:
+                backend.delete(name)
+                raise invalid(f"the volume id {volume.volume_id!r} exceeds {MAX_ID_BYTES} bytes: use shorter "
+                              f"server or pool names")
+        if pv.size_bytes < required or (limit and pv.size_bytes > limit):
+            raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
+                           f"volume {request.name!r} exists with {pv.size_bytes} bytes, outside the requested range "
+                           f"[{required}, {limit or 'unlimited'}]")
+        return csi_pb2.CreateVolumeResponse(volume=volume)
 
     @rpc
     def DeleteVolume(self, request, context):  # noqa: N802
         require(request.volume_id, "volume_id")
-        parsed = parse_id(request.volume_id)
-        if parsed is None:
+        ref = parse_id(request.volume_id)
+        if ref is None:
             log.info("delete %s: not a volume of this controller; nothing to do", request.volume_id)
             return csi_pb2.DeleteVolumeResponse()
-        pool, dirname = parsed
-        with self.locks.hold("volume:" + request.volume_id):
-            root = self.pools.get(pool)
-            rec_path = root / META_DIR / "volumes" / f"{dirname}.json"
-            rec = _read_json(rec_path)
-            if rec is None or rec.get("volume_id") != request.volume_id:
-                log.info("delete %s: no record on the pool; already deleted", request.volume_id)
-                return csi_pb2.DeleteVolumeResponse()
-            trash = root / META_DIR / "trash"
-            trash.mkdir(exist_ok=True)
-            vdir = root / dirname
-            log.info("deleting volume %s (%s)", rec.get("name"), request.volume_id)
-            if vdir.exists():
-                os.rename(vdir, trash / f"{dirname}.{int(time.time())}.{secrets.token_hex(3)}")
-            os.unlink(rec_path)
-            self._empty_trash(trash)
+        with self.locks.hold("id:" + request.volume_id):
+            self._backend_of(ref).delete(ref.name)
         return csi_pb2.DeleteVolumeResponse()
-
-    @staticmethod
-    def _empty_trash(trash: Path) -> None:
-        for entry in trash.iterdir():
-            try:
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
-            except OSError as e:
-                log.warning("cannot remove %s from the trash yet: %s", entry, e)
 
     # -- the rest ------------------------------------------------------------------------------
 
-    def _record(self, volume_id: str) -> tuple[Path, dict[str, Any]]:
-        parsed = parse_id(volume_id)
-        if parsed is None:
+    def _get(self, volume_id: str) -> tuple[VolumeRef, Backend, ProvisionedVolume]:
+        ref = parse_id(volume_id)
+        if ref is None:
             raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume {volume_id!r} was not made by this controller")
-        pool, dirname = parsed
-        root = self.pools.get(pool)
-        rec_path = root / META_DIR / "volumes" / f"{dirname}.json"
-        rec = _read_json(rec_path)
-        if rec is None or rec.get("volume_id") != volume_id or rec.get("state") != "ready":
+        backend = self._backend_of(ref)
+        pv = backend.get(ref.name)
+        if pv is None:
             raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume {volume_id!r} does not exist")
-        return rec_path, rec
+        return ref, backend, pv
 
     @rpc
     def ValidateVolumeCapabilities(self, request, context):  # noqa: N802
@@ -437,7 +381,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         if len(request.volume_capabilities) == 0:
             raise invalid("volume_capabilities is required")
         if parse_id(request.volume_id) is not None:
-            self._record(request.volume_id)  # NOT_FOUND if it is gone
+            with self.locks.hold("id:" + request.volume_id):
+                self._get(request.volume_id)  # NOT_FOUND if it is gone
         else:
             volume_from(request.volume_id, request.volume_context)  # a static volume: NOT_FOUND if none
         for cap in request.volume_capabilities:
@@ -459,19 +404,16 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         required, limit = check_capacity(request.capacity_range)
         if not required and not limit:
             raise invalid("capacity_range: required_bytes or limit_bytes must be set")
-        with self.locks.hold("volume:" + request.volume_id):
-            rec_path, rec = self._record(request.volume_id)
-            cap = int(rec.get("capacity_bytes", 0))
-            new = max(cap, required or limit)
+        with self.locks.hold("id:" + request.volume_id):
+            ref, backend, pv = self._get(request.volume_id)
+            new = max(pv.size_bytes, required or limit)
             if limit and new > limit:
                 raise CsiError(grpc.StatusCode.OUT_OF_RANGE,
-                               f"volume is already {cap} bytes, more than limit_bytes {limit} (no shrinking)")
-            if new != cap:
-                log.info("expanding volume %s from %d to %d bytes", request.volume_id, cap, new)
-                rec["capacity_bytes"] = new
-                rec["expanded"] = time.time()
-                _write_json(rec_path, rec)
-        return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=new, node_expansion_required=False)
+                               f"volume is already {pv.size_bytes} bytes, more than limit_bytes {limit} (no shrinking)")
+            if new > pv.size_bytes:
+                log.info("expanding volume %s from %d to %d bytes", request.volume_id, pv.size_bytes, new)
+                pv = backend.expand(ref.name, new)
+        return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=pv.size_bytes, node_expansion_required=False)
 
     @rpc
     def ControllerGetCapabilities(self, request, context):  # noqa: N802
@@ -479,4 +421,3 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             csi_pb2.ControllerServiceCapability(rpc=CtrlRPC(type=t))
             for t in (CtrlRPC.CREATE_DELETE_VOLUME, CtrlRPC.EXPAND_VOLUME)
         ])
-

@@ -7,7 +7,8 @@
     gfuse-csi --endpoint unix:///csi/csi.sock --mode controller      # with csi-provisioner/csi-resizer
 
 ``--mode node`` serves Identity + Node (needs the node agent, ``gfuse-agent``), ``controller``
-Identity + Controller, ``both`` all three. SIGTERM/SIGINT stop it gracefully (the controller
+Identity + Controller (needs the gluster CLI on a glusterd socket: ``--gluster-command``,
+``--glusterd-socket``), ``both`` all three. SIGTERM/SIGINT stop it gracefully (the controller
 unmounts its pool mounts; volumes staged on the node stay mounted: they belong to the pods and the
 agent). Environment fallbacks: ``CSI_ENDPOINT``, ``NODE_ID`` (then the host name).
 """
@@ -84,7 +85,7 @@ class Plugin:
         import grpc
 
         from ..agentclient import AgentClient
-        from .controller import ControllerService, PoolMounts
+        from .controller import ControllerService, backends_from_args
         from .identity import IdentityService
         from .node import NodeService
         from .stubs import csi_pb2_grpc
@@ -97,9 +98,8 @@ class Plugin:
         ctrl_mode = args.mode in ("controller", "both")
         self.node = NodeService(args.nodeid, args.kubelet_dir, self.agent, mount_timeout=args.mount_timeout) \
             if node_mode else None
-        self.pools = PoolMounts(args.state_dir, args.pool_mounter, self.agent if args.pool_mounter == "agent" else None,
-                                timeout=args.mount_timeout) if ctrl_mode else None
-        self.controller = ControllerService(args.driver_name, self.pools) if ctrl_mode and self.pools else None
+        self.backends = backends_from_args(args, self.agent) if ctrl_mode else None
+        self.controller = ControllerService(args.driver_name, self.backends) if self.backends else None
         self.identity = IdentityService(args.driver_name, controller=ctrl_mode,
                                         health=self.node.health if self.node else None)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="csi"),
@@ -129,9 +129,9 @@ class Plugin:
     def stop(self, grace: float = 5.0) -> None:
         self._stopping.set()
         self.server.stop(grace).wait(grace + 1)
-        if self.pools is not None:
+        if self.backends is not None:
             try:
-                self.pools.close()
+                self.backends.close()
             except Exception:  # noqa: BLE001 - shutting down anyway
                 log.exception("unmounting the pool mounts failed")
         try:
@@ -162,6 +162,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool-mounter", choices=("private", "agent"), default="private",
                    help="how the controller mounts pools: its own 'gfuse mount' or through the node agent "
                         "(default %(default)s)")
+    p.add_argument("--gluster-command", default=os.environ.get("GFUSE_GLUSTER_COMMAND", "gluster"),
+                   help="controller: how to run the gluster CLI, e.g. 'kubectl exec -n glusterfs ds/glusterfs -- "
+                        "gluster' (default $GFUSE_GLUSTER_COMMAND or %(default)s)")
+    p.add_argument("--glusterd-socket", default=os.environ.get("GFUSE_GLUSTERD_SOCKET", "/var/run/glusterd.socket"),
+                   help="controller: glusterd's unix socket, the CLI's --glusterd-sock; empty: the CLI's default "
+                        "(default $GFUSE_GLUSTERD_SOCKET or %(default)s)")
+    p.add_argument("--pool", default=os.environ.get("GFUSE_POOL") or None,
+                   help="controller: the default pool volume (SERVER:/VOLUME or VOLUME) of StorageClasses without "
+                        "'pool', and the brick pool registry of the volume backend (default $GFUSE_POOL)")
     p.add_argument("--mount-timeout", type=float, default=60.0, metavar="S",
                    help="time limit of one gfuse mount (default %(default)s)")
     p.add_argument("--repair-interval", type=float, default=10.0, metavar="S",

@@ -2,8 +2,11 @@
 
 Volume ids
 ----------
-- ``subdir:SERVER:/POOL/DIR`` — a volume the controller made: directory ``DIR`` of the pool volume
-  ``SERVER:/POOL`` (see :mod:`flexvolume.csi.controller`). The node mounts ``SERVER:/POOL/DIR``.
+- ``subdir:SERVER:/POOL/DIR`` — a volume the controller made with the subdir backend: directory
+  ``DIR`` of the pool volume ``SERVER:/POOL`` (see :mod:`flexvolume.csi.controller`). The node
+  mounts ``SERVER:/POOL/DIR``. (The controller issued the same ids before it used quota.)
+- ``volume:SERVER:/VOL`` — a volume the controller made with the volume backend: the gluster
+  volume ``VOL`` (``gfuse_<name>``). The node mounts ``SERVER:/VOL``.
 - ``SERVER[:PORT]:/VOL[/SUBDIR]`` — a pre-provisioned (static) volume named by its gluster source.
 - anything else — a static volume whose ``volumeAttributes`` (the CSI volume context) give the
   source.
@@ -37,11 +40,13 @@ import grpc
 from gfuse.mgmt import parse_servers, parse_volume_spec
 
 from ..agentclient import AgentError
+from ..storage.api import StorageError
 from .stubs import csi_pb2
 
 log = logging.getLogger(__name__)
 
 SUBDIR_PREFIX = "subdir:"
+VOLUME_PREFIX = "volume:"
 #: CSI spec: ids and names SHOULD be at most 128 bytes; a CO may reject longer ones
 MAX_ID_BYTES = 128
 
@@ -84,6 +89,28 @@ def agent_error(e: AgentError, what: str) -> CsiError:
     return CsiError(AGENT_CODES.get(getattr(e, "code", "internal"), grpc.StatusCode.INTERNAL), f"{what}: {e}")
 
 
+#: StorageError reasons (flexvolume.storage.api.REASONS) → gRPC codes. ``insufficient-nodes`` (a replica
+#: count larger than the nodes with brick pools) is RESOURCE_EXHAUSTED, not INVALID_ARGUMENT: the request
+#: is well formed and becomes possible, unchanged, when nodes are added; the CO keeps retrying it (an
+#: impossible *value*, replica 0 or 17, is ``invalid-parameters``).
+STORAGE_CODES = {
+    "invalid-parameters": grpc.StatusCode.INVALID_ARGUMENT,
+    "not-found": grpc.StatusCode.NOT_FOUND,
+    "name-conflict": grpc.StatusCode.ALREADY_EXISTS,
+    "pool-full": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "insufficient-nodes": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "no-brick-pools": grpc.StatusCode.FAILED_PRECONDITION,
+    "pool-unavailable": grpc.StatusCode.UNAVAILABLE,
+    "glusterd-unreachable": grpc.StatusCode.UNAVAILABLE,
+    "busy": grpc.StatusCode.ABORTED,
+    "gluster-error": grpc.StatusCode.INTERNAL,
+}
+
+
+def storage_error(e: StorageError) -> CsiError:
+    return CsiError(STORAGE_CODES.get(e.reason, grpc.StatusCode.INTERNAL), str(e))
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -98,6 +125,10 @@ def rpc(method: F) -> F:
         except CsiError as e:
             log.warning("%s: %s %s", name, e.code.name, e.message)
             context.abort(e.code, e.message)
+        except StorageError as e:
+            err = storage_error(e)
+            log.warning("%s: %s %s", name, err.code.name, err.message)
+            context.abort(err.code, err.message)
         except AgentError as e:
             err = agent_error(e, "the gfuse agent")
             log.warning("%s: %s %s", name, err.code.name, err.message)
@@ -172,13 +203,22 @@ def truthy(text: str | None) -> bool:
     return (text or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def check_mount_options(text: str, what: str = "volume context mountOptions") -> tuple[str, ...]:
+    """``gfuse mount -o`` items; INVALID_ARGUMENT for those that have their own key."""
+    opts = tuple(split_list(text))
+    for opt in opts:
+        if opt.split("=", 1)[0] in ("subdir", "backup-volfile-servers", "backupvolfile-server"):
+            raise invalid(f"{what}: {opt!r} must be given as 'source'/'backupServers'")
+    return opts
+
+
 def volume_from(volume_id: str, context: Mapping[str, str]) -> Volume:
     """The gluster volume a CSI volume id (and its volume context) names."""
     source = context.get("source") or context.get("volume") or ""
     if source:
         source = check_source(source, "volume context 'source'")
-    elif volume_id.startswith(SUBDIR_PREFIX):
-        source = check_source(volume_id[len(SUBDIR_PREFIX):], "volume id")
+    elif volume_id.startswith((SUBDIR_PREFIX, VOLUME_PREFIX)):
+        source = check_source(volume_id.split(":", 1)[1], "volume id")
     else:
         try:
             source = check_source(volume_id, "volume id")
@@ -186,14 +226,11 @@ def volume_from(volume_id: str, context: Mapping[str, str]) -> Volume:
             raise CsiError(grpc.StatusCode.NOT_FOUND,
                            f"volume {volume_id!r}: the id names no gluster volume (SERVER:/VOL[/SUBDIR]) and "
                            f"the volume context has no 'source'") from None
-    for key in ("mountOptions",):
-        for opt in split_list(context.get(key, "")):
-            if opt.split("=", 1)[0] in ("subdir", "backup-volfile-servers", "backupvolfile-server"):
-                raise invalid(f"volume context {key}: {opt!r} must be given as 'source'/'backupServers'")
+    options = check_mount_options(context.get("mountOptions", ""))
     return Volume(
         source=source,
         backup_servers=parse_backup_servers(context.get("backupServers", "")),
-        options=tuple(split_list(context.get("mountOptions", ""))),
+        options=options,
         readonly=truthy(context.get("readOnly")),
     )
 

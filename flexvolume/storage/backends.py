@@ -57,6 +57,7 @@ __all__ = [
     "BrickPoolRegistry",
     "GfuseMounter",
     "LocalBrickCleaner",
+    "VOLUME_PREFIX",
     "SubdirBackend",
     "VolumeBackend",
     "backend_for",
@@ -69,6 +70,8 @@ CRASH_EXIT = 86
 META = ".gfuse-provisioner"
 MARKER_XATTR = "trusted.gfuse.pv"
 REGISTRY_KEY = "user.gfuse.brick-pools"
+#: the volume backend's gluster volume of a PV named NAME is VOLUME_PREFIX + NAME (see volume_name)
+VOLUME_PREFIX = "gfuse_"
 DEFAULT_STATE_DIR = "/var/lib/gfuse/provisioner"
 #: set on every volume we make *before it first starts*: usage is checked with quotad on every write
 #: (gluster's own quota tests do the same). On volumes first started with the defaults (5 s / 60 s),
@@ -98,7 +101,7 @@ def dir_name(name: str) -> str:
     return "sha-" + hashlib.sha256(name.encode()).hexdigest()[:40]
 
 
-def volume_name(name: str, prefix: str = "gfuse_") -> str:
+def volume_name(name: str, prefix: str = VOLUME_PREFIX) -> str:
     """The gluster volume of a PV name (``gfuse_pvc-<uid>``), same rules as :func:`dir_name`."""
     if _SAFE_VOLNAME.match(name) and not name.startswith("sha-"):
         return prefix + name
@@ -221,6 +224,13 @@ class GfuseMounter:
         opts = list(self.options)
         if backup_servers:
             opts.append("backup-volfile-servers=" + ":".join(backup_servers))
+        self._mount(source, path, opts)
+        if not self.mounted(path):
+            raise StorageError("pool-unavailable", f"cannot mount the pool {source}: not mounted at {path} afterwards")
+        return path
+
+    def _mount(self, source: str, path: Path, opts: Sequence[str]) -> None:
+        """Mount ``source`` on ``path`` (a subclass may have someone else do it, e.g. the node agent)."""
         cmd = [*self.prefix, *self.gfuse, "mount", source, str(path)]
         if opts:
             cmd += ["-o", ",".join(opts)]
@@ -228,10 +238,9 @@ class GfuseMounter:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=self.timeout)
         except subprocess.TimeoutExpired:
             raise StorageError("pool-unavailable", f"gfuse mount {source} did not finish in {self.timeout:.0f}s") from None
-        if proc.returncode != 0 or not self.mounted(path):
+        if proc.returncode != 0:
             raise StorageError("pool-unavailable",
                                f"cannot mount the pool {source}: {(proc.stderr or proc.stdout).strip()}")
-        return path
 
     def unmount(self, path: Path) -> None:
         if self.mounted(path):
@@ -258,6 +267,7 @@ class SubdirBackend:
     CREATE_STEPS = ("record", "mkdir", "mark", "rename", "quota", "ready")
     DELETE_STEPS = ("mark", "unquota", "trash", "rmtree", "forget")
     EXPAND_STEPS = ("quota", "record")
+    ADOPT_STEPS = ("record", "mark", "quota", "ready")
 
     def __init__(self, glusterd: Glusterd, pool: str, *, server: str | None = None,
                  backup_servers: Sequence[str] | None = None, state_dir: str | Path = DEFAULT_STATE_DIR,
@@ -479,6 +489,50 @@ class SubdirBackend:
             log.info("expanded %s to %s", name, _human(size))
             return self._pv(rec)
 
+    def adopt(self, name: str, size_bytes: int = 0) -> ProvisionedVolume:
+        """Take over the existing directory ``/<dir_name(name)>`` of the pool as the volume ``name``: a
+        PV made before its size was enforced (the CSI controller's directories of before issue 5).
+        Record, marker, quota limit (none for ``size_bytes`` 0: the PV stays unlimited until expanded).
+        Idempotent and resumable like create; ``not-found`` without the directory, ``name-conflict``
+        if the directory or the record belongs to another name."""
+        size = int(size_bytes or 0)
+        if size < 0:
+            raise StorageError("invalid-parameters", f"size must not be negative, got {size}")
+        d = dir_name(name)
+        with self.locks.hold(d):
+            root = self.root()
+            rec_path, final = root / META / "volumes" / f"{d}.json", root / d
+            rec = _read_json(rec_path)
+            if rec is not None:
+                if rec.get("name") != name:
+                    raise StorageError("name-conflict", f"directory /{d} of {self.pool} belongs to {rec.get('name')!r}")
+                if rec.get("state") == "ready":
+                    return self._pv(rec)
+                if rec.get("state") == "deleting" or not rec.get("adopted"):
+                    raise StorageError("busy", f"volume {name} is half made or half deleted (state "
+                                               f"{rec.get('state')}); retry its create or delete first")
+                size = int(rec["size_bytes"])
+            else:
+                if not final.is_dir() or final.is_symlink():
+                    raise StorageError("not-found", f"{self.pool} has no directory /{d} to adopt as {name}")
+                if self._marker(final) not in (None, name):
+                    raise StorageError("name-conflict", f"/{d} of {self.pool} is marked as another volume's")
+                rec = {"name": name, "dir": d, "size_bytes": size, "state": "creating", "adopted": True,
+                       "created": time.time(), "pool": self.pool}
+                _write_json(rec_path, rec)
+                log.info("adopting %s:/%s/%s as %s (%s)", self.server, self.pool, d, name,
+                         _human(size) if size else "no size limit")
+            _step(self.kind, "adopt", "record")
+            os.setxattr(final, MARKER_XATTR, name.encode())
+            _step(self.kind, "adopt", "mark")
+            if size:
+                self.glusterd.quota_limit(self.pool, "/" + d, size)
+            _step(self.kind, "adopt", "quota")
+            rec["state"] = "ready"
+            _write_json(rec_path, rec)
+            _step(self.kind, "adopt", "ready")
+            return self._pv(rec)
+
     def get(self, name: str) -> ProvisionedVolume | None:
         d = dir_name(name)
         root = self.root()
@@ -589,7 +643,7 @@ class VolumeBackend:
     DELETE_STEPS = ("stop", "delete", "bricks")
     EXPAND_STEPS = ("quota", "record")
 
-    def __init__(self, glusterd: Glusterd, registry: BrickPoolRegistry, *, prefix: str = "gfuse_",
+    def __init__(self, glusterd: Glusterd, registry: BrickPoolRegistry, *, prefix: str = VOLUME_PREFIX,
                  default_replica: int = 3, cleaner: LocalBrickCleaner | None = None,
                  state_dir: str | Path = DEFAULT_STATE_DIR) -> None:
         if not _SAFE_VOLNAME.match(prefix):
