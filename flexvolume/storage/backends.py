@@ -10,6 +10,8 @@ Crash safety, in one sentence per backend
   only) and renamed into place atomically; deletion removes the quota limit, renames the
   directory into ``/.gfuse-provisioner/trash/`` and empties it. A retry after a crash at any step
   reads the record and finishes the job; a directory without our marker is never touched.
+  ``adopt`` (a directory made before sizes were enforced) goes the same way: record, marker,
+  quota, ``ready``.
 * volume: the gluster volume name is derived from the PV name (``gfuse_<name>``): the name *is* the
   intent record. glusterd's ``volume create`` is atomic; what follows (options, start, quota,
   ``user.gfuse.state=ready``) is re-applied by a retry. A volume with our prefix and no
@@ -17,7 +19,8 @@ Crash safety, in one sentence per backend
   (or deleted). Brick directories are named ``<pool>/<volname>-<random>``, so leftovers of a
   deleted volume are found by name.
 
-Both take the step list they go through (``CREATE_STEPS``/``DELETE_STEPS``/``EXPAND_STEPS``);
+Both take the step list they go through (``CREATE_STEPS``/``DELETE_STEPS``/``EXPAND_STEPS``, subdir's
+``ADOPT_STEPS``);
 with ``GFUSE_STORAGE_CRASH_AT=<kind>.<op>.<step>`` in the environment the process exits
 (``os._exit(CRASH_EXIT)``) right after that step, which is how the crash tests kill it.
 """
@@ -53,11 +56,11 @@ __all__ = [
     "CRASH_ENV",
     "CRASH_EXIT",
     "PARAMETERS",
+    "VOLUME_PREFIX",
     "BrickPool",
     "BrickPoolRegistry",
     "GfuseMounter",
     "LocalBrickCleaner",
-    "VOLUME_PREFIX",
     "SubdirBackend",
     "VolumeBackend",
     "backend_for",
@@ -423,12 +426,17 @@ class SubdirBackend:
                 _step(self.kind, "create", "rename")
             elif self._marker(final) != name:
                 raise StorageError("name-conflict", f"/{d} of {self.pool} is not marked as {name}'s; left alone")
-            self.glusterd.quota_limit(self.pool, "/" + d, size)
-            _step(self.kind, "create", "quota")
-            rec["state"] = "ready"
-            _write_json(rec_path, rec)
-            _step(self.kind, "create", "ready")
-            return self._pv(rec)
+            return self._limit_and_ready("create", rec_path, rec)
+
+    def _limit_and_ready(self, op: str, rec_path: Path, rec: dict[str, Any]) -> ProvisionedVolume:
+        """The last steps of create and adopt: the quota limit (none for size 0), then the record ``ready``."""
+        if int(rec["size_bytes"]):
+            self.glusterd.quota_limit(self.pool, "/" + rec["dir"], int(rec["size_bytes"]))
+        _step(self.kind, op, "quota")
+        rec["state"] = "ready"
+        _write_json(rec_path, rec)
+        _step(self.kind, op, "ready")
+        return self._pv(rec)
 
     def delete(self, name: str) -> None:
         d = dir_name(name)
@@ -511,7 +519,6 @@ class SubdirBackend:
                 if rec.get("state") == "deleting" or not rec.get("adopted"):
                     raise StorageError("busy", f"volume {name} is half made or half deleted (state "
                                                f"{rec.get('state')}); retry its create or delete first")
-                size = int(rec["size_bytes"])
             else:
                 if not final.is_dir() or final.is_symlink():
                     raise StorageError("not-found", f"{self.pool} has no directory /{d} to adopt as {name}")
@@ -525,13 +532,7 @@ class SubdirBackend:
             _step(self.kind, "adopt", "record")
             os.setxattr(final, MARKER_XATTR, name.encode())
             _step(self.kind, "adopt", "mark")
-            if size:
-                self.glusterd.quota_limit(self.pool, "/" + d, size)
-            _step(self.kind, "adopt", "quota")
-            rec["state"] = "ready"
-            _write_json(rec_path, rec)
-            _step(self.kind, "adopt", "ready")
-            return self._pv(rec)
+            return self._limit_and_ready("adopt", rec_path, rec)
 
     def get(self, name: str) -> ProvisionedVolume | None:
         d = dir_name(name)
