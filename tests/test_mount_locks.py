@@ -126,8 +126,8 @@ def try_flock(path: Path) -> int:
 CONFLICT = (errno.EAGAIN, errno.EACCES)
 
 
-def test_posix_locks_between_two_gfuse_clients(vol_replica3, gfuse_mount, holders) -> None:
-    a, b = gfuse_mount(vol_replica3), gfuse_mount(vol_replica3)
+def test_posix_locks_between_two_gfuse_clients(volume, gfuse_mount, holders) -> None:
+    a, b = gfuse_mount(volume), gfuse_mount(volume)
     name = f"lk-{os.getpid()}"
     (a.path / name).write_bytes(b"x" * 4096)
     h = Holder(a.path / name, start=0, length=100)
