@@ -607,3 +607,21 @@ def test_published_target_recovers_when_the_gfuse_server_dies(csi: Csi, stubs, v
         node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target), timeout=30)
         node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging), timeout=60)
     assert _node_mounts(csi) == []
+
+
+def test_example_storage_classes_are_accepted() -> None:
+    """The CSI StorageClass examples have the parameters the controller and its backends accept."""
+    import yaml
+
+    from flexvolume.csi.controller import split_params
+    from flexvolume.storage.backends import backend_for
+    from flexvolume.storage.glusterd import Glusterd
+
+    files = sorted((Path(__file__).resolve().parent.parent / "daemonset/storageclasses").glob("csi-*.yaml"))
+    kinds = set()
+    for f in files:
+        sc = yaml.safe_load(f.read_text())
+        _, params = split_params(sc["parameters"])
+        backend = backend_for(params, glusterd=Glusterd("/nonexistent"), pool="gfuse-pool", state_dir="/nonexistent")
+        kinds.add(backend.kind)
+    assert kinds == {"subdir", "volume"}, files
