@@ -442,7 +442,7 @@ def test_storage_class_parameters() -> None:
         else:
             assert backend == "volume", f"{name}: unknown backend {backend}"
             assert set(params) <= VOLUME_PARAMETERS, f"{name}: unknown {set(params) - VOLUME_PARAMETERS}"
-            assert re.fullmatch(HOST, params["server"]) and params.get("replica", "3").isdigit()
+            assert re.fullmatch(HOST, params.get("server", "localhost")) and params.get("replica", "3").isdigit()
         if params.get("backupServers"):
             assert all(re.fullmatch(HOST, h) for h in params["backupServers"].split(":")
                        if not h.isdigit()), f"{name}: backupServers is h2:h3"
@@ -1083,6 +1083,8 @@ esac
 """
 FAKE_GETENT = r"""#!/bin/bash
 [ "$1" = ahostsv4 ] && [ -f "$FAKE_GLUSTER_STATE/service" ] || exit 2
+# an address resolves to itself (peer names in `pool list`), the Service's name to the ready pods
+if [[ "$2" =~ ^[0-9.]+$ ]]; then printf '%s\tSTREAM %s\n' "$2" "$2"; exit 0; fi
 while read -r ip; do printf '%s\tSTREAM %s\n%s\tDGRAM\n' "$ip" "$2" "$ip"; done < "$FAKE_GLUSTER_STATE/service"
 """
 
@@ -1126,6 +1128,7 @@ def test_gluster_setup_forms_pool_and_creates_volume(gluster_setup) -> None:
     assert calls == ["peer probe 10.0.0.3", "peer probe 10.0.0.10",
                      ("volume create pool replica 3 10.0.0.2:/bricks/pool 10.0.0.3:/bricks/pool "
                       "10.0.0.10:/bricks/pool force"),
+                     "volume set pool features.hard-timeout 0", "volume set pool features.soft-timeout 0",
                      "volume start pool", "volume quota pool enable",
                      "volume set pool features.quota-deem-statfs on"]
     # idempotent: a second pass changes nothing
