@@ -382,6 +382,7 @@ class GlusterOperations(pyfuse3.Operations):
             p, n, (flags & ~os.O_NOCTTY) | os.O_CREAT, (mode & 0o7777) | st.S_IFREG, g, ctx.umask, cred=c))
         entry = self._entry(r.stat)
         self._opened(entry.st_ino, r.fd)
+        self._no_caps[entry.st_ino] = time.monotonic()  # a new file has no file capabilities to kill
         return pyfuse3.FileInfo(fh=r.fd), entry
 
     @fuse_errors

@@ -62,6 +62,7 @@ class GraphSwitch:
             async def by_handle(handle: int, *args: Any, **kw: Any) -> Any:
                 gen, inner = self._lookup(handle)
                 return await getattr(gen.top, name)(inner, *args, **kw)
+            self.__dict__[name] = by_handle  # dispatches per call: safe to keep
             return by_handle
         if name in OPENING_FOPS:
             async def opening(*args: Any, **kw: Any) -> Any:
@@ -72,6 +73,7 @@ class GraphSwitch:
                 gen.handles += 1
                 r.fd = self._next
                 return r
+            self.__dict__[name] = opening
             return opening
         return getattr(self._current.top, name)
 
