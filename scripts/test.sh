@@ -26,4 +26,4 @@ if [ "$GFUSE_PODMAN_BUILD" != 0 ] && command -v podman >/dev/null 2>&1 && [ -e /
         ./daemonset/podman/build-glusterd-image.sh
     fi
 fi
-exec "$PYTHON" -m pytest -q "$@"
+exec "$PYTHON" -m pytest -q --durations=15 "$@"
