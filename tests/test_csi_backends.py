@@ -20,6 +20,7 @@ import secrets
 import shlex
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import grpc
@@ -48,6 +49,7 @@ from flexvolume.storage.backends import (
     VolumeBackend,
 )
 from flexvolume.storage.glusterd import Glusterd
+from gfuse.cli import _default_log_file
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
@@ -121,11 +123,38 @@ def _entries(pool: Path, name: str) -> dict[str, bool]:
             "staging": os.path.lexists(meta / "staging" / name), "trash": os.path.lexists(meta / "trash" / name)}
 
 
+def _pool_entries(mc, pool: Path, name: str, expected: dict[str, bool]) -> None:
+    """Assert the pool's entries of ``name``. If they differ *and* the pool mount's gfuse logged an
+    entry operation that missed a replica (gfuse's replicate answers once a quorum took it; the
+    bricks then disagree until healed), trigger the heal and wait for it: that is gfuse's issue, warned
+    about, not the controller's. Anything else fails at once."""
+    entries = _entries(pool, name)
+    if entries == expected:
+        return
+    log = Path(_default_log_file(str(pool)))
+    missed = [line for line in (log.read_text(errors="replace").splitlines() if log.exists() else [])
+              if "missed on replica" in line]
+    assert missed, f"{name} on the pool: {entries}, expected {expected}"
+    mc.gluster(1, "volume", "heal", POOL, check=False)
+    deadline = time.monotonic() + 30
+    while entries != expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        entries = _entries(pool, name)
+    assert entries == expected, f"{name} on the pool: {entries}, expected {expected}, after a heal; gfuse: {missed}"
+    warnings.warn(f"gfuse pool mount: {missed[-1]} — the entries of {name} disagreed until healed", stacklevel=2)
+
+
+def _assert_gone(mc, pool: Path, gd: Glusterd, name: str) -> None:
+    _pool_entries(mc, pool, name, {"dir": False, "record": False, "staging": False, "trash": False})
+    limits = _limits(gd)
+    assert "/" + name not in limits, f"{name} still has a quota limit: {limits}"
+
+
 # ------------------------------------------------------------------------------------------------
 # subdir: a quota'd directory
 
 
-def test_subdir_volume_quota_enforced_expand_delete(plugin, stubs, gd, pool) -> None:
+def test_subdir_volume_quota_enforced_expand_delete(mc, plugin, stubs, gd, pool) -> None:
     node, ctrl = stubs
     name = f"pvc-{secrets.token_hex(6)}"
     req = _create(name, 4 * MiB, pool=SOURCE, mountOptions="ping-timeout=10")
@@ -184,7 +213,7 @@ def test_subdir_volume_quota_enforced_expand_delete(plugin, stubs, gd, pool) -> 
 
     # delete: directory, record and limit go; again, and unknown ids, succeed
     ctrl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id), timeout=60)
-    assert not any(_entries(pool, name).values()) and "/" + name not in _limits(gd)
+    _assert_gone(mc, pool, gd, name)
     ctrl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id), timeout=60)
     for unknown in ("no-such-volume", f"subdir:{SOURCE}/pvc-never-made", "volume:127.1.1.1:/gfuse_pvc-never-made",
                     f"{SOURCE}/static", f"subdir:{SOURCE}/sha-crafted", f"volume:127.1.1.1:/{POOL}"):
@@ -327,7 +356,7 @@ def test_controller_killed_after_every_step(mc, plugin, stubs, gd, state, pool, 
     assert v.capacity_bytes == 4 * MiB
     volname = f"gfuse_{name}"
     if kind == "subdir":
-        assert _entries(pool, name) == {"dir": True, "record": True, "staging": False, "trash": False}
+        _pool_entries(mc, pool, name, {"dir": True, "record": True, "staging": False, "trash": False})
         assert json.loads((pool / META / "volumes" / f"{name}.json").read_text())["state"] == "ready"
         assert _limits(gd).get("/" + name) == 4 * MiB
     else:
@@ -338,7 +367,7 @@ def test_controller_killed_after_every_step(mc, plugin, stubs, gd, state, pool, 
         _crash(mc, plugin, state, f"{kind}.delete.{step}", lambda c: c.DeleteVolume(delete, timeout=120))
     ctrl.DeleteVolume(delete, timeout=120)
     if kind == "subdir":
-        assert not any(_entries(pool, name).values()) and "/" + name not in _limits(gd)
+        _assert_gone(mc, pool, gd, name)
     else:
         assert gd.volume_info(volname) is None
         _gc(mc, volname)
@@ -386,15 +415,20 @@ def test_volumes_of_the_earlier_controller_are_adopted(mc, plugin, stubs, gd, st
     vid2 = _legacy_volume(pool, name2, 0)
     v2 = ctrl.CreateVolume(_create(name2, pool=SOURCE), timeout=60).volume
     assert v2.volume_id == vid2 and (pool / name2 / "data").exists() and "/" + name2 not in _limits(gd)
+    # ... also of a name with a dot (its directory was the name; new ones get csi-sha-<hash>)
+    dotted = f"pvc.old-{secrets.token_hex(3)}"
+    vid_dotted = _legacy_volume(pool, dotted, MiB)
+    assert ctrl.CreateVolume(_create(dotted, MiB, pool=SOURCE), timeout=60).volume.volume_id == vid_dotted
+    assert _limits(gd).get("/" + dotted) == MiB
     # a delete of the earlier controller killed halfway: the directory in its trash, the record left
     name3 = f"pvc-old-{secrets.token_hex(3)}"
     vid3 = _legacy_volume(pool, name3, MiB, made=False)
     (legacy / "trash" / f"{name3}.1700000000.abcdef").mkdir()
     (legacy / "trash" / f"{name3}.1700000000.abcdef" / "f").write_text("x")
-    for v in (vid, vid2, vid3):
+    for v in (vid, vid2, vid_dotted, vid3):
         ctrl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v), timeout=60)
-    for n in (name, name2, name3):
-        assert not any(_entries(pool, n).values()) and "/" + n not in _limits(gd)
+    for n in (name, name2, dotted, name3):
+        _assert_gone(mc, pool, gd, n)
     assert list((legacy / "volumes").iterdir()) == [] and list((legacy / "trash").iterdir()) == []
 
 
