@@ -294,3 +294,30 @@ def test_fallocate_modes_reach_every_replica(vol_replica3, gfuse_mount, native_m
             if x.startswith("trusted.afr.") and x != "trusted.afr.dirty":
                 assert os.getxattr(p, x) == bytes(12), (b, x)
 
+
+
+
+def test_lazy_unmount_while_a_lock_is_awaited(vol_replica3, gfuse_mount, holders) -> None:
+    """After ``umount -l`` the open file is still served: the waiter gets its lock, and the server
+    exits once that last file is closed."""
+    a, b = gfuse_mount(vol_replica3), gfuse_mount(vol_replica3)
+    name = f"lk-umount-{os.getpid()}"
+    (a.path / name).write_bytes(b"data")
+    first = Holder(a.path / name)
+    holders.append(first)
+    assert first.read() == "locked"
+    waiter = Holder(b.path / name, wait=True)
+    holders.append(waiter)
+    with pytest.raises(TimeoutError):
+        waiter.read(timeout=1.0)
+    subprocess.run(["umount", "-l", str(b.path)], check=True, timeout=30)
+    assert first.tell("unlock") == "unlocked"
+    assert waiter.read(timeout=30) == "locked"
+    assert try_lock(a.path / name) in CONFLICT
+    waiter.tell("exit")
+    waiter.proc.wait(10)
+    deadline = time.monotonic() + 30
+    while b.pid is not None and os.path.exists(f"/proc/{b.pid}"):
+        assert time.monotonic() < deadline, "the gfuse server did not exit after its last file closed"
+        time.sleep(0.2)
+    assert try_lock(a.path / name) == 0  # nothing left behind by the vanished client
