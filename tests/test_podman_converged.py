@@ -13,11 +13,13 @@ No Kubernetes can run here (see TESTBED), so this plays the cluster's part by ha
   ignores ``hostAliases`` on host-network pods) naming the three node addresses, and the downward API's ``status.podIP`` is the node's address (podman does not
   know it for a network namespace it did not make). ``INTERVAL`` of the setup loop is 2 s instead of 30.
 - **hostPaths** (``/var/lib/glusterd``, logs, bricks) are per-node directories under the test's work dir.
-- **the provisioner's access to glusterd**: the Deployment's ``gfuse-node-gluster`` (nsenter into the
-  node's glusterd) crashed here (the CLI got SIGSEGV; not solved, see daemonset/converged/README.md), so
-  the real :class:`~flexvolume.storage.backends.SubdirBackend` talks to node 1's glusterd with ``podman
-  exec <pod>-glusterd gluster`` (the same CLI, socket and mount namespace). It makes a quota'd PV
-  directory, whose gfuse mount from the client node is written and checked against the quota.
+- **the provisioner's access to glusterd** is the Deployment's own: ``gfuse-node-gluster``
+  (daemonset/image/node-gluster.sh, nsenter into the node's glusterd, run here from the host as the
+  hostPID provisioner pod runs it) with ``GFUSE_GLUSTERD_PID`` = the pod's glusterd (the host has its own
+  glusterd too, so the script's lookup by name would be ambiguous). The real
+  :class:`~flexvolume.storage.backends.SubdirBackend` makes a quota'd PV directory through it, whose gfuse
+  mount from the client node is written and checked against the quota. (With nsenter --mount alone the CLI
+  died with SIGSEGV here: glusterd's pid namespace is needed too, see daemonset/converged/README.md.)
 
 The image is built from this checkout by ``daemonset/podman/build-glusterd-image.sh`` (~20 s) on the
 debootstrap base of ``scripts/build-image.sh``; without that base the test skips unless
@@ -258,17 +260,57 @@ def _glusterd_pid(name: str) -> int:
     return pid
 
 
+def node_gluster(pid: int, timeout: float = 60):
+    """The provisioner Deployment's --gluster-command (gfuse-node-gluster) into the glusterd ``pid``."""
+    from flexvolume.storage.glusterd import Glusterd
+
+    return Glusterd("/var/run/glusterd.socket", command=["env", f"GFUSE_GLUSTERD_PID={pid}", str(NODE_GLUSTER)],
+                    timeout=timeout)
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter (R, S, Z, ...), None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _killed_wrapper_kills_the_cli(glusterd_pid: int) -> None:
+    # the CLI without --mode=script is its interactive shell: it waits on stdin (an open pipe) forever
+    p = subprocess.Popen([str(NODE_GLUSTER)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env={**os.environ, "GFUSE_GLUSTERD_PID": str(glusterd_pid)})
+    cli: list[int] = []
+    try:
+        def the_cli():
+            kids = [int(c) for t in os.listdir(f"/proc/{p.pid}/task")
+                    for c in Path(f"/proc/{p.pid}/task/{t}/children").read_text().split()]
+            kids = [k for k in kids if _state(k) is not None
+                    and Path(f"/proc/{k}/comm").read_text().strip() == "gluster"]
+            return kids or None
+        assert p.poll() is None
+        cli[:] = wait_for(the_cli, 20, "the interactive gluster CLI under gfuse-node-gluster")
+        p.kill()
+        p.wait(timeout=10)
+        # dead: a zombie until its pid namespace's init reaps it, or gone
+        wait_for(lambda: all(_state(k) in (None, "Z", "X") for k in cli), 10, "the CLI to die with its nsenter")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=10)
+        for k in cli:
+            if _state(k) not in (None, "Z", "X"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(k, signal.SIGKILL)
+
+
 def test_converged_glusterd_pods_form_the_pool_and_serve_the_provisioner(converged: dict) -> None:
     from flexvolume.storage.backends import GfuseMounter, SubdirBackend
-    from flexvolume.storage.glusterd import Glusterd
 
     names, net, work = converged["names"], converged["net"], converged["work"]
     pids = [wait_for(lambda n=n: _glusterd_pid(n), 60, f"{n}'s glusterd") for n in names]
-    # node 1's glusterd through its own CLI in its container. (gfuse-node-gluster, the Deployment's way, is
-    # tried below: its nsenter'd CLI crashed with SIGSEGV here; see daemonset/converged/README.md.)
-    os.environ["CONTAINERS_CONF"] = podman_conf()
-    gd = Glusterd("/var/run/glusterd.socket", command=["podman", "exec", f"{names[0]}-glusterd", "gluster"],
-                  timeout=60)
+    # node 1's glusterd the way the provisioner Deployment reaches it: gfuse-node-gluster, from the host
+    gd = node_gluster(pids[0])
 
     last: list[str] = []
 
@@ -288,14 +330,12 @@ def test_converged_glusterd_pods_form_the_pool_and_serve_the_provisioner(converg
     assert info.replica == 3 and sorted(b.host for b in info.bricks) == [f"{SUBNET}.{i}" for i in range(1, 4)], info
     peers = gd.peers()
     assert sorted(p.hostname for p in peers) == [f"{SUBNET}.2", f"{SUBNET}.3"] and all(p.connected for p in peers)
-    # every node's glusterd sees the same pool (each node's own CLI, in its own pod)
-    for name in names[1:]:
-        other = Glusterd("/var/run/glusterd.socket", command=["podman", "exec", f"{name}-glusterd", "gluster"])
-        assert POOL in other.volumes()
-    # the provisioner's gfuse-node-gluster, nsenter'd into node 1's glusterd from the host
-    r = _run(str(NODE_GLUSTER), "--mode=script", "volume", "list", check=False, timeout=60,
-             env={**os.environ, "GFUSE_GLUSTERD_PID": str(pids[0])})
-    print(f"\ngfuse-node-gluster into {names[0]}: exit {r.returncode}, {(r.stdout + r.stderr).strip()[:200]!r}")
+    # every node's glusterd sees the same pool (each node's own CLI in its own namespaces)
+    for pid in pids[1:]:
+        assert POOL in node_gluster(pid).volumes()
+    # a provisioner timeout kills gfuse-node-gluster (the outer nsenter): the CLI, its child in glusterd's
+    # pid namespace, dies with it (pdeathsig) and does not hang on to the provisioner's pipes
+    _killed_wrapper_kills_the_cli(pids[0])
 
     # the provisioner's storage path: SubdirBackend through gfuse-node-gluster, its pool mount from the
     # client node (the provisioner pod mounts it over the pod network the same way)
