@@ -741,7 +741,7 @@ def test_flexvolume_storage_classes_are_accepted_by_the_provisioner(tmp_path: Pa
 
 def test_node_gluster_wrapper(tmp_path: Path) -> None:
     """gfuse-node-gluster: its failures are one line the provisioner classes as glusterd-unreachable;
-    with a real glusterd it runs that glusterd's own CLI in its mount namespace."""
+    with a real glusterd it runs that glusterd's own CLI in its namespaces (pid, mount, ...)."""
     from flexvolume.storage.api import StorageError
     from flexvolume.storage.glusterd import Glusterd
 
