@@ -321,3 +321,44 @@ def test_lazy_unmount_while_a_lock_is_awaited(vol_replica3, gfuse_mount, holders
         assert time.monotonic() < deadline, "the gfuse server did not exit after its last file closed"
         time.sleep(0.2)
     assert try_lock(a.path / name) == 0  # nothing left behind by the vanished client
+
+
+def _status_bricks(mountpoint: Path) -> list[dict]:
+    import json
+    out = subprocess.run([sys.executable, "-m", "gfuse.cli", "status", "--json", str(mountpoint)],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    data = json.loads(out)
+    return (data[0] if isinstance(data, list) else data)["bricks"]
+
+
+def test_locks_survive_brick_restarts(make_volume, gfuse_mount, holders, tmp_path) -> None:
+    """A restarted brick has forgotten every lock: gfuse grants its locks there again. Else, after two
+    restarts and the third brick down, another client would get a lock that is still held."""
+    vol = make_volume("replica3")
+    log = tmp_path / "a.log"
+    a = gfuse_mount(vol, options=[f"log-file={log}"])
+    b = gfuse_mount(vol)
+    name = f"lk-heal-{os.getpid()}"
+    (a.path / name).write_bytes(b"data")
+    h = Holder(a.path / name, start=0, length=100)
+    holders.append(h)
+    assert h.read() == "locked"
+    for i in (0, 1):
+        vol.kill_brick(i)
+        vol.start_force()
+        _wait_for(lambda: all(x["up"] for x in _status_bricks(a.path)), "gfuse to reconnect the brick")
+        _wait_for(lambda: log.read_text().count("re-granted 1 POSIX lock") >= i + 1, "the lock to be re-granted")
+    vol.kill_brick(2)
+    try:
+        assert try_lock(b.path / name, 10, 1) in CONFLICT  # held on bricks 0 and 1 again
+    finally:
+        vol.start_force()
+    assert h.tell("unlock") == "unlocked"
+    _wait_for(lambda: try_lock(b.path / name, 10, 1) == 0, "the lock to be free after the unlock")
+
+
+def _wait_for(pred, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)

@@ -20,6 +20,7 @@ import trio
 
 from .. import fops as F
 from ..bounded import BoundedDict
+from ..heldlocks import HeldLocks
 from ..dicts import Dict, UInt
 from ..fops import Flock, Proc, Result
 from ..iatt import NULL_GFID, Iatt
@@ -80,7 +81,7 @@ def _quorum_error(name: str, what: str, done: int, quorum: int, results: Sequenc
 
 
 class _AfrFd:
-    __slots__ = ("gfid", "flags", "is_dir", "handles", "read_child")
+    __slots__ = ("gfid", "flags", "is_dir", "handles", "read_child", "locks")
 
     def __init__(self, gfid: bytes, flags: int, is_dir: bool, handles: list[int | None]) -> None:
         self.gfid = gfid
@@ -88,6 +89,8 @@ class _AfrFd:
         self.is_dir = is_dir
         self.handles = handles
         self.read_child: int | None = None
+        #: POSIX locks granted through this fd, to grant again on a replica that restarted
+        self.locks: HeldLocks | None = None
 
 
 class _EagerLock:
@@ -154,9 +157,11 @@ class Replicate:
         self.eager_locking = True
         #: background tasks (unlocks after the caller got its answer), owned by :meth:`run`
         self._bg: trio.Nursery | None = None
-        for c in self.children:
+        for i, c in enumerate(self.children):
             if hasattr(c, "subscribe_callbacks"):
                 c.subscribe_callbacks(self._on_callback)
+            if hasattr(c, "subscribe"):
+                c.subscribe(lambda ev, i=i: self._child_event(i, ev))
 
     def __repr__(self) -> str:
         return f"<Replicate {self.name} {len(self.children)} children>"
@@ -591,6 +596,30 @@ class Replicate:
                 for gfid in list(self._eager):
                     await self._release_eager(gfid)
 
+    def _child_event(self, i: int, ev: Any) -> None:
+        if ev.up and self._bg is not None and any(fd.locks for fd in self._fds.values()):
+            self._bg.start_soon(self._heal_locks, i)
+
+    async def _heal_locks(self, i: int) -> None:
+        """A replica came back without our POSIX locks (a restarted brick forgets them): grant them again."""
+        done = failed = 0
+        for fd in list(self._fds.values()):
+            h = fd.handles[i] if fd.locks else None
+            if h is None:
+                continue
+            for owner, seg in fd.locks.items():
+                try:
+                    await self.children[i].lk(h, F.SETLK, Flock(seg.type, 0, seg.start, seg.len, seg.pid, owner),
+                                              cred=now_cred(lk_owner=owner))
+                    done += 1
+                except OSError as e:
+                    failed += 1
+                    log.warning("%s: could not grant a lock of %s again on %s: %s", self.name, fd.gfid.hex(),
+                                self.children[i].name, e)
+        if done or failed:
+            log.info("%s: re-granted %d POSIX lock(s) on %s after it came back (%d failed)", self.name, done,
+                     self.children[i].name, failed)
+
     async def release_all(self) -> None:
         for gfid in list(self._eager):
             await self._release_eager(gfid)
@@ -796,7 +825,13 @@ class Replicate:
         return ok[0]
 
     async def flush(self, handle: int, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
-        await self._release_eager(self._fd(handle).gfid)
+        fd = self._fd(handle)
+        await self._release_eager(fd.gfid)
+        if cred is not None and fd.locks:
+            # bricks drop the POSIX locks of the flushing lock owner on this file (close() semantics)
+            for other in self._fds.values():
+                if other.gfid == fd.gfid and other.locks:
+                    other.locks.drop_owner(cred.lk_owner)
         return await self._fd_all(handle, lambda i, h: self.children[i].flush(h, xdata, cred=cred))
 
     async def fsync(self, handle: int, datasync: bool = False, xdata: Dict | None = None,
@@ -871,24 +906,34 @@ class Replicate:
                                        "getlk")
         self._check_quorum(idx, "lock")
         one = lambda i: self.children[i].lk(fd.handles[i], cmd, flock, xdata, cred=cred)  # noqa: E731
+        gone = (errno.ENOTCONN, errno.EBADFD)  # a brick that is down or lost the fd: quorum decides
+
+        def refused(r: Any) -> bool:
+            return not isinstance(r, Result) and getattr(r, "errno", None) not in gone
         if cmd == F.SETLKW and flock.type != F.UNLCK:
             # Waiting locks go replica after replica in one order, as AFR does: two clients each
             # granted a different replica first would wait for each other forever.
-            res = []
+            res: list[Any] = []
             for i in idx:
-                res.extend(await gather([lambda i=i: one(i)]))
-                if not isinstance(res[-1], Result) and getattr(res[-1], "errno", None) != errno.ENOTCONN:
-                    res.extend(res[-1] for _ in idx[len(res):])
+                res += await gather([lambda i=i: one(i)])
+                if refused(res[-1]):
                     break
         else:
             res = await gather([lambda i=i: one(i) for i in idx])
         ok = [i for i, r in zip(idx, res) if isinstance(r, Result)]
-        if flock.type != F.UNLCK and len(ok) < max(self.quorum, 1):
+        no = [r for r in res if refused(r)]
+        # As AFR: a lock any replica refuses (EAGAIN: someone holds it there) is refused, even with a
+        # majority granted — else two clients could each hold it on a different majority after restarts.
+        if flock.type != F.UNLCK and (no or len(ok) < max(self.quorum, 1)):
             undo = Flock(F.UNLCK, flock.whence, flock.start, flock.len, flock.pid, flock.owner)
             await gather([lambda i=i: self.children[i].lk(fd.handles[i], F.SETLK, undo, cred=cred) for i in ok])
-            raise _pick_error(res)
+            raise no[0] if no else _pick_error(res)
         if not ok:
             raise _pick_error(res)
+        if fd.locks is None:
+            fd.locks = HeldLocks()
+        fd.locks.apply(cred.lk_owner if cred is not None else flock.owner, flock.type, flock.start, flock.len,
+                       flock.pid)
         return res[idx.index(ok[0])]
 
     # inode locks / xattrop pass straight through to every replica (used by upper layers rarely)
