@@ -193,10 +193,11 @@ class Replicate:
         blamed: set[int] = set()
         for i in ok:
             x = results[i].xdata or {}
+            is_dir = results[i].stat.is_dir  # a directory's "data" is its entries, as in AFR
             for j, key in enumerate(self.pending_keys):
                 if j != i:
-                    d, m, _e = parse_changelog(x.get(key))
-                    if d or m:
+                    d, m, e = parse_changelog(x.get(key))
+                    if (e if is_dir else d) or m:
                         blamed.add(j)
         self._readable[gfid] = [i for i in ok if i not in blamed]
 
@@ -248,6 +249,9 @@ class Replicate:
         ok = [r for r in results if isinstance(r, Result)]
         if not ok:
             raise _pick_error(res)
+        absent = [i for i in up if isinstance(results[i], OSError) and results[i].errno == errno.ENOENT]
+        if absent and name and pargfid != NULL_GFID:
+            ok = await self._trusted_entry(pargfid, name, results, absent) or ok
         gfids = {r.stat.gfid for r in ok}
         if len(gfids) > 1:
             log.error("%s: gfid mismatch for %s/%s across replicas", self.name, pargfid.hex(), name)
@@ -258,6 +262,19 @@ class Replicate:
         if not self._readable.get(g) and len(ok) > 1 and not ok[0].stat.is_dir:
             log.warning("%s: %s is in split-brain", self.name, name or g.hex())
         return results[good[0]]
+
+    async def _trusted_entry(self, pargfid: bytes, name: str, results: list[Any], absent: list[int]) -> list[Result]:
+        """Replicas disagree whether ``name`` exists: believe those the parent's entry changelog does not
+        blame (an entry operation that missed a replica leaves it blamed until healed), as AFR does."""
+        try:
+            await self.lookup_gfid(pargfid)
+        except OSError:
+            return []
+        trusted = self._readable.get(pargfid) or []
+        hits = [results[i] for i in trusted if isinstance(results[i], Result)]
+        if not hits and any(i in absent for i in trusted):
+            raise OSError(errno.ENOENT, f"{self.name}: {name!r}: gone on the replicas not blamed for the directory")
+        return hits
 
     async def lookup_gfid(self, gfid: bytes, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
         return await self.lookup(bytes(16), "", xdata, gfid=gfid, cred=cred)
