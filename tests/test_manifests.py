@@ -423,10 +423,10 @@ def test_csi_driver_name() -> None:
     assert volume(spec, "socket-dir")["hostPath"]["path"] == f"{KUBELET_DIR}/plugins/{CSI_DRIVER}"
 
 
-#: StorageClass parameters per backend: subdir as gfuse-csi's controller accepts them (it refuses unknown
-#: ones); volume as planned for issue 5
+#: StorageClass parameters the examples use per backend (the real parsers check them too:
+#: test_csi_storage_classes_are_accepted_by_the_controller, test_flexvolume_storage_classes_...)
 SUBDIR_PARAMETERS = {"backend", "pool", "backupServers", "mountOptions", "dirMode"}
-VOLUME_PARAMETERS = {"backend", "server", "backupServers", "replica", "brickPool", "volumeOptions", "mountOptions"}
+VOLUME_PARAMETERS = {"backend", "replica", "volumeOptions", "mountOptions"}
 HOST = r"[A-Za-z0-9][A-Za-z0-9.-]*(:\d+)?"
 
 
@@ -442,7 +442,7 @@ def test_storage_class_parameters() -> None:
         else:
             assert backend == "volume", f"{name}: unknown backend {backend}"
             assert set(params) <= VOLUME_PARAMETERS, f"{name}: unknown {set(params) - VOLUME_PARAMETERS}"
-            assert re.fullmatch(HOST, params.get("server", "localhost")) and params.get("replica", "3").isdigit()
+            assert params.get("replica", "3").isdigit()
         if params.get("backupServers"):
             assert all(re.fullmatch(HOST, h) for h in params["backupServers"].split(":")
                        if not h.isdigit()), f"{name}: backupServers is h2:h3"
@@ -519,6 +519,108 @@ def test_controller_sockets_agree() -> None:
         if c["name"] in ("csi-provisioner", "csi-resizer"):
             assert "--leader-election" in c["args"]
             assert arg_value(c, "--leader-election-namespace") == NAMESPACE
+
+
+# ---- the CSI controller: its command line and the classes it serves, in every kustomize output ------------------
+
+CSI_CONTROLLER_DEPLOYMENT = "gfuse-controller"
+NEEDS_KUBECTL = pytest.mark.skipif(shutil.which("kubectl") is None,
+                                   reason="kubectl (with its built-in kustomize) not installed")
+
+
+def _rendered(kdir: Path) -> list[dict[str, Any]]:
+    rc, out, err = _kustomize_all()[kdir]
+    assert rc == 0, f"kubectl kustomize {_rel(kdir)}: {err.strip()}"
+    return [d for d in yaml.load_all(out, Loader=LOADER) if d]
+
+
+def _csi_controller(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], Any] | None:
+    """(the pod spec, gfuse-csi's parsed command line) of the CSI controller in rendered docs, if any."""
+    from flexvolume.csi.server import parse_args
+
+    deps = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == CSI_CONTROLLER_DEPLOYMENT]
+    if not deps:
+        return None
+    (dep,) = deps
+    spec = dep["spec"]["template"]["spec"]
+    c = container(spec, "gfuse-csi")
+    assert c["command"] == ["gfuse-csi"]
+    fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"] if "valueFrom" in e}
+    assert fields == {"NODE_NAME": "spec.nodeName"}
+    try:
+        args = parse_args([_expand_vars(a, {"NODE_NAME": "node-1"}) for a in c["args"]])
+    except SystemExit:  # argparse has printed why
+        pytest.fail(f"gfuse-csi refuses the args of {CSI_CONTROLLER_DEPLOYMENT}: {c['args']}")
+    return spec, args
+
+
+@NEEDS_KUBECTL
+def test_csi_controller_command_line() -> None:
+    """In the base and every mode, gfuse-csi's args are what its own parser accepts, and they say how it reaches
+    glusterd: the CLI of its node's glusterd (gfuse-node-gluster), which converged mode gives it (storage
+    node, hostPID); the other modes run the base's pod, which cannot (daemonset/README.md)."""
+    rendered = {_rel(d): _rendered(d) for d in kustomization_dirs()}
+    with_controller = {k for k, docs in rendered.items() if _csi_controller(docs) is not None}
+    assert with_controller >= {"daemonset", "daemonset/base", "daemonset/converged", "daemonset/independent",
+                               "daemonset/standalone"}
+    for kdir in sorted(with_controller):
+        spec, args = _csi_controller(rendered[kdir])
+        assert args.mode == "controller" and args.driver_name == CSI_DRIVER and args.nodeid == "node-1"
+        assert args.gluster_command.split() == ["gfuse-node-gluster"], kdir
+        assert args.glusterd_socket == "/var/run/glusterd.socket", kdir
+        assert args.pool == "gfuse-pool", f"{kdir}: the default pool and the volume backend's brick pool registry"
+        assert args.pool_mounter == "private"
+        c = container(spec, "gfuse-csi")
+        assert c["securityContext"]["privileged"] is True, "nsenter into glusterd, FUSE mounts of the pools"
+        assert mount_of(spec, c, "pool-mounts")["mountPath"] == args.state_dir
+        glusterds = [d for d in rendered[kdir] if d["kind"] == "DaemonSet" and d["metadata"]["name"] == "gfuse-glusterd"]
+        if glusterds:  # converged: on a storage node, seeing its glusterd
+            gspec = glusterds[0]["spec"]["template"]["spec"]
+            assert spec.get("hostPID") is True, kdir
+            assert spec["nodeSelector"] == gspec["nodeSelector"], kdir
+            assert all(t in spec["tolerations"] for t in gspec["tolerations"]), kdir
+            # the socket as glusterd's container sees it: its default, on the glusterd-run emptyDir at /run
+            assert mount_of(gspec, container(gspec, "glusterd"), "glusterd-run")["mountPath"] == "/run"
+        else:  # nothing claims a glusterd here: the base's pod, any node, no hostPID
+            assert not spec.get("hostPID") and "nodeSelector" not in spec, kdir
+    converged = _csi_controller(rendered["daemonset/converged"])[0]
+    flex = one("Deployment", FLEX_PROVISIONER_DEPLOYMENT)["spec"]["template"]["spec"]
+    assert converged["nodeSelector"] == flex["nodeSelector"] and converged["tolerations"] == flex["tolerations"]
+
+
+@NEEDS_KUBECTL
+def test_csi_storage_classes_are_accepted_by_the_controller(tmp_path: Path) -> None:
+    """Every class of gfuse.csi.example.org, in every kustomize output, has parameters the CSI controller of
+    that output accepts (the base's for outputs without one: storageclasses/ is applied on top of it): its
+    split_params and Backends.for_params (with its --pool), and the backends' own checks of dirMode, replica
+    and volumeOptions."""
+    from flexvolume.csi.controller import Backends, split_params
+    from flexvolume.storage.backends import SubdirBackend, VolumeBackend
+    from flexvolume.storage.glusterd import Glusterd
+
+    base = _csi_controller(_rendered(DAEMONSET / "base"))
+    assert base is not None
+    checked = set()
+    for kdir in kustomization_dirs():
+        docs = _rendered(kdir)
+        classes = [d for d in docs if d["kind"] == "StorageClass" and d["provisioner"] == CSI_DRIVER]
+        if not classes:
+            continue
+        args = (_csi_controller(docs) or base)[1]
+        backends = Backends(Glusterd(args.glusterd_socket, command=["false"]), tmp_path, args.pool)
+        for sc in classes:
+            name = f"{_rel(kdir)}: StorageClass {sc['metadata']['name']}"
+            _, params = split_params(sc["parameters"])
+            backend = backends.for_params(params)
+            assert backend.kind == sc["parameters"].get("backend", "subdir"), name
+            if isinstance(backend, VolumeBackend):
+                backend._params(params)
+            else:
+                assert isinstance(backend, SubdirBackend)
+                assert 0 <= int(params.get("dirMode", "0777"), 8) <= 0o7777, name
+            checked.add(sc["metadata"]["name"])
+    every = {sc["metadata"]["name"] for sc in docs_of("StorageClass") if sc["provisioner"] == CSI_DRIVER}
+    assert checked == every, f"CSI classes in no kustomization: {every - checked}"
 
 
 # ---- the FlexVolume provisioner: its RBAC is what its code calls ------------------------------------------------

@@ -1,8 +1,9 @@
 #!/bin/sh
 # gfuse-node-gluster ARGS...: the gluster CLI of this node's glusterd, run inside glusterd's own
-# namespaces. The FlexVolume provisioner's --gluster-command in converged mode (gfuse-flexvolume-provisioner,
-# daemonset/converged/): the provisioner pod runs on a storage node with hostPID, finds the glusterd
-# process of the node and runs `gluster ARGS` with nsenter in its namespaces (see below).
+# namespaces. The --gluster-command of the CSI controller (gfuse-csi, every mode) and of the FlexVolume
+# provisioner in converged mode (gfuse-flexvolume-provisioner, daemonset/converged/): the pod runs on a storage
+# node with hostPID, finds the glusterd process of the node and runs `gluster ARGS` with nsenter in its
+# namespaces (see below).
 #
 # Why not the CLI in the provisioner's own container: glusterd carries out changes (volume create, quota
 # limit-usage) only for requests on its unix socket (TCP 24007 serves read-only CLI requests), and the CLI
