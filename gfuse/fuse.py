@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, TypeVar
 
 import pyfuse3
+import trio
 
 from .bounded import BoundedDict
 from .fops import GETLK, SETLK, SETLKW, UNLCK, Flock, Proc, Result
@@ -111,6 +112,12 @@ class GlusterOperations(pyfuse3.Operations):
         self.fh_inode: dict[int, int] = {}
         #: inodes recently seen without security.capability: the kernel asks before every write
         self._no_caps: BoundedDict[int, float] = BoundedDict(10_000)
+        #: set once the kernel's INIT request is answered (see mount.set_read_ahead)
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        """The kernel's INIT is being answered (pyfuse3 calls this synchronously, just before the reply)."""
+        self.initialized.set()
 
     # ------------------------------------------------------------ helpers
 

@@ -204,7 +204,7 @@ class MountedVolume:
             except RuntimeError as e:
                 raise MountError(f"FUSE mount on {self.mountpoint} failed: {e}") from None
             try:
-                set_read_ahead(self.mountpoint, self.opts.read_ahead_kb)
+                nursery.start_soon(self._read_ahead_after_init)
                 nursery.start_soon(self._status_server)
                 nursery.start_soon(self._signals)
                 watcher = VolfileWatcher(servers, self.spec.volume, graph, self._volfile_changed)
@@ -231,6 +231,13 @@ class MountedVolume:
                         pass
                 nursery.cancel_scope.cancel()
             log.info("unmounted %s", self.mountpoint)
+
+    async def _read_ahead_after_init(self) -> None:
+        """The kernel clamps readahead to what INIT's reply says (128 KiB): raise it once INIT is answered
+        (the reply is written synchronously after ``init()``, before this task runs again)."""
+        await self.ops.initialized.wait()
+        await trio.sleep(0)
+        set_read_ahead(self.mountpoint, self.opts.read_ahead_kb)
 
     async def _volfile_changed(self, graph: Graph) -> None:
         """Build and connect a graph for the new volfile, then send new work to it (see GraphSwitch)."""
