@@ -58,7 +58,7 @@ class ClientGraph:
                              quorum=_quorum(xl.options, len(kids)))
             self.replicas.append(node)
         elif xl.type == "cluster/distribute":
-            node = Distribute(xl.name, kids)
+            node = Distribute(xl.name, kids, lookup_optimize=_bool(xl.options.get("lookup-optimize", "on")))
         elif len(kids) == 1:
             if xl.type not in PASS_THROUGH:
                 log.info("translator %s (%s) is not implemented by gfuse; passing through", xl.name, xl.type)
@@ -108,3 +108,7 @@ def _quorum(options: dict[str, str], n: int) -> str | int:
     if qt == "fixed":
         return int(options.get("quorum-count", n // 2 + 1))
     return qt
+
+
+def _bool(v: str) -> bool:
+    return v.strip().lower() in ("on", "yes", "true", "enable", "1")

@@ -75,3 +75,29 @@ def test_add_brick_is_picked_up_by_a_live_mount(make_volume, gfuse_mount, native
     assert sorted(os.listdir(n.path / "gd")) == names
     for name in names:
         assert (n.path / "gd" / name).read_text() == name
+
+
+def test_files_found_after_add_brick_and_fix_layout(make_volume, gfuse_mount, native_mount) -> None:
+    """After add-brick + fix-layout (no data moved), old names hash to the new brick where nothing is:
+    the layouts' commit hash no longer matches the volume's, so gfuse must look on every subvolume
+    (gluster's lookup-optimize rule) — and must still skip that search where layouts are current."""
+    vol = make_volume("dist1")
+    g = gfuse_mount(vol)
+    n = native_mount(vol)
+    (g.path / "d").mkdir()
+    names = [f"f{i:03d}" for i in range(40)]
+    for name in names:
+        (g.path / "d" / name).write_text(name)
+    new_brick = vol.brick_root / "b-added"
+    tc.gluster("volume", "add-brick", vol.name, f"{vol.host}:{new_brick}", "force")
+    vol.brick_dirs.append(new_brick)
+    _wait(lambda: len(_status(g.path)["bricks"]) == 2, "gfuse to connect the added brick")
+    tc.gluster("volume", "rebalance", vol.name, "fix-layout", "start")
+    _wait(lambda: "completed" in tc.gluster("volume", "rebalance", vol.name, "status"), "fix-layout", 120)
+    assert not any((new_brick / "d" / name).exists() for name in names)  # nothing was moved
+    for name in names:  # many of these now hash to the new, empty brick
+        assert (g.path / "d" / name).read_text() == name
+    assert sorted(os.listdir(g.path / "d")) == names
+    # a fresh client too (no cached layouts), and the reference client agrees
+    assert all((gfuse_mount(vol).path / "d" / name).read_text() == name for name in names)
+    assert sorted(os.listdir(n.path / "d")) == names

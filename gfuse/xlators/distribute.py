@@ -36,6 +36,11 @@ LINKTO_MODE = st.S_IFREG | st.S_ISVTX
 LAYOUT_HEAL_DOMAIN = "dht.layout.heal"
 #: how long a lookup's answer about where a name lives is trusted (the kernel's entry timeout)
 RECENT_TTL = 1.0
+#: a directory's layout is re-read after this long (another client may have fixed it: rebalance)
+LAYOUT_TTL = 1.0
+#: the volume's commit hash (root xattr, written when a rebalance completes), re-read after this long
+COMMIT_TTL = 10.0
+COMMITHASH_XATTR = "trusted.glusterfs.dht.commithash"
 
 
 def is_linkto(stat: Iatt | None, xdata: Dict | None) -> bool:
@@ -65,11 +70,16 @@ class _DhtFd:
 
 
 class Distribute:
-    def __init__(self, name: str, children: Sequence[Any]) -> None:
+    def __init__(self, name: str, children: Sequence[Any], *, lookup_optimize: bool = True) -> None:
         self.name = name
         self.children = list(children)
         self._names = {c.name: i for i, c in enumerate(self.children)}
         self._layouts: BoundedDict[bytes, list[Range | None]] = BoundedDict(20_000)
+        self._layout_read: BoundedDict[bytes, float] = BoundedDict(20_000)
+        #: as gluster's lookup-optimize (on by default): a name missing on its hashed subvolume is missing,
+        #: when the parent's layout carries the volume's commit hash (no rebalance since it was written)
+        self.lookup_optimize = lookup_optimize
+        self._vol_commit: tuple[int | None, float] = (None, -1e9)
         #: gfid → subvolume holding the data (files); directories are everywhere
         self._where: BoundedDict[bytes, int] = BoundedDict()
         #: (parent, name) → (subvolume, when) of recent file lookups, to skip a second lookup on unlink
@@ -92,9 +102,11 @@ class Distribute:
     async def layout(self, dir_gfid: bytes, refresh: bool = False) -> list[Range | None]:
         if len(self.children) == 1:
             return [Range(0, 0, 0, 0xFFFFFFFF)]
-        if not refresh and dir_gfid in self._layouts:
+        now = trio.current_time()
+        if not refresh and dir_gfid in self._layouts and now - self._layout_read.get(dir_gfid, -1e9) < LAYOUT_TTL:
             return self._layouts[dir_gfid]
         ranges, res = await self._read_layout(dir_gfid)
+        self._layout_read[dir_gfid] = now
         if all(x is None for x in ranges):
             errs = [r for r in res if isinstance(r, OSError)]
             if errs and all(e.errno == errno.ENOENT for e in errs) and len(errs) == len(res):
@@ -170,6 +182,30 @@ class Distribute:
         raise OSError(errno.EIO, f"{self.name}: no subvolume holds hash {h:#x} of {name!r} "
                                  f"(layout of {gfid_str(pargfid)} has a hole)")
 
+    async def volume_commit_hash(self) -> int | None:
+        """The commit hash of the volume (0 before any rebalance); None if it cannot be read."""
+        value, when = self._vol_commit
+        if trio.current_time() - when < COMMIT_TTL:
+            return value
+        try:
+            r = await self.children[0].getxattr(ROOT_GFID, COMMITHASH_XATTR)
+            v = (r.dict or {}).get(COMMITHASH_XATTR)
+            value = int.from_bytes(v[:4], "big") if isinstance(v, bytes) and len(v) >= 4 else 0
+        except OSError as e:
+            value = 0 if e.errno in (errno.ENODATA, errno.ENOTSUP) else None  # never rebalanced: 0
+        self._vol_commit = (value, trio.current_time())
+        if value is not None:
+            self.commit_hash = value
+        return value
+
+    async def _miss_is_final(self, pargfid: bytes) -> bool:
+        """lookup-optimize: the hashed subvolume's ENOENT settles it if the parent's layout is current."""
+        if not self.lookup_optimize:
+            return False
+        vch = await self.volume_commit_hash()
+        ranges = await self.layout(pargfid)
+        return vch is not None and all(r is not None and r.commit_hash == vch for r in ranges)
+
     def _layout_for(self, gfid: bytes, path_hint: str) -> list[Range]:
         start = name_hash(path_hint or gfid_str(gfid)) % len(self.children)
         return new_layout(len(self.children), start, self.commit_hash)
@@ -213,6 +249,8 @@ class Distribute:
             r = await self.children[h].lookup(pargfid, name, x, cred=cred)
         except OSError as e:
             if e.errno != errno.ENOENT:
+                raise
+            if await self._miss_is_final(pargfid):
                 raise
             return await self._lookup_everywhere(pargfid, name, x, cred)
         if r.stat.is_dir:
