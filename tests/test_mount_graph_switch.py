@@ -101,3 +101,41 @@ def test_files_found_after_add_brick_and_fix_layout(make_volume, gfuse_mount, na
     # a fresh client too (no cached layouts), and the reference client agrees
     assert all((gfuse_mount(vol).path / "d" / name).read_text() == name for name in names)
     assert sorted(os.listdir(n.path / "d")) == names
+
+
+def test_volfile_changes_under_load_lose_no_call(make_volume, gfuse_mount) -> None:
+    """Calls that started on a graph finish on it even when it is replaced meanwhile (an old graph is
+    stopped only when no call and no open file is left on it): a busy client never sees an error."""
+    import threading
+
+    vol = make_volume("replica3")
+    g = gfuse_mount(vol)
+    (g.path / "w").mkdir()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def work() -> None:
+        i = 0
+        try:
+            while not stop.is_set():
+                p = g.path / "w" / f"f{i % 50}"
+                p.write_text(str(i))
+                assert p.read_text() == str(i)
+                os.rename(p, p.with_suffix(".r"))
+                os.unlink(p.with_suffix(".r"))
+                os.listdir(g.path / "w")
+                i += 1
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=work)
+    t.start()
+    try:
+        for value in ("off", "on", "off", "on"):
+            tc.gluster("volume", "set", vol.name, "performance.stat-prefetch", value)
+            time.sleep(0.7)
+    finally:
+        stop.set()
+        t.join(60)
+    assert not errors, errors
+    assert os.listdir(g.path / "w") == []

@@ -10,6 +10,7 @@ its last handle is gone. Handles are numbered here, so two graphs' numbers never
 from __future__ import annotations
 
 import errno
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -31,6 +32,8 @@ class _Generation:
     top: Any
     on_idle: Callable[[], None] | None
     handles: int = 0
+    #: calls in progress on this graph (a lookup that started before a switch must finish on it)
+    busy: int = 0
 
 
 class GraphSwitch:
@@ -52,8 +55,20 @@ class GraphSwitch:
         self._current = _Generation(top, None)
         self.generation += 1
         old.on_idle = retire
-        if old.handles == 0:
+        self._maybe_retire(old)
+
+    def _maybe_retire(self, gen: _Generation) -> None:
+        if gen is not self._current and gen.handles == 0 and gen.busy == 0 and gen.on_idle is not None:
+            retire, gen.on_idle = gen.on_idle, None
             retire()
+
+    async def _on(self, gen: _Generation, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        gen.busy += 1
+        try:
+            return await fn(*args, **kw)
+        finally:
+            gen.busy -= 1
+            self._maybe_retire(gen)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -61,21 +76,33 @@ class GraphSwitch:
         if name in HANDLE_FOPS:
             async def by_handle(handle: int, *args: Any, **kw: Any) -> Any:
                 gen, inner = self._lookup(handle)
-                return await getattr(gen.top, name)(inner, *args, **kw)
+                return await self._on(gen, getattr(gen.top, name), inner, *args, **kw)
             self.__dict__[name] = by_handle  # dispatches per call: safe to keep
             return by_handle
         if name in OPENING_FOPS:
             async def opening(*args: Any, **kw: Any) -> Any:
                 gen = self._current
-                r = await getattr(gen.top, name)(*args, **kw)
+                gen.handles += 1  # reserved first: the graph must not be retired under the new handle
+                try:
+                    r = await self._on(gen, getattr(gen.top, name), *args, **kw)
+                except BaseException:
+                    gen.handles -= 1
+                    self._maybe_retire(gen)
+                    raise
                 self._next += 1
                 self._handles[self._next] = (gen, r.fd)
-                gen.handles += 1
                 r.fd = self._next
                 return r
             self.__dict__[name] = opening
             return opening
-        return getattr(self._current.top, name)
+        gen = self._current
+        attr = getattr(gen.top, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+
+        async def counted(*args: Any, **kw: Any) -> Any:
+            return await self._on(gen, attr, *args, **kw)
+        return counted
 
     def _lookup(self, handle: int) -> tuple[_Generation, int]:
         try:
@@ -89,9 +116,7 @@ class GraphSwitch:
             return
         gen, inner = entry
         try:
-            await gen.top.release(inner)
+            await self._on(gen, gen.top.release, inner)
         finally:
             gen.handles -= 1
-            if gen.handles == 0 and gen.on_idle is not None:
-                retire, gen.on_idle = gen.on_idle, None
-                retire()
+            self._maybe_retire(gen)
