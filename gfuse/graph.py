@@ -16,6 +16,7 @@ from .mgmt import Server
 from .volfile import Graph, VolfileError, Xlator
 from .xlators.client import BrickClient
 from .xlators.distribute import Distribute
+from .xlators.mdcache import MdCache
 from .xlators.replicate import Replicate
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ class ClientGraph:
         self.skipped: list[str] = []
         self.replicas: list[Replicate] = []
         self._stopping = trio.Event()
-        self.top = self._build(graph.top)
+        #: directory attributes from entry replies on top of it all (see xlators/mdcache.py)
+        self.top = MdCache(self._build(graph.top))
 
     def _build(self, xl: Xlator) -> Any:
         if xl.name in self._built:
