@@ -72,10 +72,12 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 __all__ = [
     "BRICK_HOST",
@@ -99,6 +101,7 @@ __all__ = [
     "is_mounted",
     "list_volumes",
     "native_mount_unavailable_reason",
+    "wait_until",
     "new_volume_name",
     "our_volumes",
     "unavailable_reason",
@@ -159,6 +162,24 @@ class GlusterUnavailable(GlusterError):
 
 # --------------------------------------------------------------------------------------------
 # small helpers
+
+
+def wait_until(pred: Callable[[], T], timeout: float, what: str, interval: float = 0.2,
+               ignore: tuple[type[BaseException], ...] = ()) -> T:
+    """Poll ``pred`` until it returns something truthy (errors of the ``ignore`` types count as not yet);
+    AssertionError naming ``what`` and the last value or error after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = pred()
+            if last:
+                return last
+        except ignore as e:
+            last = e
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached within {timeout:g}s (last: {last!r})")
+        time.sleep(interval)
 
 
 def _run(

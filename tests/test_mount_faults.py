@@ -38,6 +38,7 @@ import pytest
 
 from gfuse import testcluster as tc
 from gfuse.mount import query_status
+from gfuse.testcluster import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -131,19 +132,6 @@ def expect_errno(fn: Callable[[], Any], errnos: Iterable[int], timeout: float, w
                                   f"expected one of {[errno.errorcode[x] for x in wanted]}"
         return e
     pytest.fail(f"{what}: succeeded, expected {[errno.errorcode[x] for x in wanted]}", pytrace=False)
-
-
-def wait_until(pred: Callable[[], T], timeout: float, what: str, interval: float = 0.5) -> T:
-    """Poll ``pred`` until it returns something truthy; fail with the last value after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = pred()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not reached within {timeout:g}s (last: {last!r})", pytrace=False)
-        time.sleep(interval)
 
 
 class Timer:

@@ -6,32 +6,15 @@ gfuse could never use the brick. Files open across the change stay writable.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from gfuse import testcluster as tc
+from gfuse.mount import query_status
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def _status(mountpoint: Path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "gfuse.cli", "status", "--json", str(mountpoint)],
-                         capture_output=True, text=True, timeout=30, check=True).stdout
-    data = json.loads(out)
-    return data[0] if isinstance(data, list) else data
-
-
-def _wait(pred, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
 
 
 def test_add_brick_is_picked_up_by_a_live_mount(make_volume, gfuse_mount, native_mount, tmp_path) -> None:
@@ -39,7 +22,7 @@ def test_add_brick_is_picked_up_by_a_live_mount(make_volume, gfuse_mount, native
     log = tmp_path / "gfuse.log"
     g = gfuse_mount(vol, options=[f"log-file={log}"])
     n = native_mount(vol)
-    assert len(_status(g.path)["bricks"]) == 1
+    assert len(query_status(str(g.path))["bricks"]) == 1
 
     # a file open across the change
     fd = os.open(g.path / "open-across", os.O_CREAT | os.O_WRONLY, 0o644)
@@ -48,13 +31,13 @@ def test_add_brick_is_picked_up_by_a_live_mount(make_volume, gfuse_mount, native
         new_brick = vol.brick_root / "b-added"
         tc.gluster("volume", "add-brick", vol.name, f"{vol.host}:{new_brick}", "force")
         vol.brick_dirs.append(new_brick)
-        _wait(lambda: len(_status(g.path)["bricks"]) == 2, "gfuse to connect the added brick")
-        assert all(b["up"] for b in _status(g.path)["bricks"])
+        tc.wait_until(lambda: len(query_status(str(g.path))["bricks"]) == 2, 60, "gfuse to connect the added brick")
+        assert all(b["up"] for b in query_status(str(g.path))["bricks"])
         os.write(fd, b"after")
     finally:
         os.close(fd)
     assert (n.path / "open-across").read_bytes() == b"before-after"
-    _wait(lambda: "previous graph" in log.read_text(), "the old graph to be stopped once its file closed", 30)
+    tc.wait_until(lambda: "previous graph" in log.read_text(), 30, "the old graph to be stopped once its file closed")
 
     # a directory made after the change spans both bricks: the native client's files there are all
     # visible through gfuse, and gfuse's own files land on the new brick too
@@ -91,9 +74,9 @@ def test_files_found_after_add_brick_and_fix_layout(make_volume, gfuse_mount, na
     new_brick = vol.brick_root / "b-added"
     tc.gluster("volume", "add-brick", vol.name, f"{vol.host}:{new_brick}", "force")
     vol.brick_dirs.append(new_brick)
-    _wait(lambda: len(_status(g.path)["bricks"]) == 2, "gfuse to connect the added brick")
+    tc.wait_until(lambda: len(query_status(str(g.path))["bricks"]) == 2, 60, "gfuse to connect the added brick")
     tc.gluster("volume", "rebalance", vol.name, "fix-layout", "start")
-    _wait(lambda: "completed" in tc.gluster("volume", "rebalance", vol.name, "status"), "fix-layout", 120)
+    tc.wait_until(lambda: "completed" in tc.gluster("volume", "rebalance", vol.name, "status"), 120, "fix-layout")
     assert not any((new_brick / "d" / name).exists() for name in names)  # nothing was moved
     for name in names:  # many of these now hash to the new, empty brick
         assert (g.path / "d" / name).read_text() == name

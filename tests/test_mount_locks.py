@@ -18,9 +18,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
+
+from gfuse import testcluster as tc
+from gfuse.mount import query_status
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -82,11 +85,27 @@ class Holder:
 
 
 @pytest.fixture
-def holders() -> Iterator[list[Holder]]:
+def hold() -> Iterator[Callable[..., Holder]]:
+    """Factory: a Holder process (killed after the test); a non-waiting one has its lock already."""
     made: list[Holder] = []
-    yield made
+
+    def start(path: Path, kind: str = "fcntl", start: int = 0, length: int = 0, wait: bool = False) -> Holder:
+        h = Holder(path, kind, start, length, wait)
+        made.append(h)
+        if not wait:
+            assert h.read() == "locked"
+        return h
+    yield start
     for h in made:
         h.stop()
+
+
+def shared_file(vol, gfuse_mount, tag: str, data: bytes = b"data"):
+    """Two gfuse clients of ``vol`` and a file made through the first: (a, b, path via a, path via b)."""
+    a, b = gfuse_mount(vol), gfuse_mount(vol)
+    name = f"{tag}-{os.getpid()}"
+    (a.path / name).write_bytes(data)
+    return a, b, a.path / name, b.path / name
 
 
 def try_lock(path: Path, start: int = 0, length: int = 0, kind: int = fcntl.F_WRLCK) -> int:
@@ -126,119 +145,83 @@ def try_flock(path: Path) -> int:
 CONFLICT = (errno.EAGAIN, errno.EACCES)
 
 
-def test_posix_locks_between_two_gfuse_clients(volume, gfuse_mount, holders) -> None:
-    a, b = gfuse_mount(volume), gfuse_mount(volume)
-    name = f"lk-{os.getpid()}"
-    (a.path / name).write_bytes(b"x" * 4096)
-    h = Holder(a.path / name, start=0, length=100)
-    holders.append(h)
-    assert h.read() == "locked"
+def test_posix_locks_between_two_gfuse_clients(volume, gfuse_mount, hold) -> None:
+    _a, _b, pa, pb = shared_file(volume, gfuse_mount, "lk", b"x" * 4096)
+    h = hold(pa, start=0, length=100)
     # the other client sees the lock, with its owner's range and pid
-    assert try_lock(b.path / name, 50, 10) in CONFLICT
-    t, s, ln, pid = get_lock(b.path / name, 0, 0)
+    assert try_lock(pb, 50, 10) in CONFLICT
+    t, s, ln, pid = get_lock(pb, 0, 0)
     assert (t, s, ln) == (fcntl.F_WRLCK, 0, 100)
     assert pid == h.proc.pid
-    assert try_lock(b.path / name, 100, 50) == 0            # beyond the range: free
-    assert try_lock(b.path / name, 0, 10, fcntl.F_RDLCK) in CONFLICT
+    assert try_lock(pb, 100, 50) == 0            # beyond the range: free
+    assert try_lock(pb, 0, 10, fcntl.F_RDLCK) in CONFLICT
     # unlock drops it
     assert h.tell("unlock") == "unlocked"
-    assert try_lock(b.path / name, 0, 100) == 0
-    assert get_lock(b.path / name)[0] == fcntl.F_UNLCK
+    assert try_lock(pb, 0, 100) == 0
+    assert get_lock(pb)[0] == fcntl.F_UNLCK
 
 
-def test_close_drops_the_posix_lock_while_the_process_lives(vol_replica3, gfuse_mount, holders) -> None:
-    a, b = gfuse_mount(vol_replica3), gfuse_mount(vol_replica3)
-    name = f"lk-close-{os.getpid()}"
-    (a.path / name).write_bytes(b"data")
-    h = Holder(a.path / name)
-    holders.append(h)
-    assert h.read() == "locked"
-    assert try_lock(b.path / name) in CONFLICT
+def test_close_drops_the_posix_lock_while_the_process_lives(vol_replica3, gfuse_mount, hold) -> None:
+    _a, _b, pa, pb = shared_file(vol_replica3, gfuse_mount, "lk-close")
+    h = hold(pa)
+    assert try_lock(pb) in CONFLICT
     assert h.tell("close") == "closed"  # POSIX: closing any fd of the file drops the process's locks
     assert h.proc.poll() is None
-    assert try_lock(b.path / name) == 0
+    assert try_lock(pb) == 0
 
 
-def test_lock_of_a_killed_process_is_released(vol_replica3, gfuse_mount, holders) -> None:
-    a, b = gfuse_mount(vol_replica3), gfuse_mount(vol_replica3)
-    name = f"lk-kill-{os.getpid()}"
-    (a.path / name).write_bytes(b"data")
-    h = Holder(a.path / name)
-    holders.append(h)
-    assert h.read() == "locked"
+def test_lock_of_a_killed_process_is_released(vol_replica3, gfuse_mount, hold) -> None:
+    _a, _b, pa, pb = shared_file(vol_replica3, gfuse_mount, "lk-kill")
+    h = hold(pa)
     h.proc.kill()
     h.proc.wait(10)
-    deadline = time.monotonic() + 10
-    while try_lock(b.path / name) != 0:
-        assert time.monotonic() < deadline, "the lock of a dead process was never released"
-        time.sleep(0.2)
+    tc.wait_until(lambda: try_lock(pb) == 0, 10, "the lock of a dead process to be released")
 
 
-def test_blocking_lock_waits_for_the_holder(vol_replica3, gfuse_mount, holders) -> None:
-    a, b = gfuse_mount(vol_replica3), gfuse_mount(vol_replica3)
-    name = f"lk-wait-{os.getpid()}"
-    (a.path / name).write_bytes(b"data")
-    first = Holder(a.path / name)
-    holders.append(first)
-    assert first.read() == "locked"
-    second = Holder(b.path / name, wait=True)
-    holders.append(second)
+def test_blocking_lock_waits_for_the_holder(vol_replica3, gfuse_mount, hold) -> None:
+    _a, _b, pa, pb = shared_file(vol_replica3, gfuse_mount, "lk-wait")
+    first = hold(pa)
+    second = hold(pb, wait=True)
     with pytest.raises(TimeoutError):
         second.read(timeout=1.5)  # F_SETLKW is waiting
     t0 = time.monotonic()
     assert first.tell("unlock") == "unlocked"
     assert second.read(timeout=20) == "locked"
     assert time.monotonic() - t0 < 10
-    assert try_lock(a.path / name) in CONFLICT  # now the second client holds it
+    assert try_lock(pa) in CONFLICT  # now the second client holds it
 
 
-def test_interrupted_blocking_lock_leaves_no_lock_behind(vol_replica3, gfuse_mount, holders) -> None:
+def test_interrupted_blocking_lock_leaves_no_lock_behind(vol_replica3, gfuse_mount, hold) -> None:
     """A process that gives up waiting (signal) gets EINTR; the lock it would have got is not kept."""
-    a, b = gfuse_mount(vol_replica3), gfuse_mount(vol_replica3)
-    name = f"lk-intr-{os.getpid()}"
-    (a.path / name).write_bytes(b"data")
-    first = Holder(a.path / name)
-    holders.append(first)
-    assert first.read() == "locked"
-    waiter = Holder(b.path / name, wait=True)
-    holders.append(waiter)
+    _a, _b, pa, pb = shared_file(vol_replica3, gfuse_mount, "lk-intr")
+    first = hold(pa)
+    waiter = hold(pb, wait=True)
     with pytest.raises(TimeoutError):
         waiter.read(timeout=1.0)
     waiter.proc.send_signal(signal.SIGUSR1)
     assert waiter.read(timeout=10) == f"error {errno.EINTR}"
     waiter.proc.wait(10)
     assert first.tell("unlock") == "unlocked"
-    deadline = time.monotonic() + 10
-    while try_lock(a.path / name) != 0:
-        assert time.monotonic() < deadline, "an abandoned lock request kept the lock"
-        time.sleep(0.2)
+    tc.wait_until(lambda: try_lock(pa) == 0, 10, "the lock free again (an abandoned request must not keep it)")
 
 
-def test_bsd_flock_between_clients(vol_replica3, gfuse_mount, holders) -> None:
-    a, b = gfuse_mount(vol_replica3), gfuse_mount(vol_replica3)
-    name = f"flock-{os.getpid()}"
-    (a.path / name).write_bytes(b"data")
-    h = Holder(a.path / name, kind="flock")
-    holders.append(h)
-    assert h.read() == "locked"
-    assert try_flock(b.path / name) == errno.EWOULDBLOCK
+def test_bsd_flock_between_clients(vol_replica3, gfuse_mount, hold) -> None:
+    _a, _b, pa, pb = shared_file(vol_replica3, gfuse_mount, "flock")
+    h = hold(pa, kind="flock")
+    assert try_flock(pb) == errno.EWOULDBLOCK
     assert h.tell("close") == "closed"
-    assert try_flock(b.path / name) == 0
+    assert try_flock(pb) == 0
 
 
-def test_locks_interoperate_with_the_native_client(vol_replica3, gfuse_mount, native_mount, holders) -> None:
+def test_locks_interoperate_with_the_native_client(vol_replica3, gfuse_mount, native_mount, hold) -> None:
     g, n = gfuse_mount(vol_replica3), native_mount(vol_replica3)
     name = f"lk-native-{os.getpid()}"
     (g.path / name).write_bytes(b"data")
-    h = Holder(g.path / name, start=10, length=10)
-    holders.append(h)
-    assert h.read() == "locked"
+    h = hold(g.path / name, start=10, length=10)
     assert try_lock(n.path / name, 15, 1) in CONFLICT
     assert try_lock(n.path / name, 20, 1) == 0
     assert h.tell("unlock") == "unlocked"
-    hn = Holder(n.path / name, start=0, length=0)
-    holders.append(hn)
-    assert hn.read() == "locked"
+    hold(n.path / name, start=0, length=0)
     assert try_lock(g.path / name, 4096, 1) in CONFLICT
     assert get_lock(g.path / name)[0] == fcntl.F_WRLCK
 
@@ -295,43 +278,26 @@ def test_fallocate_modes_reach_every_replica(vol_replica3, gfuse_mount, native_m
                 assert os.getxattr(p, x) == bytes(12), (b, x)
 
 
-
-
-def test_lazy_unmount_while_a_lock_is_awaited(vol_replica3, gfuse_mount, holders) -> None:
+def test_lazy_unmount_while_a_lock_is_awaited(vol_replica3, gfuse_mount, hold) -> None:
     """After ``umount -l`` the open file is still served: the waiter gets its lock, and the server
     exits once that last file is closed."""
-    a, b = gfuse_mount(vol_replica3), gfuse_mount(vol_replica3)
-    name = f"lk-umount-{os.getpid()}"
-    (a.path / name).write_bytes(b"data")
-    first = Holder(a.path / name)
-    holders.append(first)
-    assert first.read() == "locked"
-    waiter = Holder(b.path / name, wait=True)
-    holders.append(waiter)
+    _a, b, pa, pb = shared_file(vol_replica3, gfuse_mount, "lk-umount")
+    first = hold(pa)
+    waiter = hold(pb, wait=True)
     with pytest.raises(TimeoutError):
         waiter.read(timeout=1.0)
     subprocess.run(["umount", "-l", str(b.path)], check=True, timeout=30)
     assert first.tell("unlock") == "unlocked"
     assert waiter.read(timeout=30) == "locked"
-    assert try_lock(a.path / name) in CONFLICT
+    assert try_lock(pa) in CONFLICT
     waiter.tell("exit")
     waiter.proc.wait(10)
-    deadline = time.monotonic() + 30
-    while b.pid is not None and os.path.exists(f"/proc/{b.pid}"):
-        assert time.monotonic() < deadline, "the gfuse server did not exit after its last file closed"
-        time.sleep(0.2)
-    assert try_lock(a.path / name) == 0  # nothing left behind by the vanished client
+    tc.wait_until(lambda: b.pid is None or not os.path.exists(f"/proc/{b.pid}"), 30,
+                  "the gfuse server to exit after its last file closed")
+    assert try_lock(pa) == 0  # nothing left behind by the vanished client
 
 
-def _status_bricks(mountpoint: Path) -> list[dict]:
-    import json
-    out = subprocess.run([sys.executable, "-m", "gfuse.cli", "status", "--json", str(mountpoint)],
-                         capture_output=True, text=True, timeout=30, check=True).stdout
-    data = json.loads(out)
-    return (data[0] if isinstance(data, list) else data)["bricks"]
-
-
-def test_locks_survive_brick_restarts(make_volume, gfuse_mount, holders, tmp_path) -> None:
+def test_locks_survive_brick_restarts(make_volume, gfuse_mount, hold, tmp_path) -> None:
     """A restarted brick has forgotten every lock: gfuse grants its locks there again. Else, after two
     restarts and the third brick down, another client would get a lock that is still held."""
     vol = make_volume("replica3")
@@ -340,25 +306,18 @@ def test_locks_survive_brick_restarts(make_volume, gfuse_mount, holders, tmp_pat
     b = gfuse_mount(vol)
     name = f"lk-heal-{os.getpid()}"
     (a.path / name).write_bytes(b"data")
-    h = Holder(a.path / name, start=0, length=100)
-    holders.append(h)
-    assert h.read() == "locked"
+    h = hold(a.path / name, start=0, length=100)
     for i in (0, 1):
         vol.kill_brick(i)
         vol.start_force()
-        _wait_for(lambda: all(x["up"] for x in _status_bricks(a.path)), "gfuse to reconnect the brick")
-        _wait_for(lambda: log.read_text().count("re-granted 1 POSIX lock") >= i + 1, "the lock to be re-granted")
+        tc.wait_until(lambda: all(x["up"] for x in query_status(str(a.path))["bricks"]), 30,
+                      "gfuse to reconnect the brick")
+        tc.wait_until(lambda: log.read_text().count("re-granted 1 POSIX lock") >= i + 1, 30,
+                      "the lock to be re-granted")
     vol.kill_brick(2)
     try:
         assert try_lock(b.path / name, 10, 1) in CONFLICT  # held on bricks 0 and 1 again
     finally:
         vol.start_force()
     assert h.tell("unlock") == "unlocked"
-    _wait_for(lambda: try_lock(b.path / name, 10, 1) == 0, "the lock to be free after the unlock")
-
-
-def _wait_for(pred, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+    tc.wait_until(lambda: try_lock(b.path / name, 10, 1) == 0, 30, "the lock to be free after the unlock")

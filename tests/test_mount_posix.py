@@ -193,20 +193,6 @@ def brick_copies(vol: tc.Volume, rel: Path) -> list[Path]:
     return out
 
 
-def wait_until(pred, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    last_exc: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            v = pred()
-            if v:
-                return v
-        except OSError as e:
-            last_exc = e
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
-
-
 # ------------------------------------------------------------------------------------------
 # files: data
 
@@ -905,7 +891,8 @@ def test_failed_brick_call_does_not_take_the_mount_down(make_volume, gfuse_mount
     else:
         pytest.fail("create with every brick dead succeeded")
     vol.start_force()
-    data = wait_until(lambda: f.read_bytes(), 30, "the mount to read again after the brick came back")
+    data = tc.wait_until(lambda: f.read_bytes(), 30, "the mount to read again after the brick came back",
+                         ignore=(OSError,))
     assert data == b"before"
     os.stat(m.path)
     (m.path / "after").write_bytes(b"ok")
