@@ -177,10 +177,11 @@ class GlusterOperations(pyfuse3.Operations):
         self._groups[pid] = (now, groups)
         return groups
 
-    def cred(self, ctx: pyfuse3.RequestContext | None, proc: Proc | None = None, valid: int = 0) -> Credential:
+    def cred(self, ctx: pyfuse3.RequestContext | Caller | None, proc: Proc | None = None, valid: int = 0,
+             lk_owner: bytes = b"\0\0\0\0") -> Credential:
         if ctx is None:
-            return now_cred(proc, valid=valid)
-        return now_cred(proc, valid=valid, uid=ctx.uid, gid=ctx.gid, pid=ctx.pid,
+            return now_cred(proc, valid=valid, lk_owner=lk_owner)
+        return now_cred(proc, valid=valid, uid=ctx.uid, gid=ctx.gid, pid=ctx.pid, lk_owner=lk_owner,
                         groups=self._groups_of(ctx.pid) if ctx.uid else ())
 
     def _ro(self) -> None:
@@ -411,8 +412,7 @@ class GlusterOperations(pyfuse3.Operations):
     # ------------------------------------------------------------ locks and fallocate (see fuse_lowlevel)
 
     def _lock_cred(self, owner: int, caller: Caller) -> Credential:
-        return now_cred(Proc.LK, uid=caller.uid, gid=caller.gid, pid=caller.pid, lk_owner=lk_owner(owner),
-                        groups=self._groups_of(caller.pid) if caller.uid else ())
+        return self.cred(caller, Proc.LK, lk_owner=lk_owner(owner))
 
     @staticmethod
     def _flock(lock: Lock, owner: int) -> Flock:
@@ -442,16 +442,14 @@ class GlusterOperations(pyfuse3.Operations):
             raise OSError(errno.EINVAL, "bad fallocate range")
         if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
             raise OSError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}")
-        cred = lambda proc: now_cred(proc, uid=caller.uid, gid=caller.gid, pid=caller.pid,  # noqa: E731
-                                     groups=self._groups_of(caller.pid) if caller.uid else ())
         if mode & FALLOC_FL_PUNCH_HOLE:
             if not mode & FALLOC_FL_KEEP_SIZE:
                 raise OSError(errno.EOPNOTSUPP, "punching a hole needs FALLOC_FL_KEEP_SIZE")
-            await self.top.discard(fh, offset, length, cred=cred(Proc.DISCARD))
+            await self.top.discard(fh, offset, length, cred=self.cred(caller, Proc.DISCARD))
         elif mode & FALLOC_FL_ZERO_RANGE:
-            await self.top.zerofill(fh, offset, length, cred=cred(Proc.ZEROFILL))
+            await self.top.zerofill(fh, offset, length, cred=self.cred(caller, Proc.ZEROFILL))
         else:
-            await self.top.fallocate(fh, mode, offset, length, cred=cred(Proc.FALLOCATE))
+            await self.top.fallocate(fh, mode, offset, length, cred=self.cred(caller, Proc.FALLOCATE))
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:

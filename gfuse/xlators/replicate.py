@@ -866,39 +866,34 @@ class Replicate:
         return await self._transaction("write", DATA, fd.gfid, fd, self._data_locks(fd.gfid, fd),
                                        lambda i: self.children[i].write(fd.handles[i], offset, data, xdata, cred=c))
 
+    async def _data_op(self, what: str, proc: Proc, handle: int, cred: Credential | None,
+                       call: Callable[[Any, int, Credential], Awaitable[Result]]) -> Result:
+        """A data transaction on an open file, after the eager lock on it (if any) is given back."""
+        fd = self._fd(handle)
+        c = self._cred(proc, cred)
+        await self._release_eager(fd.gfid)
+        return await self._transaction(what, DATA, fd.gfid, fd, self._data_locks(fd.gfid, fd),
+                                       lambda i: call(self.children[i], fd.handles[i], c))
+
     async def ftruncate(self, handle: int, size: int, xdata: Dict | None = None,
                         cred: Credential | None = None) -> Result:
-        fd = self._fd(handle)
-        c = self._cred(Proc.FTRUNCATE, cred)
-        await self._release_eager(fd.gfid)
-        return await self._transaction("ftruncate", DATA, fd.gfid, fd, self._data_locks(fd.gfid, fd),
-                                       lambda i: self.children[i].ftruncate(fd.handles[i], size, xdata, cred=c))
+        return await self._data_op("ftruncate", Proc.FTRUNCATE, handle, cred,
+                                   lambda ch, h, c: ch.ftruncate(h, size, xdata, cred=c))
 
     async def fallocate(self, handle: int, mode: int, offset: int, size: int, xdata: Dict | None = None,
                         cred: Credential | None = None) -> Result:
-        fd = self._fd(handle)
-        c = self._cred(Proc.FALLOCATE, cred)
-        await self._release_eager(fd.gfid)
-        return await self._transaction("fallocate", DATA, fd.gfid, fd, self._data_locks(fd.gfid, fd),
-                                       lambda i: self.children[i].fallocate(fd.handles[i], mode, offset, size,
-                                                                            xdata, cred=c))
+        return await self._data_op("fallocate", Proc.FALLOCATE, handle, cred,
+                                   lambda ch, h, c: ch.fallocate(h, mode, offset, size, xdata, cred=c))
 
     async def discard(self, handle: int, offset: int, size: int, xdata: Dict | None = None,
                       cred: Credential | None = None) -> Result:
-        fd = self._fd(handle)
-        c = self._cred(Proc.DISCARD, cred)
-        await self._release_eager(fd.gfid)
-        return await self._transaction("discard", DATA, fd.gfid, fd, self._data_locks(fd.gfid, fd),
-                                       lambda i: self.children[i].discard(fd.handles[i], offset, size, xdata, cred=c))
+        return await self._data_op("discard", Proc.DISCARD, handle, cred,
+                                   lambda ch, h, c: ch.discard(h, offset, size, xdata, cred=c))
 
     async def zerofill(self, handle: int, offset: int, size: int, xdata: Dict | None = None,
                        cred: Credential | None = None) -> Result:
-        fd = self._fd(handle)
-        c = self._cred(Proc.ZEROFILL, cred)
-        await self._release_eager(fd.gfid)
-        return await self._transaction("zerofill", DATA, fd.gfid, fd, self._data_locks(fd.gfid, fd),
-                                       lambda i: self.children[i].zerofill(fd.handles[i], offset, size, xdata,
-                                                                           cred=c))
+        return await self._data_op("zerofill", Proc.ZEROFILL, handle, cred,
+                                   lambda ch, h, c: ch.zerofill(h, offset, size, xdata, cred=c))
 
     async def fsetattr(self, handle: int, stbuf: Iatt, valid: int, xdata: Dict | None = None,
                        cred: Credential | None = None) -> Result:
