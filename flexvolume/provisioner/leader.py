@@ -69,6 +69,20 @@ class LeaderElector:
 
     # ------------------------------------------------------------------ one attempt
 
+    def _write(self, what: str, fn: Callable[..., Any], *args: Any) -> bool:
+        """Create or replace the Lease; False if that failed (409: another candidate wrote it first)."""
+        try:
+            fn(*args, _request_timeout=self.retry_period * 2)
+        except ApiException as e:
+            if e.status != 409:
+                log.warning("leader election: %s Lease %s/%s failed: %s %s", what, self.namespace, self.name,
+                            e.status, e.reason)
+            return False
+        except Exception as e:  # noqa: BLE001
+            log.warning("leader election: %s Lease %s/%s failed: %s", what, self.namespace, self.name, e)
+            return False
+        return True
+
     def try_acquire_or_renew(self) -> bool:
         """One attempt to take or renew the Lease. True if we hold it now."""
         now_mt = _microtime()
@@ -84,15 +98,7 @@ class LeaderElector:
                     "metadata": {"name": self.name, "namespace": self.namespace},
                     "spec": {"holderIdentity": self.identity, "leaseDurationSeconds": duration,
                              "acquireTime": now_mt, "renewTime": now_mt, "leaseTransitions": 0}}
-            try:
-                self.api.create_namespaced_lease(self.namespace, body, _request_timeout=self.retry_period * 2)
-            except ApiException as e2:
-                if e2.status != 409:
-                    log.warning("leader election: creating Lease %s/%s failed: %s %s", self.namespace, self.name,
-                                e2.status, e2.reason)
-                return False
-            except Exception as e2:  # noqa: BLE001
-                log.warning("leader election: creating Lease failed: %s", e2)
+            if not self._write("creating", self.api.create_namespaced_lease, self.namespace, body):
                 return False
             self._renewed((self.identity, now_mt, duration))
             return True
@@ -126,15 +132,7 @@ class LeaderElector:
                          "acquireTime": acquire, "renewTime": now_mt, "leaseTransitions": transitions}}
         if lease.metadata.labels:
             body["metadata"]["labels"] = dict(lease.metadata.labels)
-        try:
-            self.api.replace_namespaced_lease(self.name, self.namespace, body, _request_timeout=self.retry_period * 2)
-        except ApiException as e:
-            if e.status != 409:
-                log.warning("leader election: updating Lease %s/%s failed: %s %s", self.namespace, self.name,
-                            e.status, e.reason)
-            return False
-        except Exception as e:  # noqa: BLE001
-            log.warning("leader election: updating Lease %s/%s failed: %s", self.namespace, self.name, e)
+        if not self._write("updating", self.api.replace_namespaced_lease, self.name, self.namespace, body):
             return False
         if holder != self.identity:
             self.transitions_seen += 1
