@@ -61,7 +61,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gfuse import testcluster as tc  # noqa: E402 (after the sys.path line)
+from testkit import cluster as tc  # noqa: E402 (after the sys.path line)
 
 MiB = 1 << 20
 BLOCK = 4096

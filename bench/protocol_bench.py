@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from gfuse.iatt import ROOT_GFID  # noqa: E402
 from gfuse.mgmt import fetch_graph, parse_volume_spec  # noqa: E402
-from gfuse.xlators.client import BrickClient, new_gfid  # noqa: E402
+from gfuse.cred import new_gfid  # noqa: E402
+from gfuse.xlators.client import BrickClient  # noqa: E402
 
 
 async def _timed(n: int, concurrency: int, fn) -> float:
@@ -84,7 +85,7 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=512, help="MiB written then read")
     a = ap.parse_args()
     if a.make_volume:
-        from gfuse import testcluster
+        from testkit import cluster as testcluster
 
         testcluster.ensure_glusterd()
         vol = testcluster.create_volume("dist1")

@@ -7,8 +7,7 @@
   the FlexVolume driver and the CSI plugin use.
 - :mod:`flexvolume.driver` — the FlexVolume driver (``gfuse-flexvolume``), kubelet's exec contract.
 - :mod:`flexvolume.protocol` — message framing shared by the agent and its client.
-- :mod:`flexvolume.state`, :mod:`flexvolume.mounttable` — the agent's state file and the host's mount table.
-- :mod:`flexvolume.testing` — stand-ins for kubelet, pods and the agent process used by the tests.
+- :mod:`flexvolume.state` — the agent's state file (the host's mount table is :mod:`gfuse.mounttable`).
 
 The driver and client modules import only the standard library and ``msgpack``: kubelet executes
 the driver for every mount and it must start fast. Nothing is defined here (constants live in

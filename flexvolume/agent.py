@@ -68,7 +68,7 @@ from typing import Any
 
 import trio
 
-from .mounttable import (
+from gfuse.mounttable import (
     canonical_target,
     is_serving_process,
     mounts_at,
@@ -391,7 +391,7 @@ class Agent:
 
     async def op_mount(self, req: dict[str, Any]) -> dict[str, Any]:
         from gfuse.mgmt import parse_volume_spec
-        from gfuse.mount import MountError, parse_options
+        from gfuse.options import MountError, parse_options
 
         source = self._str(req, "source")
         target = self._target(req)
@@ -574,7 +574,7 @@ class Agent:
     @staticmethod
     def _remove_status_socket(target: str) -> None:
         try:
-            from gfuse.mount import status_socket_path
+            from gfuse.status import status_socket_path
 
             os.unlink(status_socket_path(target))
         except (OSError, ImportError):
@@ -652,7 +652,7 @@ class Agent:
         its status socket in /run/gfuse answering (needs that directory shared with the host)."""
         if self._find_pid(rec) is not None:
             return True
-        from gfuse.mount import status_socket_path
+        from gfuse.status import status_socket_path
 
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with sock:
@@ -747,7 +747,7 @@ class Agent:
         new ``gfuse mount`` needs (``gfuse probe``: exit 0 when every brick answered, 1 with
         "N of M brick(s) did not answer" when some did not)."""
         from gfuse.mgmt import parse_volume_spec
-        from gfuse.mount import MountError, parse_options
+        from gfuse.options import MountError, parse_options
 
         try:
             spec = parse_volume_spec(rec.source)

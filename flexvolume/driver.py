@@ -76,11 +76,10 @@ def _timeout() -> float:
 
 
 def _bool(opts: dict[str, str], key: str) -> bool:
-    v = opts.get(key, "").strip().lower()
-    if v in ("", "false", "0", "no", "off"):
-        return False
-    if v in ("true", "1", "yes", "on"):
-        return True
+    try:
+        return parse_bool(opts.get(key, ""))
+    except ValueError:
+        pass
     raise DriverFailure(f"option {key!r} must be \"true\" or \"false\", not {opts[key]!r} (PV spec.flexVolume.options)")
 
 

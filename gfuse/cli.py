@@ -14,6 +14,7 @@ import trio
 
 from .errors import leaf
 from .mgmt import MgmtError, Server, fetch_graph, parse_servers, parse_volume_spec
+from .mounttable import gfuse_mounts
 from .volfile import VolfileError
 from .xlators.client import BrickClient, BrickError
 
@@ -151,7 +152,8 @@ def mount(volume_spec: str, mountpoint: str, options: str, foreground: bool, tim
         gfuse mount 127.0.0.1:/vol /mnt/vol
         gfuse mount 10.0.0.5:/vol/projects/a /mnt/a -o backup-volfile-servers=10.0.0.6:10.0.0.7,ro
     """
-    from .mount import MountError, parse_options, run_foreground
+    from .mount import run_foreground
+    from .options import MountError, parse_options
 
     try:
         opts = parse_options(options)
@@ -242,10 +244,8 @@ def _read_ready(fd: int, timeout: float) -> str | None:
 @click.option("-l", "--lazy", is_flag=True, help="Detach now, clean up when no longer busy.")
 def umount(mountpoint: str, lazy: bool) -> None:
     """Unmount a gfuse mount (the serving process exits by itself)."""
-    from .mount import gfuse_mounts
-
     real = os.path.abspath(mountpoint)  # no realpath: a hung mount would hang us too
-    if real not in {m for _, m in gfuse_mounts()}:
+    if real not in {m.target for m in gfuse_mounts()}:
         raise UserError(f"{mountpoint} is not a gfuse mount")
     cmd = ["umount"] + (["-l"] if lazy else []) + [real]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
@@ -261,9 +261,9 @@ def status(mountpoint: str | None, as_json: bool) -> None:
     """Show gfuse mounts: each brick up/down and operations in flight."""
     import json
 
-    from .mount import gfuse_mounts, query_status
+    from .status import query_status
 
-    mounts = gfuse_mounts()
+    mounts = [(m.source, m.target) for m in gfuse_mounts()]
     if mountpoint is not None:
         real = os.path.abspath(mountpoint)
         mounts = [m for m in mounts if m[1] == real]

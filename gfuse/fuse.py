@@ -26,7 +26,7 @@ from .fops import GETLK, SETLK, SETLKW, UNLCK, Flock, Proc, Result
 from .fuse_lowlevel import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Caller, Lock
 from .iatt import NULL_GFID, ROOT_GFID, SET_ATIME, SET_GID, SET_MODE, SET_MTIME, SET_UID, Iatt
 from .rpc import Credential
-from .xlators.client import new_gfid, now_cred
+from .cred import new_gfid, now_cred
 
 log = logging.getLogger(__name__)
 

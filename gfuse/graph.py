@@ -13,6 +13,7 @@ from typing import Any
 import trio
 
 from .mgmt import Server
+from .options import parse_bool
 from .volfile import Graph, VolfileError, Xlator
 from .xlators.client import BrickClient
 from .xlators.distribute import Distribute
@@ -60,7 +61,7 @@ class ClientGraph:
                              quorum=_quorum(xl.options, len(kids)))
             self.replicas.append(node)
         elif xl.type == "cluster/distribute":
-            node = Distribute(xl.name, kids, lookup_optimize=_bool(xl.options.get("lookup-optimize", "on")))
+            node = Distribute(xl.name, kids, lookup_optimize=parse_bool(xl.options.get("lookup-optimize", "on"), default=True))
         elif len(kids) == 1:
             if xl.type not in PASS_THROUGH:
                 log.info("translator %s (%s) is not implemented by gfuse; passing through", xl.name, xl.type)
@@ -110,7 +111,3 @@ def _quorum(options: dict[str, str], n: int) -> str | int:
     if qt == "fixed":
         return int(options.get("quorum-count", n // 2 + 1))
     return qt
-
-
-def _bool(v: str) -> bool:
-    return v.strip().lower() in ("on", "yes", "true", "enable", "1")

@@ -6,7 +6,6 @@ import errno
 import logging
 import os
 import re
-from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
 import trio
@@ -17,6 +16,7 @@ from .errors import leaf
 from .fops import CBK_PROGRAM, Cbk
 from .transport import RpcConnection
 from .volfile import Graph, parse
+from .volspec import Server, VolumeSpec, parse_servers, parse_volume_spec
 
 log = logging.getLogger(__name__)
 
@@ -27,51 +27,6 @@ class MgmtError(Exception):
     def __init__(self, message: str, errno_: int = errno.EIO) -> None:
         super().__init__(message)
         self.errno = errno_
-
-
-@dataclass(frozen=True)
-class Server:
-    host: str
-    port: int = hs.GLUSTERD_PORT
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class VolumeSpec:
-    """``SERVER[:PORT]:/VOLUME[/SUBDIR]`` as users write it."""
-
-    server: Server
-    volume: str
-    subdir: str = ""
-
-
-_SPEC = re.compile(r"^(?P<host>\[[^\]]+\]|[^:/\s]+)(?::(?P<port>\d+))?:/?(?P<vol>[A-Za-z0-9_.-]+)(?P<sub>/[^\s]*)?$")
-
-
-def parse_volume_spec(text: str) -> VolumeSpec:
-    m = _SPEC.match(text.strip())
-    if not m:
-        raise ValueError(f"{text!r} is not SERVER[:PORT]:/VOLUME[/SUBDIR]")
-    port = int(m["port"]) if m["port"] else hs.GLUSTERD_PORT
-    if not 0 < port < 65536:
-        raise ValueError(f"port {port} out of range in {text!r}")
-    sub = (m["sub"] or "").strip("/")
-    return VolumeSpec(Server(m["host"].strip("[]"), port), m["vol"], sub)
-
-
-def parse_servers(text: str, default_port: int = hs.GLUSTERD_PORT) -> list[Server]:
-    """``backup-volfile-servers`` value: hosts separated by ':' or ',' (optionally host:port with ',')."""
-    out = []
-    sep = "," if "," in text else ":"
-    for item in filter(None, (t.strip() for t in text.split(sep))):
-        if sep == "," and ":" in item:
-            h, p = item.rsplit(":", 1)
-            out.append(Server(h, int(p)))
-        else:
-            out.append(Server(item, default_port))
-    return out
 
 
 def mgmt_cred() -> bytes:

@@ -1,4 +1,5 @@
-"""Serving one mount: volfile → graph → bricks → FUSE, plus the status socket ``gfuse status`` reads.
+"""Serving one mount: volfile → graph → bricks → FUSE (options in :mod:`gfuse.options`, the status socket in
+:mod:`gfuse.status`).
 
 Runs in the foreground inside ``trio.run``; ``gfuse mount`` without ``-f`` starts it in
 a detached child and returns once the mount is live (see :mod:`gfuse.cli`).
@@ -7,15 +8,11 @@ a detached child and returns once the mount is live (see :mod:`gfuse.cli`).
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import logging
 import os
 import signal
-import socket
 import stat as st
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import pyfuse3
@@ -24,7 +21,10 @@ import trio
 from .errors import leaf
 from .graph import ClientGraph
 from .iatt import ROOT_GFID
-from .mgmt import MgmtError, Server, VolfileWatcher, fetch_graph, parse_servers, parse_volume_spec
+from .mgmt import MgmtError, VolfileWatcher, fetch_graph, parse_volume_spec
+from .mounttable import mount_at
+from .options import MountError, MountOptions
+from .status import serve_status, status_socket_path
 from .volfile import Graph, VolfileError
 from .fuse import GlusterOperations
 from .fuse_lowlevel import LowLevelHandlers
@@ -32,92 +32,14 @@ from .xlators.switch import GraphSwitch
 
 log = logging.getLogger(__name__)
 
-RUN_DIR = "/run/gfuse"
-#: options mount(8) and fstab pass along that mean nothing to us
-IGNORED_OPTIONS = {"defaults", "rw", "auto", "noauto", "_netdev", "nofail", "user", "nouser", "users", "exec",
-                   "noexec", "suid", "nosuid", "dev", "nodev", "relatime", "noatime", "atime", "strictatime",
-                   "nodiratime", "diratime", "async", "sync", "owner", "group", "comment", "x-systemd.automount"}
-KNOWN_OPTIONS = {"backup-volfile-servers", "backupvolfile-server", "ro", "log-file", "log-level", "allow_other",
-                 "subdir", "attribute-timeout", "entry-timeout", "read-ahead-kb", "ping-timeout"}
-
-
-class MountError(Exception):
-    """The volume cannot be mounted; the message is one line for the user."""
-
-
-@dataclass
-class MountOptions:
-    backup_servers: list[Server] = field(default_factory=list)
-    read_only: bool = False
-    log_file: str | None = None
-    log_level: str = "INFO"
-    allow_other: bool = False
-    subdir: str = ""
-    attr_timeout: float = 1.0
-    entry_timeout: float = 1.0
-    read_ahead_kb: int = 1024
-    ping_timeout: float | None = None
-
-
-def parse_options(text: str | None) -> MountOptions:
-    """``-o`` options: unknown ones are an error (a typo must not silently mount something else)."""
-    o = MountOptions()
-    if not text:
-        return o
-    for item in filter(None, (x.strip() for x in text.split(","))):
-        key, _, value = item.partition("=")
-        if key in IGNORED_OPTIONS or key.startswith("x-"):
-            continue
-        if key not in KNOWN_OPTIONS:
-            raise MountError(f"unknown mount option {key!r} (known: {', '.join(sorted(KNOWN_OPTIONS))})")
-        try:
-            if key in ("backup-volfile-servers", "backupvolfile-server"):
-                o.backup_servers += parse_servers(value)
-            elif key == "ro":
-                o.read_only = True
-            elif key == "log-file":
-                o.log_file = value
-            elif key == "log-level":
-                lv = value.upper()
-                if lv not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "TRACE", "NONE"):
-                    raise ValueError(f"log-level must be DEBUG, INFO, WARNING or ERROR, not {value!r}")
-                o.log_level = {"TRACE": "DEBUG", "NONE": "CRITICAL"}.get(lv, lv)
-            elif key == "allow_other":
-                o.allow_other = True
-            elif key == "subdir":
-                o.subdir = value.strip("/")
-            elif key == "attribute-timeout":
-                o.attr_timeout = float(value)
-            elif key == "entry-timeout":
-                o.entry_timeout = float(value)
-            elif key == "read-ahead-kb":
-                o.read_ahead_kb = int(value)
-            elif key == "ping-timeout":
-                o.ping_timeout = float(value)
-        except ValueError as e:
-            raise MountError(f"bad value for mount option {key!r}: {e}") from None
-    return o
-
-
-def status_socket_path(mountpoint: str) -> str:
-    """Where the serving process answers ``gfuse status``; from the path alone, never touching the mount."""
-    h = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
-    return os.path.join(RUN_DIR, f"{h}.sock")
-
-
 def set_read_ahead(mountpoint: str, kb: int) -> None:
     """Let reads arrive as large requests: FUSE bdi read_ahead_kb defaults to 128."""
     # never stat() our own mount from the serving thread: the request would wait for us
     try:
-        majmin = None
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                if parts[4] == mountpoint:
-                    majmin = parts[2]
-        if majmin is None:
+        top = mount_at(mountpoint)
+        if top is None:
             return
-        with open(f"/sys/class/bdi/{majmin}/read_ahead_kb", "w") as f:
+        with open(f"/sys/class/bdi/{top.dev}/read_ahead_kb", "w") as f:
             f.write(str(kb))
     except OSError as e:
         log.info("could not set read_ahead_kb for %s: %s", mountpoint, e)
@@ -289,24 +211,7 @@ class MountedVolume:
                 "inodes": len(self.ops.inodes) if self.ops else 0, "read_only": self.opts.read_only}
 
     async def _status_server(self) -> None:
-        path = self.socket_path
-        os.makedirs(RUN_DIR, exist_ok=True)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.bind(path)
-        os.chmod(path, 0o600)
-        sock.listen(8)
-        with sock:
-            while True:
-                conn, _ = await sock.accept()
-                with conn:
-                    try:
-                        await conn.send((json.dumps(self.status()) + "\n").encode())
-                    except OSError:
-                        pass
+        await serve_status(self.socket_path, self.status)
 
 
 def run_foreground(spec_text: str, mountpoint: str, opts: MountOptions,
@@ -339,28 +244,3 @@ def run_foreground(spec_text: str, mountpoint: str, opts: MountOptions,
         else:
             log.error("%s", msg)
         return 1
-
-
-def query_status(mountpoint: str, timeout: float = 3.0) -> dict:
-    path = status_socket_path(mountpoint)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
-
-
-def gfuse_mounts() -> list[tuple[str, str]]:
-    """(source, mountpoint) of every gfuse mount in this mount namespace."""
-    out = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 3 and parts[2] == "fuse.gfuse":
-                out.append((parts[0], parts[1].replace("\\040", " ")))
-    return out

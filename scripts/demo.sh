@@ -12,7 +12,7 @@ PYTHON="${PYTHON:-python3}"
 step() { printf '\n== %s\n' "$*"; }
 
 step "starting glusterd and creating a $KIND volume on loopback"
-VOL=$("$PYTHON" -m gfuse.testcluster up --kind "$KIND" --keep --print-name)
+VOL=$("$PYTHON" -m testkit.cluster up --kind "$KIND" --keep --print-name)
 MNT=$(mktemp -d /tmp/gfuse-demo.XXXXXX)
 NATIVE=$(mktemp -d /tmp/gfuse-demo-native.XXXXXX)
 cleanup() {
@@ -21,7 +21,7 @@ cleanup() {
     "$PYTHON" -m gfuse.cli umount "$MNT" 2>/dev/null
     umount "$NATIVE" 2>/dev/null
     rmdir "$MNT" "$NATIVE" 2>/dev/null
-    "$PYTHON" -m gfuse.testcluster down "$VOL"
+    "$PYTHON" -m testkit.cluster down "$VOL"
 }
 trap cleanup EXIT
 SRC="127.0.0.1:/$VOL"

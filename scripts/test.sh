@@ -10,7 +10,7 @@ PYTHON="${PYTHON:-python3}"
 export PYTHON
 
 ./scripts/install-deps.sh
-"$PYTHON" -c 'from gfuse.testcluster import ensure_glusterd; g = ensure_glusterd(); print(f"glusterd running, pid {g.pid}")'
+"$PYTHON" -c 'from testkit.cluster import ensure_glusterd; g = ensure_glusterd(); print(f"glusterd running, pid {g.pid}")'
 export GFUSE_REQUIRE_CLUSTER="${GFUSE_REQUIRE_CLUSTER:-1}"
 # The podman tests' images (the node image and converged mode's glusterd image) are built here, before
 # any test runs, when missing or older than the checkout: making them reaches the network (a Debian mirror

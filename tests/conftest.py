@@ -1,10 +1,10 @@
-"""Shared pytest fixtures: a real glusterd and real volumes on loopback (see gfuse/testcluster.py).
+"""Shared pytest fixtures: a real glusterd and real volumes on loopback (see testkit/cluster.py).
 
 Fixture names are stable; other test modules rely on them:
 
 ``glusterd`` (session)
     glusterd is running (started if needed) and stale volumes of dead earlier runs are gone.
-    Gives a :class:`gfuse.testcluster.Glusterd` (``pid``, ``host``, ``port``).
+    Gives a :class:`testkit.cluster.Glusterd` (``pid``, ``host``, ``port``).
 ``vol_dist1``, ``vol_replica3``, ``vol_distrep`` (session)
     Started volumes (1 brick / replica 3 / 2 x 3), created on first use, deleted at session end
     even if tests fail. Shared by all tests of the session: after each test that used one, dead
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from gfuse import testcluster as tc
+from testkit import cluster as tc
 
 KIND_NAMES = tuple(tc.KINDS)  # ("dist1", "replica3", "distrep")
 _SESSION_VOLUME_FIXTURES = tuple(f"vol_{k}" for k in KIND_NAMES)

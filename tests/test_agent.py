@@ -1,9 +1,9 @@
 """The gfuse node agent: protocol, mount lifecycle, and mounts that survive the agent.
 
 Real GlusterFS volumes (tests/conftest.py), real gfuse mounts, the agent as a separate process
-(flexvolume.testing.AgentProcess) that the tests SIGKILL. No kubelet can run here: the kubelet
+(testkit.kubelet.AgentProcess) that the tests SIGKILL. No kubelet can run here: the kubelet
 directory is a stand-in made rshared, a "pod" is a process in a mount namespace with slave
-propagation started before the volume is mounted (flexvolume.testing), and the FlexVolume driver is
+propagation started before the volume is mounted (testkit.kubelet), and the FlexVolume driver is
 executed as kubelet executes it.
 """
 
@@ -22,9 +22,9 @@ import msgpack
 import pytest
 
 from flexvolume.agentclient import AgentError
-from flexvolume.mounttable import mounts_at, pid_alive
+from gfuse.mounttable import mounts_at, pid_alive
 from flexvolume.state import MountRecord, load_state, save_state
-from flexvolume.testing import (
+from testkit.kubelet import (
     AgentProcess,
     Node,
     PodInfo,
@@ -290,7 +290,7 @@ def test_mount_lifecycle(agent: AgentProcess, vol_replica3, native_mount, tmp_pa
     unmount_s = time.monotonic() - t0
     assert not mounts_at(str(target))
     assert not pid_alive(pid) and gfuse_serving_pids(target) == []
-    from gfuse.mount import status_socket_path
+    from gfuse.status import status_socket_path
 
     assert not os.path.exists(status_socket_path(str(target)))
     assert c.list() == [] and load_state(str(agent.state)) == {}

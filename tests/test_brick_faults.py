@@ -14,7 +14,7 @@ import trio
 from test_brick_fops import all_ok, make_file, open_bricks
 
 from gfuse import fops as F
-from gfuse import testcluster as tc
+from testkit import cluster as tc
 from gfuse.fops import Flock, Proc
 from gfuse.iatt import ROOT_GFID
 from gfuse.xlators.client import BrickClient, BrickEvent, now_cred

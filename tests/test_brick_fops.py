@@ -23,12 +23,13 @@ import pytest
 import trio
 
 from gfuse import fops as F
-from gfuse import testcluster as tc
+from testkit import cluster as tc
 from gfuse.fops import Flock, Proc
 from gfuse.iatt import NULL_GFID, ROOT_GFID, SET_ATIME, SET_MODE, SET_MTIME, Iatt
 from gfuse.mgmt import Server, fetch_graph
 from gfuse.volfile import Graph
-from gfuse.xlators.client import BrickClient, new_gfid, now_cred
+from gfuse.cred import new_gfid, now_cred
+from gfuse.xlators.client import BrickClient
 
 pytestmark = pytest.mark.cluster
 

@@ -16,10 +16,10 @@ import pytest
 import trio
 from test_brick_fops import all_ok, disk_gfid, make_dir, open_bricks, uniq
 
-from gfuse import testcluster as tc
+from testkit import cluster as tc
 from gfuse.fops import Proc
 from gfuse.iatt import ROOT_GFID
-from gfuse.xlators.client import new_gfid, now_cred
+from gfuse.cred import new_gfid, now_cred
 
 pytestmark = [pytest.mark.cluster, pytest.mark.native]
 

@@ -36,8 +36,8 @@ import grpc
 import pytest
 
 from flexvolume.agentclient import AgentClient, AgentError
-from flexvolume.testing import gfuse_serving_pids_under
-from flexvolume.mounttable import mounts_at, mounts_under
+from testkit.kubelet import gfuse_serving_pids_under
+from gfuse.mounttable import mounts_at, mounts_under
 
 try:  # generated at first import (flexvolume/csi/stubs.py): may download the ember-csi wheel once
     from flexvolume.csi.stubs import csi_pb2 as pb

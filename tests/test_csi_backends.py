@@ -40,7 +40,7 @@ from test_csi import (
 )
 from test_storage_backends import POOL, _write_until_edquot
 
-from flexvolume.mounttable import mounts_under
+from gfuse.mounttable import mounts_under
 from flexvolume.storage.backends import (
     CRASH_ENV,
     CRASH_EXIT,

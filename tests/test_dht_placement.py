@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gfuse import testcluster as tc
+from testkit import cluster as tc
 from gfuse.dhthash import LAYOUT_XATTR, LINKTO_XATTR, Range, name_hash, pick
 
 FULL = 0xFFFFFFFF

@@ -2,7 +2,7 @@
 
 kubelet (pkg/volume/flexvolume) runs ``<plugin-dir>/<vendor>~<driver>/<driver> <command> <args…>``
 with a JSON object of strings as the last argument of ``mount``, reads stdout and stderr together
-and unmarshals them as one JSON object. No kubelet can run here, so flexvolume.testing stands in:
+and unmarshals them as one JSON object. No kubelet can run here, so testkit.kubelet stands in:
 the driver is installed at ``<plugin-dir>/gfuse.example.org~gfuse/gfuse`` and executed from ``/`` with a bare
 environment; the kubelet directory is a bind mount made rshared; a "pod" is a process in a mount
 namespace with slave propagation, started before the volume is mounted. The volumes and the gfuse
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from flexvolume.driver import CAPABILITIES, parse_mount_options
-from flexvolume.mounttable import mounts_at
-from flexvolume.testing import (
+from gfuse.mounttable import mounts_at
+from testkit.kubelet import (
     Node,
     PodInfo,
     call_driver,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from gfuse import testcluster as tc
+from testkit import cluster as tc
 
 HELPER = Path("/sbin/mount.fuse.gfuse")
 

@@ -36,9 +36,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from gfuse import testcluster as tc
-from gfuse.mount import query_status
-from gfuse.testcluster import wait_until
+from testkit import cluster as tc
+from gfuse.status import query_status
+from testkit.cluster import wait_until
 
 pytestmark = pytest.mark.cluster
 

@@ -22,8 +22,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from gfuse import testcluster as tc
-from gfuse.mount import query_status
+from testkit import cluster as tc
+from gfuse.status import query_status
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from gfuse import testcluster as tc
+from testkit import cluster as tc
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from gfuse import testcluster as tc
+from testkit import cluster as tc
 from gfuse.dhthash import LAYOUT_XATTR, Range
 
 KINDS = ["replica3", "distrep"]

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from gfuse import testcluster as tc
+from testkit import cluster as tc
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -1,4 +1,4 @@
-"""gfuse/multicluster.py: several real glusterd on one machine, and ``gfuse cluster init`` on them.
+"""testkit/multicluster.py: several real glusterd on one machine, and ``gfuse cluster init`` on them.
 
 What is checked: each glusterd runs with gluster's own regression-suite options (tests/cluster.rc)
 on its own 127.1.1.N, with its own working/run/log directories and socket; the default glusterd
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gfuse import multicluster as mcl
+from testkit import multicluster as mcl
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 
@@ -174,7 +174,7 @@ def test_replica_impossible_and_unreachable():
 
 _CRASHING_RUN = r"""
 import os, signal, sys
-from gfuse import multicluster as mcl
+from testkit import multicluster as mcl
 mc = mcl.MultiCluster(2)
 mc.start()
 mc.peer_all()

@@ -44,8 +44,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flexvolume.mounttable import mounts_under
-from flexvolume.testing import wait_for
+from gfuse.mounttable import mounts_under
+from testkit.kubelet import wait_for
 
 from test_podman_daemonset import BASE_IMAGE, BUILD_SCRIPT, IMAGE_WORKDIR, _build_wanted, _podman_env, podman
 

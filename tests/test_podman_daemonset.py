@@ -12,7 +12,7 @@ No Kubernetes control plane or kubelet can run on these machines, so this plays 
 - the node-level hostPaths ``/run/gfuse``, ``/var/lib/gfuse`` and ``/var/log/gfuse`` are moved to test
   directories too, so this test never touches (or is disturbed by) the host's real ones; the FlexVolume
   shim is told where the agent's pid file is on the host (``GFUSE_AGENT_PIDFILE``, as the installer allows);
-- kubelet's call of the driver is :func:`flexvolume.testing.call_driver`: the shim the pod's init
+- kubelet's call of the driver is :func:`testkit.kubelet.call_driver`: the shim the pod's init
   container installed, executed on the host with kubelet's argv and JSON, which ``nsenter``s the agent
   container and runs ``gfuse-flexvolume`` there; the agent in the pod mounts the volume at a kubelet-shaped
   path, and the mount must appear on the host (Bidirectional propagation) and in a workload container
@@ -40,8 +40,8 @@ import pytest
 import yaml
 
 from flexvolume.agentclient import AgentClient, AgentError
-from flexvolume.mounttable import mounts_at
-from flexvolume.testing import (
+from gfuse.mounttable import mounts_at
+from testkit.kubelet import (
     PLUGIN_DIR_NAME,
     DriverResult,
     KubeletDir,

@@ -503,7 +503,7 @@ LEASE = ("gfuse-system", "gfuse-example-org-gfuse")
 
 
 def _have_cluster() -> str | None:
-    from gfuse import testcluster as tc
+    from testkit import cluster as tc
 
     if os.geteuid() != 0:
         return "needs root (gluster, FUSE mounts)"
@@ -516,7 +516,7 @@ def _have_cluster() -> str | None:
 def pool(glusterd: Any) -> Iterator[Any]:
     """A replica-3 pool volume with quota on, and a state dir for the provisioners' pool mounts.
     At the end: every mount under the state dir is unmounted and the volume deleted."""
-    from gfuse import testcluster as tc
+    from testkit import cluster as tc
     from flexvolume.storage.glusterd import Glusterd
 
     reason = _have_cluster()
@@ -668,7 +668,7 @@ def _lease_holder(emu: KubeEmulator) -> str | None:
 def kubelet_mount(pv: dict[str, Any], mountpoint: Path) -> Any:
     """Mount a PV as kubelet + the gfuse FlexVolume driver would: the driver's option parser on
     kubelet's JSON (the PV's flexVolume options + kubelet's keys), then ``gfuse mount`` with them."""
-    from gfuse import testcluster as tc
+    from testkit import cluster as tc
     from flexvolume.driver import parse_mount_options
 
     opts = dict(pv["spec"]["flexVolume"]["options"])

@@ -1,4 +1,4 @@
-"""Provisioning backends against a real multi-node gluster cluster (gfuse/multicluster.py).
+"""Provisioning backends against a real multi-node gluster cluster (testkit/multicluster.py).
 
 Three glusterd on 127.1.1.1-3, each in its own mount namespace, all in a private network namespace
 (the default glusterd on this machine holds 0.0.0.0:24007); ``gfuse cluster init`` (independent
@@ -36,7 +36,7 @@ from flexvolume.storage.backends import (
     volume_name,
 )
 from flexvolume.storage.glusterd import Glusterd
-from gfuse import multicluster as mcl
+from testkit import multicluster as mcl
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 

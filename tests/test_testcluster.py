@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gfuse import testcluster as tc
+from testkit import cluster as tc
 
 pytestmark = pytest.mark.cluster
 
@@ -168,7 +168,7 @@ def test_cli_up_down(glusterd: tc.Glusterd) -> None:
         [
             sys.executable,
             "-m",
-            "gfuse.testcluster",
+            "testkit.cluster",
             "up",
             "--kind",
             "dist1",
@@ -188,7 +188,7 @@ def test_cli_up_down(glusterd: tc.Glusterd) -> None:
         assert tc.volume_info(name).status == "Started"
         assert tc.our_volumes()[name]["owner"]["pid"] == os.getpid()
         listing = subprocess.run(
-            [sys.executable, "-m", "gfuse.testcluster", "list"],
+            [sys.executable, "-m", "testkit.cluster", "list"],
             capture_output=True,
             text=True,
             timeout=60,
@@ -196,7 +196,7 @@ def test_cli_up_down(glusterd: tc.Glusterd) -> None:
         )
         assert f"{name}\tdist1\towner pid {os.getpid()} alive" in listing.stdout
         refused = subprocess.run(
-            [sys.executable, "-m", "gfuse.testcluster", "down", "not_ours"],
+            [sys.executable, "-m", "testkit.cluster", "down", "not_ours"],
             capture_output=True,
             text=True,
             timeout=60,
@@ -205,7 +205,7 @@ def test_cli_up_down(glusterd: tc.Glusterd) -> None:
         assert refused.returncode == 2
     finally:
         down = subprocess.run(
-            [sys.executable, "-m", "gfuse.testcluster", "down", name],
+            [sys.executable, "-m", "testkit.cluster", "down", name],
             capture_output=True,
             text=True,
             timeout=120,

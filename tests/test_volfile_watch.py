@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from gfuse import rpc
-from gfuse import testcluster as tc
+from testkit import cluster as tc
 from gfuse.fops import CBK_PROGRAM, Cbk
 from gfuse.mgmt import Server, VolfileWatcher, fetch_graph
 from gfuse.volfile import Graph

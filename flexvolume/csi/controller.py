@@ -77,7 +77,7 @@ from typing import Any
 
 import grpc
 
-from .. import jsonfile
+from gfuse import jsonfile
 from ..agentclient import AgentClient, AgentError
 from ..storage.api import Backend, ProvisionedVolume, StorageError
 from ..storage.backends import VOLUME_PREFIX as GLUSTER_VOLUME_PREFIX

@@ -26,16 +26,15 @@ import grpc
 
 from ..agentclient import AgentClient
 from .stubs import csi_pb2, csi_pb2_grpc
+from gfuse.mounttable import MountEntry, mount_at, read_mounts
+
 from .volumes import (
     CsiError,
     OpLocks,
     capability_readonly,
     check_capability,
     check_path,
-    MountInfo,
     invalid,
-    mount_at,
-    mountinfo,
     require,
     rpc,
     volume_from,
@@ -148,34 +147,34 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         while that staging mount answers, is detached lazily and bound again (read-only if it was).
         Open files on the old mount keep failing; new opens work. Returns the targets repaired.
         """
-        mounts = mountinfo()
+        mounts = read_mounts()
         pods = self.kubelet_dir.rstrip("/") + "/pods/"
         plugins = self.kubelet_dir.rstrip("/") + "/plugins/"
-        top: dict[str, MountInfo] = {}
+        top: dict[str, MountEntry] = {}
         for m in mounts:
-            top[m.mountpoint] = m  # later mounts cover earlier ones
-        staged: dict[str, list[MountInfo]] = {}
+            top[m.target] = m  # later mounts cover earlier ones
+        staged: dict[str, list[MountEntry]] = {}
         for m in top.values():
-            if m.fstype == GFUSE_FSTYPE and m.mountpoint.startswith(plugins):
+            if m.fstype == GFUSE_FSTYPE and m.target.startswith(plugins):
                 staged.setdefault(m.source, []).append(m)
         repaired = []
         for t in top.values():
-            if t.fstype != GFUSE_FSTYPE or not t.mountpoint.startswith(pods):
+            if t.fstype != GFUSE_FSTYPE or not t.target.startswith(pods):
                 continue
             candidates = [m for m in staged.get(t.source, []) if m.root == t.root]
             if not candidates or any(m.dev == t.dev for m in candidates):
                 continue  # not published from a staging path, or still on the live mount
             try:
-                with self.locks.hold("path:" + t.mountpoint):
+                with self.locks.hold("path:" + t.target):
                     if self._repair_target(t, candidates):
-                        repaired.append(t.mountpoint)
+                        repaired.append(t.target)
             except CsiError as e:
-                log.info("repair of %s skipped: %s", t.mountpoint, e.message)
+                log.info("repair of %s skipped: %s", t.target, e.message)
         return repaired
 
-    def _repair_target(self, t: MountInfo, candidates: list[MountInfo]) -> bool:
+    def _repair_target(self, t: MountEntry, candidates: list[MountEntry]) -> bool:
         try:
-            bounded("target " + t.mountpoint, lambda: os.stat(t.mountpoint), STATS_TIMEOUT,
+            bounded("target " + t.target, lambda: os.stat(t.target), STATS_TIMEOUT,
                     self._stats_inflight, self._stats_mu)
             return False  # it answers: nothing to repair
         except OSError as e:
@@ -184,7 +183,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         staging = None
         for m in candidates:
             try:
-                bounded("staging " + m.mountpoint, lambda p=m.mountpoint: os.stat(p), STATS_TIMEOUT,
+                bounded("staging " + m.target, lambda p=m.target: os.stat(p), STATS_TIMEOUT,
                         self._stats_inflight, self._stats_mu)
             except (OSError, CsiError):
                 continue
@@ -193,11 +192,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if staging is None:
             return False  # the agent has not repaired the staging mount yet
         log.warning("published target %s is on a dead gfuse mount of %s; binding it again to %s",
-                    t.mountpoint, t.source, staging.mountpoint)
-        self._run(["umount", "-l", t.mountpoint])
-        self._run(["mount", "--bind", staging.mountpoint, t.mountpoint])
+                    t.target, t.source, staging.target)
+        self._run(["umount", "-l", t.target])
+        self._run(["mount", "--bind", staging.target, t.target])
         if t.readonly:
-            self._run(["mount", "-o", "remount,bind,ro", t.mountpoint])
+            self._run(["mount", "-o", "remount,bind,ro", t.target])
         return True
 
     def repair_loop(self, interval: float, stop: threading.Event) -> None:

@@ -32,12 +32,13 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 
 from gfuse.mgmt import parse_servers, parse_volume_spec
+from gfuse.options import parse_bool
 
 from ..agentclient import AgentError
 from ..storage.api import StorageError
@@ -199,8 +200,11 @@ def parse_backup_servers(text: str, what: str = "backupServers") -> tuple[str, .
     return tuple(s.host for s in servers)
 
 
-def truthy(text: str | None) -> bool:
-    return (text or "").strip().lower() in ("1", "true", "yes", "on")
+def context_bool(context: Mapping[str, str], key: str) -> bool:
+    try:
+        return parse_bool(context.get(key) or "")
+    except ValueError:
+        raise invalid(f"volume context {key}: {context.get(key)!r} is not true or false") from None
 
 
 def check_mount_options(text: str, what: str = "volume context mountOptions") -> tuple[str, ...]:
@@ -231,7 +235,7 @@ def volume_from(volume_id: str, context: Mapping[str, str]) -> Volume:
         source=source,
         backup_servers=parse_backup_servers(context.get("backupServers", "")),
         options=options,
-        readonly=truthy(context.get("readOnly")),
+        readonly=context_bool(context, "readOnly"),
     )
 
 
@@ -283,51 +287,6 @@ def check_path(path: str, root: str, what: str) -> str:
     if norm == root or not norm.startswith(root.rstrip("/") + "/"):
         raise invalid(f"{what} {path!r} is outside the kubelet directory {root} (see --kubelet-dir)")
     return norm
-
-
-@dataclass
-class MountInfo:
-    mount_id: int
-    parent_id: int
-    dev: str            # major:minor
-    root: str
-    mountpoint: str
-    options: frozenset[str]
-    fstype: str
-    source: str
-    super_options: frozenset[str] = field(default_factory=frozenset)
-
-    @property
-    def readonly(self) -> bool:
-        return "ro" in self.options
-
-
-def _unescape(s: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-
-
-def mountinfo() -> list[MountInfo]:
-    """This mount namespace's mounts, in mount order."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.rstrip("\n").partition(" - ")
-            a = left.split(" ")
-            b = right.split(" ")
-            if len(a) < 6 or len(b) < 3:
-                continue
-            out.append(MountInfo(int(a[0]), int(a[1]), a[2], _unescape(a[3]), _unescape(a[4]),
-                                 frozenset(a[5].split(",")), b[0], _unescape(b[1]), frozenset(b[2].split(","))))
-    return out
-
-
-def mount_at(path: str) -> MountInfo | None:
-    """The topmost mount on ``path`` (normalised, not resolved), or None."""
-    found = None
-    for m in mountinfo():
-        if m.mountpoint == path:
-            found = m
-    return found
 
 
 # ------------------------------------------------------------------------------------------------

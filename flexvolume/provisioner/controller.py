@@ -158,10 +158,6 @@ def _meta(obj: Mapping[str, Any]) -> dict[str, Any]:
     return obj.get("metadata") or {}
 
 
-def _truthy(text: Any) -> bool:
-    return str(text or "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _split(text: str) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
@@ -839,7 +835,7 @@ class Controller:
         mount_options = [str(o) for o in (sc.get("mountOptions") or [])]
         flex_mount_options = _split(params.get("mountOptions", ""))
         flex_mount_options += [o for o in mount_options if o not in flex_mount_options]
-        options = {"volume": vol.source, "readOnly": "true" if _truthy(params.get("readOnly")) else "false"}
+        options = {"volume": vol.source, "readOnly": "true" if parse_bool(params.get("readOnly") or "", default=False) else "false"}
         if vol.backup_servers:
             options["backupServers"] = ":".join(vol.backup_servers)
         if flex_mount_options:

@@ -46,9 +46,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import jsonfile
+from gfuse import jsonfile
 from .api import Backend, ProvisionedVolume, StorageError
 from .glusterd import Brick, Glusterd, VolumeInfo
+
+from gfuse.mounttable import mounts_at
 
 log = logging.getLogger(__name__)
 
@@ -182,19 +184,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 # mounting the pool
 
 
-def _mountinfo() -> list[tuple[str, str, str]]:
-    """(mountpoint, fstype, source) of this mount namespace."""
-    out = []
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.rstrip("\n").partition(" - ")
-            a, b = left.split(" "), right.split(" ")
-            if len(a) >= 5 and len(b) >= 2:
-                unesc = lambda s: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-                out.append((unesc(a[4]), b[0], unesc(b[1])))
-    return out
-
-
 class GfuseMounter:
     """Keeps gfuse mounts for the backends (``gfuse mount SOURCE DIR``, daemonized).
 
@@ -210,7 +199,7 @@ class GfuseMounter:
 
     def mounted(self, path: Path, source: str | None = None) -> bool:
         p = os.path.abspath(path)
-        return any(mp == p and (source is None or src == source) for mp, _fs, src in _mountinfo())
+        return any(source is None or m.source == source for m in mounts_at(p))
 
     def ensure(self, source: str, path: Path, backup_servers: Sequence[str] = ()) -> Path:
         """``path`` with ``source`` mounted and answering; (re)mounts if needed."""

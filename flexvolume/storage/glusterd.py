@@ -31,7 +31,7 @@ Where the CLI runs is the one deployment choice, and it is a command prefix (:cl
 * **independent** (nodes with gluster installed): the provisioner runs on a storage node (or on
   any machine given that node's socket), ``gluster --glusterd-sock=/var/run/glusterd.socket``;
   ``gfuse cluster init`` runs there too and peers the others over glusterd's own TCP (peer probe);
-* **tests** (gfuse.multicluster): ``nsenter -t PID --net --mount gluster --glusterd-sock=...``.
+* **tests** (testkit.multicluster): ``nsenter -t PID --net --mount gluster --glusterd-sock=...``.
 
 Read-only information could come over TCP from any node; we use the same socket for everything so
 that one path is tested.

@@ -26,6 +26,7 @@ from .. import fops as F
 from .. import handshake as hs
 from .. import rpc
 from ..dicts import Dict, old_str
+from ..cred import now_cred
 from ..errors import leaf
 from ..fops import Flock, Proc, Result
 from ..iatt import NULL_GFID, ROOT_GFID, Iatt
@@ -60,15 +61,6 @@ class _Fd:
     is_dir: bool
     remote: int | None  # None: lost and could not be reopened
     generation: int
-
-
-def now_cred(proc: int | None = None, *, valid: int = 0, uid: int = 0, gid: int = 0, groups: tuple[int, ...] = (),
-             pid: int | None = None, lk_owner: bytes = b"\0\0\0\0") -> rpc.Credential:
-    """A credential stamped with the current time and the utime flags of ``proc``."""
-    t = time.time_ns()
-    return rpc.Credential(pid=os.getpid() if pid is None else pid, uid=uid, gid=gid, groups=groups,
-                          lk_owner=lk_owner, flags=F.ctime_flags(proc, valid) if proc is not None else 0,
-                          ctime_sec=t // 1_000_000_000, ctime_nsec=t % 1_000_000_000)
 
 
 class BrickClient:
@@ -542,13 +534,3 @@ def _req(gfid: bytes, xdata: Dict | None) -> Dict:
     out: Dict = dict(xdata or {})
     out["gfid-req"] = uuid.UUID(bytes=gfid)
     return out
-
-
-def new_gfid() -> bytes:
-    return uuid.uuid4().bytes
-
-
-def decode_setvolume_dict(d: dict[str, bytes]) -> dict[str, str]:
-    return {k: old_str(v) for k, v in d.items()}
-
-

@@ -27,7 +27,7 @@ from ..dicts import Dict, UInt
 from ..fops import DirEntry, Flock, Result
 from ..iatt import NULL_GFID, ROOT_GFID, Iatt, gfid_str
 from ..rpc import Credential
-from .client import now_cred
+from ..cred import now_cred
 from .replicate import _pick_error, gather
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from ..dicts import Dict, UInt
 from ..fops import Flock, Proc, Result
 from ..iatt import NULL_GFID, Iatt
 from ..rpc import Credential
-from .client import now_cred
+from ..cred import now_cred
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from .agentclient import AgentClient, AgentError
-from .mounttable import mounts_at, mounts_under, pid_alive, read_mounts
+from flexvolume.agentclient import AgentClient, AgentError
+from gfuse.mounttable import mount_at, mounts_at, mounts_under, pid_alive, read_mounts
 
 VENDOR = "gfuse.example.org"
 DRIVER = "gfuse"
@@ -146,12 +146,8 @@ class KubeletDir:
     @property
     def propagation_shared(self) -> bool:
         """True if the bind mount is in a shared peer group (mountinfo optional field ``shared:N``)."""
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                if parts[4] == str(self.root):
-                    return any(p.startswith("shared:") for p in parts[6:parts.index("-")])
-        return False
+        top = mount_at(str(self.root))
+        return top is not None and any(p.startswith("shared:") for p in top.optional)
 
     def pod_volume_dir(self, pod_uid: str, name: str) -> Path:
         """Where kubelet mounts a FlexVolume of driver ``gfuse.example.org/gfuse`` for a pod."""
@@ -484,7 +480,7 @@ class Node:
 
 def gfuse_serving_pids(target: str | Path) -> list[int]:
     """Live gfuse serving processes for exactly ``target``."""
-    from .mounttable import serving_pids
+    from gfuse.mounttable import serving_pids
 
     return serving_pids(os.path.abspath(str(target)))
 

@@ -55,9 +55,9 @@ so leftovers never pile up.
 
 Command line::
 
-    python -m gfuse.multicluster up [-n 3] [--keep]     # prints the cluster directory and node sockets
-    python -m gfuse.multicluster down ID|all
-    python -m gfuse.multicluster cleanup
+    python -m testkit.multicluster up [-n 3] [--keep]     # prints the cluster directory and node sockets
+    python -m testkit.multicluster down ID|all
+    python -m testkit.multicluster cleanup
 """
 
 from __future__ import annotations
@@ -597,7 +597,7 @@ class MultiCluster:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gfuse.multicluster", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m testkit.multicluster", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start n glusterd (unpeered unless --peer)")
     up.add_argument("-n", type=int, default=3)

@@ -22,6 +22,7 @@ def _unescape(field: str) -> str:
 
 @dataclass(frozen=True)
 class MountEntry:
+    """One line of mountinfo (proc(5)), fields unescaped."""
     mount_id: int
     parent_id: int
     target: str
@@ -29,6 +30,12 @@ class MountEntry:
     source: str
     mount_options: frozenset[str]
     super_options: frozenset[str]
+    #: ``major:minor`` of the filesystem (names its bdi under /sys/class/bdi)
+    dev: str = ""
+    #: the directory of the filesystem mounted here (a bind of a subdirectory shows it)
+    root: str = "/"
+    #: optional fields such as ``shared:N`` / ``master:N`` (mount propagation)
+    optional: tuple[str, ...] = ()
 
     @property
     def readonly(self) -> bool:
@@ -39,7 +46,7 @@ class MountEntry:
         return self.fstype == GFUSE_FSTYPE
 
 
-def read_mounts(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
+def read_mounts(path: str = "/proc/self/mountinfo") -> list[MountEntry]:  # the one mount-table parser
     """Every mount of this process's mount namespace, in mountinfo order (parents before children)."""
     out = []
     with open(path) as f:
@@ -50,16 +57,42 @@ def read_mounts(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
             a, b = left.split(), right.split()
             if len(a) < 6 or len(b) < 2:
                 continue
+            try:
+                ids = int(a[0]), int(a[1])
+            except ValueError:
+                continue
             out.append(MountEntry(
-                mount_id=int(a[0]),
-                parent_id=int(a[1]),
+                mount_id=ids[0],
+                parent_id=ids[1],
                 target=_unescape(a[4]),
                 fstype=b[0],
                 source=_unescape(b[1]),
                 mount_options=frozenset(a[5].split(",")),
                 super_options=frozenset(b[2].split(",")) if len(b) > 2 else frozenset(),
+                dev=a[2],
+                root=_unescape(a[3]),
+                optional=tuple(a[6:]),
             ))
     return out
+
+
+def mount_at(target: str, mounts: list[MountEntry] | None = None) -> MountEntry | None:
+    """The topmost mount on ``target`` (normalised, not resolved), or None."""
+    found = mounts_at(target, mounts)
+    return found[-1] if found else None
+
+
+def is_mounted(path: str) -> bool:
+    """True if ``path`` (made absolute, not resolved) is a mount point in this namespace."""
+    try:
+        return bool(mounts_at(os.path.abspath(path)))
+    except OSError:
+        return False
+
+
+def gfuse_mounts() -> list[MountEntry]:
+    """Every gfuse mount of this mount namespace."""
+    return [m for m in read_mounts() if m.is_gfuse]
 
 
 def mounts_at(target: str, mounts: list[MountEntry] | None = None) -> list[MountEntry]:

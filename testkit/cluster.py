@@ -47,10 +47,10 @@ owner is dead: volumes and mounts it did not make are never touched.
 
 Command line (for humans and CI jobs)::
 
-    python -m gfuse.testcluster up [--kind replica3] [--name N] [--option K=V ...] [--keep]
-    python -m gfuse.testcluster down NAME
-    python -m gfuse.testcluster cleanup [--all]
-    python -m gfuse.testcluster list
+    python -m testkit.cluster up [--kind replica3] [--name N] [--option K=V ...] [--keep]
+    python -m testkit.cluster down NAME
+    python -m testkit.cluster cleanup [--all]
+    python -m testkit.cluster list
 
 ``up`` makes the *parent* process (the calling shell or script) the owner unless ``--owner PID``
 or ``--keep`` is given; ``cleanup`` then removes the volume once that shell is gone.
@@ -867,7 +867,7 @@ class Volume:
         data = _read_json(_marker_path(name))
         if data is None:
             raise GlusterError(
-                f"no marker {_marker_path(name)}: {name} was not made by gfuse.testcluster"
+                f"no marker {_marker_path(name)}: {name} was not made by testkit.cluster"
             )
         return cls(
             name=data["name"],
@@ -1263,7 +1263,7 @@ def _parse_option(text: str) -> tuple[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m gfuse.testcluster",
+        prog="python -m testkit.cluster",
         description="Throw-away GlusterFS volumes on loopback for gfuse tests.",
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -1322,11 +1322,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  option {k} = {v}")
             print("owner: " + ("none (--keep)" if owner_pid == 0 else f"pid {owner_pid}"))
             print(f"mount it:  mount -t glusterfs {vol.source} /mnt/DIR")
-            print(f"remove it: python -m gfuse.testcluster down {vol.name}")
+            print(f"remove it: python -m testkit.cluster down {vol.name}")
         elif args.cmd == "down":
             if not args.name.startswith(VOLUME_PREFIX) or args.name not in our_volumes():
                 print(
-                    f"{args.name}: not a volume made by gfuse.testcluster; not touching it",
+                    f"{args.name}: not a volume made by testkit.cluster; not touching it",
                     file=sys.stderr,
                 )
                 return 2

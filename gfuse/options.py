@@ -1,0 +1,97 @@
+"""``-o`` mount options: what they mean, and the one parser of them (CLI, mount helper, agent).
+
+Pure: no FUSE, no trio; the node agent imports it to check options before it starts a mount.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .volspec import Server, check_subdir, parse_servers
+
+TRUE_WORDS = frozenset({"on", "yes", "true", "enable", "enabled", "1"})
+FALSE_WORDS = frozenset({"off", "no", "false", "disable", "disabled", "0", ""})
+
+
+def parse_bool(value: object, default: bool | None = None) -> bool:
+    """Gluster's and Kubernetes' truthy strings (on/off, yes/no, true/false, enable/disable, 1/0).
+
+    ``True``/``False`` pass through; anything else is a ValueError unless ``default`` is given.
+    """
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    if default is not None:
+        return default
+    raise ValueError(f"{value!r} is not a boolean (use true or false)")
+
+
+#: options mount(8) and fstab pass along that mean nothing to us
+IGNORED_OPTIONS = {"defaults", "rw", "auto", "noauto", "_netdev", "nofail", "user", "nouser", "users", "exec",
+                   "noexec", "suid", "nosuid", "dev", "nodev", "relatime", "noatime", "atime", "strictatime",
+                   "nodiratime", "diratime", "async", "sync", "owner", "group", "comment", "x-systemd.automount"}
+KNOWN_OPTIONS = {"backup-volfile-servers", "backupvolfile-server", "ro", "log-file", "log-level", "allow_other",
+                 "subdir", "attribute-timeout", "entry-timeout", "read-ahead-kb", "ping-timeout"}
+
+
+class MountError(Exception):
+    """The volume cannot be mounted; the message is one line for the user."""
+
+
+@dataclass
+class MountOptions:
+    backup_servers: list[Server] = field(default_factory=list)
+    read_only: bool = False
+    log_file: str | None = None
+    log_level: str = "INFO"
+    allow_other: bool = False
+    subdir: str = ""
+    attr_timeout: float = 1.0
+    entry_timeout: float = 1.0
+    read_ahead_kb: int = 1024
+    ping_timeout: float | None = None
+
+
+def parse_options(text: str | None) -> MountOptions:
+    """``-o`` options: unknown ones are an error (a typo must not silently mount something else)."""
+    o = MountOptions()
+    if not text:
+        return o
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, _, value = item.partition("=")
+        if key in IGNORED_OPTIONS or key.startswith("x-"):
+            continue
+        if key not in KNOWN_OPTIONS:
+            raise MountError(f"unknown mount option {key!r} (known: {', '.join(sorted(KNOWN_OPTIONS))})")
+        try:
+            if key in ("backup-volfile-servers", "backupvolfile-server"):
+                o.backup_servers += parse_servers(value)
+            elif key == "ro":
+                o.read_only = True
+            elif key == "log-file":
+                o.log_file = value
+            elif key == "log-level":
+                lv = value.upper()
+                if lv not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "TRACE", "NONE"):
+                    raise ValueError(f"log-level must be DEBUG, INFO, WARNING or ERROR, not {value!r}")
+                o.log_level = {"TRACE": "DEBUG", "NONE": "CRITICAL"}.get(lv, lv)
+            elif key == "allow_other":
+                o.allow_other = True
+            elif key == "subdir":
+                o.subdir = value.strip("/")
+                check_subdir(o.subdir)
+            elif key == "attribute-timeout":
+                o.attr_timeout = float(value)
+            elif key == "entry-timeout":
+                o.entry_timeout = float(value)
+            elif key == "read-ahead-kb":
+                o.read_ahead_kb = int(value)
+            elif key == "ping-timeout":
+                o.ping_timeout = float(value)
+        except ValueError as e:
+            raise MountError(f"bad value for mount option {key!r}: {e}") from None
+    return o

@@ -1,0 +1,61 @@
+"""The status socket of a serving process: ``gfuse status`` and the node agent read it.
+
+One JSON object per connection, from the path alone (never touching the mount, which may hang).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from typing import Any, Callable
+
+import trio
+
+RUN_DIR = "/run/gfuse"
+
+
+def status_socket_path(mountpoint: str) -> str:
+    """Where the serving process answers ``gfuse status``; from the path alone, never touching the mount."""
+    h = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
+    return os.path.join(RUN_DIR, f"{h}.sock")
+
+
+async def serve_status(path: str, status: Callable[[], dict[str, Any]]) -> None:
+    """Answer every connection on ``path`` with ``status()``; the socket is never reachable by others
+    (made under umask 0o177, so there is no window between bind and chmod)."""
+    os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(8)
+    with sock:
+        while True:
+            conn, _ = await sock.accept()
+            with conn:
+                try:
+                    await conn.send((json.dumps(status()) + "\n").encode())
+                except OSError:
+                    pass
+
+
+def query_status(mountpoint: str, timeout: float = 3.0) -> dict[str, Any]:
+    path = status_socket_path(mountpoint)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
