@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The project's test command (as root): sudo ./scripts/test.sh [pytest args...]
+# The project's test command (as root): sudo ./scripts/test.sh [unit|cluster|k8s|podman] [pytest args...]
 # Installs the dependencies, makes sure glusterd runs, then runs pytest with the given arguments.
+# A first argument naming a test directory runs only it: `./scripts/test.sh unit` needs no server and
+# takes seconds (no glusterd, no image build).
 # Cluster tests fail instead of skipping here (GFUSE_REQUIRE_CLUSTER=1): this script installs
 # GlusterFS, so a skip would hide a broken setup.
 set -euo pipefail
@@ -9,7 +11,14 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 export PYTHON
 
+SUITE=""
+case "${1:-}" in
+    unit|cluster|k8s|podman) SUITE="$1"; shift ;;
+esac
 ./scripts/install-deps.sh
+if [ "$SUITE" = unit ]; then
+    exec "$PYTHON" -m pytest -q --durations=10 tests/unit "$@"
+fi
 "$PYTHON" -c 'from testkit.cluster import ensure_glusterd; g = ensure_glusterd(); print(f"glusterd running, pid {g.pid}")'
 export GFUSE_REQUIRE_CLUSTER="${GFUSE_REQUIRE_CLUSTER:-1}"
 # The podman tests' images (the node image and converged mode's glusterd image) are built here, before
@@ -26,4 +35,4 @@ if [ "$GFUSE_PODMAN_BUILD" != 0 ] && command -v podman >/dev/null 2>&1 && [ -e /
         ./daemonset/podman/build-glusterd-image.sh
     fi
 fi
-exec "$PYTHON" -m pytest -q --durations=15 "$@"
+exec "$PYTHON" -m pytest -q --durations=15 ${SUITE:+"tests/$SUITE"} "$@"

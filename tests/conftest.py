@@ -1,5 +1,10 @@
 """Shared pytest fixtures: a real glusterd and real volumes on loopback (see testkit/cluster.py).
 
+Tests live by what they need: ``unit/`` (nothing: codecs, translators on the in-memory brick, manifests),
+``cluster/`` (glusterd and bricks on loopback, FUSE), ``k8s/`` (the node agent, FlexVolume, CSI and
+provisioners, some on a three-node cluster), ``podman/`` (containers). Each test gets its directory's
+marker: ``./scripts/test.sh unit`` runs the first in seconds, ``-m "not podman"`` leaves out the last.
+
 Fixture names are stable; other test modules rely on them:
 
 ``glusterd`` (session)
@@ -65,10 +70,21 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
 
 
+#: tests/<dir>/ → the marker every test there gets (what it needs to run)
+DIR_MARKERS = ("unit", "cluster", "k8s", "podman")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     cluster_reason = tc.unavailable_reason()
     native_reason = tc.native_mount_unavailable_reason()
+    here = Path(__file__).resolve().parent
     for item in items:
+        try:
+            top = Path(str(item.fspath)).resolve().relative_to(here).parts[0]
+        except (ValueError, IndexError):
+            top = ""
+        if top in DIR_MARKERS:
+            item.add_marker(getattr(pytest.mark, top))
         names = set(getattr(item, "fixturenames", ()))
         if names & _CLUSTER_FIXTURES:
             item.add_marker(pytest.mark.cluster)

@@ -23,7 +23,7 @@ kubernetes = pytest.importorskip("kubernetes")
 from kubernetes import client, watch  # noqa: E402
 from kubernetes.client.rest import ApiException  # noqa: E402
 
-from kube_emulator import KubeEmulator, parse_quantity, schema_version  # noqa: E402
+from testkit.kube_emulator import KubeEmulator, parse_quantity, schema_version  # noqa: E402
 
 NS = "team-a"
 

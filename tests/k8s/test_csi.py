@@ -617,7 +617,7 @@ def test_example_storage_classes_are_accepted() -> None:
     from flexvolume.storage.backends import backend_for
     from flexvolume.storage.glusterd import Glusterd
 
-    files = sorted((Path(__file__).resolve().parent.parent / "daemonset/storageclasses").glob("csi-*.yaml"))
+    files = sorted((Path(__file__).resolve().parents[2] / "daemonset/storageclasses").glob("csi-*.yaml"))
     kinds = set()
     for f in files:
         sc = yaml.safe_load(f.read_text())

@@ -34,7 +34,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import SchemaNotFoundError, ValidationError, all_versions
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DAEMONSET = ROOT / "daemonset"
 DOCKERFILE = ROOT / "Dockerfile"
 IMAGE_DIR = DAEMONSET / "image"

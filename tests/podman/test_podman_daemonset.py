@@ -52,7 +52,7 @@ from testkit.kubelet import (
     wait_for,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts" / "build-image.sh"
 KUBE_TO_POD = ROOT / "daemonset" / "podman" / "kube_to_pod.py"
 IMAGE = os.environ.get("GFUSE_PODMAN_IMAGE", "localhost/gfuse:test")

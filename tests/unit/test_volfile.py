@@ -9,7 +9,7 @@ import pytest
 
 from gfuse.volfile import VolfileError, parse
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 SMALL = """\
 # a comment

@@ -44,7 +44,7 @@ from flexvolume.provisioner.controller import DRIVER, FINALIZER, PROVISIONER, Co
 from flexvolume.provisioner.leader import LeaderElector  # noqa: E402
 from flexvolume.storage.api import ProvisionedVolume, StorageError  # noqa: E402
 
-from kube_emulator import KubeEmulator  # noqa: E402
+from testkit.kube_emulator import KubeEmulator  # noqa: E402
 
 GiB = 1 << 30
 NS = "apps"
@@ -498,7 +498,7 @@ def test_two_controllers_only_the_leader_acts(emu: KubeEmulator, backends: Backe
 # ------------------------------------------------------------------------------------------------
 # part 2: end to end — the gfuse-provisioner process, the real SubdirBackend, a real gluster pool
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LEASE = ("gfuse-system", "gfuse-example-org-gfuse")
 
 

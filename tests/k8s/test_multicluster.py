@@ -191,7 +191,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 def test_leftovers_of_a_killed_run_are_removed():
     proc = subprocess.run([sys.executable, "-c", _CRASHING_RUN], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parent.parent)
+                          cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     cdir, mp = proc.stdout.split()
     assert _procs_naming(cdir), "the killed run left nothing to clean up?"

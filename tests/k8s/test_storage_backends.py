@@ -389,7 +389,7 @@ def _run_driver(mc, state_dir, kind, op, name, size=0, crash_at=None) -> subproc
     if crash_at:
         env[CRASH_ENV] = f"{kind}.{op}.{crash_at}"
     return subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(cfg)], env=env, capture_output=True,
-                          text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
 
 
 def _crash_through(mc, state_dir, kind, op, name, steps, size=0) -> list[str]:

@@ -20,7 +20,7 @@ from gfuse.iatt import GF_IATT_SIZE, IATTX_SIZE, NULL_GFID, ROOT_GFID, Iatt, Sta
 from gfuse.volfile import parse
 from gfuse.xdr import Packer, ProtocolError, Unpacker
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 FACTS = json.loads((DATA / "facts.json").read_text())
 G1 = bytes(range(1, 17))
 G2 = bytes(range(101, 117))

@@ -29,7 +29,7 @@ from gfuse.dicts import (
 from gfuse.iatt import Iatt
 from gfuse.xdr import Packer, ProtocolError, Unpacker
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def be32(v: int) -> bytes:

@@ -163,7 +163,7 @@ def test_delete_is_robust_when_half_gone(glusterd: tc.Glusterd) -> None:
 
 
 def test_cli_up_down(glusterd: tc.Glusterd) -> None:
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     up = subprocess.run(
         [
             sys.executable,

@@ -26,7 +26,7 @@ from gfuse.rpc import (
 )
 from gfuse.xdr import ProtocolError
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def be32(v: int) -> bytes:

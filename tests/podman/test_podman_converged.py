@@ -49,7 +49,7 @@ from testkit.kubelet import wait_for
 
 from test_podman_daemonset import BASE_IMAGE, BUILD_SCRIPT, IMAGE_WORKDIR, _build_wanted, _podman_env, podman
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DAEMONSET = ROOT / "daemonset"
 GLUSTERD_BUILD = DAEMONSET / "podman" / "build-glusterd-image.sh"
 NODE_GLUSTER = DAEMONSET / "image" / "node-gluster.sh"

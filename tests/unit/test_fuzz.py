@@ -27,7 +27,7 @@ from gfuse.iatt import Iatt
 from gfuse.volfile import VolfileError, parse
 from gfuse.xdr import Packer, ProtocolError, Unpacker
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 FUZZ = settings(
     max_examples=250,
