@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from typing import Any
+
 import click
 import trio
 
@@ -31,7 +33,39 @@ class UserError(click.ClickException):
         click.echo(f"gfuse: {self.message}", err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: entry-point group through which other packages add subcommands (``gfuse cluster`` comes from
+#: flexvolume.storage.cli): the client package never imports the Kubernetes side
+PLUGIN_GROUP = "gfuse.commands"
+
+
+class PluginGroup(click.Group):
+    """A click group that also offers the commands registered under :data:`PLUGIN_GROUP`, loaded only
+    when named (``gfuse mount`` does not pay for importing them)."""
+
+    def _plugins(self) -> dict[str, Any]:
+        from importlib.metadata import entry_points
+
+        return {ep.name: ep for ep in entry_points(group=PLUGIN_GROUP)}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self._plugins()))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None:
+            return cmd
+        ep = self._plugins().get(cmd_name)
+        if ep is None:
+            return None
+        try:
+            loaded = ep.load()
+        except ImportError as e:
+            raise UserError(f"'gfuse {cmd_name}' is provided by {ep.value}, which cannot be loaded ({e}); "
+                            f"install gfuse with its Kubernetes extras") from None
+        return loaded if isinstance(loaded, click.Command) else None
+
+
+@click.group(cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--log-level", default="WARNING", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="How much to log on stderr.")
@@ -367,126 +401,6 @@ def mount_helper(argv: list[str] | None = None) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# gfuse cluster: set up and inspect the storage side (flexvolume/storage/cluster.py)
-# (registered here, after the __main__ guard above: `python -m gfuse.cli cluster` needs the guard moved
-# below this block; the installed `gfuse` script sees it either way)
-
-
-@click.group("cluster")
-@click.option("--glusterd-socket", default="/var/run/glusterd.socket", show_default=True, envvar="GFUSE_GLUSTERD_SOCKET",
-              help="glusterd's unix socket (management commands are refused over TCP).")
-@click.option("--gluster-command", default="gluster", show_default=True, envvar="GFUSE_GLUSTER_COMMAND",
-              help="The gluster CLI, with any prefix, e.g. 'kubectl exec -n glusterfs ds/glusterfs -- gluster'.")
-@click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(1, 3600),
-              help="Seconds to wait for each glusterd answer.")
-@click.pass_context
-def cluster_group(ctx: click.Context, glusterd_socket: str, gluster_command: str, timeout: float) -> None:
-    """Storage cluster set-up for provisioning (independent mode: nodes with glusterd running)."""
-    import shlex
-
-    from flexvolume.storage.glusterd import Glusterd
-
-    ctx.obj = Glusterd(glusterd_socket or None, command=shlex.split(gluster_command), timeout=timeout)
-
-
-def _storage_errors(fn):  # noqa: ANN001, ANN202 - decorator
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        from flexvolume.storage.api import StorageError
-
-        try:
-            return fn(*args, **kwargs)
-        except StorageError as e:
-            raise UserError(str(e)) from None
-
-    return wrapper
-
-
-@cluster_group.command("init")
-@click.argument("nodes", nargs=-1, required=True, metavar="HOST[:/BRICK_DIR]...")
-@click.option("--brick-dir", default="/var/lib/gfuse/bricks", show_default=True,
-              help="Brick pool directory on nodes given without one.")
-@click.option("--pool", default="gfuse-pool", show_default=True, help="Name of the pool volume.")
-@click.option("--replica", type=click.IntRange(1, 16), default=None, help="Replica count of the pool [min(3, nodes)].")
-@click.option("--pool-size", default="0", show_default=True,
-              help="Capacity of each node's brick pool for the volume backend (e.g. 500G); 0 = not accounted.")
-@click.option("--json", "as_json", is_flag=True, help="Print the resulting status as JSON.")
-@click.pass_obj
-@_storage_errors
-def cluster_init(gd, nodes: tuple[str, ...], brick_dir: str, pool: str, replica: int | None, pool_size: str,
-                 as_json: bool) -> None:  # noqa: ANN001
-    """Peer NODES (the first is the one whose glusterd socket is used), create the pool volume,
-    register each node's brick pool. Safe to run again.
-
-    \b
-    Example (on the first storage node):
-        gfuse cluster init node1:/srv/bricks node2:/srv/bricks node3:/srv/bricks --pool-size 500G
-    """
-    import json as _json
-
-    from flexvolume.storage import cluster as sc
-
-    size = sc.parse_size(pool_size)
-    specs = [sc.NodeSpec.parse(n, brick_dir, size) for n in nodes]
-    st = sc.init(gd, specs, pool=pool, replica=replica, say=lambda m: click.echo(f"gfuse cluster: {m}", err=True))
-    click.echo(_json.dumps(st, indent=1) if as_json else _format_cluster_status(st))
-
-
-@cluster_group.command("status")
-@click.option("--pool", default="gfuse-pool", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_obj
-@_storage_errors
-def cluster_status(gd, pool: str, as_json: bool) -> None:  # noqa: ANN001
-    """Peers, the pool volume and its bricks, brick pools and what is allocated on them."""
-    import json as _json
-
-    from flexvolume.storage import cluster as sc
-
-    st = sc.status(gd, pool)
-    click.echo(_json.dumps(st, indent=1) if as_json else _format_cluster_status(st))
-    if st.get("pool") is None or not all(p["connected"] for p in st["peers"]):
-        sys.exit(EXIT_FAIL)
-
-
-@cluster_group.command("gc")
-@click.option("--node", required=True, help="This node's name as registered (run on that node).")
-@click.option("--pool", default="gfuse-pool", show_default=True)
-@click.option("--dry-run", is_flag=True)
-@click.pass_obj
-@_storage_errors
-def cluster_gc(gd, node: str, pool: str, dry_run: bool) -> None:  # noqa: ANN001
-    """Remove brick directories of deleted per-PV volumes from this node's brick pools."""
-    from flexvolume.storage import cluster as sc
-
-    for path in sc.gc(gd, node, pool, dry_run):
-        click.echo(("would remove " if dry_run else "removed ") + path)
-
-
-def _format_cluster_status(st: dict) -> str:
-    lines = ["peers:"]
-    for p in st.get("peers", []):
-        lines.append(f"  {p['host']:<24} {'connected' if p['connected'] else 'DISCONNECTED':<13} {p['state']}")
-    if not st.get("peers"):
-        lines.append("  (none: a single-node cluster)")
-    pool = st.get("pool")
-    if pool is None:
-        lines.append("pool volume: none (run gfuse cluster init)")
-    else:
-        lines.append(f"pool volume: {pool['name']} {pool['status']} {pool['type']} replica {pool['replica']}, "
-                     f"quota {'on' if pool['quota'] else 'OFF'}")
-        for b in pool["bricks"]:
-            lines.append(f"  {b['brick']}  {'up' if b['online'] else 'DOWN' if b['online'] is False else '?'}")
-    lines.append("brick pools:")
-    for bp in st.get("brick_pools", []):
-        cap = f"{bp['size_bytes']} bytes" if bp["size_bytes"] else "not accounted"
-        lines.append(f"  {bp['host']}:{bp['path']}  {bp['volumes']} volume(s), {bp['allocated_bytes']} bytes allocated, {cap}")
-    return "\n".join(lines)
-
-
-cli.add_command(cluster_group)
 
 
 if __name__ == "__main__":

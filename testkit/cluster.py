@@ -77,6 +77,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from flexvolume.storage.api import StorageError
+from flexvolume.storage.glusterd import Glusterd as GlusterCli
+
+from . import procs
+
 T = TypeVar("T")
 
 __all__ = [
@@ -88,7 +93,7 @@ __all__ = [
     "BrickStatus",
     "GlusterError",
     "GlusterUnavailable",
-    "Glusterd",
+    "GlusterdProcess",
     "NativeMount",
     "Volume",
     "VolumeInfo",
@@ -127,9 +132,6 @@ GLUSTERD_BIN = os.environ.get("GFUSE_GLUSTERD", "/usr/sbin/glusterd")
 GLUSTERD_PIDFILE = Path("/run/glusterd.pid")
 GLUSTERD_LOG = Path("/var/log/glusterfs/glusterd.log")
 
-_RETRYABLE = re.compile(
-    r"another transaction|locking failed|lock.*(held|failed)|try again", re.IGNORECASE
-)
 _VOLNAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -208,72 +210,9 @@ def _run(
     return proc
 
 
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _proc_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot, or None if there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # the command name (field 2) may contain spaces and parentheses: split after the last ')'
-    rest = stat[stat.rfind(")") + 2 :].split()
-    if rest and rest[0] == "Z":  # zombie: dead already
-        return None
-    try:
-        return int(rest[19])  # field 22 overall
-    except (IndexError, ValueError):
-        return None
-
-
-def _proc_state(pid: int) -> str | None:
-    """One-letter state of ``pid`` (R, S, D, T, Z, ...) or None if there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = stat[stat.rfind(")") + 2 :].split()
-    return rest[0] if rest else None
-
-
-def _process_alive(pid: int) -> bool:
-    return pid > 0 and _proc_start_time(pid) is not None
-
-
-def _owner_record(pid: int) -> dict[str, Any]:
-    return {"pid": pid, "start": _proc_start_time(pid), "boot_id": _boot_id()}
-
-
 def _owner_alive(owner: Mapping[str, Any] | None) -> bool:
-    """True if the recorded owner still runs. ``None``/pid 0 means 'kept': always alive."""
-    if not owner or not owner.get("pid"):
-        return True
-    if owner.get("boot_id") and owner.get("boot_id") != _boot_id():
-        return False
-    start = _proc_start_time(int(owner["pid"]))
-    if start is None:
-        return False
-    return owner.get("start") in (None, start)
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    """Leave it alone: kept on purpose (``--keep``) or its owner still runs."""
+    return procs.kept(owner) or procs.same_process(owner)
 
 
 def _is_within(path: Path, root: Path) -> bool:
@@ -330,26 +269,20 @@ def native_mount_unavailable_reason() -> str | None:
     return None
 
 
+#: the CLI on the default glusterd socket, through the product's one wrapper (retries busy answers)
+_CLI = GlusterCli(socket=None)
+
+
 def gluster(*args: str, timeout: float = 60.0, check: bool = True) -> str:
     """Run ``gluster --mode=script ARGS`` and return its stdout.
 
     Answers that mean "glusterd is busy with another transaction" are retried until ``timeout``
     has passed. With ``check`` a non-zero exit raises :class:`GlusterError`.
     """
-    cmd = ["gluster", "--mode=script", *args]
-    deadline = time.monotonic() + timeout
-    delay = 0.1
-    while True:
-        remaining = max(deadline - time.monotonic(), 1.0)
-        proc = _run(cmd, timeout=remaining, check=False, what="gluster " + " ".join(args[:2]))
-        output = proc.stdout + proc.stderr
-        if proc.returncode == 0 or not check:
-            return proc.stdout
-        if _RETRYABLE.search(output) and time.monotonic() + delay < deadline:
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
-            continue
-        raise GlusterError("gluster command failed", cmd, proc.returncode, output)
+    try:
+        return _CLI.text(*args, timeout=timeout, check=check)
+    except StorageError as e:
+        raise GlusterError(str(e), _CLI.argv(*args, xml=False)) from None
 
 
 def gluster_xml(*args: str, timeout: float = 60.0) -> ET.Element:
@@ -358,39 +291,21 @@ def gluster_xml(*args: str, timeout: float = 60.0) -> ET.Element:
     Raises :class:`GlusterError` if the command fails or ``opRet`` is non-zero (with
     ``opErrstr``). Retries busy-glusterd answers like :func:`gluster`.
     """
-    cmd = ["gluster", "--mode=script", "--xml", *args]
-    deadline = time.monotonic() + timeout
-    delay = 0.1
-    while True:
-        remaining = max(deadline - time.monotonic(), 1.0)
-        proc = _run(cmd, timeout=remaining, check=False, what="gluster " + " ".join(args[:2]))
-        root: ET.Element | None = None
-        try:
-            root = ET.fromstring(proc.stdout) if proc.stdout.strip() else None
-        except ET.ParseError:
-            root = None
-        op_ret = root.findtext("opRet") if root is not None else None
-        if root is not None and op_ret == "0" and proc.returncode == 0:
-            return root
-        err = (root.findtext("opErrstr") if root is not None else None) or (
-            proc.stdout + proc.stderr
-        )
-        if _RETRYABLE.search(err or "") and time.monotonic() + delay < deadline:
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
-            continue
-        raise GlusterError("gluster command failed", cmd, proc.returncode, err or "")
+    try:
+        return _CLI.xml(*args, timeout=timeout)
+    except StorageError as e:
+        raise GlusterError(str(e), _CLI.argv(*args)) from None
 
 
 def glusterd_pid() -> int | None:
     """Pid of the running glusterd (from its pid file, else by scanning /proc), or None."""
     with contextlib.suppress(OSError, ValueError):
         pid = int(GLUSTERD_PIDFILE.read_text().strip())
-        if _process_alive(pid) and _comm(pid) == "glusterd":
+        if procs.alive(pid) and _comm(pid) == "glusterd":
             return pid
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and _comm(int(entry.name)) == "glusterd":
-            if _process_alive(int(entry.name)):
+            if procs.alive(int(entry.name)):
                 return int(entry.name)
     return None
 
@@ -411,7 +326,7 @@ def _glusterd_answers() -> bool:
 
 
 @dataclass(frozen=True)
-class Glusterd:
+class GlusterdProcess:
     """The running glusterd: its pid, the address clients should use, and its port."""
 
     pid: int
@@ -419,7 +334,7 @@ class Glusterd:
     port: int = GLUSTERD_PORT
 
 
-def ensure_glusterd(timeout: float = 60.0) -> Glusterd:
+def ensure_glusterd(timeout: float = 60.0) -> GlusterdProcess:
     """Start glusterd unless it runs, and wait until the CLI gets answers from it.
 
     Starts ``glusterd -p /run/glusterd.pid`` directly (no systemd needed). Raises
@@ -438,7 +353,7 @@ def ensure_glusterd(timeout: float = 60.0) -> Glusterd:
             if _glusterd_answers():
                 pid = glusterd_pid()
                 if pid is not None:
-                    return Glusterd(pid=pid)
+                    return GlusterdProcess(pid=pid)
             if time.monotonic() > deadline:
                 break
             time.sleep(0.2)
@@ -613,13 +528,13 @@ class Volume:
     def brick_pid(self, i: int) -> int | None:
         """Pid of brick ``i``'s glusterfsd (None if it is not running)."""
         st = self.status()[i]
-        if st.pid and st.pid > 0 and _process_alive(st.pid):
+        if st.pid and st.pid > 0 and procs.alive(st.pid):
             return st.pid
         # fall back to the pid file glusterd keeps for the brick
         pidfile = self._pidfile(i)
         with contextlib.suppress(OSError, ValueError):
             pid = int(pidfile.read_text().strip())
-            if _process_alive(pid) and self._is_brick_process(pid, i):
+            if procs.alive(pid) and self._is_brick_process(pid, i):
                 return pid
         return None
 
@@ -640,7 +555,7 @@ class Volume:
             pid = int(pidfile.read_text().strip())
         except (OSError, ValueError):
             return
-        if not (_process_alive(pid) and self._is_brick_process(pid, i)):
+        if not (procs.alive(pid) and self._is_brick_process(pid, i)):
             with contextlib.suppress(FileNotFoundError):
                 pidfile.unlink()
 
@@ -702,7 +617,7 @@ class Volume:
             os.kill(pid, sig)
         if wait and sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
             deadline = time.monotonic() + 15
-            while _process_alive(pid) and time.monotonic() < deadline:
+            while procs.alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.01)
             self.wait_bricks(online=False, bricks=[i], timeout=15)
         return pid
@@ -715,7 +630,7 @@ class Volume:
         os.kill(pid, signal.SIGSTOP)
         self._paused.add(i)
         deadline = time.monotonic() + 10
-        while _proc_state(pid) not in ("T", "t") and time.monotonic() < deadline:
+        while procs.state(pid) not in ("T", "t") and time.monotonic() < deadline:
             time.sleep(0.01)  # signal delivery is asynchronous
         return pid
 
@@ -762,7 +677,7 @@ class Volume:
         if not self._known_pids or self._paused:
             return False
         for pid in self._known_pids:
-            state = _proc_state(pid)
+            state = procs.state(pid)
             if state is None or state in ("T", "t", "Z", "X"):
                 return False
         return True
@@ -773,11 +688,11 @@ class Volume:
             return False
         self._resume_all()
         for pid in self._known_pids:
-            if _proc_state(pid) in ("T", "t"):
+            if procs.state(pid) in ("T", "t"):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
         st = self.status()
-        if all(s.online and s.pid and _process_alive(s.pid) for s in st):
+        if all(s.online and s.pid and procs.alive(s.pid) for s in st):
             self._known_pids = [s.pid or 0 for s in st]
             return True
         self.start_force(timeout=timeout)
@@ -864,7 +779,7 @@ class Volume:
     @classmethod
     def from_marker(cls, name: str) -> Volume:
         """Re-attach to a volume this module made (e.g. for ``down NAME``)."""
-        data = _read_json(_marker_path(name))
+        data = procs.read_json(_marker_path(name))
         if data is None:
             raise GlusterError(
                 f"no marker {_marker_path(name)}: {name} was not made by testkit.cluster"
@@ -923,10 +838,10 @@ def create_volume(
         },
     )
     owner = (
-        None if owner_pid == 0 else _owner_record(os.getpid() if owner_pid is None else owner_pid)
+        procs.record(os.getpid() if owner_pid is None else owner_pid)
     )
     # marker first: if we die after this point, cleanup_stale finds whatever we made
-    _write_json(_marker_path(name), vol._marker(owner))
+    procs.write_json(_marker_path(name), vol._marker(owner))
     try:
         for d in vol.brick_dirs:
             d.mkdir(parents=True, exist_ok=False)
@@ -1070,12 +985,12 @@ class NativeMount:
 
     def mount(self) -> NativeMount:
         self.path.mkdir(parents=True, exist_ok=True)
-        _write_json(
+        procs.write_json(
             self._marker,
             {
                 "mountpoint": str(self.path),
                 "source": self.source,
-                "owner": _owner_record(os.getpid()),
+                "owner": procs.record(os.getpid()),
                 "made_dir": self._made_dir,
             },
         )
@@ -1132,8 +1047,8 @@ class GfuseMount(NativeMount):
 
     def mount(self) -> "GfuseMount":
         self.path.mkdir(parents=True, exist_ok=True)
-        _write_json(self._marker, {"mountpoint": str(self.path), "source": self.source,
-                                   "owner": _owner_record(os.getpid()), "made_dir": self._made_dir})
+        procs.write_json(self._marker, {"mountpoint": str(self.path), "source": self.source,
+                                   "owner": procs.record(os.getpid()), "made_dir": self._made_dir})
         cmd = [sys.executable, "-m", "gfuse.cli", "mount", self.source, str(self.path)]
         if self.options:
             cmd += ["-o", ",".join(self.options)]
@@ -1156,9 +1071,9 @@ class GfuseMount(NativeMount):
         pid = getattr(self, "pid", None)
         if pid:
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and _pid_alive(pid):
+            while time.monotonic() < deadline and procs.alive(pid):
                 time.sleep(0.05)
-            if _pid_alive(pid):
+            if procs.alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             self.pid = None
@@ -1168,14 +1083,6 @@ class GfuseMount(NativeMount):
 
     def __repr__(self) -> str:
         return f"GfuseMount({self.source!r} on {str(self.path)!r}, mounted={self.mounted})"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -1188,7 +1095,7 @@ def our_volumes() -> dict[str, dict[str, Any]]:
     d = STATE_DIR / "volumes"
     if d.is_dir():
         for p in sorted(d.glob("*.json")):
-            data = _read_json(p)
+            data = procs.read_json(p)
             if data and data.get("name") == p.stem and str(p.stem).startswith(VOLUME_PREFIX):
                 out[p.stem] = data
     return out
@@ -1206,7 +1113,7 @@ def cleanup_stale(all_ours: bool = False, timeout: float = 60.0, log: Any = None
     mdir = STATE_DIR / "mounts"
     if mdir.is_dir():
         for p in sorted(mdir.glob("*.json")):
-            data = _read_json(p) or {}
+            data = procs.read_json(p) or {}
             if _owner_alive(data.get("owner")) and not all_ours:
                 continue
             mp = data.get("mountpoint")

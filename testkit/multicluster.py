@@ -80,6 +80,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flexvolume.storage.api import StorageError
+from flexvolume.storage.glusterd import Glusterd as GlusterCli
+
+from . import procs
+
 __all__ = ["PREFIX", "ROOT", "MultiCluster", "MultiClusterError", "Node", "cleanup_stale", "unavailable_reason"]
 
 ROOT = Path(os.environ.get("GFUSE_MULTICLUSTER_ROOT", "/var/tmp/gfuse-multicluster"))
@@ -93,45 +98,6 @@ class MultiClusterError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------
 # process helpers
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rfind(")") + 2:].split()
-
-
-def _start_time(pid: int) -> int | None:
-    f = _stat_fields(pid)
-    if not f or f[0] in ("Z", "X"):
-        return None
-    try:
-        return int(f[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _same_process(rec: dict[str, Any] | None) -> bool:
-    """True if the process recorded as {pid, start, boot_id} still runs."""
-    if not rec or not rec.get("pid"):
-        return False
-    if rec.get("boot_id") and rec["boot_id"] != _boot_id():
-        return False
-    st = _start_time(int(rec["pid"]))
-    return st is not None and st == rec.get("start")
-
-
-def _proc_record(pid: int) -> dict[str, Any]:
-    return {"pid": pid, "start": _start_time(pid), "boot_id": _boot_id()}
 
 
 def _netns_inode(pid: int) -> int | None:
@@ -177,20 +143,6 @@ def _run(cmd: Sequence[str], timeout: float, check: bool = True) -> subprocess.C
     return proc
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def unavailable_reason() -> str | None:
     """Why a multi-glusterd cluster cannot run here (None if it can)."""
     if os.geteuid() != 0:
@@ -209,7 +161,7 @@ def _cluster_pids(state: dict[str, Any], cdir: Path) -> list[int]:
     """Every process of the cluster: in its network namespace (trusted only while a holder runs), or
     naming the cluster directory on its command line."""
     holders = [state.get("net_holder"), *state.get("holders", [])]
-    ns_trusted = any(_same_process(h) for h in holders if h)
+    ns_trusted = any(procs.same_process(h) for h in holders if h)
     ns = state.get("netns")
     me = os.getpid()
     found = []
@@ -269,9 +221,9 @@ def cleanup_stale(all_clusters: bool = False, log: Any = None) -> list[str]:
     for cdir in sorted(ROOT.iterdir()):
         if not cdir.is_dir():
             continue
-        state = _read_json(cdir / "cluster.json") or {}
+        state = procs.read_json(cdir / "cluster.json") or {}
         owner = state.get("owner")
-        if not all_clusters and owner and (owner.get("pid") == 0 or _same_process(owner)):
+        if not all_clusters and (procs.kept(owner) or procs.same_process(owner)):
             continue  # alive, or kept on purpose (pid 0)
         if not state and time.time() - cdir.stat().st_mtime < 60:
             continue  # being created right now by someone
@@ -324,7 +276,7 @@ class Node:
             pid = int(self.pidfile.read_text().strip())
         except (OSError, ValueError):
             return None
-        if _start_time(pid) is None or str(self.dir) not in _cmdline(pid):
+        if procs.start_time(pid) is None or str(self.dir) not in _cmdline(pid):
             return None
         return pid
 
@@ -353,7 +305,7 @@ class MultiCluster:
     # -- state -----------------------------------------------------------------------------------
 
     def _save(self) -> None:
-        _write_json(self.dir / "cluster.json", self.state)
+        procs.write_json(self.dir / "cluster.json", self.state)
 
     def _record_mount(self, path: str) -> None:
         self.state.setdefault("mounts", []).append(path)
@@ -390,7 +342,7 @@ class MultiCluster:
             raise MultiClusterError(reason)
         cleanup_stale()
         self.dir.mkdir(parents=True, exist_ok=False)
-        owner = _proc_record(self.owner_pid) if self.owner_pid else {"pid": 0}
+        owner = procs.record(self.owner_pid) if self.owner_pid else {"pid": 0}
         self.state = {"id": self.id, "owner": owner, "holders": [], "mounts": [],
                       "nodes": [n.host for n in self.nodes], "created": time.time()}
         self._save()
@@ -404,7 +356,7 @@ class MultiCluster:
     def _start(self) -> None:
         self.net_holder = self._holder(
             ["unshare", "--net", "sh", "-c", "ip link set lo up && echo ready && exec sleep infinity"], "netns")
-        self.state["net_holder"] = _proc_record(self.net_holder)
+        self.state["net_holder"] = procs.record(self.net_holder)
         self.state["netns"] = _netns_inode(self.net_holder)
         self._save()
         for node in self.nodes:
@@ -419,7 +371,7 @@ class MultiCluster:
             node.holder = self._holder(
                 ["nsenter", "-t", str(self.net_holder), "--net",
                  "unshare", "--mount", "--propagation", "private", "sh", "-c", script], f"node {node.host}")
-            self.state["holders"].append(_proc_record(node.holder))
+            self.state["holders"].append(procs.record(node.holder))
             self._save()
         # glusterd daemonizes only after its initialisation (~3 s): start all at once
         procs = [subprocess.Popen([*self.node_prefix(n.index), *self.glusterd_cmd(n.index)], stdin=subprocess.DEVNULL,
@@ -465,19 +417,21 @@ class MultiCluster:
         return [*self.node_prefix(i), "gluster", f"--glusterd-sock={node.socket}",
                 f"--log-file={node.logdir / 'cli.log'}"]
 
+    def cli(self, i: int = 1, timeout: float = 60.0) -> GlusterCli:
+        """The product's CLI wrapper for node ``i`` (what the provisioners use, here through nsenter)."""
+        return GlusterCli(None, command=self.gluster_command(i), timeout=timeout)
+
     def gluster(self, i: int, *args: str, timeout: float = 60.0, check: bool = True) -> str:
-        proc = _run([*self.gluster_command(i), "--mode=script", *args], timeout=timeout, check=check)
-        return proc.stdout
+        try:
+            return self.cli(i, timeout).text(*args, check=check)
+        except StorageError as e:
+            raise MultiClusterError(str(e)) from None
 
     def gluster_xml(self, i: int, *args: str, timeout: float = 60.0) -> ET.Element:
-        proc = _run([*self.gluster_command(i), "--mode=script", "--xml", *args], timeout=timeout, check=False)
         try:
-            root = ET.fromstring(proc.stdout)
-        except ET.ParseError:
-            raise MultiClusterError(f"gluster {' '.join(args)}: {proc.stdout}{proc.stderr}") from None
-        if root.findtext("opRet") != "0":
-            raise MultiClusterError(f"gluster {' '.join(args)}: {root.findtext('opErrstr')}")
-        return root
+            return self.cli(i, timeout).xml(*args)
+        except StorageError as e:
+            raise MultiClusterError(str(e)) from None
 
     def start_glusterd(self, i: int, wait: bool = True) -> None:
         node = self.node(i)
@@ -506,7 +460,7 @@ class MultiCluster:
         if pid:
             os.kill(pid, sig)
             deadline = time.monotonic() + self.timeout
-            while _start_time(pid) is not None and time.monotonic() < deadline:
+            while procs.start_time(pid) is not None and time.monotonic() < deadline:
                 time.sleep(0.05)
 
     def peer_all(self) -> None:
@@ -534,7 +488,7 @@ class MultiCluster:
         """Tear everything down (idempotent): mounts, every process of the cluster, its directory."""
         if not self.state and not self.dir.exists():
             return
-        problems = _teardown(self.dir, self.state or (_read_json(self.dir / "cluster.json") or {}),
+        problems = _teardown(self.dir, self.state or (procs.read_json(self.dir / "cluster.json") or {}),
                              reap=lambda: [p.poll() for p in self._children])
         for p in self._children:
             with contextlib.suppress(Exception):
@@ -585,10 +539,10 @@ class MultiCluster:
             pid = locals().get("pid")
             if pid:
                 deadline = time.monotonic() + 10
-                while _start_time(pid) is not None and time.monotonic() < deadline:
+                while procs.start_time(pid) is not None and time.monotonic() < deadline:
                     time.sleep(0.05)
                 with contextlib.suppress(ProcessLookupError):
-                    if _start_time(pid) is not None:
+                    if procs.start_time(pid) is not None:
                         os.kill(pid, signal.SIGKILL)
             self._forget_mount(str(mp))
 
@@ -626,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = 0
         for cid in ids:
             cdir = ROOT / cid
-            problems = _teardown(cdir, _read_json(cdir / "cluster.json") or {})
+            problems = _teardown(cdir, procs.read_json(cdir / "cluster.json") or {})
             if problems:
                 print(f"{cid}: {'; '.join(problems)}", file=sys.stderr)
                 rc = 1
@@ -638,8 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "list":
         if ROOT.is_dir():
             for d in sorted(ROOT.iterdir()):
-                st = _read_json(d / "cluster.json") or {}
-                print(d.name, "owner alive" if _same_process(st.get("owner")) else "owner gone", st.get("nodes"))
+                st = procs.read_json(d / "cluster.json") or {}
+                print(d.name, "owner alive" if procs.same_process(st.get("owner")) else "owner gone", st.get("nodes"))
         return 0
     return 2
 

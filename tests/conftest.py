@@ -9,7 +9,7 @@ Fixture names are stable; other test modules rely on them:
 
 ``glusterd`` (session)
     glusterd is running (started if needed) and stale volumes of dead earlier runs are gone.
-    Gives a :class:`testkit.cluster.Glusterd` (``pid``, ``host``, ``port``).
+    Gives a :class:`testkit.cluster.GlusterdProcess` (``pid``, ``host``, ``port``).
 ``vol_dist1``, ``vol_replica3``, ``vol_distrep`` (session)
     Started volumes (1 brick / replica 3 / 2 x 3), created on first use, deleted at session end
     even if tests fail. Shared by all tests of the session: after each test that used one, dead
@@ -103,7 +103,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def glusterd() -> Iterator[tc.Glusterd]:
+def glusterd() -> Iterator[tc.GlusterdProcess]:
     """glusterd is running; volumes of dead earlier test runs are deleted (ours only)."""
     reason = tc.unavailable_reason()
     if reason:
@@ -138,19 +138,19 @@ def _session_volume(kind: str) -> Iterator[tc.Volume]:
 
 
 @pytest.fixture(scope="session")
-def vol_dist1(glusterd: tc.Glusterd) -> Iterator[tc.Volume]:
+def vol_dist1(glusterd: tc.GlusterdProcess) -> Iterator[tc.Volume]:
     """A started 1-brick distribute volume, shared by the session."""
     yield from _session_volume("dist1")
 
 
 @pytest.fixture(scope="session")
-def vol_replica3(glusterd: tc.Glusterd) -> Iterator[tc.Volume]:
+def vol_replica3(glusterd: tc.GlusterdProcess) -> Iterator[tc.Volume]:
     """A started replica-3 volume (bricks 0-2 form one replica set), shared by the session."""
     yield from _session_volume("replica3")
 
 
 @pytest.fixture(scope="session")
-def vol_distrep(glusterd: tc.Glusterd) -> Iterator[tc.Volume]:
+def vol_distrep(glusterd: tc.GlusterdProcess) -> Iterator[tc.Volume]:
     """A started 2 x 3 distributed-replicate volume (sets: bricks 0-2 and 3-5), shared."""
     yield from _session_volume("distrep")
 
@@ -183,7 +183,7 @@ def volume(request: pytest.FixtureRequest) -> tc.Volume:
 
 
 @pytest.fixture
-def make_volume(glusterd: tc.Glusterd) -> Iterator[Callable[..., tc.Volume]]:
+def make_volume(glusterd: tc.GlusterdProcess) -> Iterator[Callable[..., tc.Volume]]:
     """Factory for private volumes, deleted at the end of the test."""
     made: list[tc.Volume] = []
 
@@ -231,7 +231,7 @@ def _mounts(kind: type[tc.NativeMount]) -> Iterator[Callable[..., tc.NativeMount
 
 
 @pytest.fixture
-def native_mount(glusterd: tc.Glusterd) -> Iterator[Callable[..., tc.NativeMount]]:
+def native_mount(glusterd: tc.GlusterdProcess) -> Iterator[Callable[..., tc.NativeMount]]:
     """Factory: mount a volume with the native glusterfs client; unmounted after the test."""
     reason = tc.native_mount_unavailable_reason()
     if reason:
@@ -242,7 +242,7 @@ def native_mount(glusterd: tc.Glusterd) -> Iterator[Callable[..., tc.NativeMount
 
 
 @pytest.fixture
-def gfuse_mount(glusterd: tc.Glusterd) -> Iterator[Callable[..., tc.NativeMount]]:
+def gfuse_mount(glusterd: tc.GlusterdProcess) -> Iterator[Callable[..., tc.NativeMount]]:
     """Factory: mount a volume with gfuse (daemonized, as users do); unmounted and reaped after the test."""
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse")

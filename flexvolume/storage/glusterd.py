@@ -128,21 +128,38 @@ class Glusterd:
             cmd.append(f"--glusterd-sock={self.socket}")
         return [*cmd, "--mode=script", *(["--xml"] if xml else []), *args]
 
-    def text(self, *args: str, timeout: float | None = None) -> str:
-        """Run one CLI command without --xml (for the few whose XML output is broken); its stdout."""
+    def text(self, *args: str, timeout: float | None = None, check: bool = True) -> str:
+        """Run one CLI command without --xml (for the few whose XML output is broken); its stdout.
+
+        Busy-glusterd answers are retried like :meth:`xml`; with ``check=False`` the stdout of a failing
+        command is returned instead of raising.
+        """
         cmd = self.argv(*args, xml=False)
-        try:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                  timeout=timeout or self.timeout)
-        except subprocess.TimeoutExpired:
-            raise StorageError("glusterd-unreachable", f"gluster {' '.join(args[:3])}: no answer within "
-                                                       f"{timeout or self.timeout:.0f}s") from None
-        out = proc.stdout + proc.stderr
-        if _UNREACHABLE.search(out) and proc.returncode != 0:
-            raise StorageError("glusterd-unreachable", f"gluster {' '.join(args[:3])}: {out.strip()}")
-        if proc.returncode != 0:
-            raise StorageError("gluster-error", f"gluster {' '.join(args[:3])}: {out.strip()}")
-        return proc.stdout
+        what = "gluster " + " ".join(args[:3])
+        limit = timeout or self.timeout
+        deadline = time.monotonic() + limit
+        delay = 0.2
+        while True:
+            remaining = max(deadline - time.monotonic(), 1.0)
+            try:
+                proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                      timeout=remaining)
+            except subprocess.TimeoutExpired:
+                raise StorageError("glusterd-unreachable", f"{what}: no answer within {limit:.0f}s") from None
+            except FileNotFoundError as e:
+                raise StorageError("glusterd-unreachable",
+                                   f"cannot run the gluster CLI ({self.command[0]}): {e}") from None
+            out = proc.stdout + proc.stderr
+            if proc.returncode == 0 or not check:
+                return proc.stdout
+            if _UNREACHABLE.search(out):
+                raise StorageError("glusterd-unreachable", f"{what}: {out.strip()}")
+            if _RETRYABLE.search(out) and time.monotonic() + delay < deadline:
+                log.info("%s: %s; retrying", what, out.strip())
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            raise StorageError("gluster-error", f"{what}: {out.strip()}")
 
     def xml(self, *args: str, timeout: float | None = None) -> ET.Element:
         """Run one CLI command; its ``<cliOutput>`` on success, StorageError otherwise."""

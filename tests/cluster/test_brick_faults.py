@@ -23,7 +23,7 @@ pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
-def fault_volume(glusterd: tc.Glusterd) -> Iterator[tc.Volume]:
+def fault_volume(glusterd: tc.GlusterdProcess) -> Iterator[tc.Volume]:
     """A private replica-3 volume for destructive tests (shared by this module only)."""
     vol = tc.create_volume("replica3")
     try:

@@ -40,7 +40,7 @@ class Pair:
 
 
 @pytest.fixture(scope="module")
-def pair(vol_distrep: tc.Volume, glusterd: tc.Glusterd) -> Iterator[Pair]:
+def pair(vol_distrep: tc.Volume, glusterd: tc.GlusterdProcess) -> Iterator[Pair]:
     if tc.native_mount_unavailable_reason():
         pytest.skip(f"native glusterfs mount: {tc.native_mount_unavailable_reason()}")
     p = Pair(vol_distrep)

@@ -41,7 +41,7 @@ class Pair:
 
 
 @pytest.fixture(scope="module", params=KINDS)
-def pair(request: pytest.FixtureRequest, glusterd: tc.Glusterd) -> Iterator[Pair]:
+def pair(request: pytest.FixtureRequest, glusterd: tc.GlusterdProcess) -> Iterator[Pair]:
     if tc.native_mount_unavailable_reason():
         pytest.skip(f"native glusterfs mount: {tc.native_mount_unavailable_reason()}")
     vol = request.getfixturevalue(f"vol_{request.param}")

@@ -72,7 +72,7 @@ class SharedMount:
 
 
 @pytest.fixture(scope="module", params=KINDS)
-def shared(request: pytest.FixtureRequest, glusterd: tc.Glusterd) -> Iterator[SharedMount]:
+def shared(request: pytest.FixtureRequest, glusterd: tc.GlusterdProcess) -> Iterator[SharedMount]:
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse")
     vol = request.getfixturevalue(f"vol_{request.param}")

@@ -52,7 +52,7 @@ def test_volume_kinds(volume: tc.Volume) -> None:
     assert volume.name in tc.our_volumes()
 
 
-def test_brick_host_is_loopback(glusterd: tc.Glusterd) -> None:
+def test_brick_host_is_loopback(glusterd: tc.GlusterdProcess) -> None:
     import ipaddress
     import socket
 
@@ -128,7 +128,7 @@ def test_native_mount_read_write(volume: tc.Volume, native_mount, tmp_path: Path
     assert not any((d / name).exists() for d in volume.brick_dirs)
 
 
-def test_cleanup_stale_leaves_foreign_volumes(glusterd: tc.Glusterd, tmp_path: Path) -> None:
+def test_cleanup_stale_leaves_foreign_volumes(glusterd: tc.GlusterdProcess, tmp_path: Path) -> None:
     host = tc.BRICK_HOST
     foreign = f"gfuseforeign_{os.getpid()}"  # not our prefix
     lookalike = tc.new_volume_name("foreign")  # our prefix, but no marker: not ours either
@@ -153,7 +153,7 @@ def test_cleanup_stale_leaves_foreign_volumes(glusterd: tc.Glusterd, tmp_path: P
     assert foreign not in tc.list_volumes()
 
 
-def test_delete_is_robust_when_half_gone(glusterd: tc.Glusterd) -> None:
+def test_delete_is_robust_when_half_gone(glusterd: tc.GlusterdProcess) -> None:
     vol = tc.create_volume("dist1")
     tc.gluster("volume", "stop", vol.name, "force")
     tc.gluster("volume", "delete", vol.name)
@@ -162,7 +162,7 @@ def test_delete_is_robust_when_half_gone(glusterd: tc.Glusterd) -> None:
     vol.delete()  # twice is fine too
 
 
-def test_cli_up_down(glusterd: tc.Glusterd) -> None:
+def test_cli_up_down(glusterd: tc.GlusterdProcess) -> None:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     up = subprocess.run(
         [

@@ -63,7 +63,7 @@ AccessMode = pb.VolumeCapability.AccessMode
 
 @pytest.fixture(scope="module")
 def gd(mc) -> Glusterd:
-    return Glusterd(None, command=mc.gluster_command(1), timeout=60)
+    return mc.cli(1, timeout=60)
 
 
 def _ctrl_args(mc, state: Path | None = None) -> tuple[str, ...]:
