@@ -78,6 +78,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from flexvolume.storage.api import StorageError
+from gfuse import mounttable
 from flexvolume.storage.glusterd import Glusterd as GlusterCli
 
 from . import procs
@@ -904,22 +905,9 @@ def _kill_brick_processes_of(name: str) -> None:
 # native mounts
 
 
-def _mounts() -> list[tuple[str, str, str]]:
-    """(source, mountpoint, fstype) for every line of /proc/mounts."""
-    out = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/mounts").read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 3:
-                mp = parts[1].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
-                out.append((parts[0], mp, parts[2]))
-    return out
-
-
 def is_mounted(path: str | Path) -> bool:
-    """True if ``path`` is a mount point listed in /proc/mounts."""
-    p = os.path.abspath(str(path))
-    return any(mp == p for _, mp, _ in _mounts())
+    """True if ``path`` is a mount point of this mount namespace."""
+    return mounttable.is_mounted(str(path))
 
 
 def _umount(path: str | Path, timeout: float = 30.0) -> None:
@@ -938,7 +926,8 @@ def _umount(path: str | Path, timeout: float = 30.0) -> None:
 
 def _unmount_sources_of(volname: str) -> None:
     """Lazily unmount every mount whose source is ``*:/volname`` (our volumes only)."""
-    for source, mp, _ in reversed(_mounts()):
+    for m in reversed(mounttable.read_mounts()):
+        source, mp = m.source, m.target
         if source.endswith(f":/{volname}") or source.endswith(f":{volname}"):
             with contextlib.suppress(GlusterError):
                 _umount(mp, timeout=15)

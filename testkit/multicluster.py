@@ -81,6 +81,7 @@ from pathlib import Path
 from typing import Any
 
 from flexvolume.storage.api import StorageError
+from gfuse import mounttable
 from flexvolume.storage.glusterd import Glusterd as GlusterCli
 
 from . import procs
@@ -118,19 +119,12 @@ def _pids() -> list[int]:
     return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
 
 
-def _mounts() -> list[tuple[str, str]]:
-    out = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mounts").read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 2:
-                out.append((parts[0], re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])))
-    return out
-
-
 def is_mounted(path: str | Path) -> bool:
-    p = os.path.abspath(str(path))
-    return any(mp == p for _, mp in _mounts())
+    return mounttable.is_mounted(str(path))
+
+
+def _mount_targets() -> list[str]:
+    return [m.target for m in mounttable.read_mounts()]
 
 
 def _run(cmd: Sequence[str], timeout: float, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -181,7 +175,7 @@ def _teardown(cdir: Path, state: dict[str, Any], timeout: float = 20.0, reap: An
     for mp in state.get("mounts", []):
         if is_mounted(mp):
             _run(["umount", "-l", mp], timeout=15, check=False)
-    for _src, mp in reversed(_mounts()):
+    for mp in reversed(_mount_targets()):
         if mp.startswith(str(cdir) + "/"):
             _run(["umount", "-l", mp], timeout=15, check=False)
     deadline = time.monotonic() + timeout
@@ -202,7 +196,7 @@ def _teardown(cdir: Path, state: dict[str, Any], timeout: float = 20.0, reap: An
             problems.append(f"processes still alive: {pids}")
             break
         time.sleep(0.2)
-    for _src, mp in reversed(_mounts()):
+    for mp in reversed(_mount_targets()):
         if mp.startswith(str(cdir) + "/"):
             problems.append(f"still mounted: {mp}")
     if not problems:
