@@ -44,6 +44,8 @@ import signal
 import sys
 from typing import Any, NoReturn
 
+from gfuse.options import parse_bool
+
 from .protocol import DEFAULT_SOCKET
 
 SUCCESS, FAILURE, NOT_SUPPORTED = "Success", "Failure", "Not supported"
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         os.close(devnull)
     except OSError:
         pass
-    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    sys.stderr = open(os.devnull, "w")  # lives as long as the process
     limit = int(_timeout() + 15)
 
     def watchdog(signum: int, frame: object) -> None:

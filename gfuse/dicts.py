@@ -75,10 +75,10 @@ def decode_old(data: bytes) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for _ in range(n):
         klen, vlen = u.u32(), u.u32()
-        key = u._take(klen + 1)  # noqa: SLF001 - raw, unpadded layout
+        key = u._take(klen + 1)  # raw, unpadded layout
         if key[klen] != 0:
             raise ProtocolError("dict key not NUL-terminated")
-        out[bytes(key[:klen]).decode("utf-8", "surrogateescape")] = bytes(u._take(vlen))  # noqa: SLF001
+        out[bytes(key[:klen]).decode("utf-8", "surrogateescape")] = bytes(u._take(vlen))
     return out
 
 

@@ -164,7 +164,8 @@ def _g(gfid: bytes) -> Packer:
     return Packer().fixed(gfid, 16)
 
 
-def lookup_req(gfid: bytes, pargfid: bytes = NULL_GFID, name: str = "", flags: int = 0, xdata: Dict | None = None) -> bytes:
+def lookup_req(gfid: bytes, pargfid: bytes = NULL_GFID, name: str = "", flags: int = 0,
+               xdata: Dict | None = None) -> bytes:
     return _x(Packer().fixed(gfid, 16).fixed(pargfid, 16).u32(flags).string(name), xdata)
 
 
@@ -303,7 +304,8 @@ def entrylk_req(gfid: bytes, domain: str, name: str | None, cmd: int, type_: int
     return _x(p, xdata)
 
 
-def fentrylk_req(gfid: bytes, fd: int, domain: str, name: str | None, cmd: int, type_: int, xdata: Dict | None = None) -> bytes:
+def fentrylk_req(gfid: bytes, fd: int, domain: str, name: str | None, cmd: int, type_: int,
+                 xdata: Dict | None = None) -> bytes:
     p = _g(gfid).i64(fd).u32(cmd).u32(type_).u64(1 if name else 0).string(name or "").string(domain)
     return _x(p, xdata)
 
@@ -622,7 +624,8 @@ _FLAGS = {
     Proc.DISCARD: _rpc.MTIME | _rpc.ATIME,
     Proc.MKNOD: _CREATE_FLAGS, Proc.MKDIR: _CREATE_FLAGS, Proc.SYMLINK: _CREATE_FLAGS, Proc.CREATE: _CREATE_FLAGS,
     Proc.UNLINK: _ENTRY_FLAGS, Proc.RMDIR: _ENTRY_FLAGS, Proc.LINK: _ENTRY_FLAGS, Proc.RENAME: _ENTRY_FLAGS,
-    Proc.WRITE: _rpc.MTIME | _rpc.CTIME, Proc.TRUNCATE: _rpc.CTIME | _rpc.MTIME, Proc.FTRUNCATE: _rpc.CTIME | _rpc.MTIME,
+    Proc.WRITE: _rpc.MTIME | _rpc.CTIME,
+    Proc.TRUNCATE: _rpc.CTIME | _rpc.MTIME, Proc.FTRUNCATE: _rpc.CTIME | _rpc.MTIME,
 }
 
 

@@ -363,7 +363,7 @@ class LowLevelHandlers:
             with trio.CancelScope(shield=True), trio.move_on_after(30):
                 try:
                     await self.ops.setlk(fh, owner, Lock(F_UNLCK, lock.start, lock.len, lock.pid), False, caller)
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - best effort, in a shielded clean-up
                     log.warning("giving back an abandoned lock failed: %s", e)
 
     def _fallocate(self, req: int, ino: int, mode: int, offset: int, length: int, fi: Any) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 from typing import Awaitable, Callable, Sequence
 
 import trio
@@ -16,7 +15,8 @@ from .errors import leaf
 from .fops import CBK_PROGRAM, Cbk
 from .transport import RpcConnection
 from .volfile import Graph, parse
-from .volspec import Server, VolumeSpec, parse_servers, parse_volume_spec
+# re-exported: callers take the spec parsers from here as well
+from .volspec import Server as Server, parse_servers as parse_servers, parse_volume_spec as parse_volume_spec
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class VolfileWatcher:
                             self._kick = trio.Event()
                             await self._refetch()
                     nursery.cancel_scope.cancel()
-            except Exception as exc:  # noqa: BLE001 - connection failures arrive wrapped by the nursery
+            except Exception as exc:  # connection failures arrive wrapped by the nursery
                 e = leaf(exc)
                 if not isinstance(e, (OSError, rpc.RPCError)):
                     raise

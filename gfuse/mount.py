@@ -228,7 +228,7 @@ def run_foreground(spec_text: str, mountpoint: str, opts: MountOptions,
     try:
         trio.run(mv.serve, report)
         return 0
-    except BaseException as exc:  # noqa: BLE001 - every failure becomes one line
+    except BaseException as exc:  # every failure becomes one line
         e = leaf(exc)
         if isinstance(e, KeyboardInterrupt):
             return 130

@@ -184,7 +184,8 @@ class Reply:
     detail: tuple[int, ...] = field(default=())
 
 
-def encode_call(xid: int, prog: int, vers: int, proc: int, cred_flavor: int, cred_body: bytes, body: bytes = b"") -> bytes:
+def encode_call(xid: int, prog: int, vers: int, proc: int, cred_flavor: int, cred_body: bytes,
+                body: bytes = b"") -> bytes:
     """A complete CALL record (without the record mark)."""
     p = Packer().u32(xid).u32(MsgType.CALL).u32(RPC_VERSION).u32(prog).u32(vers).u32(proc)
     p.u32(cred_flavor).opaque(cred_body)

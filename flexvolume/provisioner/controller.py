@@ -89,6 +89,8 @@ import urllib3
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
+from gfuse.options import parse_bool
+
 from ..storage.api import Backend, ProvisionedVolume, StorageError
 
 log = logging.getLogger(__name__)
@@ -151,7 +153,7 @@ def format_size(n: int) -> str:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _meta(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -500,7 +502,7 @@ class Controller:
                 self.queue.forget(item)
             except NotLeader:
                 self.queue.add_after(item, 1.0)
-            except Exception as e:  # noqa: BLE001 - every failure is retried with backoff
+            except Exception as e:  # every failure is retried with backoff
                 delay = self.queue.add_rate_limited(item)
                 if isinstance(e, (Retry, StorageError, ClaimError)):
                     log.warning("%s %s: %s (retry in %.1fs)", kind, key, e, delay)
@@ -778,7 +780,7 @@ class Controller:
             raise ClaimError("spec.resources.requests.storage is required")
         try:
             size = parse_size(storage)
-        except Exception:
+        except Exception:  # noqa: BLE001 - parse_quantity raises ValueError, decimal errors, TypeError, …
             raise ClaimError(f"spec.resources.requests.storage {storage!r} is not a quantity") from None
         if size <= 0:
             raise ClaimError(f"spec.resources.requests.storage {storage!r} must be positive")
@@ -835,7 +837,8 @@ class Controller:
         mount_options = [str(o) for o in (sc.get("mountOptions") or [])]
         flex_mount_options = _split(params.get("mountOptions", ""))
         flex_mount_options += [o for o in mount_options if o not in flex_mount_options]
-        options = {"volume": vol.source, "readOnly": "true" if parse_bool(params.get("readOnly") or "", default=False) else "false"}
+        read_only = parse_bool(params.get("readOnly") or "", default=False)
+        options = {"volume": vol.source, "readOnly": "true" if read_only else "false"}
         if vol.backup_servers:
             options["backupServers"] = ":".join(vol.backup_servers)
         if flex_mount_options:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def _microtime() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class LeaderElector:
@@ -227,6 +227,6 @@ class LeaderElector:
 def _fmt(t: Any) -> str:
     if isinstance(t, _dt.datetime):
         if t.tzinfo is not None:
-            t = t.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+            t = t.astimezone(_dt.UTC).replace(tzinfo=None)
         return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return str(t)

@@ -164,7 +164,8 @@ async def make_file(bricks: Sequence[Brick], parent: bytes, name: str, data: byt
 
 async def _fop_scenario(rs: list[Brick], dgfid: bytes, dname: str, shared_with: Sequence[Path]) -> None:
     """The whole fop list on one replica set, inside directory ``dname`` (gfid ``dgfid``)."""
-    on = lambda fn: all_ok(rs, fn)
+    def on(fn: Callable[[Brick], Awaitable[Any]]) -> Awaitable[list[Any]]:
+        return all_ok(rs, fn)
 
     # LOOKUP of a missing name
     await all_fail(rs, lambda b: b.client.lookup(dgfid, "nothing-here"), errno.ENOENT)

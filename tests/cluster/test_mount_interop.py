@@ -225,7 +225,8 @@ def brick_report(vol: tc.Volume, top: str) -> tuple[list[str], list[str], dict[s
             gfid_problems.append(f"{rel}: missing on bricks {missing} (present on {sorted(per_brick)})")
         distinct = {x[0] for x in per_brick.values()}
         if len(distinct) != 1 or None in distinct:
-            gfid_problems.append(f"{rel}: gfids {[(i, x[0].hex() if x[0] else None) for i, x in sorted(per_brick.items())]}")
+            gfids = [(i, x[0].hex() if x[0] else None) for i, x in sorted(per_brick.items())]
+            gfid_problems.append(f"{rel}: gfids {gfids}")
         if not is_dir:
             data_sets = {i // vol.replica for i, x in per_brick.items() if not x[2]}
             if len(data_sets) != 1:

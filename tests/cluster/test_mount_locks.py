@@ -312,7 +312,7 @@ def test_locks_survive_brick_restarts(make_volume, gfuse_mount, hold, tmp_path) 
         vol.start_force()
         tc.wait_until(lambda: all(x["up"] for x in query_status(str(a.path))["bricks"]), 30,
                       "gfuse to reconnect the brick")
-        tc.wait_until(lambda: log.read_text().count("re-granted 1 POSIX lock") >= i + 1, 30,
+        tc.wait_until(lambda n=i + 1: log.read_text().count("re-granted 1 POSIX lock") >= n, 30,
                       "the lock to be re-granted")
     vol.kill_brick(2)
     try:

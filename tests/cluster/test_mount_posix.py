@@ -99,7 +99,7 @@ def d(shared: SharedMount, request: pytest.FixtureRequest) -> Iterator[Path]:
 
 def rm_tree(path: Path) -> None:
     """rmtree that also removes entries a test left read-only or owned by USER."""
-    for root, dirs, files in os.walk(path):
+    for root, dirs, _files in os.walk(path):
         for n in dirs:
             os.chmod(os.path.join(root, n), 0o755)
     shutil.rmtree(path)
@@ -825,7 +825,8 @@ def test_readdir_while_creating(d: Path) -> None:
                 seen = [e.name for e in it]
             listings += 1
             assert len(seen) == len(set(seen)), "an entry was listed twice during concurrent creates"
-            assert before <= set(seen), f"entries created before the listing are missing: {sorted(before - set(seen))[:5]}"
+            missing = sorted(before - set(seen))[:5]
+            assert before <= set(seen), f"entries created before the listing are missing: {missing}"
             assert set(seen) <= {f"c{i:04d}" for i in range(total)}
             time.sleep(0.05)
     finally:

@@ -12,8 +12,6 @@ import os
 
 import pytest
 
-from testkit import cluster as tc
-
 pytestmark = pytest.mark.timeout(180)
 
 

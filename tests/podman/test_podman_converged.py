@@ -10,8 +10,9 @@ No Kubernetes can run here (see TESTBED), so this plays the cluster's part by ha
   binds ``0.0.0.0:24007`` of its node, unmodified, and the bricks their ports. Addresses are 10.251.0.N,
   which exist only inside these namespaces; nothing touches the host's interfaces or its glusterd.
 - **the headless Service** ``gfuse-glusterd.gfuse-system.svc`` is an ``/etc/hosts`` (a hostPath file: podman
-  ignores ``hostAliases`` on host-network pods) naming the three node addresses, and the downward API's ``status.podIP`` is the node's address (podman does not
-  know it for a network namespace it did not make). ``INTERVAL`` of the setup loop is 2 s instead of 30.
+  ignores ``hostAliases`` on host-network pods) naming the three node addresses, and the downward API's
+  ``status.podIP`` is the node's address (podman does not know it for a network namespace it did not make).
+  ``INTERVAL`` of the setup loop is 2 s instead of 30.
 - **hostPaths** (``/var/lib/glusterd``, logs, bricks) are per-node directories under the test's work dir.
 - **the provisioner's access to glusterd** is the Deployment's own: ``gfuse-node-gluster``
   (daemonset/image/node-gluster.sh, nsenter into the node's glusterd, run here from the host as the
@@ -229,7 +230,8 @@ def converged(glusterd_image: str) -> Iterator[dict]:
         t0 = time.monotonic()
         for i, name in enumerate(names, start=1):
             m = work / f"{name}.yaml"
-            m.write_text(yaml.safe_dump_all([cm, node_pod(ds, i, name, work, glusterd_image, configmap)], sort_keys=False))
+            pod = node_pod(ds, i, name, work, glusterd_image, configmap)
+            m.write_text(yaml.safe_dump_all([cm, pod], sort_keys=False))
             manifests.append(m)
             # podman 4.3 pods cannot join a given network namespace (--network ns:PATH); with hostNetwork
             # they take podman's own, so podman runs in the node's namespace (and the host's mount namespace)

@@ -56,7 +56,8 @@ def test_iatt_exact_148_bytes() -> None:
     want += b"".join(be32(v) for v in range(13, 22))
     assert b == want
     ia = sample_iatt()
-    assert (ia.flags, ia.ino, ia.attributes_mask, ia.atime, ia.btime, ia.atime_nsec, ia.mode) == (1, 2, 8, 9, 12, 13, 21)
+    got = (ia.flags, ia.ino, ia.attributes_mask, ia.atime, ia.btime, ia.atime_nsec, ia.mode)
+    assert got == (1, 2, 8, 9, 12, 13, 21)
 
 
 def test_iatt_round_trip_extremes() -> None:
@@ -272,7 +273,8 @@ def test_read_rsp_payload_length_mismatch() -> None:
 
 def dirp_entry(ino: int, off: int, dtype: int, name: str, stat: Iatt, xdata: dict | None) -> bytes:
     nb = name.encode()
-    return be64(ino) + be64(off) + be32(len(nb)) + be32(dtype) + Packer().string(nb).bytes() + stat.encode() + encode_gfx(xdata)
+    return (be64(ino) + be64(off) + be32(len(nb)) + be32(dtype) + Packer().string(nb).bytes() + stat.encode()
+            + encode_gfx(xdata))
 
 
 def test_readdirp_zero_entries() -> None:
@@ -438,7 +440,7 @@ def test_real_getspec() -> None:
 
 
 def test_real_portbybrick() -> None:
-    ret, err, status, port = hs.portbybrick_rsp(body("portbybrick.reply.bin"))
+    ret, err, _status, port = hs.portbybrick_rsp(body("portbybrick.reply.bin"))
     assert (ret, err) == (0, 0)
     assert 1024 < port < 65536
 
@@ -571,5 +573,5 @@ def test_real_inodelk_contention_callback() -> None:
 
 
 def test_real_setvolume_reply() -> None:
-    ret, err, d = hs.setvolume_rsp(body("setvolume.reply.bin"))
+    ret, err, _d = hs.setvolume_rsp(body("setvolume.reply.bin"))
     assert ret == 0 and err == 22

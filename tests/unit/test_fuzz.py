@@ -100,7 +100,9 @@ CBK_SAMPLES = {
         .opaque(encode_old({"k": "v"})).bytes()
     ],
     F.Cbk.INODELK_CONTENTION: [Packer().fixed(bytes(16), 16).raw(FLOCK).u32(9).string("dom").opaque(b"x").bytes()],
-    F.Cbk.ENTRYLK_CONTENTION: [Packer().fixed(bytes(16), 16).u32(1).u32(9).string("n").string("dom").opaque(b"").bytes()],
+    F.Cbk.ENTRYLK_CONTENTION: [
+        Packer().fixed(bytes(16), 16).u32(1).u32(9).string("n").string("dom").opaque(b"").bytes(),
+    ],
 }
 
 HS_SAMPLES = {

@@ -573,7 +573,8 @@ def test_csi_controller_command_line() -> None:
         c = container(spec, "gfuse-csi")
         assert c["securityContext"]["privileged"] is True, "nsenter into glusterd, FUSE mounts of the pools"
         assert mount_of(spec, c, "pool-mounts")["mountPath"] == args.state_dir
-        glusterds = [d for d in rendered[kdir] if d["kind"] == "DaemonSet" and d["metadata"]["name"] == "gfuse-glusterd"]
+        glusterds = [d for d in rendered[kdir]
+                     if d["kind"] == "DaemonSet" and d["metadata"]["name"] == "gfuse-glusterd"]
         if glusterds:  # converged: on a storage node, seeing its glusterd
             gspec = glusterds[0]["spec"]["template"]["spec"]
             assert spec.get("hostPID") is True, kdir
@@ -760,7 +761,7 @@ def test_flexvolume_provisioner_rbac_is_what_its_code_calls() -> None:
     rules = _subject_rules(FLEX_PROVISIONER_SA)
     lease = _lease_name(PROVISIONER)
     used: set[tuple[str, str, str]] = set()
-    for group, resource, verb, namespaced, named in sorted(provisioner_api_calls()):
+    for group, resource, verb, _namespaced, named in sorted(provisioner_api_calls()):
         if group == "coordination.k8s.io":
             where, name = [NAMESPACE], (lease if named else None)
         else:
@@ -853,7 +854,8 @@ def test_node_gluster_wrapper(tmp_path: Path) -> None:
             continue  # this test's own file system has a gluster CLI: nothing to show with it
         env = {"PATH": os.environ["PATH"], "GFUSE_GLUSTERD_PID": pid}
         r = subprocess.run([script, "volume", "list"], capture_output=True, text=True, env=env, timeout=30, check=False)
-        assert r.returncode == 1 and r.stdout == "" and r.stderr.startswith("Connection failed: gfuse-node-gluster: "), r
+        assert r.returncode == 1 and r.stdout == "", r
+        assert r.stderr.startswith("Connection failed: gfuse-node-gluster: "), r
         assert len(r.stderr.strip().splitlines()) == 1
     with pytest.raises(StorageError) as e:
         Glusterd(None, command=["env", "GFUSE_GLUSTERD_PID=abc", script], timeout=20).ping()

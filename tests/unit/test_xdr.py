@@ -164,7 +164,7 @@ def test_huge_claimed_length_fails_fast() -> None:
 
 def test_negative_take_is_refused() -> None:
     with pytest.raises(ProtocolError):
-        Unpacker(b"abcd")._take(-1)  # noqa: SLF001
+        Unpacker(b"abcd")._take(-1)
 
 
 def test_position_remaining_rest_done() -> None:
