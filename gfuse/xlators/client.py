@@ -33,6 +33,8 @@ from ..iatt import NULL_GFID, ROOT_GFID, Iatt
 from ..mgmt import MgmtError, Server, port_by_brick
 from ..transport import RpcConnection, not_connected
 from ..volfile import Xlator
+from .api import BrickEvent, Fops
+from .handles import Handles
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +49,6 @@ class BrickError(Exception):
         self.errno = errno_
 
 
-@dataclass(frozen=True)
-class BrickEvent:
-    client: "BrickClient"
-    up: bool
-    reason: str = ""
-
-
 @dataclass
 class _Fd:
     gfid: bytes
@@ -63,7 +58,7 @@ class _Fd:
     generation: int
 
 
-class BrickClient:
+class BrickClient(Fops):
     """One brick of a volume; implements the fop interface of the translator graph."""
 
     def __init__(self, xl: Xlator, mgmt: Server | None = None, *, volfile_key: str = "",
@@ -91,8 +86,7 @@ class BrickClient:
         self._instance = next(_instance)
         self._subscribers: list[Callable[[BrickEvent], None]] = []
         self._cbk_subscribers: list[Callable[[int, Any], None]] = []
-        self._fds: dict[int, _Fd] = {}
-        self._fd_handles = itertools.count(1)
+        self._fds: Handles[_Fd] = Handles(self.name)
         self.first_attempt_done = trio.Event()
         #: lock owner for lock fops sent without a credential (bricks refuse a null owner)
         self.lk_owner = os.urandom(8)
@@ -132,7 +126,7 @@ class BrickClient:
             return
         try:
             decoded = F.decode_callback(call.proc, call.body)
-        except Exception as e:  # a malformed callback is logged, never fatal
+        except Exception as e:  # noqa: BLE001 - a malformed callback is logged, never fatal
             log.warning("%s: undecodable callback %d: %s", self.name, call.proc, e)
             return
         if call.proc == F.Cbk.CHILD_DOWN:
@@ -171,7 +165,7 @@ class BrickClient:
                     self.last_error = conn.close_reason
                     self._emit(False, conn.close_reason)
                     nursery.cancel_scope.cancel()
-            except Exception as exc:  # noqa: BLE001 - nursery-wrapped connect/handshake failures
+            except Exception as exc:  # nursery-wrapped connect/handshake failures (others re-raised)
                 e = leaf(exc)
                 if not isinstance(e, (OSError, MgmtError, BrickError, rpc.RPCError, trio.TooSlowError)):
                     raise
@@ -180,7 +174,7 @@ class BrickClient:
                 log.debug("%s: connect failed: %s", self.name, e)
             finally:
                 if self.conn is not None and not self.conn.closed.is_set():
-                    self.conn._fail("client shutting down")  # noqa: SLF001
+                    self.conn._fail("client shutting down")
             if not started:
                 started = True
                 self.first_attempt_done.set()
@@ -280,16 +274,14 @@ class BrickClient:
 
     def _remote_fd(self, handle: int) -> tuple[bytes, int]:
         fd = self._fds.get(handle)
-        if fd is None:
-            raise OSError(errno.EBADF, f"{self.name}: unknown fd {handle}")
         if fd.remote is None or fd.generation != self.generation:
             raise OSError(errno.EBADFD, f"{self.name}: fd {handle} was lost when the brick restarted")
         return fd.gfid, fd.remote
 
-    def _new_fd(self, gfid: bytes, flags: int, is_dir: bool, remote: int) -> int:
-        handle = next(self._fd_handles)
-        self._fds[handle] = _Fd(gfid, flags, is_dir, remote, self.generation)
-        return handle
+    def _new_fd(self, r: Result, gfid: bytes, flags: int, is_dir: bool) -> Result:
+        """Replace the brick's fd in ``r`` by a handle of ours (valid across reconnects)."""
+        assert r.fd is not None
+        return self._fds.adopt(r, _Fd(gfid, flags, is_dir, r.fd, self.generation))
 
     # ---------------------------------------------------------------- fops: inode
 
@@ -383,22 +375,17 @@ class BrickClient:
                      xdata: Dict | None = None, cred: rpc.Credential | None = None) -> Result:
         """CREATE; ``result.fd`` is replaced by a client handle valid across reconnects."""
         r = await self.call(Proc.CREATE, F.create_req(pargfid, name, flags, mode, umask, _req(gfid, xdata)), cred)
-        assert r.fd is not None and r.stat is not None
-        r.fd = self._new_fd(r.stat.gfid, flags, False, r.fd)
-        return r
+        assert r.stat is not None
+        return self._new_fd(r, r.stat.gfid, flags, False)
 
     async def open(self, gfid: bytes, flags: int, xdata: Dict | None = None,
                    cred: rpc.Credential | None = None) -> Result:
         r = await self.call(Proc.OPEN, F.open_req(gfid, flags, xdata), cred)
-        assert r.fd is not None
-        r.fd = self._new_fd(gfid, flags, False, r.fd)
-        return r
+        return self._new_fd(r, gfid, flags, False)
 
     async def opendir(self, gfid: bytes, xdata: Dict | None = None, cred: rpc.Credential | None = None) -> Result:
         r = await self.call(Proc.OPENDIR, F.opendir_req(gfid, xdata), cred)
-        assert r.fd is not None
-        r.fd = self._new_fd(gfid, 0, True, r.fd)
-        return r
+        return self._new_fd(r, gfid, 0, True)
 
     async def read(self, fd: int, offset: int, size: int, xdata: Dict | None = None,
                    cred: rpc.Credential | None = None) -> Result:
@@ -509,7 +496,7 @@ class BrickClient:
 
     async def release(self, fd: int) -> None:
         """Close a handle; the brick is told if it still knows the fd. Never raises for a lost connection."""
-        f = self._fds.pop(fd, None)
+        f = self._fds.pop(fd)
         if f is None:
             raise OSError(errno.EBADF, f"{self.name}: unknown fd {fd}")
         if f.remote is None or f.generation != self.generation or not self.is_up:

@@ -13,21 +13,20 @@ directory's attributes otherwise (setattr, xattrs) drops its entry; entries expi
 from __future__ import annotations
 
 import trio
-from typing import Any
 
 from ..bounded import BoundedDict
+from ..dicts import Dict
 from ..fops import Result
 from ..iatt import Iatt
-
-#: fops whose first argument is the parent directory, with its post-change attributes in ``postparent``
-PARENT_FIRST = frozenset({"create", "mknod", "mkdir", "symlink", "unlink", "rmdir"})
-#: fops that change the attributes of the inode named by their first argument
-CHANGES_INODE = frozenset({"setattr", "setxattr", "removexattr"})
+from ..rpc import Credential
+from .api import PassThrough, Subvolume
 
 
-class MdCache:
-    def __init__(self, child: Any, ttl: float = 1.0) -> None:
-        self.child = child
+class MdCache(PassThrough):
+    """Entry fops keep their parent's post-change attributes; ``stat`` answers from them within ``ttl``."""
+
+    def __init__(self, child: Subvolume, ttl: float = 1.0) -> None:
+        super().__init__(child)
         self.ttl = ttl
         self._attrs: BoundedDict[bytes, tuple[float, Iatt]] = BoundedDict(10_000)
 
@@ -37,43 +36,78 @@ class MdCache:
         else:
             self._attrs.pop(gfid, None)
 
-    async def stat(self, gfid: bytes, xdata: Any = None, cred: Any = None) -> Result:
+    def _entry_done(self, pargfid: bytes, r: Result) -> Result:
+        self._keep(pargfid, r.postparent)
+        return r
+
+    async def stat(self, gfid: bytes, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
         hit = self._attrs.get(gfid)
         if hit is not None and xdata is None and trio.current_time() - hit[0] < self.ttl:
             return Result(0, 0, stat=hit[1])
-        return await self.child.stat(gfid, xdata, cred=cred)
+        return await self.child.stat(gfid, xdata, cred)
 
-    async def link(self, gfid: bytes, newpar: bytes, *args: Any, **kw: Any) -> Result:
+    # ------------------------------------------------------------ entry fops: the parent's post-change attributes
+    # (dropped first: a stat while the fop is on its way must not be answered from the attributes before it)
+
+    async def create(self, pargfid: bytes, name: str, flags: int, mode: int, gfid: bytes, umask: int = 0,
+                     xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        self._attrs.pop(pargfid, None)
+        return self._entry_done(pargfid, await self.child.create(pargfid, name, flags, mode, gfid, umask, xdata,
+                                                                 cred))
+
+    async def mknod(self, pargfid: bytes, name: str, mode: int, rdev: int, gfid: bytes, umask: int = 0,
+                    xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        self._attrs.pop(pargfid, None)
+        return self._entry_done(pargfid, await self.child.mknod(pargfid, name, mode, rdev, gfid, umask, xdata, cred))
+
+    async def mkdir(self, pargfid: bytes, name: str, mode: int, gfid: bytes, umask: int = 0,
+                    xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        self._attrs.pop(pargfid, None)
+        return self._entry_done(pargfid, await self.child.mkdir(pargfid, name, mode, gfid, umask, xdata, cred))
+
+    async def symlink(self, pargfid: bytes, name: str, target: str, gfid: bytes, umask: int = 0,
+                      xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        self._attrs.pop(pargfid, None)
+        return self._entry_done(pargfid, await self.child.symlink(pargfid, name, target, gfid, umask, xdata, cred))
+
+    async def unlink(self, pargfid: bytes, name: str, xdata: Dict | None = None,
+                     cred: Credential | None = None) -> Result:
+        self._attrs.pop(pargfid, None)
+        return self._entry_done(pargfid, await self.child.unlink(pargfid, name, xdata, cred))
+
+    async def rmdir(self, pargfid: bytes, name: str, flags: int = 0, xdata: Dict | None = None,
+                    cred: Credential | None = None) -> Result:
+        self._attrs.pop(pargfid, None)
+        return self._entry_done(pargfid, await self.child.rmdir(pargfid, name, flags, xdata, cred))
+
+    async def link(self, gfid: bytes, newpar: bytes, newname: str, xdata: Dict | None = None,
+                   cred: Credential | None = None) -> Result:
         self._attrs.pop(newpar, None)
-        r = await self.child.link(gfid, newpar, *args, **kw)
-        self._keep(newpar, r.postparent)
-        return r
+        return self._entry_done(newpar, await self.child.link(gfid, newpar, newname, xdata, cred))
 
-    async def rename(self, oldpar: bytes, oldname: str, newpar: bytes, *args: Any, **kw: Any) -> Result:
+    async def rename(self, oldpar: bytes, oldname: str, newpar: bytes, newname: str, xdata: Dict | None = None,
+                     cred: Credential | None = None) -> Result:
         self._attrs.pop(oldpar, None)
         self._attrs.pop(newpar, None)
-        r = await self.child.rename(oldpar, oldname, newpar, *args, **kw)
+        r = await self.child.rename(oldpar, oldname, newpar, newname, xdata, cred)
         if oldpar != newpar:
             self._keep(oldpar, r.postoldparent)
         self._keep(newpar, r.postparent)
         return r
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        fn = getattr(self.child, name)
-        if name in PARENT_FIRST:
-            async def entry_op(pargfid: bytes, *args: Any, **kw: Any) -> Any:
-                self._attrs.pop(pargfid, None)
-                r = await fn(pargfid, *args, **kw)
-                self._keep(pargfid, r.postparent)
-                return r
-            self.__dict__[name] = entry_op
-            return entry_op
-        if name in CHANGES_INODE:
-            async def changes(gfid: bytes, *args: Any, **kw: Any) -> Any:
-                self._attrs.pop(gfid, None)
-                return await fn(gfid, *args, **kw)
-            self.__dict__[name] = changes
-            return changes
-        return fn
+    # ------------------------------------------------------------ changes that entry replies do not describe
+
+    async def setattr(self, gfid: bytes, stbuf: Iatt, valid: int, xdata: Dict | None = None,
+                      cred: Credential | None = None) -> Result:
+        self._attrs.pop(gfid, None)
+        return await self.child.setattr(gfid, stbuf, valid, xdata, cred)
+
+    async def setxattr(self, gfid: bytes, d: Dict, flags: int = 0, xdata: Dict | None = None,
+                       cred: Credential | None = None) -> Result:
+        self._attrs.pop(gfid, None)
+        return await self.child.setxattr(gfid, d, flags, xdata, cred)
+
+    async def removexattr(self, gfid: bytes, name: str, xdata: Dict | None = None,
+                          cred: Credential | None = None) -> Result:
+        self._attrs.pop(gfid, None)
+        return await self.child.removexattr(gfid, name, xdata, cred)
