@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 from .dicts import Dict, decode_gfx, encode_gfx
 from .iatt import NULL_GFID, Iatt, Statfs
@@ -152,6 +152,33 @@ class Result:
     path: str | None = None
     offset: int | None = None
 
+    # Typed access to a field that the fop's reply always carries (its decoder sets it): a reply
+    # without it is one the protocol does not allow, a ProtocolError rather than a None passed on.
+    def need_stat(self) -> Iatt:
+        """``stat`` of LOOKUP, STAT/FSTAT, READLINK, READ, RENAME and the entries made (MKNOD … CREATE)."""
+        return _need(self.stat, "stat")
+
+    def need_post(self) -> Iatt:
+        """``post`` of (F)TRUNCATE, WRITE, FSYNC, (F)SETATTR, FALLOCATE, DISCARD, ZEROFILL."""
+        return _need(self.post, "post-op stat")
+
+    def need_fd(self) -> int:
+        """``fd`` of OPEN, OPENDIR, CREATE."""
+        return _need(self.fd, "fd")
+
+    def need_statfs(self) -> Statfs:
+        """``statfs`` of STATFS."""
+        return _need(self.statfs, "statfs")
+
+
+_T = TypeVar("_T")
+
+
+def _need(value: _T | None, what: str) -> _T:
+    if value is None:
+        raise ProtocolError(f"the reply carries no {what}")
+    return value
+
 
 # ------------------------------------------------------------------- requests
 
@@ -233,10 +260,6 @@ def write_req(gfid: bytes, fd: int, offset: int, data: bytes, flag: int = 0, xda
 
 def fsync_req(gfid: bytes, fd: int, datasync: int = 0, xdata: Dict | None = None) -> bytes:
     return _x(_g(gfid).i64(fd).u32(datasync), xdata)
-
-
-def fsyncdir_req(gfid: bytes, fd: int, datasync: int = 0, xdata: Dict | None = None) -> bytes:
-    return _x(_g(gfid).i64(fd).i32(datasync), xdata)
 
 
 def setxattr_req(gfid: bytes, d: Dict, flags: int = 0, xdata: Dict | None = None) -> bytes:
@@ -333,10 +356,6 @@ def fallocate_req(gfid: bytes, fd: int, mode: int, offset: int, size: int, xdata
 def discard_req(gfid: bytes, fd: int, offset: int, size: int, xdata: Dict | None = None) -> bytes:
     """DISCARD and ZEROFILL share this layout."""
     return _x(_g(gfid).i64(fd).u64(offset).u64(size), xdata)
-
-
-def seek_req(gfid: bytes, fd: int, offset: int, what: int, xdata: Dict | None = None) -> bytes:
-    return _x(_g(gfid).i64(fd).u64(offset).i32(what), xdata)
 
 
 # ------------------------------------------------------------------- replies
@@ -617,7 +636,7 @@ from . import rpc as _rpc  # noqa: E402
 
 _CREATE_FLAGS = _rpc.ATIME | _rpc.CTIME | _rpc.MTIME | _rpc.PAR_CTIME | _rpc.PAR_MTIME
 _ENTRY_FLAGS = _rpc.CTIME | _rpc.PAR_CTIME | _rpc.PAR_MTIME
-_FLAGS = {
+_FLAGS: dict[int, int] = {
     Proc.SETXATTR: _rpc.CTIME, Proc.FSETXATTR: _rpc.CTIME,
     Proc.REMOVEXATTR: _rpc.CTIME, Proc.FREMOVEXATTR: _rpc.CTIME,
     Proc.FALLOCATE: _rpc.MTIME | _rpc.ATIME, Proc.ZEROFILL: _rpc.MTIME | _rpc.ATIME,

@@ -16,7 +16,7 @@ import os
 import stat as st
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Concatenate, Coroutine, ParamSpec, Sequence, TypeVar
 
 import pyfuse3
 import trio
@@ -38,16 +38,21 @@ HIDDEN_XATTR_PREFIXES = ("trusted.afr.", "trusted.glusterfs.", "trusted.gfid", "
 ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 
 T = TypeVar("T")
+P = ParamSpec("P")
+Ops = TypeVar("Ops", bound="GlusterOperations")
 
 
-def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Map every failure to FUSEError: anything else would abort the whole mount."""
+def fuse_errors(
+    fn: Callable[Concatenate[Ops, P], Awaitable[T]],
+) -> Callable[Concatenate[Ops, P], Coroutine[Any, Any, T]]:
+    """Map every failure to FUSEError: anything else would abort the whole mount. Keeps the signature
+    (pyfuse3.Operations declares the handlers; fuse_lowlevel's LockOps the lock and fallocate ones)."""
 
     @functools.wraps(fn)
-    async def wrapper(self: "GlusterOperations", *args: Any) -> T:
+    async def wrapper(self: Ops, /, *args: P.args, **kwargs: P.kwargs) -> T:
         self.inflight += 1
         try:
-            return await fn(self, *args)
+            return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
@@ -204,9 +209,9 @@ class GlusterOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         r = await self.top.lookup(self.gfid(parent_inode), name.decode("utf-8", "surrogateescape"),
                                   cred=self.cred(ctx))
-        return self._entry(r.stat)
+        return self._entry(r.need_stat())
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
             rec = self.inodes.get(ino)
             if rec is None or ino == pyfuse3.ROOT_INODE:
@@ -225,7 +230,7 @@ class GlusterOperations(pyfuse3.Operations):
             if e.errno not in (errno.ENOENT, errno.ESTALE) or not fhs:
                 raise
             r = await self.top.fstat(next(iter(fhs)), cred=self.cred(ctx))
-        return self.attrs(r.stat, inode)
+        return self.attrs(r.need_stat(), inode)
 
     @fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
@@ -259,8 +264,8 @@ class GlusterOperations(pyfuse3.Operations):
         if valid:
             last = await self.top.setattr(gfid, s, valid, cred=self.cred(ctx, Proc.SETATTR, valid))
         if last is None or last.post is None:
-            last = await self.top.stat(gfid, cred=self.cred(ctx))
-            return self.attrs(last.stat, inode)
+            r = await self.top.stat(gfid, cred=self.cred(ctx))
+            return self.attrs(r.need_stat(), inode)
         return self.attrs(last.post, inode)
 
     @fuse_errors
@@ -279,14 +284,14 @@ class GlusterOperations(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         r = await self._create_entry(Proc.MKNOD, parent_inode, name, ctx, lambda p, n, g, c: self.top.mknod(
             p, n, mode, rdev, g, ctx.umask, cred=c))
-        return self._entry(r.stat)
+        return self._entry(r.need_stat())
 
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         r = await self._create_entry(Proc.MKDIR, parent_inode, name, ctx, lambda p, n, g, c: self.top.mkdir(
             p, n, mode | st.S_IFDIR, g, ctx.umask, cred=c))
-        return self._entry(r.stat)
+        return self._entry(r.need_stat())
 
     @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
@@ -294,7 +299,7 @@ class GlusterOperations(pyfuse3.Operations):
         t = target.decode("utf-8", "surrogateescape")
         r = await self._create_entry(Proc.SYMLINK, parent_inode, name, ctx, lambda p, n, g, c: self.top.symlink(
             p, n, t, g, ctx.umask, cred=c))
-        return self._entry(r.stat)
+        return self._entry(r.need_stat())
 
     @fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
@@ -302,7 +307,7 @@ class GlusterOperations(pyfuse3.Operations):
         self._ro()
         r = await self.top.link(self.gfid(inode), self.gfid(new_parent_inode), self._name(new_name),
                                 cred=self.cred(ctx, Proc.LINK))
-        return self._entry(r.stat)
+        return self._entry(r.need_stat())
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -344,7 +349,7 @@ class GlusterOperations(pyfuse3.Operations):
     @fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         r = await self.top.statfs(self.root_gfid)
-        s = r.statfs
+        s = r.need_statfs()
         out = pyfuse3.StatvfsData()
         out.f_bsize = s.bsize
         out.f_frsize = s.frsize
@@ -368,16 +373,17 @@ class GlusterOperations(pyfuse3.Operations):
         if self.read_only and flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         r = await self.top.open(self.gfid(inode), self._open_flags(flags), cred=self.cred(ctx))
+        fd = r.need_fd()
         if flags & os.O_TRUNC and flags & (os.O_WRONLY | os.O_RDWR):
             # libfuse negotiates atomic O_TRUNC: the kernel sends no separate truncate. Truncating
             # through the graph (not with O_TRUNC on each brick) keeps replicas transactional.
             try:
-                await self.top.ftruncate(r.fd, 0, cred=self.cred(ctx, Proc.FTRUNCATE))
+                await self.top.ftruncate(fd, 0, cred=self.cred(ctx, Proc.FTRUNCATE))
             except BaseException:
-                await self.top.release(r.fd)
+                await self.top.release(fd)
                 raise
-        self._opened(inode, r.fd)
-        return pyfuse3.FileInfo(fh=r.fd)
+        self._opened(inode, fd)
+        return pyfuse3.FileInfo(fh=fd)
 
     def _opened(self, inode: int, fh: int) -> None:
         self.open_files.setdefault(inode, set()).add(fh)
@@ -388,10 +394,11 @@ class GlusterOperations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         r = await self._create_entry(Proc.CREATE, parent_inode, name, ctx, lambda p, n, g, c: self.top.create(
             p, n, (flags & ~os.O_NOCTTY) | os.O_CREAT, (mode & 0o7777) | st.S_IFREG, g, ctx.umask, cred=c))
-        entry = self._entry(r.stat)
-        self._opened(entry.st_ino, r.fd)
+        entry = self._entry(r.need_stat())
+        fd = r.need_fd()
+        self._opened(entry.st_ino, fd)
         self._no_caps[entry.st_ino] = time.monotonic()  # a new file has no file capabilities to kill
-        return pyfuse3.FileInfo(fh=r.fd), entry
+        return pyfuse3.FileInfo(fh=fd), entry
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -400,7 +407,7 @@ class GlusterOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        r = await self.top.write(fh, off, buf, cred=now_cred(Proc.WRITE))
+        r: Result = await self.top.write(fh, off, buf, cred=now_cred(Proc.WRITE))
         return r.ret
 
     @fuse_errors
@@ -459,7 +466,7 @@ class GlusterOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         inode = self.fh_inode.pop(fh, None)
         fhs = self.open_files.get(inode) if inode is not None else None
-        if fhs is not None:
+        if inode is not None and fhs is not None:
             fhs.discard(fh)
             if not fhs:
                 del self.open_files[inode]
@@ -473,7 +480,7 @@ class GlusterOperations(pyfuse3.Operations):
         r = await self.top.opendir(gfid, cred=self.cred(ctx))
         self._dir_handles += 1
         h = self._dir_handles
-        self.dirs[h] = _DirHandle(r.fd, gfid)
+        self.dirs[h] = _DirHandle(r.need_fd(), gfid)
         return h
 
     @fuse_errors

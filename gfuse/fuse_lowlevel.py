@@ -140,7 +140,9 @@ def _pyfuse3_addresses() -> tuple[int, int, int]:
              "__pyx_f_7pyfuse3_fuse_lookup"}
     sym = elf_symbols(path, names)
     lib = ctypes.CDLL(path)
-    base = ctypes.cast(lib.PyInit_pyfuse3, ctypes.c_void_p).value - sym["PyInit_pyfuse3"]
+    init = ctypes.cast(lib.PyInit_pyfuse3, ctypes.c_void_p).value
+    assert init is not None, "a symbol of a loaded library has an address"
+    base = init - sym["PyInit_pyfuse3"]
     return (base + sym["__pyx_v_7pyfuse3_session"], base + sym["__pyx_v_7pyfuse3_fuse_ops"],
             base + sym["__pyx_f_7pyfuse3_fuse_lookup"])
 
@@ -313,7 +315,8 @@ class LowLevelHandlers:
 
         def reply(found: Lock) -> int:
             out = CFlock(found.type, 0, found.start, found.len, found.pid)
-            return self._lib.fuse_reply_lock(req, ctypes.byref(out))
+            rc: int = self._lib.fuse_reply_lock(req, ctypes.byref(out))
+            return rc
         self._spawn(req, "getlk", lambda: self.ops.getlk(fh, owner, want, caller), reply)
 
     def _setlk(self, req: int, ino: int, fi: Any, lock: Any, sleep: int) -> None:

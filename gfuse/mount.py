@@ -13,7 +13,7 @@ import os
 import signal
 import stat as st
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import pyfuse3
 import trio
@@ -45,7 +45,7 @@ def set_read_ahead(mountpoint: str, kb: int) -> None:
         log.info("could not set read_ahead_kb for %s: %s", mountpoint, e)
 
 
-async def resolve_subdir(top, subdir: str) -> bytes:
+async def resolve_subdir(top: Any, subdir: str) -> bytes:
     gfid = ROOT_GFID
     for part in filter(None, subdir.split("/")):
         try:
@@ -53,9 +53,10 @@ async def resolve_subdir(top, subdir: str) -> bytes:
         except OSError as e:
             raise MountError(f"subdirectory {subdir!r} cannot be mounted: {part!r}: {os.strerror(e.errno or 5)}"
                              ) from None
-        if not st.S_ISDIR(r.stat.mode):
+        stat = r.need_stat()
+        if not st.S_ISDIR(stat.mode):
             raise MountError(f"subdirectory {subdir!r}: {part!r} is not a directory")
-        gfid = r.stat.gfid
+        gfid = stat.gfid
     return gfid
 
 
@@ -113,8 +114,9 @@ class MountedVolume:
             except OSError as e:
                 raise MountError(f"volume {self.spec.volume!r} cannot be read: {e}") from None
             self.switch = GraphSwitch(cg.top)
-            self.ops = GlusterOperations(self.switch, root, read_only=self.opts.read_only,
-                                         attr_timeout=self.opts.attr_timeout, entry_timeout=self.opts.entry_timeout)
+            self.ops = ops = GlusterOperations(self.switch, root, read_only=self.opts.read_only,
+                                               attr_timeout=self.opts.attr_timeout,
+                                               entry_timeout=self.opts.entry_timeout)
             fuse_opts = set(pyfuse3.default_options)
             fuse_opts |= {f"fsname={self.spec_text}", "subtype=gfuse"}
             if self.opts.read_only:
@@ -122,18 +124,18 @@ class MountedVolume:
             if self.opts.allow_other:
                 fuse_opts.add("allow_other")
             try:
-                pyfuse3.init(self.ops, self.mountpoint, fuse_opts)
+                pyfuse3.init(ops, self.mountpoint, fuse_opts)
             except RuntimeError as e:
                 raise MountError(f"FUSE mount on {self.mountpoint} failed: {e}") from None
             try:
-                nursery.start_soon(self._read_ahead_after_init)
+                nursery.start_soon(self._read_ahead_after_init, ops)
                 nursery.start_soon(self._status_server)
                 nursery.start_soon(self._signals)
                 watcher = VolfileWatcher(servers, self.spec.volume, graph, self._volfile_changed)
                 nursery.start_soon(watcher.run)
                 log.info("mounted %s on %s (%s)", self.spec_text, self.mountpoint, graph.shape())
                 # pyfuse3 lacks lock/fallocate handlers: add them; their tasks end before the session does
-                lowlevel = LowLevelHandlers(self.ops)
+                lowlevel = LowLevelHandlers(ops)
                 extended = lowlevel.install()
                 ready(None)
                 async with trio.open_nursery() as requests:
@@ -154,10 +156,10 @@ class MountedVolume:
                 nursery.cancel_scope.cancel()
             log.info("unmounted %s", self.mountpoint)
 
-    async def _read_ahead_after_init(self) -> None:
+    async def _read_ahead_after_init(self, ops: GlusterOperations) -> None:
         """The kernel clamps readahead to what INIT's reply says (128 KiB): raise it once INIT is answered
         (the reply is written synchronously after ``init()``, before this task runs again)."""
-        await self.ops.initialized.wait()
+        await ops.initialized.wait()
         await trio.sleep(0)
         set_read_ahead(self.mountpoint, self.opts.read_ahead_kb)
 
@@ -175,6 +177,7 @@ class MountedVolume:
             cg.stop()
             return
         old = self.graph
+        assert old is not None, "the volfile watcher starts after serve() made the first graph"
         self._graphs.add(cg)
         self.graph = cg
 
@@ -195,7 +198,7 @@ class MountedVolume:
                 pyfuse3.terminate()
                 return
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         cg = self.graph
         bricks = []
         pending = 0

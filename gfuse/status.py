@@ -58,4 +58,5 @@ def query_status(mountpoint: str, timeout: float = 3.0) -> dict[str, Any]:
             if not chunk:
                 break
             data += chunk
-    return json.loads(data)
+    status: dict[str, Any] = json.loads(data)
+    return status

@@ -8,6 +8,7 @@ malformed input, so a bad peer can only ever produce that one exception.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 _U32 = struct.Struct(">I")
 _I32 = struct.Struct(">i")
@@ -101,23 +102,28 @@ class Unpacker:
         return mv
 
     def u32(self) -> int:
-        return _U32.unpack(self._take(4))[0]
+        v: int = _U32.unpack(self._take(4))[0]
+        return v
 
-    def struct(self, st: struct.Struct) -> tuple:
+    def struct(self, st: struct.Struct) -> tuple[Any, ...]:
         """Several fixed-size items at once (a hot path: iatt decoding)."""
         return st.unpack(self._take(st.size))
 
     def i32(self) -> int:
-        return _I32.unpack(self._take(4))[0]
+        v: int = _I32.unpack(self._take(4))[0]
+        return v
 
     def u64(self) -> int:
-        return _U64.unpack(self._take(8))[0]
+        v: int = _U64.unpack(self._take(8))[0]
+        return v
 
     def i64(self) -> int:
-        return _I64.unpack(self._take(8))[0]
+        v: int = _I64.unpack(self._take(8))[0]
+        return v
 
     def f64(self) -> float:
-        return _F64.unpack(self._take(8))[0]
+        v: float = _F64.unpack(self._take(8))[0]
+        return v
 
     def fixed(self, size: int) -> bytes:
         data = bytes(self._take(size))
