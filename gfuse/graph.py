@@ -8,13 +8,13 @@ through to their single child and named once in the log.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import trio
 
 from .mgmt import Server
 from .options import parse_bool
 from .volfile import Graph, VolfileError, Xlator
+from .xlators.api import Brick, Subvolume
 from .xlators.client import BrickClient
 from .xlators.distribute import Distribute
 from .xlators.mdcache import MdCache
@@ -37,7 +37,7 @@ class ClientGraph:
         self.graph = graph
         self.volume = volume
         self.bricks: list[BrickClient] = []
-        self._built: dict[str, Any] = {}
+        self._built: dict[str, Subvolume] = {}
         self._server = server
         self._process_name = process_name
         self._ping_timeout = ping_timeout
@@ -47,21 +47,25 @@ class ClientGraph:
         #: directory attributes from entry replies on top of it all (see xlators/mdcache.py)
         self.top = MdCache(self._build(graph.top))
 
-    def _build(self, xl: Xlator) -> Any:
+    def _build(self, xl: Xlator) -> Subvolume:
         if xl.name in self._built:
             return self._built[xl.name]
         kids = [self._build(s) for s in xl.subvolumes]
+        node: Subvolume
         if xl.type == "protocol/client":
-            node: Any = BrickClient(xl, self._server, volfile_key=self.volume, process_name=self._process_name,
-                                    ping_timeout=self._ping_timeout)
-            self.bricks.append(node)
+            brick = BrickClient(xl, self._server, volfile_key=self.volume, process_name=self._process_name,
+                                ping_timeout=self._ping_timeout)
+            self.bricks.append(brick)
+            node = brick
         elif xl.type == "cluster/replicate":
             pend = xl.options.get("afr-pending-xattr")
-            node = Replicate(xl.name, kids, pend.split(",") if pend else None,
-                             quorum=_quorum(xl.options, len(kids)))
-            self.replicas.append(node)
+            replica = Replicate(xl.name, _bricks(xl, kids), pend.split(",") if pend else None,
+                                quorum=_quorum(xl.options, len(kids)))
+            self.replicas.append(replica)
+            node = replica
         elif xl.type == "cluster/distribute":
-            node = Distribute(xl.name, kids, lookup_optimize=parse_bool(xl.options.get("lookup-optimize", "on"), default=True))
+            optimize = parse_bool(xl.options.get("lookup-optimize", "on"), default=True)
+            node = Distribute(xl.name, kids, lookup_optimize=optimize)
         elif len(kids) == 1:
             if xl.type not in PASS_THROUGH:
                 log.info("translator %s (%s) is not implemented by gfuse; passing through", xl.name, xl.type)
@@ -104,6 +108,17 @@ class ClientGraph:
 
     def status(self) -> list[tuple[str, str, bool, str]]:
         return [(b.name, f"{b.host}:{b.brick_path}", b.is_up, "" if b.is_up else b.last_error) for b in self.bricks]
+
+
+def _bricks(xl: Xlator, kids: list[Subvolume]) -> list[Brick]:
+    """Replicate watches each child's connection (up/down, generations): its children are brick sessions."""
+    out: list[Brick] = []
+    for k in kids:
+        if not isinstance(k, BrickClient):
+            raise VolfileError(f"gfuse cannot serve {xl.name!r}: a child of cluster/replicate is not a "
+                               f"protocol/client ({k!r})")
+        out.append(k)
+    return out
 
 
 def _quorum(options: dict[str, str], n: int) -> str | int:

@@ -23,6 +23,7 @@ subclasses it and overrides just those, like a gluster translator that leaves th
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -453,3 +454,10 @@ class PassThrough(Fops):
     async def readdir(self, fd: int, offset: int = 0, size: int = READDIR_SIZE, xdata: Dict | None = None,
                       cred: Credential | None = None) -> Result:
         return await self.child.readdir(fd, offset, size, xdata, cred)
+
+
+def attrs(r: Result) -> Iatt:
+    """The attributes a successful reply must carry (lookup, create, …); EIO if a brick sent none."""
+    if r.stat is None:
+        raise OSError(errno.EIO, "reply without attributes")
+    return r.stat

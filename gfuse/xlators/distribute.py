@@ -16,7 +16,7 @@ import os
 import random
 import stat as st
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Awaitable, Callable, Sequence
 
 import trio
 
@@ -26,9 +26,11 @@ from ..dhthash import LAYOUT_XATTR, LINKTO_XATTR, Range, new_layout, name_hash
 from ..dicts import Dict, UInt
 from ..fops import DirEntry, Flock, Result
 from ..iatt import NULL_GFID, ROOT_GFID, Iatt, gfid_str
-from ..rpc import Credential
 from ..cred import now_cred
-from .replicate import _pick_error, gather
+from ..rpc import Credential
+from .api import READDIR_SIZE, Fops, Subvolume, attrs
+from .handles import Handles
+from .replicate import _first_ok, _pick_error, each
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +68,13 @@ class _DhtFd:
     sub: int = 0
     #: directory streams: our offset → (subvolume index, that subvolume's offset)
     cookies: dict[int, tuple[int, int]] = field(default_factory=dict)
-    next_cookie: itertools.count = field(default_factory=lambda: itertools.count(1))
+    next_cookie: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
 
-class Distribute:
-    def __init__(self, name: str, children: Sequence[Any], *, lookup_optimize: bool = True) -> None:
+class Distribute(Fops):
+    """The fop interface over subvolumes that each hold a part of every directory's names."""
+
+    def __init__(self, name: str, children: Sequence[Subvolume], *, lookup_optimize: bool = True) -> None:
         self.name = name
         self.children = list(children)
         self._names = {c.name: i for i, c in enumerate(self.children)}
@@ -86,8 +90,7 @@ class Distribute:
         self._recent: BoundedDict[tuple[bytes, str], tuple[int, float]] = BoundedDict(10_000)
         #: gfids known to be directories (they live on every subvolume)
         self._dirs: set[bytes] = {ROOT_GFID}
-        self._fds: dict[int, _DhtFd] = {}
-        self._handles = itertools.count(1)
+        self._fds: Handles[_DhtFd] = Handles(name)
         self.commit_hash = 0
 
     def __repr__(self) -> str:
@@ -118,8 +121,8 @@ class Distribute:
         self._layouts[dir_gfid] = ranges
         return ranges
 
-    async def _read_layout(self, dir_gfid: bytes) -> tuple[list[Range | None], list[Any]]:
-        res = await gather([lambda c=c: c.getxattr(dir_gfid, LAYOUT_XATTR) for c in self.children])
+    async def _read_layout(self, dir_gfid: bytes) -> tuple[list[Range | None], list[Result | OSError]]:
+        res = await each(lambda c: c.getxattr(dir_gfid, LAYOUT_XATTR), self.children)
         ranges: list[Range | None] = []
         for r in res:
             v = r.dict.get(LAYOUT_XATTR) if isinstance(r, Result) and r.dict else None
@@ -143,13 +146,13 @@ class Distribute:
         try:
             with trio.fail_after(timeout):
                 while True:
-                    res = await gather([lambda c=c: c.inodelk(dir_gfid, LAYOUT_HEAL_DOMAIN, F.SETLK, lock, cred=cred)
-                                        for c in self.children])
+                    res = await each(lambda c: c.inodelk(dir_gfid, LAYOUT_HEAL_DOMAIN, F.SETLK, lock, cred=cred),
+                                     self.children)
                     locked = [i for i, r in enumerate(res) if isinstance(r, Result)]
                     if len(locked) == len(self.children):
                         break
-                    await gather([lambda i=i: self.children[i].inodelk(dir_gfid, LAYOUT_HEAL_DOMAIN, F.SETLK,
-                                                                        unlock, cred=cred) for i in locked])
+                    await each(lambda i: self.children[i].inodelk(dir_gfid, LAYOUT_HEAL_DOMAIN, F.SETLK, unlock,
+                                                                  cred=cred), locked)
                     locked = []
                     if not all(isinstance(r, Result) or r.errno == errno.EAGAIN for r in res):
                         raise _pick_error(res)
@@ -157,8 +160,7 @@ class Distribute:
             ranges, res = await self._read_layout(dir_gfid)
             if all(x is None for x in ranges):
                 layout = self._layout_for(dir_gfid, "")
-                out = await gather([lambda i=i: self._set_layout(i, dir_gfid, layout[i])
-                                    for i in range(len(self.children))])
+                out = await each(lambda i: self._set_layout(i, dir_gfid, layout[i]), range(len(self.children)))
                 ranges = [layout[i] if isinstance(r, Result) else None for i, r in enumerate(out)]
                 log.info("%s: wrote a layout for directory %s", self.name, gfid_str(dir_gfid))
             return ranges
@@ -166,8 +168,8 @@ class Distribute:
             raise OSError(errno.EIO, f"{self.name}: could not lock {gfid_str(dir_gfid)} to heal its layout") from None
         finally:
             with trio.CancelScope(shield=True):
-                await gather([lambda i=i: self.children[i].inodelk(dir_gfid, LAYOUT_HEAL_DOMAIN, F.SETLK, unlock,
-                                                                    cred=cred) for i in locked])
+                await each(lambda i: self.children[i].inodelk(dir_gfid, LAYOUT_HEAL_DOMAIN, F.SETLK, unlock,
+                                                              cred=cred), locked)
 
     async def hashed(self, pargfid: bytes, name: str) -> int:
         ranges = await self.layout(pargfid)
@@ -225,12 +227,12 @@ class Distribute:
             return None
         if gfid in self._where:
             return self._where[gfid]
-        res = await gather([lambda c=c: c.lookup_gfid(gfid, self._xdata(None)) for c in self.children])
+        res = await each(lambda c: c.lookup_gfid(gfid, self._xdata(None)), self.children)
         found = [(i, r) for i, r in enumerate(res) if isinstance(r, Result) and r.stat is not None
                  and not is_linkto(r.stat, r.xdata)]
         if not found:
             raise _pick_error(res)
-        if found[0][1].stat.is_dir:
+        if attrs(found[0][1]).is_dir:
             self._remember_dir(gfid)
             return None
         self._where[gfid] = found[0][0]
@@ -253,12 +255,13 @@ class Distribute:
             if await self._miss_is_final(pargfid):
                 raise
             return await self._lookup_everywhere(pargfid, name, x, cred)
-        if r.stat.is_dir:
-            self._where.pop(r.stat.gfid, None)
-            self._remember_dir(r.stat.gfid)
+        st_ = attrs(r)
+        if st_.is_dir:
+            self._where.pop(st_.gfid, None)
+            self._remember_dir(st_.gfid)
             others = [i for i in range(len(self.children)) if i != h]
-            res = await gather([lambda i=i: self.children[i].lookup(pargfid, name, x, cred=cred) for i in others])
-            merge_dir_times(r.stat, [x.stat for x in res if isinstance(x, Result) and x.stat is not None])
+            res = await each(lambda i: self.children[i].lookup(pargfid, name, x, cred=cred), others)
+            merge_dir_times(st_, [y.stat for y in res if isinstance(y, Result) and y.stat is not None])
             return r
         if is_linkto(r.stat, r.xdata):
             target = self._linkto_target(r.xdata)
@@ -270,10 +273,10 @@ class Distribute:
                 if e.errno != errno.ENOENT:
                     raise
                 return await self._lookup_everywhere(pargfid, name, x, cred)
-            self._where[t.stat.gfid] = target
+            self._where[attrs(t).gfid] = target
             self._recent[(pargfid, name)] = (target, trio.current_time())
             return t
-        self._where[r.stat.gfid] = h
+        self._where[st_.gfid] = h
         self._recent[(pargfid, name)] = (h, trio.current_time())
         return r
 
@@ -289,7 +292,7 @@ class Distribute:
         return self._names.get(v) if isinstance(v, str) else None
 
     async def _lookup_everywhere(self, pargfid: bytes, name: str, x: Dict, cred: Credential | None) -> Result:
-        res = await gather([lambda c=c: c.lookup(pargfid, name, x, cred=cred) for c in self.children])
+        res = await each(lambda c: c.lookup(pargfid, name, x, cred=cred), self.children)
         for i, r in enumerate(res):
             if isinstance(r, Result) and r.stat is not None and not is_linkto(r.stat, r.xdata):
                 if r.stat.is_dir:
@@ -310,16 +313,16 @@ class Distribute:
 
     # ------------------------------------------------------------ inode ops
 
-    async def _on_inode(self, gfid: bytes, call: Callable[[Any], Awaitable[Result]]) -> Result:
+    async def _on_inode(self, gfid: bytes, call: Callable[[Subvolume], Awaitable[Result]]) -> Result:
         i = await self._where_is(gfid)
         return await call(self.children[0 if i is None else i])
 
-    async def _on_all_dirs(self, gfid: bytes, call: Callable[[Any], Awaitable[Result]]) -> Result:
+    async def _on_all_dirs(self, gfid: bytes, call: Callable[[Subvolume], Awaitable[Result]]) -> Result:
         """Directory metadata changes go to every subvolume (the first answer is returned)."""
         i = await self._where_is(gfid)
         if i is not None:
             return await call(self.children[i])
-        res = await gather([lambda c=c: call(c) for c in self.children])
+        res = await each(call, self.children)
         ok = [r for r in res if isinstance(r, Result)]
         if not ok:
             raise _pick_error(res)
@@ -332,11 +335,11 @@ class Distribute:
         if i is not None:
             return await self.children[i].stat(gfid, xdata, cred=cred)
         # a directory: every subvolume has a copy; its times are the latest of them, as gluster shows
-        res = await gather([lambda c=c: c.stat(gfid, xdata, cred=cred) for c in self.children])
+        res = await each(lambda c: c.stat(gfid, xdata, cred=cred), self.children)
         ok = [r for r in res if isinstance(r, Result) and r.stat is not None]
         if not ok:
             raise _pick_error(res)
-        merge_dir_times(ok[0].stat, [r.stat for r in ok[1:]])
+        merge_dir_times(attrs(ok[0]), [attrs(r) for r in ok[1:]])
         return ok[0]
 
     async def readlink(self, gfid: bytes, size: int = 4096, cred: Credential | None = None) -> Result:
@@ -366,15 +369,17 @@ class Distribute:
         return await self._on_inode(gfid, lambda c: c.truncate(gfid, size, xdata, cred=cred))
 
     async def statfs(self, gfid: bytes = ROOT_GFID, xdata: Dict | None = None) -> Result:
-        res = await gather([lambda c=c: c.statfs(gfid, xdata) for c in self.children])
+        res = await each(lambda c: c.statfs(gfid, xdata), self.children)
         ok = [r for r in res if isinstance(r, Result)]
         if not ok:
             raise _pick_error(res)
         first = ok[0]
-        if len(ok) > 1:
+        if len(ok) > 1 and first.statfs is not None:
             s = first.statfs
             for r in ok[1:]:
                 o = r.statfs
+                if o is None:
+                    continue
                 # sum in units of the first subvolume's fragment size
                 ratio = o.frsize / s.frsize if s.frsize else 1
                 s.blocks += int(o.blocks * ratio)
@@ -388,7 +393,7 @@ class Distribute:
     # ------------------------------------------------------------ entry ops
 
     async def _create_on_hashed(self, pargfid: bytes, name: str,
-                                call: Callable[[Any], Awaitable[Result]]) -> tuple[int, Result]:
+                                call: Callable[[Subvolume], Awaitable[Result]]) -> tuple[int, Result]:
         h = await self.hashed(pargfid, name)
         r = await call(self.children[h])
         if r.stat is not None:
@@ -411,8 +416,7 @@ class Distribute:
             pargfid, name, flags, mode, gfid, umask, xdata, cred=cred))
         handles: list[int | None] = [None] * len(self.children)
         handles[h] = r.fd
-        r.fd = self._new_fd(gfid, False, handles, h)
-        return r
+        return self._fds.adopt(r, _DhtFd(gfid, False, handles, h))
 
     async def mkdir(self, pargfid: bytes, name: str, mode: int, gfid: bytes, umask: int = 0,
                     xdata: Dict | None = None, cred: Credential | None = None) -> Result:
@@ -424,14 +428,14 @@ class Distribute:
         h = await self.hashed(pargfid, name)
         r = await self.children[h].mkdir(pargfid, name, mode, gfid, umask, xdata, cred=cred)
         others = [i for i in range(len(self.children)) if i != h]
-        res = await gather([lambda i=i: self.children[i].mkdir(pargfid, name, mode, gfid, umask, xdata, cred=cred)
-                            for i in others])
+        res = await each(lambda i: self.children[i].mkdir(pargfid, name, mode, gfid, umask, xdata, cred=cred),
+                         others)
         for i, x in zip(others, res):
             if isinstance(x, OSError) and x.errno != errno.EEXIST:
                 log.warning("%s: mkdir %s on %s failed: %s", self.name, name, self.children[i].name, x)
         self._remember_dir(gfid)
         layout = self._layout_for(gfid, name)
-        await gather([lambda i=i: self._set_layout(i, gfid, layout[i]) for i in range(len(self.children))])
+        await each(lambda i: self._set_layout(i, gfid, layout[i]), range(len(self.children)))
         self._layouts[gfid] = list(layout)
         return r
 
@@ -470,7 +474,7 @@ class Distribute:
                     raise  # moved meanwhile: find it again below
         if r is None:
             r0 = await self.lookup(pargfid, name, cred=cred)
-            i = self._where.get(r0.stat.gfid, 0)
+            i = self._where.get(attrs(r0).gfid, 0)
             self._recent.pop((pargfid, name), None)
             r = await self.children[i].unlink(pargfid, name, xdata, cred=cred)
         await self._unlink_linkto(pargfid, name, i, cred)
@@ -481,35 +485,36 @@ class Distribute:
         if len(self.children) == 1:
             return await self.children[0].rmdir(pargfid, name, flags, xdata, cred=cred)
         d = await self.lookup(pargfid, name, cred=cred)
-        if not d.stat.is_dir:
+        if not attrs(d).is_dir:
             raise OSError(errno.ENOTDIR, name)
         # refuse before removing anything if any copy holds real entries
-        for i, c in enumerate(self.children):
-            if await self._has_entries(c, d.stat.gfid):
+        for c in self.children:
+            if await self._has_entries(c, attrs(d).gfid):
                 raise OSError(errno.ENOTEMPTY, f"{name}: directory not empty")
         h = await self.hashed(pargfid, name)
         others = [i for i in range(len(self.children)) if i != h]
-        res = await gather([lambda i=i: self.children[i].rmdir(pargfid, name, flags, xdata, cred=cred)
-                            for i in others])
+        res = await each(lambda i: self.children[i].rmdir(pargfid, name, flags, xdata, cred=cred), others)
         bad = [r for r in res if isinstance(r, OSError) and r.errno != errno.ENOENT]
         if bad:
             raise bad[0]
         r = await self.children[h].rmdir(pargfid, name, flags, xdata, cred=cred)
-        self._layouts.pop(d.stat.gfid, None)
+        self._layouts.pop(attrs(d).gfid, None)
         return r
 
-    async def _has_entries(self, child: Any, gfid: bytes) -> bool:
+    async def _has_entries(self, child: Subvolume, gfid: bytes) -> bool:
         try:
             o = await child.opendir(gfid)
         except OSError as e:
             if e.errno == errno.ENOENT:
                 return False
             raise
+        fd = o.fd
+        assert fd is not None
         try:
-            r = await child.readdirp(o.fd, 0, 4096, self._xdata(None))
+            r = await child.readdirp(fd, 0, 4096, self._xdata(None))
             return any(e.name not in (".", "..") and not is_linkto(e.stat, e.xdata) for e in r.entries)
         finally:
-            await child.release(o.fd)
+            await child.release(fd)
 
     async def link(self, gfid: bytes, newpar: bytes, newname: str, xdata: Dict | None = None,
                    cred: Credential | None = None) -> Result:
@@ -529,7 +534,7 @@ class Distribute:
         r = await self.children[data_sub].lookup(pargfid, name, cred=cred)
         target = self.children[data_sub].name
         try:
-            await self.children[h].mknod(pargfid, name, LINKTO_MODE, 0, r.stat.gfid, 0,
+            await self.children[h].mknod(pargfid, name, LINKTO_MODE, 0, attrs(r).gfid, 0,
                                          {LINKTO_XATTR: target.encode() + b"\0"},
                                          cred=None)
         except OSError as e:
@@ -542,28 +547,28 @@ class Distribute:
         self._recent.pop((oldpar, oldname), None)
         self._recent.pop((newpar, newname), None)
         src = await self.lookup(oldpar, oldname, cred=cred)
-        if src.stat.is_dir or len(self.children) == 1:
+        if attrs(src).is_dir or len(self.children) == 1:
             if len(self.children) == 1:
                 return await self.children[0].rename(oldpar, oldname, newpar, newname, xdata, cred=cred)
             h = await self.hashed(newpar, newname)
             r = await self.children[h].rename(oldpar, oldname, newpar, newname, xdata, cred=cred)
             others = [i for i in range(len(self.children)) if i != h]
-            await gather([lambda i=i: self.children[i].rename(oldpar, oldname, newpar, newname, xdata, cred=cred)
-                          for i in others])
+            await each(lambda i: self.children[i].rename(oldpar, oldname, newpar, newname, xdata, cred=cred),
+                       others)
             return r
-        data = self._where.get(src.stat.gfid, 0)
+        data = self._where.get(attrs(src).gfid, 0)
         # an existing destination stored on another subvolume would survive a rename on ours: remove it
         try:
             dst = await self.lookup(newpar, newname, cred=cred)
-            if dst.stat.is_dir:
+            if attrs(dst).is_dir:
                 raise OSError(errno.EISDIR, newname)
-            dsub = self._where.get(dst.stat.gfid, data)
+            dsub = self._where.get(attrs(dst).gfid, data)
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise
             dst, dsub = None, data
         r = await self.children[data].rename(oldpar, oldname, newpar, newname, xdata, cred=cred)
-        if dst is not None and dsub != data and dst.stat.gfid != src.stat.gfid:
+        if dst is not None and dsub != data and attrs(dst).gfid != attrs(src).gfid:
             try:
                 await self.children[dsub].unlink(newpar, newname, cred=cred)
             except OSError as e:
@@ -586,16 +591,8 @@ class Distribute:
 
     # ------------------------------------------------------------ fds
 
-    def _new_fd(self, gfid: bytes, is_dir: bool, handles: list[int | None], sub: int = 0) -> int:
-        h = next(self._handles)
-        self._fds[h] = _DhtFd(gfid, is_dir, handles, sub)
-        return h
-
     def _fd(self, handle: int) -> _DhtFd:
-        fd = self._fds.get(handle)
-        if fd is None:
-            raise OSError(errno.EBADF, f"{self.name}: unknown fd {handle}")
-        return fd
+        return self._fds.get(handle)
 
     async def open(self, gfid: bytes, flags: int, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
         i = await self._where_is(gfid)
@@ -603,29 +600,24 @@ class Distribute:
         r = await self.children[sub].open(gfid, flags, xdata, cred=cred)
         handles: list[int | None] = [None] * len(self.children)
         handles[sub] = r.fd
-        r.fd = self._new_fd(gfid, False, handles, sub)
-        return r
+        return self._fds.adopt(r, _DhtFd(gfid, False, handles, sub))
 
     async def opendir(self, gfid: bytes, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
-        res = await gather([lambda c=c: c.opendir(gfid, xdata, cred=cred) for c in self.children])
+        res = await each(lambda c: c.opendir(gfid, xdata, cred=cred), self.children)
         handles = [r.fd if isinstance(r, Result) else None for r in res]
-        ok = [r for r in res if isinstance(r, Result)]
-        if not ok:
-            raise _pick_error(res)
-        first = ok[0]
-        first.fd = self._new_fd(gfid, True, handles)
-        return first
+        return self._fds.adopt(_first_ok(res), _DhtFd(gfid, True, handles))
 
-    async def release(self, handle: int) -> None:
-        fd = self._fds.pop(handle, None)
-        if fd is None:
-            raise OSError(errno.EBADF, f"{self.name}: unknown fd {handle}")
-        await gather([lambda i=i, h=h: self.children[i].release(h) for i, h in enumerate(fd.handles)
-                      if h is not None])
+    async def release(self, fd: int) -> None:
+        dfd = self._fds.get(fd)
+        self._fds.pop(fd)
+
+        async def one(ih: tuple[int, int]) -> None:
+            await self.children[ih[0]].release(ih[1])
+        await each(one, [(i, h) for i, h in enumerate(dfd.handles) if h is not None])
 
     releasedir = release
 
-    def _file(self, handle: int) -> tuple[Any, int]:
+    def _file(self, handle: int) -> tuple[Subvolume, int]:
         fd = self._fd(handle)
         h = fd.handles[fd.sub]
         if h is None:
@@ -685,12 +677,65 @@ class Distribute:
                        cred: Credential | None = None) -> Result:
         return await self.setattr(self._fd(handle).gfid, stbuf, valid, xdata, cred)
 
+    async def fgetxattr(self, handle: int, name: str = "", xdata: Dict | None = None,
+                        cred: Credential | None = None) -> Result:
+        return await self.getxattr(self._fd(handle).gfid, name, xdata, cred)
+
+    async def fsetxattr(self, handle: int, d: Dict, flags: int = 0, xdata: Dict | None = None,
+                        cred: Credential | None = None) -> Result:
+        return await self.setxattr(self._fd(handle).gfid, d, flags, xdata, cred)
+
+    async def fremovexattr(self, handle: int, name: str, xdata: Dict | None = None,
+                           cred: Credential | None = None) -> Result:
+        return await self.removexattr(self._fd(handle).gfid, name, xdata, cred)
+
+    # internal locks and xattrops of upper layers: on the subvolume of the inode (a directory's first),
+    # an entry lock on the subvolume its name hashes to, as gluster's DHT does
+
+    async def inodelk(self, gfid: bytes, domain: str, cmd: int, flock: Flock, xdata: Dict | None = None,
+                      cred: Credential | None = None) -> Result:
+        return await self._on_inode(gfid, lambda c: c.inodelk(gfid, domain, cmd, flock, xdata, cred=cred))
+
+    async def entrylk(self, gfid: bytes, domain: str, name: str | None, cmd: int, type_: int = F.ENTRYLK_WRLCK,
+                      xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        if name and len(self.children) > 1:
+            c = self.children[await self.hashed(gfid, name)]
+            return await c.entrylk(gfid, domain, name, cmd, type_, xdata, cred=cred)
+        return await self._on_inode(gfid, lambda c: c.entrylk(gfid, domain, name, cmd, type_, xdata, cred=cred))
+
+    async def xattrop(self, gfid: bytes, op: int, d: Dict, xdata: Dict | None = None,
+                      cred: Credential | None = None) -> Result:
+        return await self._on_inode(gfid, lambda c: c.xattrop(gfid, op, d, xdata, cred=cred))
+
+    async def finodelk(self, handle: int, domain: str, cmd: int, flock: Flock, xdata: Dict | None = None,
+                       cred: Credential | None = None) -> Result:
+        c, h = self._file(handle)
+        return await c.finodelk(h, domain, cmd, flock, xdata, cred=cred)
+
+    async def fentrylk(self, handle: int, domain: str, name: str | None, cmd: int, type_: int = F.ENTRYLK_WRLCK,
+                       xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        fd = self._fd(handle)
+        if name and fd.is_dir and len(self.children) > 1:
+            return await self.entrylk(fd.gfid, domain, name, cmd, type_, xdata, cred)
+        c, h = self._file(handle)
+        return await c.fentrylk(h, domain, name, cmd, type_, xdata, cred=cred)
+
+    async def fxattrop(self, handle: int, op: int, d: Dict, xdata: Dict | None = None,
+                       cred: Credential | None = None) -> Result:
+        c, h = self._file(handle)
+        return await c.fxattrop(h, op, d, xdata, cred=cred)
+
     async def lk(self, handle: int, cmd: int, flock: Flock, xdata: Dict | None = None,
                  cred: Credential | None = None) -> Result:
         c, h = self._file(handle)
         return await c.lk(h, cmd, flock, xdata, cred=cred)
 
-    async def readdirp(self, handle: int, offset: int = 0, size: int = 128 * 1024, xdata: Dict | None = None,
+    async def readdir(self, handle: int, offset: int = 0, size: int = READDIR_SIZE, xdata: Dict | None = None,
+                      cred: Credential | None = None) -> Result:
+        """As readdirp (linkto files are told apart by their attributes, so gluster's DHT lists with them too)."""
+        return await self.readdirp(handle, offset, size, xdata, cred)
+
+    async def readdirp(self, handle: int, offset: int = 0, size: int = READDIR_SIZE, xdata: Dict | None = None,
                        cred: Credential | None = None) -> Result:
         """Subvolume after subvolume; directories only from the first, linkto files hidden.
 

@@ -10,22 +10,25 @@ missed it, unlock. Reads go to one replica that no other replica blames.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
 import struct
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 
 import trio
 
 from .. import fops as F
 from ..bounded import BoundedDict
-from ..heldlocks import HeldLocks
+from ..cred import now_cred
 from ..dicts import Dict, UInt
 from ..fops import Flock, Proc, Result
-from ..iatt import NULL_GFID, Iatt
+from ..heldlocks import HeldLocks
+from ..iatt import NULL_GFID, ROOT_GFID, Iatt
 from ..rpc import Credential
-from ..cred import now_cred
+from .api import READDIR_SIZE, Brick, BrickEvent, Fops, attrs
+from .handles import Handles
 
 log = logging.getLogger(__name__)
 
@@ -43,27 +46,38 @@ def changelog(slot: int, delta: int = 1) -> bytes:
 
 def parse_changelog(value: Any) -> tuple[int, int, int]:
     if isinstance(value, (bytes, bytearray)) and len(value) >= 12:
-        return struct.unpack(">iii", bytes(value[:12]))
+        d, m, e = struct.unpack(">iii", bytes(value[:12]))
+        return d, m, e
     return (0, 0, 0)
 
 
-async def gather(fns: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
-    """Run the calls concurrently; each slot holds the result or the OSError it raised."""
-    out: list[Any] = [None] * len(fns)
+T = TypeVar("T")
+X = TypeVar("X")
 
-    async def one(i: int) -> None:
+
+async def each(fn: Callable[[X], Awaitable[T]], items: Iterable[X]) -> list[T | OSError]:
+    """``fn(item)`` for every item, concurrently; each slot holds the result or the OSError it raised."""
+    args = list(items)
+    out: list[T | OSError] = [OSError(errno.EIO, "not run")] * len(args)
+
+    async def one(k: int) -> None:
         try:
-            out[i] = await fns[i]()
+            out[k] = await fn(args[k])
         except OSError as e:
-            out[i] = e
+            out[k] = e
 
     async with trio.open_nursery() as nursery:
-        for i in range(len(fns)):
-            nursery.start_soon(one, i)
+        for k in range(len(args)):
+            nursery.start_soon(one, k)
     return out
 
 
-def _pick_error(results: Sequence[Any]) -> OSError:
+def _errno(r: object) -> int | None:
+    """The errno of a failed slot of :func:`each` (None for a success)."""
+    return r.errno if isinstance(r, OSError) else None
+
+
+def _pick_error(results: Sequence[object]) -> OSError:
     """The most telling error among replica failures (a real errno beats ENOTCONN)."""
     errs = [r for r in results if isinstance(r, OSError)]
     for e in errs:
@@ -72,7 +86,15 @@ def _pick_error(results: Sequence[Any]) -> OSError:
     return errs[0] if errs else OSError(errno.EIO, "no replica answered")
 
 
-def _quorum_error(name: str, what: str, done: int, quorum: int, results: Sequence[Any]) -> OSError:
+def _first_ok(results: Sequence[Result | OSError]) -> Result:
+    """The first replica's answer among those that succeeded (the most telling error if none did)."""
+    for r in results:
+        if isinstance(r, Result):
+            return r
+    raise _pick_error(results)
+
+
+def _quorum_error(name: str, what: str, done: int, quorum: int, results: Sequence[object]) -> OSError:
     """Too few replicas took the change: the bricks' own reason (EDQUOT, ENOSPC, …) when they gave one."""
     err = _pick_error(results)
     if err.errno not in (errno.ENOTCONN, errno.EBADFD):
@@ -81,6 +103,8 @@ def _quorum_error(name: str, what: str, done: int, quorum: int, results: Sequenc
 
 
 class _AfrFd:
+    """An open file or directory: one handle per replica (None where it could not be opened)."""
+
     __slots__ = ("gfid", "flags", "is_dir", "handles", "read_child", "locks")
 
     def __init__(self, gfid: bytes, flags: int, is_dir: bool, handles: list[int | None]) -> None:
@@ -91,6 +115,14 @@ class _AfrFd:
         self.read_child: int | None = None
         #: POSIX locks granted through this fd, to grant again on a replica that restarted
         self.locks: HeldLocks | None = None
+
+
+def _h(fd: _AfrFd, i: int) -> int:
+    """``fd``'s handle on replica ``i`` (callers choose replicas where it is open)."""
+    h = fd.handles[i]
+    if h is None:
+        raise OSError(errno.EBADFD, f"fd not open on child {i}")
+    return h
 
 
 class _EagerLock:
@@ -116,22 +148,28 @@ class _EagerLock:
         self.error: BaseException | None = None
         self.closing = False
         self.drained = trio.Event()
-        self.unlock: Callable[[int], Awaitable[Any]] | None = None
+        self.unlock: UnlockFn | None = None
         #: each locked brick's connection generation: a brick that reconnected has dropped our lock
         self.generations: dict[int, int] = {}
 
 
 EAGER_DELAY = 1.0
+#: a lock call of a transaction on replica ``i`` with ``cmd`` (SETLK/SETLKW, ENTRYLK_LOCK_NB/ENTRYLK_LOCK)
+LockFn = Callable[[int, int], Awaitable[Result]]
+#: its unlock on replica ``i`` (never raises: a failed unlock is logged)
+UnlockFn = Callable[[int], Awaitable[object]]
+#: (lock, unlock, non-blocking cmd, blocking cmd)
+Locks = list[tuple[LockFn, UnlockFn, int, int]]
 #: xdata of an entry changelog: the brick's index xlator records this name for granular entry heal
 #: (for every entry fop — "-delete" would mean "forget the name", not "this was a delete")
 ENTRY_INDEX_KEY = "glusterfs.xattrop-entry-create"
 ANON_INODE_PREFIX = ".glusterfs-anonymous-inode-"
 
 
-class Replicate:
+class Replicate(Fops):
     """The fop interface over N replicas (children implement the same interface)."""
 
-    def __init__(self, name: str, children: Sequence[Any], pending: Sequence[str] | None = None,
+    def __init__(self, name: str, children: Sequence[Brick], pending: Sequence[str] | None = None,
                  quorum: str | int = "auto") -> None:
         self.name = name
         self.children = list(children)
@@ -147,21 +185,17 @@ class Replicate:
             self.quorum, self._first_breaks_tie = 1, False
         else:
             self.quorum, self._first_breaks_tie = int(quorum), False
-        self._fds: dict[int, _AfrFd] = {}
-        self._handles = itertools.count(1)
+        self._fds: Handles[_AfrFd] = Handles(name)
         self._rr = itertools.count()
         #: gfid → replicas that may be read (not blamed by another replica)
         self._readable: BoundedDict[bytes, list[int]] = BoundedDict()
         self._eager: dict[bytes, _EagerLock] = {}
         self._eager_kick = trio.Event()
-        self.eager_locking = True
         #: background tasks (unlocks after the caller got its answer), owned by :meth:`run`
         self._bg: trio.Nursery | None = None
         for i, c in enumerate(self.children):
-            if hasattr(c, "subscribe_callbacks"):
-                c.subscribe_callbacks(self._on_callback)
-            if hasattr(c, "subscribe"):
-                c.subscribe(lambda ev, i=i: self._child_event(i, ev))
+            c.subscribe_callbacks(self._on_callback)
+            c.subscribe(functools.partial(self._child_event, i))
 
     def __repr__(self) -> str:
         return f"<Replicate {self.name} {len(self.children)} children>"
@@ -187,13 +221,13 @@ class Replicate:
         good = [i for i in self._readable.get(gfid, up) if i in up]
         return good
 
-    def _learn(self, gfid: bytes, results: Sequence[Any]) -> None:
+    def _learn(self, gfid: bytes, results: Sequence[Result | OSError | None]) -> None:
         """Who may be read, from the changelogs the replicas returned on lookup."""
-        ok = [i for i, r in enumerate(results) if isinstance(r, Result) and r.stat is not None]
+        ok = {i: r for i, r in enumerate(results) if isinstance(r, Result) and r.stat is not None}
         blamed: set[int] = set()
-        for i in ok:
-            x = results[i].xdata or {}
-            is_dir = results[i].stat.is_dir  # a directory's "data" is its entries, as in AFR
+        for i, r in ok.items():
+            x = r.xdata or {}
+            is_dir = attrs(r).is_dir  # a directory's "data" is its entries, as in AFR
             for j, key in enumerate(self.pending_keys):
                 if j != i:
                     d, m, e = parse_changelog(x.get(key))
@@ -242,28 +276,31 @@ class Replicate:
         if not up:
             raise OSError(errno.ENOTCONN, f"{self.name}: no replica is up")
         x = self._lookup_xdata(xdata)
-        res = await gather([lambda i=i: self.children[i].lookup(pargfid, name, x, gfid=gfid, cred=cred) for i in up])
-        results: list[Any] = [None] * len(self.children)
+        res = await each(lambda i: self.children[i].lookup(pargfid, name, x, gfid=gfid, cred=cred), up)
+        results: list[Result | OSError | None] = [None] * len(self.children)
         for i, r in zip(up, res):
             results[i] = r
         ok = [r for r in results if isinstance(r, Result)]
         if not ok:
             raise _pick_error(res)
-        absent = [i for i in up if isinstance(results[i], OSError) and results[i].errno == errno.ENOENT]
+        absent = [i for i in up if _errno(results[i]) == errno.ENOENT]
         if absent and name and pargfid != NULL_GFID:
             ok = await self._trusted_entry(pargfid, name, results, absent) or ok
-        gfids = {r.stat.gfid for r in ok}
+        gfids = {attrs(r).gfid for r in ok}
         if len(gfids) > 1:
             log.error("%s: gfid mismatch for %s/%s across replicas", self.name, pargfid.hex(), name)
             raise OSError(errno.EIO, f"{self.name}: gfid split-brain on {name!r}")
-        g = ok[0].stat.gfid
+        g = attrs(ok[0]).gfid
         self._learn(g, results)
         good = self._readable.get(g) or [i for i, r in enumerate(results) if isinstance(r, Result)]
-        if not self._readable.get(g) and len(ok) > 1 and not ok[0].stat.is_dir:
+        if not self._readable.get(g) and len(ok) > 1 and not attrs(ok[0]).is_dir:
             log.warning("%s: %s is in split-brain", self.name, name or g.hex())
-        return results[good[0]]
+        found = results[good[0]]
+        assert isinstance(found, Result)
+        return found
 
-    async def _trusted_entry(self, pargfid: bytes, name: str, results: list[Any], absent: list[int]) -> list[Result]:
+    async def _trusted_entry(self, pargfid: bytes, name: str, results: list[Result | OSError | None],
+                             absent: list[int]) -> list[Result]:
         """Replicas disagree whether ``name`` exists: believe those the parent's entry changelog does not
         blame (an entry operation that missed a replica leaves it blamed until healed), as AFR does."""
         try:
@@ -271,7 +308,7 @@ class Replicate:
         except OSError:
             return []
         trusted = self._readable.get(pargfid) or []
-        hits = [results[i] for i in trusted if isinstance(results[i], Result)]
+        hits = [r for r in (results[i] for i in trusted) if isinstance(r, Result)]
         if not hits and any(i in absent for i in trusted):
             raise OSError(errno.ENOENT, f"{self.name}: {name!r}: gone on the replicas not blamed for the directory")
         return hits
@@ -293,27 +330,26 @@ class Replicate:
         return await self._read_one(gfid, lambda i: self.children[i].getxattr(gfid, name, xdata, cred=cred),
                                     "getxattr")
 
-    async def statfs(self, gfid: bytes, xdata: Dict | None = None) -> Result:
+    async def statfs(self, gfid: bytes = ROOT_GFID, xdata: Dict | None = None) -> Result:
         up = self.up()
-        res = await gather([lambda i=i: self.children[i].statfs(gfid, xdata) for i in up])
-        ok = [r for r in res if isinstance(r, Result)]
+        res = await each(lambda i: self.children[i].statfs(gfid, xdata), up)
+        ok = [r for r in res if isinstance(r, Result) and r.statfs is not None]
         if not ok:
             raise _pick_error(res)
-        return min(ok, key=lambda r: r.statfs.bavail * r.statfs.frsize)
+        return min(ok, key=lambda r: r.statfs.bavail * r.statfs.frsize if r.statfs else 0)
 
     # ------------------------------------------------------------ locks
 
-    async def _lock(self, idx: list[int], lock: Callable[[int, int], Awaitable[Any]],
-                    unlock: Callable[[int], Awaitable[Any]], nb: int, blocking: int) -> list[int]:
+    async def _lock(self, idx: list[int], lock: LockFn, unlock: UnlockFn, nb: int, blocking: int) -> list[int]:
         """Non-blocking on all; on contention unlock and take them one by one, blocking, in order."""
-        res = await gather([lambda i=i: lock(i, nb) for i in idx])
+        res = await each(lambda i: lock(i, nb), idx)
         got = [i for i, r in zip(idx, res) if isinstance(r, Result)]
         if not got and res:
             err = _pick_error(res)
             if err.errno not in (errno.ENOTCONN, errno.EAGAIN):
                 raise err  # e.g. ENOENT/ESTALE for an inode gone everywhere: not a quorum problem
-        if any(isinstance(r, OSError) and r.errno == errno.EAGAIN for r in res):
-            await gather([lambda i=i: unlock(i) for i in got])
+        if any(_errno(r) == errno.EAGAIN for r in res):
+            await each(unlock, got)
             got = []
             for i in idx:
                 try:
@@ -321,11 +357,12 @@ class Replicate:
                     got.append(i)
                 except OSError as e:
                     if e.errno not in (errno.ENOTCONN, errno.EBADFD):
-                        await gather([lambda j=j: unlock(j) for j in got])
+                        await each(unlock, got)
                         raise
         return got
 
-    def _inodelk_fns(self, gfid: bytes, fd: _AfrFd | None, start: int, length: int, owner: bytes):
+    def _inodelk_fns(self, gfid: bytes, fd: _AfrFd | None, start: int, length: int,
+                     owner: bytes) -> tuple[LockFn, UnlockFn]:
         """Lock/unlock calls of one transaction; the brick matches them by the (non-null) lock owner."""
         dom = self.name
         cred = now_cred(lk_owner=owner)
@@ -335,51 +372,55 @@ class Replicate:
 
         async def lock(i: int, cmd: int) -> Result:
             c = self.children[i]
-            if fd is not None and fd.handles[i] is not None:
-                return await c.finodelk(fd.handles[i], dom, cmd, fl(F.WRLCK), cred=cred)
+            h = fd.handles[i] if fd is not None else None
+            if h is not None:
+                return await c.finodelk(h, dom, cmd, fl(F.WRLCK), cred=cred)
             return await c.inodelk(gfid, dom, cmd, fl(F.WRLCK), cred=cred)
 
-        async def unlock(i: int) -> Any:
+        async def unlock(i: int) -> Result | None:
             c = self.children[i]
+            h = fd.handles[i] if fd is not None else None
             try:
-                if fd is not None and fd.handles[i] is not None:
-                    return await c.finodelk(fd.handles[i], dom, F.SETLK, fl(F.UNLCK), cred=cred)
+                if h is not None:
+                    return await c.finodelk(h, dom, F.SETLK, fl(F.UNLCK), cred=cred)
                 return await c.inodelk(gfid, dom, F.SETLK, fl(F.UNLCK), cred=cred)
             except OSError as e:
                 log.debug("%s: unlock on child %d failed: %s", self.name, i, e)
+                return None
 
         return lock, unlock
 
-    def _entrylk_fns(self, pargfid: bytes, name: str, owner: bytes):
+    def _entrylk_fns(self, pargfid: bytes, name: str, owner: bytes) -> tuple[LockFn, UnlockFn]:
         dom = self.name
         cred = now_cred(lk_owner=owner)
 
         async def lock(i: int, cmd: int) -> Result:
             return await self.children[i].entrylk(pargfid, dom, name, cmd, F.ENTRYLK_WRLCK, cred=cred)
 
-        async def unlock(i: int) -> Any:
+        async def unlock(i: int) -> Result | None:
             try:
                 return await self.children[i].entrylk(pargfid, dom, name, F.ENTRYLK_UNLOCK, F.ENTRYLK_WRLCK,
                                                       cred=cred)
             except OSError as e:
                 log.debug("%s: entry unlock on child %d failed: %s", self.name, i, e)
+                return None
 
         return lock, unlock
 
     # ------------------------------------------------------------ transactions
 
     async def _changelog(self, idx: Sequence[int], gfid: bytes, fd: _AfrFd | None, d: Dict,
-                         xdata: Dict | None = None) -> list[Any]:
+                         xdata: Dict | None = None) -> list[Result | OSError]:
         async def one(i: int) -> Result:
             c = self.children[i]
-            if fd is not None and fd.handles[i] is not None:
-                return await c.fxattrop(fd.handles[i], F.XATTROP_ADD_ARRAY, d, xdata)
+            h = fd.handles[i] if fd is not None else None
+            if h is not None:
+                return await c.fxattrop(h, F.XATTROP_ADD_ARRAY, d, xdata)
             return await c.xattrop(gfid, F.XATTROP_ADD_ARRAY, d, xdata)
 
-        return await gather([lambda i=i: one(i) for i in idx])
+        return await each(one, idx)
 
-    async def _transaction(self, what: str, slot: int, gfid: bytes, fd: _AfrFd | None,
-                           locks: list[tuple[Callable, Callable, int, int]],
+    async def _transaction(self, what: str, slot: int, gfid: bytes, fd: _AfrFd | None, locks: Locks,
                            op: Callable[[int], Awaitable[Result]], *, always_changelog: bool = True,
                            preop_xdata: Dict | None = None,
                            targets: list[tuple[bytes, Dict | None]] | None = None) -> Result:
@@ -394,9 +435,9 @@ class Replicate:
         if fd is not None:
             up = [i for i in up if fd.handles[i] is not None]
         self._check_quorum(up, what)
-        locked_sets: list[tuple[Callable, list[int]]] = []
+        locked_sets: list[tuple[UnlockFn, list[int]]] = []
 
-        async def log_all(idx: Sequence[int], d: Dict, with_xdata: bool) -> list[Any]:
+        async def log_all(idx: Sequence[int], d: Dict, with_xdata: bool) -> list[Result | OSError]:
             """Changelog on every target; a replica counts as done only if all its targets took it."""
             per = [await self._changelog(idx, g, fd if g == gfid else None, d, x if with_xdata else None)
                    for g, x in tgts]
@@ -418,7 +459,7 @@ class Replicate:
                 if not idx and res and _pick_error(res).errno != errno.ENOTCONN:
                     raise _pick_error(res)  # e.g. the inode is gone everywhere: say so, not "quorum"
                 self._check_quorum(idx, what)
-            res = await gather([lambda i=i: op(i) for i in idx])
+            res = await each(op, idx)
             done = [i for i, r in zip(idx, res) if isinstance(r, Result)]
             if not done:
                 # failed everywhere alike (EEXIST, EACCES, …): consistent, nobody to blame
@@ -438,11 +479,11 @@ class Replicate:
                         self._readable[g] = [i for i in self._readable.get(g, done) if i in done] or done
             if len(done) < self.quorum:
                 raise _quorum_error(self.name, what, len(done), self.quorum, res)
-            return res[idx.index(done[0])]
+            return _first_ok(res)
         finally:
             await self._unlock_later(locked_sets)
 
-    async def _unlock_later(self, locked_sets: list[tuple[Callable, list[int]]]) -> None:
+    async def _unlock_later(self, locked_sets: list[tuple[UnlockFn, list[int]]]) -> None:
         """Unlock without making the caller wait a round trip (as AFR unwinds before unlocking).
 
         A later transaction on the same entry that meets our lock still waits for it: it
@@ -451,7 +492,7 @@ class Replicate:
         async def unlock_all() -> None:
             for unlock, got in reversed(locked_sets):
                 with trio.CancelScope(shield=True):
-                    await gather([lambda i=i, u=unlock: u(i) for i in got])
+                    await each(unlock, got)
 
         if not any(got for _, got in locked_sets):
             return
@@ -460,16 +501,16 @@ class Replicate:
         else:
             await unlock_all()
 
-    def _data_locks(self, gfid: bytes, fd: _AfrFd | None) -> list:
+    def _data_locks(self, gfid: bytes, fd: _AfrFd | None) -> Locks:
         lock, unlock = self._inodelk_fns(gfid, fd, 0, 0, os.urandom(8))
         return [(lock, unlock, F.SETLK, F.SETLKW)]
 
-    def _meta_locks(self, gfid: bytes) -> list:
+    def _meta_locks(self, gfid: bytes) -> Locks:
         lock, unlock = self._inodelk_fns(gfid, None, LLONG_MAX - 1, 0, os.urandom(8))
         return [(lock, unlock, F.SETLK, F.SETLKW)]
 
-    def _entry_locks(self, *entries: tuple[bytes, str]) -> list:
-        out = []
+    def _entry_locks(self, *entries: tuple[bytes, str]) -> Locks:
+        out: Locks = []
         owner = os.urandom(8)
         for pargfid, name in sorted(set(entries)):
             lock, unlock = self._entrylk_fns(pargfid, name, owner)
@@ -477,7 +518,7 @@ class Replicate:
         return out
 
     async def _entry_op(self, what: str, pargfid: bytes, name: str, op: Callable[[int], Awaitable[Result]],
-                        extra_locks: list | None = None) -> Result:
+                        extra_locks: Locks | None = None) -> Result:
         locks = self._entry_locks((pargfid, name)) + (extra_locks or [])
         return await self._transaction(what, ENTRY, pargfid, None, locks, op, always_changelog=False,
                                        preop_xdata={ENTRY_INDEX_KEY: name})
@@ -547,7 +588,7 @@ class Replicate:
         except BaseException:
             await self._release_handles(handles)
             raise
-        r.fd = self._new_fd(gfid, flags, False, handles)
+        self._fds.adopt(r, _AfrFd(gfid, flags, False, handles))
         self._readable[gfid] = [i for i, h in enumerate(handles) if h is not None]
         return r
 
@@ -584,8 +625,8 @@ class Replicate:
 
     # ------------------------------------------------------------ eager locking
 
-    def _on_callback(self, proc: int, msg: Any) -> None:
-        if proc == F.Cbk.INODELK_CONTENTION and getattr(msg, "domain", None) == self.name:
+    def _on_callback(self, proc: int, msg: object) -> None:
+        if proc == F.Cbk.INODELK_CONTENTION and isinstance(msg, F.InodelkContention) and msg.domain == self.name:
             el = self._eager.get(msg.gfid)
             if el is not None:
                 log.debug("%s: another client waits for %s: releasing our eager lock", self.name, msg.gfid.hex())
@@ -613,7 +654,7 @@ class Replicate:
                 for gfid in list(self._eager):
                     await self._release_eager(gfid)
 
-    def _child_event(self, i: int, ev: Any) -> None:
+    def _child_event(self, i: int, ev: BrickEvent) -> None:
         if ev.up and self._bg is not None and any(fd.locks for fd in self._fds.values()):
             self._bg.start_soon(self._heal_locks, i)
 
@@ -622,7 +663,7 @@ class Replicate:
         done = failed = 0
         for fd in list(self._fds.values()):
             h = fd.handles[i] if fd.locks else None
-            if h is None:
+            if h is None or fd.locks is None:
                 continue
             for owner, seg in fd.locks.items():
                 try:
@@ -665,7 +706,7 @@ class Replicate:
                 log.warning("%s: writes to %s missed replica(s) %s; marked for self-heal", self.name,
                             gfid.hex(), [self.children[j].name for j in range(len(self.children)) if j not in done])
             await self._changelog(done, gfid, el.fd, post)
-            await gather([lambda i=i: el.unlock(i) for i in el.locked])
+            await each(el.unlock, el.locked)
 
     async def _eager_write(self, fd: "_AfrFd", op: Callable[[int], Awaitable[Result]]) -> Result:
         gfid = fd.gfid
@@ -683,7 +724,7 @@ class Replicate:
                 got = await self._lock(up, lock, unlock, F.SETLK, F.SETLKW)
                 el.unlock = unlock
                 el.locked = got
-                el.generations = {i: getattr(self.children[i], "generation", 0) for i in got}
+                el.generations = {i: self.children[i].generation for i in got}
                 self._check_quorum(got, "write")
                 res = await self._changelog(got, gfid, fd, {DIRTY: changelog(DATA, 1)})
                 el.failed |= {i for i, r in zip(got, res) if not isinstance(r, Result)}
@@ -694,7 +735,7 @@ class Replicate:
                 el.ready.set()
                 if el.unlock is not None:
                     with trio.CancelScope(shield=True):
-                        await gather([lambda i=i: el.unlock(i) for i in el.locked])
+                        await each(el.unlock, el.locked)
                 raise
             el.ready.set()
         else:
@@ -706,12 +747,12 @@ class Replicate:
         try:
             for i in el.locked:
                 c = self.children[i]
-                if i not in el.failed and (not c.is_up or getattr(c, "generation", 0) != el.generations.get(i, 0)):
+                if i not in el.failed and (not c.is_up or c.generation != el.generations.get(i, 0)):
                     el.failed.add(i)  # down now, or back without our lock: it must not get this write
             idx = [i for i in el.locked if i not in el.failed and fd.handles[i] is not None]
             # quorum is judged before anything is written, as AFR does: a refused write reaches no brick
             self._check_quorum(idx, "write")
-            res = await gather([lambda i=i: op(i) for i in idx])
+            res = await each(op, idx)
             done = [i for i, r in zip(idx, res) if isinstance(r, Result)]
             lost = [i for i in idx if i not in done]
             if lost:
@@ -721,7 +762,7 @@ class Replicate:
                 raise _pick_error(res)
             if len(done) < self.quorum:
                 raise _quorum_error(self.name, "write", len(done), self.quorum, res)
-            return res[idx.index(done[0])]
+            return _first_ok(res)
         finally:
             el.inflight -= 1
             el.last_use = trio.current_time()
@@ -732,26 +773,20 @@ class Replicate:
 
     # ------------------------------------------------------------ fds
 
-    def _new_fd(self, gfid: bytes, flags: int, is_dir: bool, handles: list[int | None]) -> int:
-        h = next(self._handles)
-        self._fds[h] = _AfrFd(gfid, flags, is_dir, handles)
-        return h
-
     def _fd(self, handle: int) -> _AfrFd:
-        fd = self._fds.get(handle)
-        if fd is None:
-            raise OSError(errno.EBADF, f"{self.name}: unknown fd {handle}")
-        return fd
+        return self._fds.get(handle)
 
     async def _release_handles(self, handles: list[int | None]) -> None:
-        await gather([lambda i=i, h=h: self.children[i].release(h) for i, h in enumerate(handles) if h is not None])
+        async def one(ih: tuple[int, int]) -> None:
+            await self.children[ih[0]].release(ih[1])
+        await each(one, [(i, h) for i, h in enumerate(handles) if h is not None])
 
     async def _open_all(self, gfid: bytes, opener: Callable[[int], Awaitable[Result]], flags: int,
                         is_dir: bool) -> Result:
         up = self.up()
         if not up:
             raise OSError(errno.ENOTCONN, f"{self.name}: no replica is up")
-        res = await gather([lambda i=i: opener(i) for i in up])
+        res = await each(opener, up)
         handles: list[int | None] = [None] * len(self.children)
         first: Result | None = None
         for i, r in zip(up, res):
@@ -760,8 +795,7 @@ class Replicate:
                 first = first or r
         if first is None:
             raise _pick_error(res)
-        first.fd = self._new_fd(gfid, flags, is_dir, handles)
-        return first
+        return self._fds.adopt(first, _AfrFd(gfid, flags, is_dir, handles))
 
     async def open(self, gfid: bytes, flags: int, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
         return await self._open_all(gfid, lambda i: self.children[i].open(gfid, flags, xdata, cred=cred), flags,
@@ -770,15 +804,13 @@ class Replicate:
     async def opendir(self, gfid: bytes, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
         return await self._open_all(gfid, lambda i: self.children[i].opendir(gfid, xdata, cred=cred), 0, True)
 
-    async def release(self, handle: int) -> None:
-        fd = self._fds.get(handle)
-        if fd is None:
-            raise OSError(errno.EBADF, f"{self.name}: unknown fd {handle}")
-        el = self._eager.get(fd.gfid)
-        if el is not None and el.fd is fd:
-            await self._release_eager(fd.gfid)  # the lock lives on this fd's brick fds
-        self._fds.pop(handle, None)
-        await self._release_handles(fd.handles)
+    async def release(self, fd: int) -> None:
+        afd = self._fds.get(fd)
+        el = self._eager.get(afd.gfid)
+        if el is not None and el.fd is afd:
+            await self._release_eager(afd.gfid)  # the lock lives on this fd's brick fds
+        self._fds.pop(fd)
+        await self._release_handles(afd.handles)
 
     releasedir = release
 
@@ -815,11 +847,24 @@ class Replicate:
         return await self._fd_read(handle, lambda i, h: self.children[i].fgetxattr(h, name, xdata, cred=cred),
                                    "fgetxattr")
 
-    async def readdirp(self, handle: int, offset: int = 0, size: int = 128 * 1024, xdata: Dict | None = None,
+    async def readdirp(self, handle: int, offset: int = 0, size: int = READDIR_SIZE, xdata: Dict | None = None,
                        cred: Credential | None = None) -> Result:
+        return await self._readdir(handle, offset, size, xdata, cred, True)
+
+    async def readdir(self, handle: int, offset: int = 0, size: int = READDIR_SIZE, xdata: Dict | None = None,
+                      cred: Credential | None = None) -> Result:
+        return await self._readdir(handle, offset, size, xdata, cred, False)
+
+    async def _readdir(self, handle: int, offset: int, size: int, xdata: Dict | None, cred: Credential | None,
+                       plus: bool) -> Result:
+        async def page(i: int, h: int) -> Result:
+            c = self.children[i]
+            if plus:
+                return await c.readdirp(h, offset, size, xdata, cred=cred)
+            return await c.readdir(h, offset, size, xdata, cred=cred)
+
         while True:
-            r = await self._fd_read(handle, lambda i, h: self.children[i].readdirp(h, offset, size, xdata,
-                                                                                   cred=cred), "readdirp")
+            r = await self._fd_read(handle, page, "readdirp" if plus else "readdir")
             if not any(e.name.startswith(ANON_INODE_PREFIX) for e in r.entries):
                 return r
             # AFR's own holding directory for entries being healed is never shown to users
@@ -835,11 +880,8 @@ class Replicate:
         idx = [i for i in self.up() if fd.handles[i] is not None]
         if not idx:
             raise OSError(errno.ENOTCONN, f"{self.name}: no replica is up")
-        res = await gather([lambda i=i: call(i, fd.handles[i]) for i in idx])
-        ok = [r for r in res if isinstance(r, Result)]
-        if not ok:
-            raise _pick_error(res)
-        return ok[0]
+        res = await each(lambda i: call(i, _h(fd, i)), idx)
+        return _first_ok(res)
 
     async def flush(self, handle: int, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
         fd = self._fd(handle)
@@ -860,20 +902,16 @@ class Replicate:
                     cred: Credential | None = None) -> Result:
         fd = self._fd(handle)
         c = self._cred(Proc.WRITE, cred)
-        if self.eager_locking:
-            return await self._eager_write(fd, lambda i: self.children[i].write(fd.handles[i], offset, data, xdata,
-                                                                               cred=c))
-        return await self._transaction("write", DATA, fd.gfid, fd, self._data_locks(fd.gfid, fd),
-                                       lambda i: self.children[i].write(fd.handles[i], offset, data, xdata, cred=c))
+        return await self._eager_write(fd, lambda i: self.children[i].write(_h(fd, i), offset, data, xdata, cred=c))
 
     async def _data_op(self, what: str, proc: Proc, handle: int, cred: Credential | None,
-                       call: Callable[[Any, int, Credential], Awaitable[Result]]) -> Result:
+                       call: Callable[[Brick, int, Credential], Awaitable[Result]]) -> Result:
         """A data transaction on an open file, after the eager lock on it (if any) is given back."""
         fd = self._fd(handle)
         c = self._cred(proc, cred)
         await self._release_eager(fd.gfid)
         return await self._transaction(what, DATA, fd.gfid, fd, self._data_locks(fd.gfid, fd),
-                                       lambda i: call(self.children[i], fd.handles[i], c))
+                                       lambda i: call(self.children[i], _h(fd, i), c))
 
     async def ftruncate(self, handle: int, size: int, xdata: Dict | None = None,
                         cred: Credential | None = None) -> Result:
@@ -917,52 +955,82 @@ class Replicate:
             return await self._fd_read(handle, lambda i, h: self.children[i].lk(h, cmd, flock, xdata, cred=cred),
                                        "getlk")
         self._check_quorum(idx, "lock")
-        one = lambda i: self.children[i].lk(fd.handles[i], cmd, flock, xdata, cred=cred)  # noqa: E731
+
+        async def one(i: int) -> Result:
+            return await self.children[i].lk(_h(fd, i), cmd, flock, xdata, cred=cred)
         gone = (errno.ENOTCONN, errno.EBADFD)  # a brick that is down or lost the fd: quorum decides
 
-        def refused(r: Any) -> bool:
-            return not isinstance(r, Result) and getattr(r, "errno", None) not in gone
+        def refused(r: Result | OSError) -> bool:
+            return not isinstance(r, Result) and r.errno not in gone
         if cmd == F.SETLKW and flock.type != F.UNLCK:
             # Waiting locks go replica after replica in one order, as AFR does: two clients each
             # granted a different replica first would wait for each other forever.
-            res: list[Any] = []
+            res: list[Result | OSError] = []
             for i in idx:
-                res += await gather([lambda i=i: one(i)])
+                res += await each(one, [i])
                 if refused(res[-1]):
                     break
         else:
-            res = await gather([lambda i=i: one(i) for i in idx])
+            res = await each(one, idx)
         ok = [i for i, r in zip(idx, res) if isinstance(r, Result)]
         no = [r for r in res if refused(r)]
         # As AFR: a lock any replica refuses (EAGAIN: someone holds it there) is refused, even with a
         # majority granted — else two clients could each hold it on a different majority after restarts.
         if flock.type != F.UNLCK and (no or len(ok) < max(self.quorum, 1)):
             undo = Flock(F.UNLCK, flock.whence, flock.start, flock.len, flock.pid, flock.owner)
-            await gather([lambda i=i: self.children[i].lk(fd.handles[i], F.SETLK, undo, cred=cred) for i in ok])
-            raise no[0] if no else _pick_error(res)
+            await each(lambda i: self.children[i].lk(_h(fd, i), F.SETLK, undo, cred=cred), ok)
+            raise _pick_error(no) if no else _pick_error(res)
         if not ok:
             raise _pick_error(res)
         if fd.locks is None:
             fd.locks = HeldLocks()
         fd.locks.apply(cred.lk_owner if cred is not None else flock.owner, flock.type, flock.start, flock.len,
                        flock.pid)
-        return res[idx.index(ok[0])]
+        return _first_ok(res)
 
-    # inode locks / xattrop pass straight through to every replica (used by upper layers rarely)
+    # ------------------------------------------------------------ internal locks and xattrops of upper layers
+    # (DHT's layout-heal lock, a test's changelog): straight to every replica that is up, any failure fails
+
+    async def _everywhere(self, call: Callable[[Brick], Awaitable[Result]]) -> Result:
+        up = self.up()
+        if not up:
+            raise OSError(errno.ENOTCONN, f"{self.name}: no replica is up")
+        res = await each(lambda i: call(self.children[i]), up)
+        if any(isinstance(r, OSError) for r in res):
+            raise _pick_error(res)
+        return _first_ok(res)
+
+    async def _fd_everywhere(self, handle: int, call: Callable[[Brick, int], Awaitable[Result]]) -> Result:
+        fd = self._fd(handle)
+        idx = [i for i in self.up() if fd.handles[i] is not None]
+        if not idx:
+            raise OSError(errno.ENOTCONN, f"{self.name}: no replica is up")
+        res = await each(lambda i: call(self.children[i], _h(fd, i)), idx)
+        if any(isinstance(r, OSError) for r in res):
+            raise _pick_error(res)
+        return _first_ok(res)
+
     async def inodelk(self, gfid: bytes, domain: str, cmd: int, flock: Flock, xdata: Dict | None = None,
                       cred: Credential | None = None) -> Result:
-        res = await gather([lambda i=i: self.children[i].inodelk(gfid, domain, cmd, flock, xdata, cred=cred)
-                            for i in self.up()])
-        ok = [r for r in res if isinstance(r, Result)]
-        if len(ok) < len(res):
-            raise _pick_error(res)
-        return ok[0]
+        return await self._everywhere(lambda c: c.inodelk(gfid, domain, cmd, flock, xdata, cred=cred))
 
     async def entrylk(self, gfid: bytes, domain: str, name: str | None, cmd: int, type_: int = F.ENTRYLK_WRLCK,
                       xdata: Dict | None = None, cred: Credential | None = None) -> Result:
-        res = await gather([lambda i=i: self.children[i].entrylk(gfid, domain, name, cmd, type_, xdata, cred=cred)
-                            for i in self.up()])
-        ok = [r for r in res if isinstance(r, Result)]
-        if len(ok) < len(res):
-            raise _pick_error(res)
-        return ok[0]
+        return await self._everywhere(lambda c: c.entrylk(gfid, domain, name, cmd, type_, xdata, cred=cred))
+
+    async def xattrop(self, gfid: bytes, op: int, d: Dict, xdata: Dict | None = None,
+                      cred: Credential | None = None) -> Result:
+        return await self._everywhere(lambda c: c.xattrop(gfid, op, d, xdata, cred=cred))
+
+    async def finodelk(self, handle: int, domain: str, cmd: int, flock: Flock, xdata: Dict | None = None,
+                       cred: Credential | None = None) -> Result:
+        return await self._fd_everywhere(handle, lambda c, h: c.finodelk(h, domain, cmd, flock, xdata, cred=cred))
+
+    async def fentrylk(self, handle: int, domain: str, name: str | None, cmd: int, type_: int = F.ENTRYLK_WRLCK,
+                       xdata: Dict | None = None, cred: Credential | None = None) -> Result:
+        return await self._fd_everywhere(handle, lambda c, h: c.fentrylk(h, domain, name, cmd, type_, xdata,
+                                                                         cred=cred))
+
+    async def fxattrop(self, handle: int, op: int, d: Dict, xdata: Dict | None = None,
+                       cred: Credential | None = None) -> Result:
+        return await self._fd_everywhere(handle, lambda c, h: c.fxattrop(h, op, d, xdata, cred=cred))
