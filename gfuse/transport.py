@@ -149,8 +149,10 @@ class RpcConnection:
         for w in list(self._waiters.values()):
             w.error = not_connected(f"{self.name} ({reason})")
             w.event.set()
+        sock = getattr(self._stream, "socket", None)  # in-memory streams (unit tests) have none
         try:
-            self._stream.socket.close()
+            if sock is not None:
+                sock.close()
         except OSError:  # pragma: no cover
             pass
 
