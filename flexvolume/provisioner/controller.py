@@ -160,6 +160,12 @@ def _meta(obj: Mapping[str, Any]) -> dict[str, Any]:
     return obj.get("metadata") or {}
 
 
+def api_body(manifest: Mapping[str, Any]) -> Any:
+    """A manifest as the API client's ``body``: the client sends plain dicts as they are
+    (``sanitize_for_serialization``), though its annotations name its model classes."""
+    return manifest
+
+
 def _split(text: str) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
@@ -597,12 +603,12 @@ class Controller:
             self._check_leader()
             try:
                 if kind == "claim":
-                    fn = (self.core.patch_namespaced_persistent_volume_claim_status if status
-                          else self.core.patch_namespaced_persistent_volume_claim)
-                    out = fn(name, ns, patch, _content_type=MERGE_PATCH, _request_timeout=30)
+                    patch_claim = (self.core.patch_namespaced_persistent_volume_claim_status if status
+                                   else self.core.patch_namespaced_persistent_volume_claim)
+                    out: object = patch_claim(name, ns, patch, _content_type=MERGE_PATCH, _request_timeout=30)
                 else:
-                    fn = self.core.patch_persistent_volume_status if status else self.core.patch_persistent_volume
-                    out = fn(name, patch, _content_type=MERGE_PATCH, _request_timeout=30)
+                    patch_pv = self.core.patch_persistent_volume_status if status else self.core.patch_persistent_volume
+                    out = patch_pv(name, patch, _content_type=MERGE_PATCH, _request_timeout=30)
                 return self.api.sanitize_for_serialization(out)
             except ApiException as e:
                 if e.status == 409:
@@ -657,7 +663,7 @@ class Controller:
                     if e.status != 404:
                         raise
             name = f"{meta.get('name', 'object')}.{time.time_ns():x}"
-            body = {
+            body: dict[str, Any] = {
                 "apiVersion": "v1", "kind": "Event",
                 "metadata": {"name": name, "namespace": ns},
                 "involvedObject": {"apiVersion": "v1", "kind": kind, "name": meta.get("name"),
@@ -669,7 +675,7 @@ class Controller:
                 "firstTimestamp": now, "lastTimestamp": now, "count": 1,
             }
             body["involvedObject"] = {k: v for k, v in body["involvedObject"].items() if v}
-            self.core.create_namespaced_event(ns, body, _request_timeout=30)
+            self.core.create_namespaced_event(ns, api_body(body), _request_timeout=30)
             with self._events_lock:
                 self._events[key] = (ns, name, 1)
                 while len(self._events) > 2000:
@@ -802,10 +808,11 @@ class Controller:
         params = dict(sc.get("parameters") or {})
         self.event(claim, "Normal", "Provisioning",
                    f"External provisioner is provisioning volume for claim \"{ns}/{name}\"")
-        claim = self._set_finalizer("claim", ns, name, present=True,
-                                    annotations={ANN_PARAMETERS: json.dumps(params, sort_keys=True)})
-        if claim is None or _meta(claim).get("deletionTimestamp") or _meta(claim).get("uid") != uid:
+        updated = self._set_finalizer("claim", ns, name, present=True,
+                                      annotations={ANN_PARAMETERS: json.dumps(params, sort_keys=True)})
+        if updated is None or _meta(updated).get("deletionTimestamp") or _meta(updated).get("uid") != uid:
             return  # gone or being deleted meanwhile: the deleted-claim path cleans up
+        claim = updated
         if (claim.get("spec") or {}).get("volumeName"):
             return
         with self._volume_lock(pv_name):
@@ -817,7 +824,7 @@ class Controller:
             body = self.volume_body(claim, sc, vol, params)
             self._check_leader()
             try:
-                self.core.create_persistent_volume(body, _request_timeout=30)
+                self.core.create_persistent_volume(api_body(body), _request_timeout=30)
             except ApiException as e:
                 if e.status != 409:
                     raise
@@ -912,9 +919,10 @@ class Controller:
         if ((pv.get("spec") or {}).get("claimRef") or {}).get("uid") != meta["uid"]:
             return
         if FINALIZER in (meta.get("finalizers") or []):
-            claim = self._set_finalizer("claim", ns, name, present=False)  # left by a crash after the PV
-            if claim is None:
+            updated = self._set_finalizer("claim", ns, name, present=False)  # left by a crash after the PV
+            if updated is None:
                 return
+            claim = updated
         if (claim.get("status") or {}).get("phase") != "Bound":
             return
         self._expand(claim, pv, sc)
@@ -1009,7 +1017,7 @@ class Controller:
                 return
         self._check_leader()
         try:
-            self.core.delete_persistent_volume(name, body={"preconditions": {"uid": meta["uid"]}},
+            self.core.delete_persistent_volume(name, body=api_body({"preconditions": {"uid": meta["uid"]}}),
                                                _request_timeout=30)
         except ApiException as e:
             if e.status not in (404, 409):
@@ -1044,6 +1052,6 @@ def _params_of(obj: Mapping[str, Any]) -> dict[str, str] | None:
 
 def _api_message(e: ApiException) -> str:
     try:
-        return json.loads(e.body).get("message") or str(e.body)
+        return json.loads(e.body or "").get("message") or str(e.body)
     except (TypeError, ValueError, AttributeError):
         return str(e.body or e.reason)

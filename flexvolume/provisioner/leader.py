@@ -27,6 +27,8 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from .controller import api_body
+
 log = logging.getLogger(__name__)
 
 
@@ -94,10 +96,11 @@ class LeaderElector:
                 log.warning("leader election: reading Lease %s/%s failed: %s %s", self.namespace, self.name,
                             e.status, e.reason)
                 return False
-            body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                    "metadata": {"name": self.name, "namespace": self.namespace},
-                    "spec": {"holderIdentity": self.identity, "leaseDurationSeconds": duration,
-                             "acquireTime": now_mt, "renewTime": now_mt, "leaseTransitions": 0}}
+            body: dict[str, Any] = {
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": self.name, "namespace": self.namespace},
+                "spec": {"holderIdentity": self.identity, "leaseDurationSeconds": duration,
+                         "acquireTime": now_mt, "renewTime": now_mt, "leaseTransitions": 0}}
             if not self._write("creating", self.api.create_namespaced_lease, self.namespace, body):
                 return False
             self._renewed((self.identity, now_mt, duration))
@@ -125,13 +128,15 @@ class LeaderElector:
             acquire = _fmt(spec.acquire_time)
         elif holder != self.identity:
             transitions += 1 if holder else 0
-        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": self.name, "namespace": self.namespace,
-                             "resourceVersion": lease.metadata.resource_version},
-                "spec": {"holderIdentity": self.identity, "leaseDurationSeconds": duration,
-                         "acquireTime": acquire, "renewTime": now_mt, "leaseTransitions": transitions}}
-        if lease.metadata.labels:
-            body["metadata"]["labels"] = dict(lease.metadata.labels)
+        meta = lease.metadata
+        assert meta is not None, "a Lease read from the API server has its metadata"
+        body = {
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": self.name, "namespace": self.namespace, "resourceVersion": meta.resource_version},
+            "spec": {"holderIdentity": self.identity, "leaseDurationSeconds": duration,
+                     "acquireTime": acquire, "renewTime": now_mt, "leaseTransitions": transitions}}
+        if meta.labels:
+            body["metadata"]["labels"] = dict(meta.labels)
         if not self._write("updating", self.api.replace_namespaced_lease, self.name, self.namespace, body):
             return False
         if holder != self.identity:
@@ -213,12 +218,14 @@ class LeaderElector:
             if not lease.spec or lease.spec.holder_identity != self.identity:
                 return
             now_mt = _microtime()
+            meta = lease.metadata
+            assert meta is not None, "a Lease read from the API server has its metadata"
             body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": self.name, "namespace": self.namespace,
-                                 "resourceVersion": lease.metadata.resource_version},
+                                 "resourceVersion": meta.resource_version},
                     "spec": {"leaseDurationSeconds": 1, "acquireTime": now_mt, "renewTime": now_mt,
                              "leaseTransitions": lease.spec.lease_transitions or 0}}
-            self.api.replace_namespaced_lease(self.name, self.namespace, body, _request_timeout=5)
+            self.api.replace_namespaced_lease(self.name, self.namespace, api_body(body), _request_timeout=5)
             log.info("leader election: %s released Lease %s/%s", self.identity, self.namespace, self.name)
         except Exception as e:  # noqa: BLE001 - the Lease then expires on its own
             log.warning("leader election: releasing Lease %s/%s failed: %s", self.namespace, self.name, e)
