@@ -103,7 +103,7 @@ async def test_many_calls_in_flight_get_their_own_replies(clock: trio.testing.Mo
         n = int.from_bytes(c.body, "big")
         return c.body, 1.0 / (n + 1)  # call 0 answered last
     got: dict[int, bytes] = {}
-    async with connection(answer) as (conn, peer):
+    async with connection(answer) as (conn, _peer):
         async def one(n: int) -> None:
             got[n] = await conn.call(PROG, VERS, 1, n.to_bytes(4, "big"))
         async with trio.open_nursery() as nursery:
@@ -146,7 +146,7 @@ async def test_idle_time_before_a_slow_call_is_not_silence(clock: trio.testing.M
 
     def answer(c: rpc.Call) -> tuple[bytes, float] | None:
         return None if c.prog == DUMP_PROGRAM else (c.body, next(delays))
-    async with connection(answer, ping_timeout=3.0) as (conn, peer):
+    async with connection(answer, ping_timeout=3.0) as (conn, _peer):
         assert await conn.call(PROG, VERS, 1, b"a") == b"a"
         await trio.sleep(10.0)
         assert await conn.call(PROG, VERS, 1, b"b") == b"b"
