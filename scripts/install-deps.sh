@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what gfuse's tests need on Debian/Ubuntu (as root): GlusterFS server + native client,
 # FUSE 3 (pyfuse3 builds against libfuse3-dev), attr (getfattr/setfattr), and the Python package
-# with its test extras. Idempotent: apt is skipped when every package is installed already, and
+# with its test extras, then the CSI stubs (python3 -m flexvolume.csi.stubs). Idempotent: apt is skipped when every package is installed already, and
 # pip only installs what is missing.
 #   PYTHON=/path/to/python ./scripts/install-deps.sh   # choose the interpreter (default: python3)
 set -euo pipefail
@@ -40,6 +40,10 @@ fi
 export PIP_BREAK_SYSTEM_PACKAGES=1
 echo "install-deps.sh: $PYTHON -m pip install -e '.[test]' ($("$PYTHON" -c 'import sys; print(sys.executable)'))"
 "$PYTHON" -m pip install --disable-pip-version-check --root-user-action=ignore -q -e '.[test]'
+
+# the CSI stubs (flexvolume/csi/csi_pb2*.py, ignored by git): generated here, never at import; a no-op when
+# up to date (the spec descriptor's wheel is fetched from PyPI once, into ~/.cache/gfuse/)
+"$PYTHON" -m flexvolume.csi.stubs
 
 # mount(8) runs /sbin/mount.fuse.<subtype> for `mount -t fuse.gfuse` and fstab lines
 helper="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/mount.fuse.gfuse"
