@@ -127,7 +127,13 @@ KINDS: dict[str, tuple[int, int]] = {
     "dist1": (1, 1),
     "replica3": (3, 3),
     "distrep": (6, 3),
+    # replica 3 arbiter 1: the third brick keeps names and xattrs, never data (private volumes only)
+    "arbiter": (3, 3),
 }
+#: the kinds the shared session volumes of the test suite are made of
+SHARED_KINDS = ("dist1", "replica3", "distrep")
+#: kind -> arbiter count
+ARBITERS = {"arbiter": 1}
 
 GLUSTERD_BIN = os.environ.get("GFUSE_GLUSTERD", "/usr/sbin/glusterd")
 GLUSTERD_PIDFILE = Path("/run/glusterd.pid")
@@ -849,6 +855,8 @@ def create_volume(
         args = ["volume", "create", name]
         if replica > 1:
             args += ["replica", str(replica)]
+        if kind in ARBITERS:
+            args += ["arbiter", str(ARBITERS[kind])]
         gluster(*args, *vol.bricks, "force", timeout=timeout)
         for key, value in vol.options.items():
             gluster("volume", "set", name, key, value, timeout=timeout)

@@ -42,7 +42,7 @@ import pytest
 
 from testkit import cluster as tc
 
-KIND_NAMES = tuple(tc.KINDS)  # ("dist1", "replica3", "distrep")
+KIND_NAMES = tc.SHARED_KINDS  # ("dist1", "replica3", "distrep"); "arbiter" only through make_volume
 _SESSION_VOLUME_FIXTURES = tuple(f"vol_{k}" for k in KIND_NAMES)
 _CLUSTER_FIXTURES = {
     "glusterd",
