@@ -31,8 +31,10 @@ RUN python3 -m venv /opt/gfuse \
     && if ls /src/wheelhouse/*.whl > /dev/null 2>&1; then set -- --no-index --find-links=/src/wheelhouse; fi \
     && /opt/gfuse/bin/pip install --no-cache-dir --disable-pip-version-check "$@" "/src[${GFUSE_EXTRAS}]" \
     && /opt/gfuse/bin/python3 -c "import gfuse.cli, flexvolume, pyfuse3, msgpack, trio"
-# Bake the generated CSI stubs into the image (nodes never generate or download them). The spec's
-# descriptor comes from the ember-csi wheel: from the wheelhouse when there is one, else pip downloads it.
+# Generate the CSI stubs into $GFUSE_CSI_STUBS_DIR at build time (importing flexvolume.csi never generates or
+# downloads anything: without them gfuse-csi refuses to start). The spec's descriptor comes from the ember-csi
+# wheel (extended to spec v1.9: flexvolume/csi/genstubs.py): from the wheelhouse when there is one, else pip
+# downloads it.
 RUN if [ -f /src/flexvolume/csi/stubs.py ]; then \
         for w in /src/wheelhouse/ember_csi-*.whl; do [ -f "$w" ] && export GFUSE_CSI_EMBER_WHEEL="$w"; done; \
         /opt/gfuse/bin/python3 -m flexvolume.csi.stubs; \

@@ -5,7 +5,8 @@
 #      install: python3 python3-venv fuse3 glusterfs-client systemd util-linux ca-certificates), imported
 #      with `podman import` (skipped when the base image exists);
 #   2. a wheelhouse of the project and all its dependencies ("[k8s,csi]", setuptools/wheel for the build
-#      backend, the ember-csi wheel the CSI stubs come from), made on this host with Debian's python3
+#      backend, the ember-csi wheel whose CSI descriptor the stubs are generated from: the build stage runs
+#      python3 -m flexvolume.csi.stubs offline), made on this host with Debian's python3
 #      (same interpreter as the base, so pyfuse3 is compiled here and the build stage compiles nothing);
 #   3. `podman build --network none --build-arg BASE_IMAGE=<base>` with the repository's Dockerfile,
 #      unchanged, from a staging copy of the build context (so the wheelhouse never lands in the checkout).
@@ -40,7 +41,8 @@ log() { echo "build-image: $(date +%T) $*" >&2; }
 source_hash() {
     # the build inputs the Dockerfile COPYs (tracked or not, caches excluded), plus the Dockerfile itself
     (cd "$ROOT" && find Dockerfile pyproject.toml README.md gfuse flexvolume daemonset/image \
-        -type f ! -path '*/__pycache__/*' ! -name '*.pyc' ! -path 'daemonset/image/wheelhouse/*' -print0 \
+        -type f ! -path '*/__pycache__/*' ! -name '*.pyc' ! -path 'daemonset/image/wheelhouse/*' \
+        ! -name 'csi_pb2*.py' ! -name csi_stubs.json -print0 \
         | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
 }
 
@@ -120,7 +122,9 @@ rm -f "$wheels"/gfuse-*.whl   # the image installs the project from its source (
 # ---- 3. podman build with the repository's Dockerfile ------------------------------------------------------
 # the build context: what the Dockerfile COPYs, nothing else (no .git, caches or test data)
 cp -a Dockerfile pyproject.toml README.md "$ctx/"
-tar -C "$ROOT" -c --exclude=__pycache__ --exclude='*.pyc' gfuse flexvolume | tar -C "$ctx" -x
+# (not the host's generated CSI stubs: the image build generates its own into $GFUSE_CSI_STUBS_DIR)
+tar -C "$ROOT" -c --exclude=__pycache__ --exclude='*.pyc' --exclude='csi_pb2*.py' --exclude=csi_stubs.json \
+    gfuse flexvolume | tar -C "$ctx" -x
 find daemonset/image -maxdepth 1 -type f -exec cp -a {} "$ctx/daemonset/image/" \;
 cp -a "$wheels"/*.whl "$ctx/daemonset/image/wheelhouse/"
 hash=$(source_hash)
