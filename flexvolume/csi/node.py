@@ -9,12 +9,20 @@
 - Every path must lie inside ``--kubelet-dir``: a privileged plugin mounts nowhere else.
 - Every call is idempotent, as kubelet retries them; calls on the same volume (stage/unstage) or the
   same target path (publish/unpublish) while one is in flight answer ABORTED.
+- Access modes: SINGLE_NODE_SINGLE_WRITER and SINGLE_NODE_MULTI_WRITER (spec v1.5+) are served like
+  SINGLE_NODE_WRITER, except that a SINGLE_NODE_SINGLE_WRITER volume is published at one target at a
+  time (another target: FAILED_PRECONDITION, as csi-sanity expects).
+- NodeGetVolumeStats reports usage and a VolumeCondition (VOLUME_CONDITION capability): abnormal, with
+  the reason, when the path is not a gfuse mount any more or its gfuse server is dead or hung (kubelet
+  turns an abnormal condition into an event on the pod). A path that names no volume — relative,
+  outside the kubelet directory, or absent — is NOT_FOUND.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import subprocess
@@ -29,6 +37,7 @@ from .stubs import csi_pb2, csi_pb2_grpc
 from gfuse.mounttable import MountEntry, mount_at, read_mounts
 
 from .volumes import (
+    AccessMode,
     CsiError,
     OpLocks,
     capability_readonly,
@@ -44,6 +53,10 @@ log = logging.getLogger(__name__)
 
 NodeRPC = csi_pb2.NodeServiceCapability.RPC
 VolumeUsage = csi_pb2.VolumeUsage
+VolumeCondition = csi_pb2.VolumeCondition
+#: what NodeGetCapabilities advertises
+NODE_CAPABILITIES = (NodeRPC.STAGE_UNSTAGE_VOLUME, NodeRPC.GET_VOLUME_STATS, NodeRPC.VOLUME_CONDITION,
+                     NodeRPC.SINGLE_NODE_MULTI_WRITER)
 
 GFUSE_FSTYPE = "fuse.gfuse"
 #: seconds one mount/umount command may take
@@ -183,7 +196,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         staging = None
         for m in candidates:
             try:
-                bounded("staging " + m.target, lambda p=m.target: os.stat(p), STATS_TIMEOUT,
+                bounded("staging " + m.target, functools.partial(os.stat, m.target), STATS_TIMEOUT,
                         self._stats_inflight, self._stats_mu)
             except (OSError, CsiError):
                 continue
@@ -212,6 +225,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             self.agent.ping(timeout=5.0)
         except Exception as e:  # noqa: BLE001 - AgentError or anything unexpected
             raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, f"gfuse agent: {e}") from None
+
+    def published_targets(self, staged: MountEntry, exclude: str = "") -> list[str]:
+        """Pod targets (under ``<kubelet-dir>/pods/``) where the staged mount ``staged`` is bound now."""
+        pods = self.kubelet_dir.rstrip("/") + "/pods/"
+        top: dict[str, MountEntry] = {}
+        for m in read_mounts():
+            top[m.target] = m  # later mounts cover earlier ones
+        return sorted(t for t, m in top.items()
+                      if t.startswith(pods) and t != exclude and m.dev == staged.dev and m.root == staged.root)
 
     # -- stage ---------------------------------------------------------------------------------
 
@@ -280,6 +302,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                                f"{target} is already mounted ({existing.fstype} {existing.source}"
                                f"{', ro' if existing.readonly else ''}) and not as this volume "
                                f"{'read-only' if readonly else 'read-write'}")
+            if cap.access_mode.mode == AccessMode.SINGLE_NODE_SINGLE_WRITER:
+                others = self.published_targets(staged, exclude=target)
+                if others:
+                    raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"volume {request.volume_id} is SINGLE_NODE_SINGLE_WRITER and already "
+                                   f"published at {others[0]}")
             os.makedirs(target, exist_ok=True)
             log.info("publishing %s: %s -> %s%s", request.volume_id, staging, target, " (ro)" if readonly else "")
             self._run(["mount", "--bind", staging, target])
@@ -314,24 +342,55 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def NodeGetVolumeStats(self, request, context):  # noqa: N802
         require(request.volume_id, "volume_id")
         require(request.volume_path, "volume_path")
-        path = check_path(request.volume_path, self.kubelet_dir, "volume_path")
-        if mount_at(path) is None:
-            raise CsiError(grpc.StatusCode.NOT_FOUND,
-                           f"volume {request.volume_id} is not mounted at {path}")
-        st = bounded_statvfs(path, STATS_TIMEOUT, self._stats_inflight, self._stats_mu)
+        vid, given = request.volume_id, request.volume_path
+        # csi-sanity (and the spec): a path where the volume is not is NOT_FOUND, relative ones included
+        if not os.path.isabs(given):
+            raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume {vid} is not at {given!r}: not an absolute path")
+        path = os.path.normpath(given)
+        if not path.startswith(self.kubelet_dir.rstrip("/") + "/"):
+            raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume {vid} is not at {path}: outside the kubelet "
+                                                      f"directory {self.kubelet_dir}, where it publishes")
+        m = mount_at(path)
+        if m is None:
+            try:  # nothing mounted there: lstat cannot hang on it
+                os.lstat(path)
+            except FileNotFoundError:
+                raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume {vid} is not at {path}: no such path") from None
+            except OSError as e:
+                return self._abnormal(f"{path}: {e.strerror or e}")
+            return self._abnormal(f"nothing is mounted at {path} any more: the volume's mount is gone "
+                                  f"(restart the pod to mount it again)")
+        if m.fstype != GFUSE_FSTYPE:
+            return self._abnormal(f"{path} is a {m.fstype} mount of {m.source}, not a gfuse mount")
+        try:
+            st = bounded(path, lambda: os.statvfs(path), STATS_TIMEOUT, self._stats_inflight, self._stats_mu)
+        except CsiError as e:  # no answer in time: a hung gfuse server (or bricks it waits for)
+            return self._abnormal(e.message)
+        except OSError as e:
+            if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+                return self._abnormal(f"the gfuse server of {m.source} at {path} is dead ({e.strerror}); the "
+                                      f"agent mounts the volume again and the plugin rebinds pods' targets to it")
+            return self._abnormal(f"the gfuse mount of {m.source} at {path} fails: {e.strerror or e}")
         bs = st.f_frsize or st.f_bsize
-        return csi_pb2.NodeGetVolumeStatsResponse(usage=[
-            VolumeUsage(unit=VolumeUsage.BYTES, total=st.f_blocks * bs, available=st.f_bavail * bs,
-                        used=max(0, st.f_blocks - st.f_bfree) * bs),
-            VolumeUsage(unit=VolumeUsage.INODES, total=st.f_files, available=st.f_favail,
-                        used=max(0, st.f_files - st.f_ffree)),
-        ])
+        return csi_pb2.NodeGetVolumeStatsResponse(
+            usage=[
+                VolumeUsage(unit=VolumeUsage.BYTES, total=st.f_blocks * bs, available=st.f_bavail * bs,
+                            used=max(0, st.f_blocks - st.f_bfree) * bs),
+                VolumeUsage(unit=VolumeUsage.INODES, total=st.f_files, available=st.f_favail,
+                            used=max(0, st.f_files - st.f_ffree)),
+            ],
+            volume_condition=VolumeCondition(abnormal=False, message=f"the gfuse mount of {m.source} answers"),
+        )
+
+    @staticmethod
+    def _abnormal(message: str) -> Any:
+        log.warning("NodeGetVolumeStats: abnormal: %s", message)
+        return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=VolumeCondition(abnormal=True, message=message))
 
     @rpc
     def NodeGetCapabilities(self, request, context):  # noqa: N802
         return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[
-            csi_pb2.NodeServiceCapability(rpc=NodeRPC(type=t))
-            for t in (NodeRPC.STAGE_UNSTAGE_VOLUME, NodeRPC.GET_VOLUME_STATS)
+            csi_pb2.NodeServiceCapability(rpc=NodeRPC(type=t)) for t in NODE_CAPABILITIES
         ])
 
     @rpc

@@ -19,6 +19,7 @@ import os
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 _PACKAGE = "flexvolume.csi"
 GENERATE_COMMAND = "python3 -m flexvolume.csi.stubs"
@@ -80,6 +81,10 @@ def load(directory: Path | None = None) -> tuple[types.ModuleType, types.ModuleT
                                 f"{' '.join(str(e).split())}); make them again with: "
                                 f"{GENERATE_COMMAND} --force") from None
 
+
+#: the generated modules (typed Any: their classes are made at run time from the descriptor)
+csi_pb2: Any
+csi_pb2_grpc: Any
 
 if __name__ == "__main__":
     from .genstubs import main

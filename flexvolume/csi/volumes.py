@@ -53,13 +53,14 @@ MAX_ID_BYTES = 128
 
 AccessMode = csi_pb2.VolumeCapability.AccessMode
 READ_ONLY_MODES = frozenset({AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY})
+#: spec v1.5+: SINGLE_NODE_SINGLE_WRITER and SINGLE_NODE_MULTI_WRITER refine SINGLE_NODE_WRITER; a gfuse
+#: volume serves them as it serves that one (the single-writer one is published at one target at a time:
+#: see flexvolume.csi.node)
 SUPPORTED_MODES = frozenset({
     AccessMode.SINGLE_NODE_WRITER, AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY,
     AccessMode.MULTI_NODE_SINGLE_WRITER, AccessMode.MULTI_NODE_MULTI_WRITER,
+    AccessMode.SINGLE_NODE_SINGLE_WRITER, AccessMode.SINGLE_NODE_MULTI_WRITER,
 })
-#: numbers of access modes added after spec v1.1 (SINGLE_NODE_SINGLE_WRITER, SINGLE_NODE_MULTI_WRITER):
-#: our v1.1 stubs see them as unknown enum values, but they are plain single-node writers to us
-NEWER_WRITER_MODES = frozenset({6, 7})
 
 
 class CsiError(Exception):
@@ -253,8 +254,9 @@ def check_capability(cap: Any, what: str = "volume_capability") -> None:
     if not cap.HasField("access_mode"):
         raise invalid(f"{what}: access_mode is required")
     mode = cap.access_mode.mode
-    if mode not in SUPPORTED_MODES and mode not in NEWER_WRITER_MODES:
-        raise invalid(f"{what}: access mode {mode} is not supported")
+    if mode not in SUPPORTED_MODES:
+        name = AccessMode.Mode.Name(mode) if mode in AccessMode.Mode.values() else str(mode)
+        raise invalid(f"{what}: access mode {name} is not supported")
 
 
 def unsupported_capability(cap: Any) -> str | None:
