@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from typing import Any
+from typing import IO, Any
 
 import click
 import trio
@@ -29,7 +29,7 @@ class UserError(click.ClickException):
 
     exit_code = EXIT_FAIL
 
-    def show(self, file=None) -> None:  # type: ignore[override]
+    def show(self, file: IO[Any] | None = None) -> None:
         click.echo(f"gfuse: {self.message}", err=True)
 
 
@@ -242,11 +242,11 @@ def mount(volume_spec: str, mountpoint: str, options: str, foreground: bool, tim
         click.echo(f"gfuse: mounted {volume_spec} on {mountpoint} (pid {proc.pid}, log {log_file})")
         return
     if answer is None:
-        code = proc.poll()
-        if code is None:
+        exited = proc.poll()
+        if exited is None:
             proc.kill()
             raise UserError(f"mounting {volume_spec} timed out after {timeout:g}s (see {log_file})")
-        raise UserError(f"the mount process exited with status {code} before the mount was live (see {log_file})")
+        raise UserError(f"the mount process exited with status {exited} before the mount was live (see {log_file})")
     proc.wait(timeout=10)
     raise UserError(answer.removeprefix("ERR ").strip())
 
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
         cli(args=argv, standalone_mode=False)
     except SystemExit:
         raise
-    except BaseException as exc:  # noqa: BLE001 - every error becomes one line, never a traceback
+    except BaseException as exc:
         e = leaf(exc)
         if isinstance(e, click.ClickException):
             e.show()
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
             click.echo("gfuse: interrupted", err=True)
             sys.exit(130)
         if isinstance(e, SystemExit):
-            raise e
+            raise e from None
         if isinstance(e, (MgmtError, BrickError)):
             click.echo(f"gfuse: {e}", err=True)
             sys.exit(EXIT_FAIL)

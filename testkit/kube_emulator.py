@@ -168,11 +168,11 @@ def bad_request(message: str) -> ApiError:
 
 
 def now_time() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def now_microtime() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
@@ -334,6 +334,18 @@ def _get_path(obj: Any, dotted: str) -> Any:
     return obj
 
 
+def _label_in(key: str, values: set[str], wanted: bool, labels: dict[str, str]) -> bool:
+    return (labels.get(key) in values) == wanted
+
+
+def _label_is(key: str, value: str, wanted: bool, labels: dict[str, str]) -> bool:
+    return (labels.get(key) == value) == wanted
+
+
+def _label_present(key: str, wanted: bool, labels: dict[str, str]) -> bool:
+    return (key in labels) == wanted
+
+
 def _split_selector(text: str) -> list[str]:
     out, depth, cur = [], 0, ""
     for ch in text:
@@ -359,23 +371,17 @@ def label_selector(text: str | None) -> Callable[[dict[str, Any]], bool]:
         m = re.match(r"^([^\s!=]+)\s+(in|notin)\s+\((.*)\)$", term)
         if m:
             key, op, values = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",")}
-            if op == "in":
-                tests.append(lambda lb, k=key, vs=values: lb.get(k) in vs)
-            else:
-                tests.append(lambda lb, k=key, vs=values: lb.get(k) not in vs)
+            tests.append(functools.partial(_label_in, key, values, op == "in"))
             continue
         m = re.match(r"^([^\s!=]+)\s*(==|=|!=)\s*(\S*)$", term)
         if m:
             key, op, value = m.groups()
-            if op == "!=":
-                tests.append(lambda lb, k=key, v=value: lb.get(k) != v)
-            else:
-                tests.append(lambda lb, k=key, v=value: lb.get(k) == v)
+            tests.append(functools.partial(_label_is, key, value, op != "!="))
             continue
         m = re.match(r"^(!?)([^\s!=()]+)$", term)
         if m:
             neg, key = m.groups()
-            tests.append((lambda lb, k=key: k not in lb) if neg else (lambda lb, k=key: k in lb))
+            tests.append(functools.partial(_label_present, key, not neg))
             continue
         raise bad_request(f"unable to parse requirement: {term!r}")
     return lambda obj: all(t(obj.get("metadata", {}).get("labels") or {}) for t in tests)
@@ -576,7 +582,8 @@ def update_checks(res: Resource, old: dict[str, Any], new: dict[str, Any]) -> li
             try:
                 if parse_quantity(new["spec"]["resources"]["requests"]["storage"]) < parse_quantity(
                         (old.get("status", {}).get("capacity") or {}).get("storage", "0")):
-                    errs.append("spec.resources.requests.storage: Forbidden: field can not be less than status.capacity")
+                    errs.append("spec.resources.requests.storage: Forbidden: "
+                                "field can not be less than status.capacity")
             except (KeyError, ValueError):
                 pass
     old_fin = set(old["metadata"].get("finalizers") or [])
@@ -720,6 +727,7 @@ class KubeEmulator:
     def url(self) -> str:
         assert self._server is not None, "not started"
         host, port = self._server.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET server: (host, port)
         return f"http://{host}:{port}"
 
     def configuration(self) -> Any:
@@ -1163,7 +1171,7 @@ class _Handler(BaseHTTPRequestHandler):
             with self.emulator._cond:
                 self.emulator._conns.discard(self.connection)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
 
     # ---------------------------------------------------------------- plumbing
@@ -1195,19 +1203,19 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._handle("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._handle("POST")
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self._handle("PUT")
 
-    def do_PATCH(self) -> None:  # noqa: N802
+    def do_PATCH(self) -> None:
         self._handle("PATCH")
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         self._handle("DELETE")
 
     # ---------------------------------------------------------------- requests
@@ -1244,7 +1252,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(e.code, e.status())
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-        except Exception as e:  # noqa: BLE001 - a bug here must show as a 500, not a hung client
+        except Exception as e:
             log.exception("kube emulator: %s %s", method, self.path)
             self._send_json(500, ApiError(500, "InternalError", f"{type(e).__name__}: {e}").status())
 

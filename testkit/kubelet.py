@@ -269,15 +269,11 @@ class Pod:
         self.log = Path(log) if log else None
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Pod:
-        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
-        try:
+    def start(self) -> Self:
+        with open(self.log if self.log else os.devnull, "ab") as out:
             self.proc = subprocess.Popen(
                 ["unshare", "--mount", "--propagation", "slave", "sh", "-c", self.script, "pod", *self.args],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, cwd="/")
-        finally:
-            if out is not subprocess.DEVNULL:
-                out.close()
         # return only once the script runs in its own namespace: a mount made now reaches it by propagation only
         mine = os.readlink("/proc/self/ns/mnt")
 
@@ -485,5 +481,20 @@ def gfuse_serving_pids(target: str | Path) -> list[int]:
     return serving_pids(os.path.abspath(str(target)))
 
 
-__all__ = ["AgentError", "AgentProcess", "DriverResult", "KubeletDir", "Node", "Pod", "PodInfo", "call_driver", "cleanup_mounts_under",
-           "gfuse_serving_pids", "install_driver", "kubelet_mount_options", "pid_alive", "source_env", "wait_for"]
+__all__ = [
+    "AgentError",
+    "AgentProcess",
+    "DriverResult",
+    "KubeletDir",
+    "Node",
+    "Pod",
+    "PodInfo",
+    "call_driver",
+    "cleanup_mounts_under",
+    "gfuse_serving_pids",
+    "install_driver",
+    "kubelet_mount_options",
+    "pid_alive",
+    "source_env",
+    "wait_for",
+]

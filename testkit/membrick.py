@@ -1375,3 +1375,9 @@ class MemClient(Fops):
     async def readdir(self, fd: int, offset: int = 0, size: int = READDIR_SIZE, xdata: Dict | None = None,
                       cred: Credential | None = None) -> Result:
         return await self._list("readdir", fd, offset, size, xdata, False)
+
+
+def replica_set(volume: str, n: int, *, first: int = 0, **brick_options: Any) -> tuple[list[MemBrick], list[MemClient]]:
+    """``n`` bricks named as a volfile names their clients (``VOLUME-client-K``), each with a session."""
+    bricks = [MemBrick(f"{volume}-client-{k}", **brick_options) for k in range(first, first + n)]
+    return bricks, [b.client() for b in bricks]

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import secrets
@@ -209,7 +208,7 @@ def _teardown(cdir: Path, state: dict[str, Any], timeout: float = 20.0, reap: An
 def cleanup_stale(all_clusters: bool = False, log: Any = None) -> list[str]:
     """Tear down clusters whose owner process is dead (all of ours with ``all_clusters``)."""
     say = log or (lambda *_a, **_k: None)
-    done = []
+    done: list[str] = []
     if not ROOT.is_dir():
         return done
     for cdir in sorted(ROOT.iterdir()):
@@ -358,7 +357,8 @@ class MultiCluster:
             for src, target in ((node.workdir, "/var/lib/glusterd"), (node.rundir, "/run/gluster"),
                                 (node.logdir, "/var/log/glusterfs")):
                 src.mkdir(parents=True, exist_ok=True)
-                binds.append(f"mkdir -p {shlex.quote(target)} && mount --bind {shlex.quote(str(src))} {shlex.quote(target)}")
+                binds.append(f"mkdir -p {shlex.quote(target)} && "
+                             f"mount --bind {shlex.quote(str(src))} {shlex.quote(target)}")
             node.rundir.mkdir(parents=True, exist_ok=True)
             node.bricks.mkdir(parents=True, exist_ok=True)
             script = " && ".join(binds) + " && echo ready && exec sleep infinity"
@@ -368,9 +368,10 @@ class MultiCluster:
             self.state["holders"].append(procs.record(node.holder))
             self._save()
         # glusterd daemonizes only after its initialisation (~3 s): start all at once
-        procs = [subprocess.Popen([*self.node_prefix(n.index), *self.glusterd_cmd(n.index)], stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for n in self.nodes]
-        for node, proc in zip(self.nodes, procs):
+        starters = [subprocess.Popen([*self.node_prefix(n.index), *self.glusterd_cmd(n.index)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                    for n in self.nodes]
+        for node, proc in zip(self.nodes, starters):
             try:
                 _out, err = proc.communicate(timeout=self.timeout)
             except subprocess.TimeoutExpired:
@@ -378,7 +379,8 @@ class MultiCluster:
                 proc.communicate()
                 raise MultiClusterError(f"glusterd {node.host} did not daemonize within {self.timeout:.0f}s") from None
             if proc.returncode != 0:
-                raise MultiClusterError(f"glusterd {node.host} failed (exit {proc.returncode}): {err.decode(errors='replace')}")
+                raise MultiClusterError(f"glusterd {node.host} failed (exit {proc.returncode}): "
+                                        f"{err.decode(errors='replace')}")
         for node in self.nodes:
             self.wait_glusterd(node.index)
 

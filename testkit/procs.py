@@ -50,7 +50,7 @@ def start_time(pid: int) -> int | None:
 
 def alive(pid: int | None) -> bool:
     """True if ``pid`` runs (exists and is not a zombie)."""
-    return bool(pid) and pid > 0 and start_time(pid) is not None  # type: ignore[operator]
+    return pid is not None and pid > 0 and start_time(pid) is not None
 
 
 def record(pid: int) -> dict[str, Any]:

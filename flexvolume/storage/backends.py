@@ -229,7 +229,8 @@ class GfuseMounter:
         try:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=self.timeout)
         except subprocess.TimeoutExpired:
-            raise StorageError("pool-unavailable", f"gfuse mount {source} did not finish in {self.timeout:.0f}s") from None
+            raise StorageError("pool-unavailable",
+                               f"gfuse mount {source} did not finish in {self.timeout:.0f}s") from None
         if proc.returncode != 0:
             raise StorageError("pool-unavailable",
                                f"cannot mount the pool {source}: {(proc.stderr or proc.stdout).strip()}")
@@ -286,11 +287,13 @@ class SubdirBackend:
             return
         info = self.glusterd.volume_info(self.pool)
         if info is None:
-            raise StorageError("pool-unavailable", f"the pool volume {self.pool} does not exist (run `gfuse cluster init`)")
+            raise StorageError("pool-unavailable",
+                               f"the pool volume {self.pool} does not exist (run `gfuse cluster init`)")
         if not info.started:
             raise StorageError("pool-unavailable", f"the pool volume {self.pool} is {info.status}, not started")
         if not self.glusterd.quota_enabled(self.pool, info):
-            log.warning("quota is off on the pool %s: enabling it (sizes are enforced with directory quotas)", self.pool)
+            log.warning("quota is off on the pool %s: enabling it (sizes are enforced with directory quotas)",
+                        self.pool)
             self.glusterd.quota_enable(self.pool)
         if any(info.options.get(k) != v for k, v in QUOTA_OPTIONS.items()):
             log.warning("pool %s does not have %s: on glusterfs 10.3 directory quotas may then not be enforced "
@@ -379,7 +382,8 @@ class SubdirBackend:
                 mode = int(params["dirMode"], 8)
                 assert 0 <= mode <= 0o7777
             except (ValueError, AssertionError):
-                raise StorageError("invalid-parameters", f"dirMode {params['dirMode']!r} is not an octal mode") from None
+                raise StorageError("invalid-parameters",
+                                   f"dirMode {params['dirMode']!r} is not an octal mode") from None
         d = dir_name(name)
         with self.locks.hold(d):
             root = self.root()
@@ -571,7 +575,8 @@ class BrickPoolRegistry:
     def load(self) -> list[BrickPool]:
         info = self.glusterd.volume_info(self.volume)
         if info is None:
-            raise StorageError("no-brick-pools", f"the registry volume {self.volume} does not exist (run `gfuse cluster init`)")
+            raise StorageError("no-brick-pools",
+                               f"the registry volume {self.volume} does not exist (run `gfuse cluster init`)")
         return self.parse(info.options.get(REGISTRY_KEY, ""))
 
     @staticmethod
@@ -660,7 +665,8 @@ class VolumeBackend:
                 continue
             k, sep, v = item.partition("=")
             if not sep or not _OPTION_KEY.match(k) or k.startswith("user.gfuse."):
-                raise StorageError("invalid-parameters", f"volumeOptions: {item!r} is not KEY=VALUE with a gluster option key")
+                raise StorageError("invalid-parameters",
+                                   f"volumeOptions: {item!r} is not KEY=VALUE with a gluster option key")
             options[k] = v
         return replica, options
 
@@ -835,7 +841,8 @@ def backend_for(params: Mapping[str, str], *, glusterd: Glusterd, pool: str | No
     unknown = sorted(k for k in params if k not in PARAMETERS and not k.startswith("csi.storage.k8s.io/"))
     if unknown:
         raise StorageError("invalid-parameters",
-                           f"unknown StorageClass parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(PARAMETERS))}")
+                           f"unknown StorageClass parameter(s) {', '.join(unknown)}; "
+                           f"known: {', '.join(sorted(PARAMETERS))}")
     kind = params.get("backend") or "subdir"
     pool_name = params.get("pool") or pool
     if kind == "subdir":
@@ -852,7 +859,8 @@ def backend_for(params: Mapping[str, str], *, glusterd: Glusterd, pool: str | No
                                    mounter=mounter)
     elif kind == "volume":
         if not pool:
-            raise StorageError("invalid-parameters", "the volume backend needs the registry (pool) volume of the provisioner")
+            raise StorageError("invalid-parameters",
+                               "the volume backend needs the registry (pool) volume of the provisioner")
         key = ("volume", pool)
         if _cache is not None and key in _cache:
             return _cache[key]

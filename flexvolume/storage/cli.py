@@ -27,7 +27,8 @@ R = TypeVar("R")
 
 
 @click.group("cluster")
-@click.option("--glusterd-socket", default="/var/run/glusterd.socket", show_default=True, envvar="GFUSE_GLUSTERD_SOCKET",
+@click.option("--glusterd-socket", default="/var/run/glusterd.socket", show_default=True,
+              envvar="GFUSE_GLUSTERD_SOCKET",
               help="glusterd's unix socket (management commands are refused over TCP).")
 @click.option("--gluster-command", default="gluster", show_default=True, envvar="GFUSE_GLUSTER_COMMAND",
               help="The gluster CLI, with any prefix, e.g. 'kubectl exec -n glusterfs ds/glusterfs -- gluster'.")
@@ -119,7 +120,8 @@ def _format_cluster_status(st: dict[str, Any]) -> str:
     lines.append("brick pools:")
     for bp in st.get("brick_pools", []):
         cap = f"{bp['size_bytes']} bytes" if bp["size_bytes"] else "not accounted"
-        lines.append(f"  {bp['host']}:{bp['path']}  {bp['volumes']} volume(s), {bp['allocated_bytes']} bytes allocated, {cap}")
+        lines.append(f"  {bp['host']}:{bp['path']}  {bp['volumes']} volume(s), "
+                     f"{bp['allocated_bytes']} bytes allocated, {cap}")
     return "\n".join(lines)
 
 

@@ -66,14 +66,16 @@ def _wait_peers(gd: Glusterd, hosts: Sequence[str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         peers = {p.hostname: p for p in gd.peers()}
-        missing = [h for h in hosts if not (h in peers and peers[h].connected and peers[h].state.startswith("Peer in Cluster"))]
+        missing = [h for h in hosts
+                   if not (h in peers and peers[h].connected and peers[h].state.startswith("Peer in Cluster"))]
         if not missing:
             return
         if time.monotonic() > deadline:
+            states = [f"{h}: {peers[h].state}, {'connected' if peers[h].connected else 'disconnected'}"
+                      if h in peers else f"{h}: not a peer" for h in missing]
             raise StorageError("glusterd-unreachable",
                                f"node(s) {', '.join(missing)} did not become connected peers within {timeout:.0f}s: "
-                               + "; ".join(f"{h}: {peers[h].state}, {'connected' if peers[h].connected else 'disconnected'}"
-                                           if h in peers else f"{h}: not a peer" for h in missing))
+                               + "; ".join(states))
         time.sleep(0.3)
 
 
@@ -133,7 +135,8 @@ def init(gd: Glusterd, nodes: Sequence[NodeSpec], *, pool: str = DEFAULT_POOL, r
 
 def status(gd: Glusterd, pool: str = DEFAULT_POOL) -> dict[str, Any]:
     """Peers, the pool volume (bricks online, quota), brick pools with what is allocated on them."""
-    out: dict[str, Any] = {"peers": [{"host": p.hostname, "connected": p.connected, "state": p.state} for p in gd.peers()]}
+    out: dict[str, Any] = {"peers": [{"host": p.hostname, "connected": p.connected, "state": p.state}
+                                     for p in gd.peers()]}
     info = gd.volume_info(pool)
     if info is None:
         out["pool"] = None

@@ -177,7 +177,8 @@ class Glusterd:
                                    f"{what}: no answer from glusterd ({self.socket}) within "
                                    f"{timeout or self.timeout:.0f}s") from None
             except FileNotFoundError as e:
-                raise StorageError("glusterd-unreachable", f"cannot run the gluster CLI ({self.command[0]}): {e}") from None
+                raise StorageError("glusterd-unreachable",
+                                   f"cannot run the gluster CLI ({self.command[0]}): {e}") from None
             root = None
             if proc.stdout.strip().startswith("<"):
                 try:
@@ -197,9 +198,9 @@ class Glusterd:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            e = StorageError("gluster-error", f"{what}: {err or f'no output, exit status {proc.returncode}'}")
-            e.gluster_errstr = err  # type: ignore[attr-defined]
-            raise e
+            failure = StorageError("gluster-error", f"{what}: {err or f'no output, exit status {proc.returncode}'}")
+            failure.gluster_errstr = err  # type: ignore[attr-defined]
+            raise failure
 
     def ping(self) -> None:
         """StorageError('glusterd-unreachable') unless glusterd answers."""

@@ -274,7 +274,7 @@ def test_mount_lifecycle(agent: AgentProcess, vol_replica3, native_mount, tmp_pa
     assert ei.value.code == "conflict"
     assert ei.value.message == (f"{target} is already mounted by gfuse from {vol_replica3.source}, not "
                                 f"{vol_replica3.source}/elsewhere; unmount it first")
-    with pytest.raises(AgentError, match="is already mounted read-write .* asked read-only"):
+    with pytest.raises(AgentError, match=r"is already mounted read-write .* asked read-only"):
         c.mount(vol_replica3.source, str(target), readonly=True)
 
     st = c.stats(str(target))
@@ -355,7 +355,8 @@ def test_state_is_readopted_after_a_reboot(vol_replica3, tmp_path: Path) -> None
     a = AgentProcess(tmp_path / "agent", health_interval=1.0)
     a.workdir.mkdir(parents=True)
     save_state(str(a.state), {
-        str(target): MountRecord(vol_replica3.source, str(target), ["allow_other"], pid=4194304),  # a pid that cannot be alive
+        # a pid that cannot be alive
+        str(target): MountRecord(vol_replica3.source, str(target), ["allow_other"], pid=4194304),
         str(gone): MountRecord(vol_replica3.source, str(gone)),
     })
     torn = Path(f"{a.state}.tmp.12345")  # left by an agent killed while writing the state

@@ -98,7 +98,8 @@ def test_three_glusterds_isolated_then_gone():
             assert n.socket.is_socket()
             sockets.add(n.socket)
             # unconfigured: each is alone in its pool (independent mode before init)
-            assert [p for p in mc.gluster(n.index, "pool", "list").splitlines()[1:] if p.strip()][0].split()[1] == "localhost"
+            pool = [p for p in mc.gluster(n.index, "pool", "list").splitlines()[1:] if p.strip()]
+            assert pool[0].split()[1] == "localhost"
             # the node's mount namespace shows its own directories where gluster hard-codes paths
             for target, src in (("/var/lib/glusterd", n.workdir), ("/run/gluster", n.rundir)):
                 probe = subprocess.run([*mc.node_prefix(n.index), "stat", "-c", "%d:%i", target],
@@ -179,7 +180,8 @@ mc = mcl.MultiCluster(2)
 mc.start()
 mc.peer_all()
 n1, n2 = mc.nodes
-mc.gluster(1, "volume", "create", "leftover", "replica", "2", f"{n1.host}:{n1.bricks}/b", f"{n2.host}:{n2.bricks}/b", "force")
+mc.gluster(1, "volume", "create", "leftover", "replica", "2", f"{n1.host}:{n1.bricks}/b", f"{n2.host}:{n2.bricks}/b",
+           "force")
 mc.gluster(1, "volume", "start", "leftover")
 ctx = mc.gfuse_mount(f"{n1.host}:/leftover")
 mp = ctx.__enter__()
