@@ -139,11 +139,11 @@ class VolumeRef:
 
 def parse_id(volume_id: str, volume_prefix: str = GLUSTER_VOLUME_PREFIX) -> VolumeRef | None:
     """The volume an id of this controller names, or None for any other id."""
-    for prefix, kind in ((SUBDIR_PREFIX, "subdir"), (VOLUME_PREFIX, "volume")):
-        if volume_id.startswith(prefix):
-            break
-    else:
+    found = next(((p, k) for p, k in ((SUBDIR_PREFIX, "subdir"), (VOLUME_PREFIX, "volume"))
+                  if volume_id.startswith(p)), None)
+    if found is None:
         return None
+    prefix, kind = found
     try:
         source = check_source(volume_id[len(prefix):])
     except CsiError:
@@ -244,7 +244,7 @@ class Backends:
             if isinstance(b, SubdirBackend):
                 try:
                     b.close()
-                except Exception:  # noqa: BLE001 - shutting down anyway
+                except Exception:  # shutting down anyway
                     log.exception("unmounting the pool %s failed", b.pool)
 
 
@@ -316,7 +316,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     # -- create / delete -----------------------------------------------------------------------
 
     @rpc
-    def CreateVolume(self, request, context):  # noqa: N802 - gRPC names
+    def CreateVolume(self, request, context):
         require(request.name, "name")
         if len(request.volume_capabilities) == 0:
             raise invalid("volume_capabilities is required")
@@ -353,7 +353,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.CreateVolumeResponse(volume=volume)
 
     @rpc
-    def DeleteVolume(self, request, context):  # noqa: N802
+    def DeleteVolume(self, request, context):
         require(request.volume_id, "volume_id")
         ref = parse_id(request.volume_id)
         if ref is None:
@@ -376,7 +376,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return ref, backend, pv
 
     @rpc
-    def ValidateVolumeCapabilities(self, request, context):  # noqa: N802
+    def ValidateVolumeCapabilities(self, request, context):
         require(request.volume_id, "volume_id")
         if len(request.volume_capabilities) == 0:
             raise invalid("volume_capabilities is required")
@@ -397,7 +397,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             ))
 
     @rpc
-    def ControllerExpandVolume(self, request, context):  # noqa: N802
+    def ControllerExpandVolume(self, request, context):
         require(request.volume_id, "volume_id")
         if not request.HasField("capacity_range"):
             raise invalid("capacity_range is required")
@@ -416,7 +416,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=pv.size_bytes, node_expansion_required=False)
 
     @rpc
-    def ControllerGetCapabilities(self, request, context):  # noqa: N802
+    def ControllerGetCapabilities(self, request, context):
         return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=[
             csi_pb2.ControllerServiceCapability(rpc=CtrlRPC(type=t))
             for t in (CtrlRPC.CREATE_DELETE_VOLUME, CtrlRPC.EXPAND_VOLUME)

@@ -34,11 +34,11 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         self.health = health
 
     @rpc
-    def GetPluginInfo(self, request, context):  # noqa: N802 - gRPC names
+    def GetPluginInfo(self, request, context):
         return csi_pb2.GetPluginInfoResponse(name=self.driver_name, vendor_version=plugin_version())
 
     @rpc
-    def GetPluginCapabilities(self, request, context):  # noqa: N802
+    def GetPluginCapabilities(self, request, context):
         caps = []
         if self.controller:
             caps.append(PluginCapability(service=PluginCapability.Service(
@@ -48,7 +48,7 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=caps)
 
     @rpc
-    def Probe(self, request, context):  # noqa: N802
+    def Probe(self, request, context):
         if self.health is not None:
             try:
                 self.health()

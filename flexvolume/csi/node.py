@@ -216,7 +216,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         while not stop.wait(interval):
             try:
                 self.repair_targets()
-            except Exception:  # noqa: BLE001 - keep the loop alive; the next pass retries
+            except Exception:  # keep the loop alive; the next pass retries
                 log.exception("repair pass failed")
 
     def health(self) -> None:
@@ -238,7 +238,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     # -- stage ---------------------------------------------------------------------------------
 
     @rpc
-    def NodeStageVolume(self, request, context):  # noqa: N802 - gRPC names
+    def NodeStageVolume(self, request, context):
         require(request.volume_id, "volume_id")
         require(request.staging_target_path, "staging_target_path")
         if not request.HasField("volume_capability"):
@@ -260,7 +260,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodeStageVolumeResponse()
 
     @rpc
-    def NodeUnstageVolume(self, request, context):  # noqa: N802
+    def NodeUnstageVolume(self, request, context):
         require(request.volume_id, "volume_id")
         require(request.staging_target_path, "staging_target_path")
         staging = check_path(request.staging_target_path, self.kubelet_dir, "staging_target_path")
@@ -275,7 +275,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     # -- publish -------------------------------------------------------------------------------
 
     @rpc
-    def NodePublishVolume(self, request, context):  # noqa: N802
+    def NodePublishVolume(self, request, context):
         require(request.volume_id, "volume_id")
         require(request.target_path, "target_path")
         require(request.staging_target_path, "staging_target_path")
@@ -321,7 +321,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodePublishVolumeResponse()
 
     @rpc
-    def NodeUnpublishVolume(self, request, context):  # noqa: N802
+    def NodeUnpublishVolume(self, request, context):
         require(request.volume_id, "volume_id")
         require(request.target_path, "target_path")
         target = check_path(request.target_path, self.kubelet_dir, "target_path")
@@ -339,7 +339,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     # -- information ---------------------------------------------------------------------------
 
     @rpc
-    def NodeGetVolumeStats(self, request, context):  # noqa: N802
+    def NodeGetVolumeStats(self, request, context):
         require(request.volume_id, "volume_id")
         require(request.volume_path, "volume_path")
         vid, given = request.volume_id, request.volume_path
@@ -388,11 +388,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=VolumeCondition(abnormal=True, message=message))
 
     @rpc
-    def NodeGetCapabilities(self, request, context):  # noqa: N802
+    def NodeGetCapabilities(self, request, context):
         return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[
             csi_pb2.NodeServiceCapability(rpc=NodeRPC(type=t)) for t in NODE_CAPABILITIES
         ])
 
     @rpc
-    def NodeGetInfo(self, request, context):  # noqa: N802
+    def NodeGetInfo(self, request, context):
         return csi_pb2.NodeGetInfoResponse(node_id=self.node_id)

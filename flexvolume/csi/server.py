@@ -132,7 +132,7 @@ class Plugin:
         if self.backends is not None:
             try:
                 self.backends.close()
-            except Exception:  # noqa: BLE001 - shutting down anyway
+            except Exception:  # shutting down anyway
                 log.exception("unmounting the pool mounts failed")
         try:
             os.unlink(self.path)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         plugin = Plugin(args)
         plugin.start()
-    except Exception as e:  # noqa: BLE001 - one line for the admin (stubs, socket, options)
+    except Exception as e:  # one line for the admin (stubs, socket, options)
         log.debug("start failed", exc_info=True)
         print(f"gfuse-csi: {e}", file=sys.stderr)
         sys.exit(1)

@@ -135,7 +135,7 @@ def rpc(method: F) -> F:
             err = agent_error(e, "the gfuse agent")
             log.warning("%s: %s %s", name, err.code.name, err.message)
             context.abort(err.code, err.message)
-        except Exception as e:  # noqa: BLE001 - the CO gets a status, the log the traceback
+        except Exception as e:  # the CO gets a status, the log the traceback
             log.exception("%s failed", name)
             context.abort(grpc.StatusCode.INTERNAL, f"{name}: {type(e).__name__}: {e}")
         log.debug("%s: OK", name)
