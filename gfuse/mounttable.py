@@ -147,7 +147,9 @@ def _serves(argv: list[str], target: str) -> bool:
 
 def is_serving_process(pid: int | None, target: str) -> bool:
     """True if ``pid`` is alive and is the daemonized ``gfuse mount`` serving ``target``."""
-    return bool(pid) and pid_alive(pid) and _serves(_cmdline(pid), target)  # type: ignore[arg-type]
+    if not pid:
+        return False
+    return pid_alive(pid) and _serves(_cmdline(pid), target)
 
 
 def serving_pids(target: str) -> list[int]:
