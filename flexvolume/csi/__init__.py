@@ -4,9 +4,9 @@
 - :mod:`flexvolume.csi.identity`, :mod:`flexvolume.csi.node`, :mod:`flexvolume.csi.controller` — the
   three CSI services.
 - :mod:`flexvolume.csi.volumes` — volume ids, volume context, capability checks, gRPC errors.
-- :mod:`flexvolume.csi.stubs` — the CSI protobuf/gRPC stubs, generated at first import from the
-  compiled ``csi.proto`` shipped in a PyPI wheel (see its docstring); afterwards importable as
-  ``flexvolume.csi.csi_pb2`` and ``flexvolume.csi.csi_pb2_grpc``.
+- :mod:`flexvolume.csi.stubs` — loads the CSI protobuf/gRPC stubs (``flexvolume.csi.csi_pb2``,
+  ``flexvolume.csi.csi_pb2_grpc``) that :mod:`flexvolume.csi.genstubs` generates at install or image-build
+  time (``python3 -m flexvolume.csi.stubs``); never generates or downloads anything at import.
 
 Needs the ``csi`` extra: ``pip install 'gfuse[csi]'`` (grpcio, grpcio-tools, protobuf).
 """
