@@ -391,7 +391,7 @@ class Agent:
 
     async def op_mount(self, req: dict[str, Any]) -> dict[str, Any]:
         from gfuse.mgmt import parse_volume_spec
-        from gfuse.options import MountError, parse_options
+        from gfuse.options import MountError, parse_options, split_options
 
         source = self._str(req, "source")
         target = self._target(req)
@@ -409,7 +409,7 @@ class Agent:
             parse_volume_spec(source)
         except ValueError as e:
             raise OpError(f"mount: bad source: {e}", "invalid") from None
-        options = [item.strip() for o in raw for item in o.split(",") if item.strip()]
+        options = [item for o in raw for item in split_options(o)]  # context="…:c1,c2" is one item
         if "ro" in options:
             readonly = True
             options = [o for o in options if o != "ro"]

@@ -3,10 +3,15 @@
 kubelet (``pkg/volume/flexvolume``) runs ``<plugin-dir>/<vendor>~gfuse/gfuse`` with:
 
 - ``init`` → ``{"status": "Success", "capabilities": {"attach": false, "selinuxRelabel": false,
-  "fsGroup": false, "supportsMetrics": true}}`` (fsGroup false: kubelet never chowns a whole volume);
+  "fsGroup": false, "supportsMetrics": true, "requiresFSResize": false}}``. kubelet fills every key the
+  answer leaves out with its default (``defaultCapabilities`` in driver-call.go: attach, selinuxRelabel,
+  fsGroup and requiresFSResize true), so each is said: fsGroup false — kubelet never chowns a whole
+  volume; requiresFSResize false — a PV's size is a quota the bricks enforce, there is no filesystem on
+  the node to grow (true would make kubelet call ``expandfs`` or resize the mount itself after expansion);
 - ``mount <mount-dir> <json-options>`` → mounts the volume on ``<mount-dir>``
   (``/var/lib/kubelet/pods/<uid>/volumes/<vendor>~gfuse/<name>``) through the gfuse node agent;
-- ``unmount <mount-dir>`` → unmounts it (an unmounted directory is a success: kubelet retries);
+- ``unmount <mount-dir>`` → unmounts it (an unmounted directory is a success: kubelet retries); with
+  the agent down, the driver unmounts it itself (see :func:`cmd_unmount`);
 - anything else (attach, detach, waitforattach, mountdevice, getvolumename, expandvolume, …) →
   ``{"status": "Not supported"}``, so kubelet falls back to its defaults.
 
@@ -20,7 +25,10 @@ The JSON options are strings only (kubelet marshals a ``map[string]string``): ku
 ``backupServers``       other glusterd hosts for the volfile, separated by ``:`` ``,`` or spaces
 ``readOnly``            ``"true"``/``"false"``; also read-only when kubelet says ``kubernetes.io/readwrite: ro``
 ``mountOptions``        more ``gfuse mount -o`` items, comma-separated (e.g. ``ping-timeout=10,log-level=DEBUG``);
-                        ``allow_other`` is always added (containers run as any user)
+                        ``allow_other`` is always added (containers run as any user). kubelet refuses a PV's
+                        ``spec.mountOptions`` for FlexVolume ("Mount options are not supported for this volume
+                        type"), so this option is where mount options go (the provisioner puts its class's
+                        there); ``context="…"`` (SELinux, commas allowed inside the quotes) reaches mount(2)
 
 Output: exactly one JSON object on stdout, nothing on stderr (kubelet reads both together), exit 0
 with ``Success`` (and ``Not supported``), 1 with ``Failure`` and a message a cluster admin can act on.
@@ -44,12 +52,15 @@ import signal
 import sys
 from typing import Any, NoReturn
 
-from gfuse.options import parse_bool
+from gfuse.options import parse_bool, split_options
 
 from .protocol import DEFAULT_SOCKET
 
 SUCCESS, FAILURE, NOT_SUPPORTED = "Success", "Failure", "Not supported"
-CAPABILITIES = {"attach": False, "selinuxRelabel": False, "fsGroup": False, "supportsMetrics": True}
+CAPABILITIES = {"attach": False, "selinuxRelabel": False, "fsGroup": False, "supportsMetrics": True,
+                "requiresFSResize": False}
+#: agent failures (AgentError.code) after which ``unmount`` is done by the driver itself
+AGENT_DOWN = ("unavailable", "timeout")
 #: fsType values that mean "this driver's filesystem"; kubelet passes "" when the PV gives none
 FS_TYPES = ("", "gfuse", "fuse.gfuse", "glusterfs")
 KNOWN_COMMANDS = ("init", "mount", "unmount")
@@ -111,8 +122,7 @@ def parse_mount_options(text: str) -> dict[str, Any]:
         raise DriverFailure(f"{K_READWRITE} must be \"rw\" or \"ro\", not {rw!r}")
     readonly = rw == "ro" or _bool(opts, "readOnly")
     # pods run as any user: without allow_other only root could use the mount
-    mount_options = ["allow_other"] + [o.strip() for o in opts.get("mountOptions", "").split(",")
-                                       if o.strip() and o.strip() != "allow_other"]
+    mount_options = ["allow_other"] + [o for o in split_options(opts.get("mountOptions", "")) if o != "allow_other"]
     backups = opts.get("backupServers", "").strip()
     if backups:
         hosts = [h for h in re.split(r"[,\s]+", backups) if h] if re.search(r"[,\s]", backups) else backups.split(":")
@@ -173,6 +183,18 @@ def cmd_mount(args: list[str]) -> dict[str, Any]:
 
 
 def cmd_unmount(args: list[str]) -> dict[str, Any]:
+    """Unmount through the agent; if the agent cannot be reached (not running, restarting, stuck), here.
+
+    Why not a Failure that says "start the agent": kubelet calls ``unmount`` while tearing a pod down
+    and retries it for as long as it fails, the pod stays Terminating meanwhile, and the volume dir
+    cannot be removed while it is a mount point. If the agent is gone for good (its DaemonSet deleted,
+    a node being drained, a crash loop) nothing would ever end that. The unmount itself needs no agent:
+    the mount is a plain FUSE mount of this namespace, and its serving process exits by itself when the
+    kernel ends the FUSE session. So the driver does what the agent would: refuses anything that is not
+    a gfuse mount, unmounts (lazily if busy), removes the directory (kubelet would remove it next) —
+    which is also how a restarting agent learns the mount is gone: it drops state entries whose
+    directory no longer exists instead of mounting them again — and answers Success.
+    """
     from .agentclient import AgentError
 
     if len(args) != 1:
@@ -181,9 +203,46 @@ def cmd_unmount(args: list[str]) -> dict[str, Any]:
     try:
         resp = _client().unmount(target, timeout=_timeout())
     except AgentError as e:
-        raise DriverFailure(e.message) from None
+        if e.code not in AGENT_DOWN:
+            raise DriverFailure(e.message) from None
+        return _unmount_here(target, e.message)
     return {"status": SUCCESS, "message": f"unmounted {target}" if resp.get("was_mounted")
             else f"{target} was not mounted"}
+
+
+def _unmount_here(target: str, why: str) -> dict[str, Any]:
+    """``unmount`` without the agent (:func:`cmd_unmount`); never stats the target (it may be dead)."""
+    import subprocess
+
+    from gfuse.mounttable import mounts_at
+
+    stack = mounts_at(target)
+    if stack and not stack[-1].is_gfuse:
+        raise DriverFailure(f"{target} is mounted with {stack[-1].fstype} from {stack[-1].source}, which is not a "
+                            f"gfuse mount; not unmounting it")
+    for _ in range(len(stack)):
+        top = mounts_at(target)
+        if not top or not top[-1].is_gfuse:
+            break
+        error = ""
+        for cmd in (["umount", "-c", target], ["umount", "-c", "-l", target]):  # -l: busy (a process in it)
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False,
+                                   stdin=subprocess.DEVNULL)
+                error = (r.stderr or r.stdout).strip().rpartition("\n")[2] or f"exit status {r.returncode}"
+            except (OSError, subprocess.TimeoutExpired) as e:
+                error = str(e)
+            if mounts_at(target) != top:
+                break
+        else:
+            raise DriverFailure(f"the gfuse agent is down ({why}) and unmounting {target} here failed: {error}; "
+                                f"start the gfuse agent on this node (the gfuse DaemonSet pod)")
+    try:
+        os.rmdir(target)
+    except OSError:
+        pass  # not empty or gone: kubelet removes it (and reports what is in the way)
+    what = f"unmounted {target}" if stack else f"{target} was not mounted"
+    return {"status": SUCCESS, "message": f"{what} without the gfuse agent ({why})"}
 
 
 def run(argv: list[str]) -> tuple[dict[str, Any], int]:

@@ -123,6 +123,7 @@ class MountedVolume:
                 fuse_opts.add("ro")
             if self.opts.allow_other:
                 fuse_opts.add("allow_other")
+            fuse_opts.update(self.opts.libfuse_kernel_options())  # context= etc.: libfuse hands them to mount(2)
             try:
                 pyfuse3.init(ops, self.mountpoint, fuse_opts)
             except RuntimeError as e:

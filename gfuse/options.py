@@ -5,6 +5,7 @@ Pure: no FUSE, no trio; the node agent imports it to check options before it sta
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .volspec import Server, check_subdir, parse_servers
@@ -34,8 +35,31 @@ def parse_bool(value: object, default: bool | None = None) -> bool:
 IGNORED_OPTIONS = {"defaults", "rw", "auto", "noauto", "_netdev", "nofail", "user", "nouser", "users", "exec",
                    "noexec", "suid", "nosuid", "dev", "nodev", "relatime", "noatime", "atime", "strictatime",
                    "nodiratime", "diratime", "async", "sync", "owner", "group", "comment", "x-systemd.automount"}
+#: SELinux labels for the whole mount (kubelet adds ``context="…"`` when a CSIDriver has ``seLinuxMount: true``):
+#: gfuse does not interpret them, they go to the kernel's mount(2) as given (libfuse passes them through)
+SELINUX_OPTIONS = ("context", "fscontext", "defcontext", "rootcontext")
 KNOWN_OPTIONS = {"backup-volfile-servers", "backupvolfile-server", "ro", "log-file", "log-level", "allow_other",
-                 "subdir", "attribute-timeout", "entry-timeout", "read-ahead-kb", "ping-timeout"}
+                 "subdir", "attribute-timeout", "entry-timeout", "read-ahead-kb", "ping-timeout", *SELINUX_OPTIONS}
+#: an SELinux context (user:role:type[:level]); a level may hold commas (s0:c1,c2) and dots (c0.c1023)
+_SELINUX_CONTEXT = re.compile(r"[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+(:[A-Za-z0-9_.:,-]+)?")
+
+
+def split_options(text: str | None) -> list[str]:
+    """``a,b=c,context="u:r:t:s0:c1,c2"`` → items: commas inside double quotes do not split (SELinux
+    levels hold commas; mount(8) and the kernel quote them the same way)."""
+    items: list[str] = []
+    item: list[str] = []
+    quoted = False
+    for ch in text or "":
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            items.append("".join(item))
+            item = []
+        else:
+            item.append(ch)
+    items.append("".join(item))
+    return [i.strip() for i in items if i.strip()]
 
 
 class MountError(Exception):
@@ -54,6 +78,12 @@ class MountOptions:
     entry_timeout: float = 1.0
     read_ahead_kb: int = 1024
     ping_timeout: float | None = None
+    #: ``key="value"`` items for the kernel's mount(2) (SELINUX_OPTIONS), normalized with double quotes
+    kernel_options: list[str] = field(default_factory=list)
+
+    def libfuse_kernel_options(self) -> list[str]:
+        """:attr:`kernel_options` as libfuse's ``-o`` parser needs them (a comma is escaped, or it splits)."""
+        return [o.replace("\\", "\\\\").replace(",", "\\,") for o in self.kernel_options]
 
 
 def parse_options(text: str | None) -> MountOptions:
@@ -61,7 +91,7 @@ def parse_options(text: str | None) -> MountOptions:
     o = MountOptions()
     if not text:
         return o
-    for item in filter(None, (x.strip() for x in text.split(","))):
+    for item in split_options(text):
         key, _, value = item.partition("=")
         if key in IGNORED_OPTIONS or key.startswith("x-"):
             continue
@@ -92,6 +122,12 @@ def parse_options(text: str | None) -> MountOptions:
                 o.read_ahead_kb = int(value)
             elif key == "ping-timeout":
                 o.ping_timeout = float(value)
+            elif key in SELINUX_OPTIONS:
+                label = value[1:-1] if len(value) > 1 and value[0] == value[-1] == '"' else value
+                if not _SELINUX_CONTEXT.fullmatch(label):
+                    raise ValueError(f"{value!r} is not an SELinux context (user:role:type:level)")
+                o.kernel_options = [k for k in o.kernel_options if not k.startswith(key + "=")]
+                o.kernel_options.append(f'{key}="{label}"')
         except ValueError as e:
             raise MountError(f"bad value for mount option {key!r}: {e}") from None
     return o

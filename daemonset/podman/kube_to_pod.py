@@ -7,7 +7,8 @@ DaemonSet) and writes a v1 Pod to stdout, optionally adapted to a test machine:
   --kubelet-dir DIR      use DIR instead of /var/lib/kubelet everywhere (hostPath paths, mountPaths, args,
                          env): a stand-in kubelet dir, made rshared first (mount --bind DIR DIR &&
                          mount --make-rshared DIR); host and container paths stay equal, as they must.
-  --flexvolume-dir DIR   host dir for the FlexVolume driver instead of kubelet's default plugin dir
+  --flexvolume-dir DIR   host dir for the FlexVolume driver instead of kubelet's default plugin dir (the
+                         install-flexvolume init container's FLEXVOLUME_PLUGIN_DIR)
   --image IMAGE          replace the gfuse image (localhost/gfuse:TAG) with IMAGE
   --node-name NAME       value for env taken from spec.nodeName (and for $(VAR) uses of it)
   --no-systemd           the host has no systemd (e.g. a test container): drop the agent's
@@ -36,6 +37,7 @@ import yaml
 
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
 DEFAULT_FLEXVOLUME_DIR = "/usr/libexec/kubernetes/kubelet-plugins/volume/exec"
+FLEXVOLUME_DIR_ENV = "FLEXVOLUME_PLUGIN_DIR"
 DEFAULT_INPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "base", "daemonset-node.yaml")
 SIDECAR_REGISTRIES = ("registry.k8s.io/",)
 WORKLOAD_KINDS = ("DaemonSet", "Deployment", "StatefulSet", "ReplicaSet", "Job")
@@ -116,8 +118,6 @@ def template_to_pod(
         hp = v.get("hostPath")
         if not hp:
             continue
-        if flexvolume_dir and hp["path"] == DEFAULT_FLEXVOLUME_DIR:
-            hp["path"] = flexvolume_dir
         hp["path"] = _rewrite_prefix(hp["path"], DEFAULT_KUBELET_DIR, kubelet_dir)
 
     for c in _all_containers(spec):
@@ -127,6 +127,8 @@ def template_to_pod(
             m["mountPath"] = _rewrite_prefix(m["mountPath"], DEFAULT_KUBELET_DIR, kubelet_dir)
         literal: dict[str, str] = {}
         for e in c.get("env", []):
+            if flexvolume_dir and e["name"] == FLEXVOLUME_DIR_ENV:
+                e["value"] = flexvolume_dir
             ref = (e.get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath")
             if ref == "spec.nodeName" and node_name:
                 e.pop("valueFrom")

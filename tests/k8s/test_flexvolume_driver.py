@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -23,6 +25,8 @@ import pytest
 from flexvolume.driver import CAPABILITIES, parse_mount_options
 from gfuse.mounttable import mounts_at
 from testkit.kubelet import (
+    PLUGIN_DIR_NAME,
+    AgentProcess,
     Node,
     PodInfo,
     call_driver,
@@ -38,7 +42,30 @@ pytestmark = [
 ]
 
 INIT_OUTPUT = {"status": "Success", "capabilities": {"attach": False, "selinuxRelabel": False, "fsGroup": False,
-                                                     "supportsMetrics": True}}
+                                                     "supportsMetrics": True, "requiresFSResize": False}}
+REPO = Path(__file__).resolve().parents[2]
+IMAGE_DIR = REPO / "daemonset" / "image"
+
+#: kubelet's defaults for the capabilities an ``init`` answer leaves out (``defaultCapabilities`` in
+#: pkg/volume/flexvolume/driver-call.go): a driver that does not say false gets true
+KUBELET_DEFAULT_CAPABILITIES = {"attach": True, "selinuxRelabel": True, "supportsMetrics": False, "fsGroup": True,
+                                "requiresFSResize": True}
+
+
+def kubelet_reads_init(stdout: str) -> dict[str, bool]:
+    """The capabilities kubelet keeps from an ``init`` answer, as ``handleCmdResponse`` (driver-call.go) gets them:
+    the defaults above, overwritten by the keys of the JSON answer (Go's json.Unmarshal matches the ``json:`` tags
+    of DriverCapabilities case-insensitively, and ignores unknown keys); then ``NewFlexVolumePlugin`` (plugin.go)
+    keeps them and ``RequiresFSResize()`` returns ``requiresFSResize``."""
+    answer = json.loads(stdout)
+    assert answer["status"] == "Success", answer
+    caps = dict(KUBELET_DEFAULT_CAPABILITIES)
+    for key, value in (answer.get("capabilities") or {}).items():
+        for known in caps:
+            if key.lower() == known.lower():
+                assert isinstance(value, bool), f"{key}: {value!r} is not a JSON boolean (kubelet fails the plugin)"
+                caps[known] = value
+    return caps
 
 
 @pytest.fixture
@@ -63,6 +90,33 @@ def test_init(lone_driver: Path) -> None:
     assert _exactly_one_json_object(r) == INIT_OUTPUT and r.returncode == 0
     assert INIT_OUTPUT["capabilities"] == CAPABILITIES
     print(f"\ninit: {r.seconds * 1000:.0f} ms")
+
+
+def _install_shim(plugin_dir: Path, pidfile: Path) -> Path:
+    """The host shim as the DaemonSet's init container installs it (daemonset/image/install-flexvolume.sh)."""
+    env = {"PATH": os.environ["PATH"], "FLEXVOLUME_DIR": str(plugin_dir), "GFUSE_AGENT_PIDFILE": str(pidfile),
+           "GFUSE_SHIM_TEMPLATE": str(IMAGE_DIR / "flexvolume-shim.sh")}
+    plugin_dir.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["sh", str(IMAGE_DIR / "install-flexvolume.sh")], env=env, capture_output=True, text=True,
+                       timeout=30, check=False)
+    assert r.returncode == 0 and "installed" in r.stdout, r
+    return plugin_dir / PLUGIN_DIR_NAME / "gfuse"
+
+
+def test_init_as_kubelet_reads_it(lone_driver: Path, tmp_path: Path) -> None:
+    """kubelet's view of ``init`` (kubelet_reads_init: handleCmdResponse + defaultCapabilities): no attach (else
+    kubelet wraps the plugin as attachable and calls attach/mountdevice), no SELinux relabel and no fsGroup
+    (no recursive relabel or chown of a whole volume), metrics from statfs, and **no filesystem resize**: with
+    requiresFSResize true (kubelet's default) an expanded PV would get ``expandfs`` or kubelet's own resize of
+    the mount; the size is the quota the bricks enforce. Both the driver and the host shim (which answers init
+    itself while no agent runs) say so."""
+    shim = _install_shim(tmp_path / "shim-plugins", tmp_path / "no-agent.pid")
+    for exe in (lone_driver, shim):
+        r = call_driver(exe, "init")
+        assert r.returncode == 0 and r.stderr == "", r
+        assert kubelet_reads_init(r.stdout) == {"attach": False, "selinuxRelabel": False, "supportsMetrics": True,
+                                                "fsGroup": False, "requiresFSResize": False}, exe
+        assert json.loads(r.stdout) == INIT_OUTPUT, exe
 
 
 @pytest.mark.parametrize("argv", [
@@ -152,14 +206,18 @@ def test_mount_options_as_kubelet_sends_them() -> None:
 
 
 def test_agent_not_running(lone_driver: Path, tmp_path: Path) -> None:
+    """mount fails (kubelet retries; the pod waits in ContainerCreating); unmount of what is not mounted succeeds
+    (kubelet then removes the directory and the pod goes): neither needs the agent to end."""
     target = tmp_path / "kubelet" / "pods" / POD.uid / "volumes" / "gfuse.example.org~gfuse" / "data"
-    for argv in (["mount", str(target), json.dumps(kubelet_mount_options("h:/v", POD))], ["unmount", str(target)]):
-        r = call_driver(lone_driver, *argv)
-        out = _exactly_one_json_object(r)
-        assert out["status"] == "Failure" and r.returncode == 1 and r.seconds < 10
-        assert out["message"] == (f"gfuse agent at {tmp_path / 'no-agent.sock'} is not running (No such file or "
-                                  f"directory); start the gfuse agent on this node (the gfuse DaemonSet pod) or "
-                                  f"check the socket path")
+    why = (f"gfuse agent at {tmp_path / 'no-agent.sock'} is not running (No such file or directory); start the "
+           f"gfuse agent on this node (the gfuse DaemonSet pod) or check the socket path")
+    r = call_driver(lone_driver, "mount", str(target), json.dumps(kubelet_mount_options("h:/v", POD)))
+    out = _exactly_one_json_object(r)
+    assert out == {"status": "Failure", "message": why} and r.returncode == 1 and r.seconds < 10
+    r = call_driver(lone_driver, "unmount", str(target))
+    out = _exactly_one_json_object(r)
+    assert out == {"status": "Success", "message": f"{target} was not mounted without the gfuse agent ({why})"}
+    assert r.returncode == 0 and r.seconds < 10
 
 
 def test_agent_not_answering_is_bounded(tmp_path: Path) -> None:
@@ -303,3 +361,141 @@ def test_directory_mounted_by_something_else(node: Node) -> None:
         assert mounts_at(str(vdir))[-1].fstype == "tmpfs"
     finally:
         subprocess.run(["umount", str(vdir)], check=False, timeout=10)
+
+
+# ------------------------------------------------------------------------------------------------
+# unmount while the agent is down
+
+
+def _serving_gone(pids: list[int]) -> bool:
+    return all(not os.path.exists(f"/proc/{p}") or "Z" in Path(f"/proc/{p}/stat").read_text().split()[2]
+               for p in pids)
+
+
+def test_unmount_while_the_agent_is_down(node: Node, vol_replica3) -> None:
+    """kubelet's ``TearDownAt`` (pkg/volume/flexvolume/unmounter.go) calls the driver's ``unmount`` and, after a
+    Success, removes the volume directory; while unmount fails it retries and the pod stays Terminating. With
+    the agent down (here stopped with SIGTERM, which leaves its mounts serving) the driver unmounts by itself:
+    a live mount, one a process still uses (lazily), and a dead one (its FUSE server killed: "Transport endpoint
+    is not connected"). The serving processes exit by themselves; the directories go; kubelet's retry of an
+    unmount that already happened is a Success too. The agent, restarted, drops those entries and mounts
+    nothing again."""
+    pod_info = PodInfo(name="web-down")
+    dirs = {n: node.kubelet.pod_volume_dir(pod_info.uid, n) for n in ("live", "busy", "dead")}
+    for name, d in dirs.items():
+        r = node.mount(d, kubelet_mount_options(vol_replica3.source, pod_info, pv_name=f"pv-{name}"))
+        assert _exactly_one_json_object(r)["status"] == "Success", r
+    pids = {n: gfuse_serving_pids(d) for n, d in dirs.items()}
+    assert all(pids.values()), pids
+    holder = subprocess.Popen(["sleep", "600"], cwd=dirs["busy"])  # keeps the busy mount in use
+    for p in pids["dead"]:
+        os.kill(p, signal.SIGKILL)
+    wait_for(lambda: _serving_gone(pids["dead"]), 10, "the dead mount's server to die")
+    node.agent.kill(signal.SIGTERM)
+    try:
+        for d in dirs.values():
+            r = node.unmount(d)
+            out = _exactly_one_json_object(r)
+            assert r.returncode == 0 and out["status"] == "Success", r
+            assert out["message"].startswith(f"unmounted {d} without the gfuse agent (gfuse agent at "), out
+            assert not mounts_at(str(d)) and not d.exists()
+        wait_for(lambda: _serving_gone(pids["live"]), 15, "the unmounted volume's server to exit by itself")
+        assert not _serving_gone(pids["busy"]), "a lazily unmounted volume serves whoever still uses it"
+        holder.kill()
+        holder.wait(10)
+        wait_for(lambda: _serving_gone(pids["busy"]), 15, "the busy volume's server to exit once unused")
+        r = node.unmount(dirs["live"])  # kubelet retrying
+        assert _exactly_one_json_object(r)["status"] == "Success" and "was not mounted" in r.message, r
+    finally:
+        holder.kill()
+        node.agent.start()
+    node.agent.wait_health_passes(2)
+    assert node.agent.client().list() == []
+    assert not any(mounts_at(str(d)) for d in dirs.values()) and not any(d.exists() for d in dirs.values())
+
+
+def test_shim_unmounts_without_an_agent(node: Node, vol_replica3, tmp_path: Path) -> None:
+    """The host shim (daemonset/image/flexvolume-shim.sh) as kubelet runs it when the agent's container is gone
+    (no live pid in the pid file): it cannot run the Python driver, so ``unmount`` (kubelet's ``TearDownAt``)
+    is done by the shim — a gfuse mount, live or dead, is unmounted and its directory removed; anything else
+    mounted there is refused; a path that is not mounted is a Success."""
+    shim = _install_shim(tmp_path / "plugins", tmp_path / "gone" / "agent.pid")
+    pod_info = PodInfo(name="web-shim")
+    live, dead, other = (node.kubelet.pod_volume_dir(pod_info.uid, n) for n in ("live", "dead", "other"))
+    for d in (live, dead):
+        assert _exactly_one_json_object(node.mount(d, kubelet_mount_options(vol_replica3.source, pod_info)))[
+            "status"] == "Success"
+    pids = {d: gfuse_serving_pids(d) for d in (live, dead)}
+    for p in pids[dead]:
+        os.kill(p, signal.SIGKILL)
+    wait_for(lambda: _serving_gone(pids[dead]), 10, "the dead mount's server to die")
+    for d in (live, dead):
+        r = call_driver(shim, "unmount", str(d))
+        assert r.stderr == "" and len(r.stdout.splitlines()) == 1, r  # one JSON line, nothing on stderr
+        assert r.returncode == 0 and r.output == {"status": "Success", "message": (
+            f"gfuse: unmounted {d} without the gfuse agent (no live gfuse-agent pid in {tmp_path}/gone/agent.pid)")}
+        assert not mounts_at(str(d)) and not d.exists()
+    wait_for(lambda: _serving_gone(pids[live]), 15, "the unmounted volume's server to exit by itself")
+    r = call_driver(shim, "unmount", str(live))
+    assert r.returncode == 0 and r.status == "Success" and f"{live} was not mounted" in r.message, r
+    other.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "not-gfuse", str(other)], check=True, timeout=10)
+    try:
+        r = call_driver(shim, "unmount", str(other))
+        assert r.returncode == 1 and r.output == {"status": "Failure", "message": (
+            f"gfuse: {other} is mounted with tmpfs, which is not a gfuse mount; not unmounting it")}, r
+        assert mounts_at(str(other))[-1].fstype == "tmpfs"
+    finally:
+        subprocess.run(["umount", str(other)], check=False, timeout=10)
+    wait_for(lambda: node.agent.client().list() == [], 30, "the agent to drop the entries whose dirs are gone")
+
+
+# ------------------------------------------------------------------------------------------------
+# SELinux: context= reaches the kernel
+
+SELINUX_CONTEXT = "system_u:object_r:container_file_t:s0:c123,c456"
+
+
+def test_mount_options_keep_quoted_selinux_contexts() -> None:
+    """kubelet writes an SELinux mount option as ``context="…"`` (quoted: MCS levels hold commas); the driver,
+    and the agent after it, split mount options on the commas outside quotes only."""
+    opts = kubelet_mount_options("s:/v", POD, pv_options={
+        "mountOptions": f'ping-timeout=10,context="{SELINUX_CONTEXT}",log-level=DEBUG'})
+    assert parse_mount_options(json.dumps(opts))["options"] == [
+        "allow_other", "ping-timeout=10", f'context="{SELINUX_CONTEXT}"', "log-level=DEBUG"]
+
+
+class _TracedAgent(AgentProcess):
+    """The agent under ``strace -f``, recording every mount(2) it and its children (``gfuse mount``) make."""
+
+    def command(self) -> list[str]:
+        self.trace = self.workdir / "mount.strace"
+        return ["strace", "-f", "--seccomp-bpf", "-qq", "-e", "trace=mount", "-e", "signal=none", "-s", "2048",
+                "-o", str(self.trace), *super().command()]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_selinux_context_reaches_the_kernel_mount(vol_replica3, tmp_path: Path) -> None:
+    """An SELinux ``context=`` mount option (what kubelet adds to a CSI volume's mount flags when the CSIDriver has
+    ``seLinuxMount: true``; here in a PV's mountOptions) goes through every layer — driver, agent, ``gfuse mount``
+    and its -o parser, libfuse — to the kernel: mount(2) gets it, commas and all. On a node without SELinux (as
+    here) the kernel refuses it (EINVAL) and the Failure says the FUSE mount failed; with SELinux it mounts."""
+    selinux = os.path.exists("/sys/fs/selinux/enforce")
+    n = Node(tmp_path / "node", health_interval=30.0)
+    n.agent = _TracedAgent(tmp_path / "node" / "agent", health_interval=30.0)
+    with n:
+        vdir = n.kubelet.pod_volume_dir(POD.uid, "labelled")
+        r = n.mount(vdir, kubelet_mount_options(vol_replica3.source, POD, pv_options={
+            "mountOptions": f'context="{SELINUX_CONTEXT}"'}))
+        out = _exactly_one_json_object(r)
+        calls = [line for line in n.agent.trace.read_text().splitlines()
+                 if " mount(" in line and '"fuse.gfuse"' in line and f'"{vdir}"' in line]
+        assert len(calls) == 1, n.agent.trace.read_text()
+        data = calls[0].split('"fuse.gfuse", ', 1)[1]
+        assert f'context=\\"{SELINUX_CONTEXT}\\"' in data and "allow_other" in data, calls[0]
+        if selinux:
+            assert out["status"] == "Success", out
+        else:
+            assert calls[0].endswith("= -1 EINVAL (Invalid argument)"), calls[0]
+            assert out["status"] == "Failure" and "FUSE mount on" in out["message"], out
+            assert "unknown mount option" not in out["message"]

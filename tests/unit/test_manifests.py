@@ -58,9 +58,11 @@ CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CSIDriver",
                   "PersistentVolume"}
 #: libyaml's loader when PyYAML has it (the rendered kustomizations are long)
 LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+#: what the shim answers to ``init`` without an agent: exactly what the Python driver answers (kubelet keeps the
+#: first answer; tests/k8s/test_flexvolume_driver.py reads it as kubelet does)
 FLEX_INIT_ANSWER = {"status": "Success",
                     "capabilities": {"attach": False, "selinuxRelabel": False, "fsGroup": False,
-                                     "supportsMetrics": True}}
+                                     "supportsMetrics": True, "requiresFSResize": False}}
 
 
 # ---- loading --------------------------------------------------------------------------------------------------
@@ -386,9 +388,11 @@ def test_flexvolume_driver_name() -> None:
     vendor, driver = env["FLEXVOLUME_VENDOR"], env["FLEXVOLUME_DRIVER"]
     assert (vendor, driver) == (FLEX_VENDOR, FLEX_DRIVER)
     assert "~" not in vendor + driver and "/" not in vendor + driver
-    plugin_dir = volume(spec, "flexvolume-dir")["hostPath"]["path"]
-    assert plugin_dir == FLEX_PLUGIN_DIR, "default FlexVolume plugin dir of kubelet"
-    assert mount_of(spec, init, "flexvolume-dir")["mountPath"] == env["FLEXVOLUME_DIR"]
+    assert env["FLEXVOLUME_PLUGIN_DIR"] == FLEX_PLUGIN_DIR, "default FlexVolume plugin dir of kubelet"
+    # the installer sees the host's / (a hostPath that exists everywhere) and finds or makes the plugin dir in it
+    assert volume(spec, "host-root")["hostPath"] == {"path": "/", "type": "Directory"}
+    assert mount_of(spec, init, "host-root")["mountPath"] == env["FLEXVOLUME_HOST_ROOT"]
+    assert "FLEXVOLUME_DIR" not in env, "FLEXVOLUME_DIR would override FLEXVOLUME_HOST_ROOT + FLEXVOLUME_PLUGIN_DIR"
     name = f"{vendor}/{driver}"
     flex_pvs = [pv for pv in docs_of("PersistentVolume") if "flexVolume" in pv["spec"]]
     assert flex_pvs, "no FlexVolume example PV"
@@ -1070,10 +1074,14 @@ def test_embedded_scripts_parse(tmp_path: Path) -> None:
                 assert r.returncode == 0, f"{ident}: {c['name']}: {r.stderr}"
 
 
-def _install(plugins: Path, tmp: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    full = {"PATH": os.environ["PATH"], "FLEXVOLUME_DIR": str(plugins),
-            "GFUSE_SHIM_TEMPLATE": str(IMAGE_DIR / "flexvolume-shim.sh"),
-            "GFUSE_AGENT_PIDFILE": str(tmp / "agent.pid")}
+def _install(plugins: Path | None, tmp: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """The installer with the plugin dir ``plugins`` as it sees it (None: FLEXVOLUME_HOST_ROOT + _PLUGIN_DIR of
+    ``env``), reporting to ``tmp/termination-log`` (kubelet makes that file for every container)."""
+    (tmp / "termination-log").write_text("")
+    full = {"PATH": os.environ["PATH"], "GFUSE_SHIM_TEMPLATE": str(IMAGE_DIR / "flexvolume-shim.sh"),
+            "GFUSE_AGENT_PIDFILE": str(tmp / "agent.pid"), "TERMINATION_LOG": str(tmp / "termination-log")}
+    if plugins is not None:
+        full["FLEXVOLUME_DIR"] = str(plugins)
     full.update(env)
     return subprocess.run(["sh", str(IMAGE_DIR / "install-flexvolume.sh")], env=full, capture_output=True,
                           text=True, timeout=30, check=False)
@@ -1087,12 +1095,20 @@ def _driver(path: Path, *argv: str) -> tuple[int, Any, str]:
 
 
 def test_install_flexvolume(tmp_path: Path) -> None:
-    plugins = tmp_path / "exec"
-    plugins.mkdir()
+    """The installer with the DaemonSet's settings, the host's / being ``tmp_path/host``: it makes kubelet's
+    default plugin dir there and installs the shim; the shim answers init as the driver does."""
+    from flexvolume.driver import CAPABILITIES
+
+    assert FLEX_INIT_ANSWER["capabilities"] == CAPABILITIES, "the shim and the driver answer init alike"
     env = {e["name"]: e["value"] for e in container(node_spec(), "install-flexvolume")["env"]
-           if e["name"].startswith("FLEXVOLUME_") and e["name"] != "FLEXVOLUME_DIR"}
-    r = _install(plugins, tmp_path, **env)
+           if e["name"].startswith("FLEXVOLUME_")}
+    env["FLEXVOLUME_HOST_ROOT"] = str(tmp_path / "host")
+    (tmp_path / "host").mkdir()
+    plugins = tmp_path / "host" / env["FLEXVOLUME_PLUGIN_DIR"].lstrip("/")
+    r = _install(None, tmp_path, **env)
     assert r.returncode == 0, r.stderr
+    report = f"gfuse-install-flexvolume: installed {FLEX_PLUGIN_DIR}/{FLEX_VENDOR}~{FLEX_DRIVER}/{FLEX_DRIVER}"
+    assert r.stdout.strip() == report and (tmp_path / "termination-log").read_text().strip() == report
     driver_dir = plugins / f"{FLEX_VENDOR}~{FLEX_DRIVER}"
     exe = driver_dir / FLEX_DRIVER
     assert sorted(os.listdir(plugins)) == [driver_dir.name], "staging leftovers in the plugin dir"
@@ -1106,8 +1122,14 @@ def test_install_flexvolume(tmp_path: Path) -> None:
     rc, answer, err = _driver(exe, "mount", str(tmp_path / "mnt"), json.dumps({"volume": "h:/v"}))
     assert rc != 0 and answer["status"] == "Failure" and err == ""
     assert "agent is not running" in answer["message"] and str(tmp_path / "agent.pid") in answer["message"]
-    rc, answer, _ = _driver(exe, "unmount", str(tmp_path / "mnt"))
-    assert answer["status"] == "Failure"
+    # unmount without an agent is done by the shim (nothing is mounted here: Success, the dir is removed)
+    (tmp_path / "mnt").mkdir()
+    rc, answer, err = _driver(exe, "unmount", str(tmp_path / "mnt"))
+    assert (rc, err, answer["status"]) == (0, "", "Success"), answer
+    assert answer["message"].startswith(f"gfuse: {tmp_path / 'mnt'} was not mounted without the gfuse agent")
+    assert not (tmp_path / "mnt").exists()
+    rc, answer, _ = _driver(exe, "unmount", "relative/dir")
+    assert rc == 1 and answer["status"] == "Failure"
     rc, answer, _ = _driver(exe, "getvolumename", "{}")
     assert answer == {"status": "Not supported"}
 
@@ -1121,20 +1143,78 @@ def test_install_flexvolume(tmp_path: Path) -> None:
 
     # reinstall (a new version of the DaemonSet): the executable is replaced by a rename, nothing left over
     before = exe.stat().st_ino
-    r = _install(plugins, tmp_path, **env)
+    r = _install(None, tmp_path, **env)
     assert r.returncode == 0 and "updated" in r.stdout, r.stderr
     assert exe.stat().st_ino != before
     assert sorted(os.listdir(plugins)) == [driver_dir.name] and sorted(os.listdir(driver_dir)) == [FLEX_DRIVER]
 
 
-def test_install_flexvolume_refuses_bad_input(tmp_path: Path) -> None:
+def test_install_flexvolume_refuses_bad_input_and_goes_on(tmp_path: Path) -> None:
+    """Bad settings install nothing, and say so — but exit 0: the FlexVolume driver is optional and its init
+    container must not hold back the pod's CSI containers. FLEXVOLUME_REQUIRED=true makes it fail."""
     plugins = tmp_path / "exec"
     plugins.mkdir()
+    (tmp_path / "a-file").write_text("")
     for bad in ({"FLEXVOLUME_VENDOR": "a~b"}, {"FLEXVOLUME_DRIVER": "x/y"}, {"GFUSE_AGENT_PIDFILE": "/a'b"},
-                {"FLEXVOLUME_DIR": str(tmp_path / "missing")}, {"GFUSE_SHIM_TEMPLATE": str(tmp_path / "none")}):
-        r = _install(plugins, tmp_path, **bad)
-        assert r.returncode != 0 and "gfuse-install-flexvolume:" in r.stderr, bad
+                {"FLEXVOLUME_DIR": str(tmp_path / "a-file" / "exec")}, {"GFUSE_SHIM_TEMPLATE": str(tmp_path / "none")},
+                {"FLEXVOLUME_PLUGIN_DIR": "relative/exec", "FLEXVOLUME_HOST_ROOT": str(tmp_path)}):
+        r = _install(None if "FLEXVOLUME_HOST_ROOT" in bad else plugins, tmp_path, **bad)
+        assert r.returncode == 0 and r.stderr == "", (bad, r)
+        (line,) = r.stdout.splitlines()
+        assert line.startswith("gfuse-install-flexvolume: FlexVolume driver NOT installed: "), (bad, line)
+        assert "The CSI driver is not affected" in line and "FLEXVOLUME_PLUGIN_DIR" in line, line
+        assert (tmp_path / "termination-log").read_text().strip() == line
+        r = _install(None if "FLEXVOLUME_HOST_ROOT" in bad else plugins, tmp_path, FLEXVOLUME_REQUIRED="true", **bad)
+        assert r.returncode == 1 and "NOT installed" in r.stdout, (bad, r)
     assert os.listdir(plugins) == []
+    r = _install(plugins, tmp_path, FLEXVOLUME_INSTALL="false")
+    assert r.returncode == 0 and "not installed (FLEXVOLUME_INSTALL=false)" in r.stdout and os.listdir(plugins) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a read-only /usr stand-in needs root")
+def test_install_flexvolume_on_a_read_only_usr(tmp_path: Path) -> None:
+    """Flatcar, Talos, k3OS: /usr is read-only and kubelet's default plugin dir cannot be made. The installer
+    reports it (naming the dir, the reason and the setting that fixes it) and exits 0; with the dir set to
+    where such a kubelet looks (FLEXVOLUME_PLUGIN_DIR) it installs. The old manifest mounted the plugin dir
+    as a DirectoryOrCreate hostPath, which kubelet fails to make there — and then starts no container of
+    the pod, the CSI ones included."""
+    host = tmp_path / "host"
+    (host / "usr").mkdir(parents=True)
+    (host / "var").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "gfuse-test-ro-usr", str(host / "usr")], check=True,
+                   timeout=30)
+    try:
+        env = {"FLEXVOLUME_HOST_ROOT": str(host)}
+        r = _install(None, tmp_path, **env)
+        assert r.returncode == 0 and r.stderr == "", r
+        assert (f"FlexVolume driver NOT installed: cannot create the plugin dir {FLEX_PLUGIN_DIR} on the host "
+                f"(Read-only file system)") in r.stdout, r.stdout
+        r = _install(None, tmp_path, FLEXVOLUME_PLUGIN_DIR="/var/lib/kubelet/volumeplugins", **env)
+        assert r.returncode == 0, r
+        assert r.stdout.strip() == ("gfuse-install-flexvolume: installed /var/lib/kubelet/volumeplugins/"
+                                    f"{FLEX_VENDOR}~{FLEX_DRIVER}/{FLEX_DRIVER}")
+        exe = host / "var/lib/kubelet/volumeplugins" / f"{FLEX_VENDOR}~{FLEX_DRIVER}" / FLEX_DRIVER
+        assert _driver(exe, "init")[1] == FLEX_INIT_ANSWER
+    finally:
+        subprocess.run(["umount", str(host / "usr")], check=False, timeout=30)
+
+
+def test_node_pod_starts_without_the_flexvolume_plugin_dir() -> None:
+    """Nothing the node pod mounts depends on kubelet's FlexVolume plugin dir (or any path under /usr, /etc or
+    /opt, read-only or absent on some distributions): kubelet sets up every volume of a pod before starting
+    any of its containers, so one hostPath it cannot make would keep the CSI containers from starting. The
+    installer reaches the plugin dir through the host's /, and is an init step that exits 0."""
+    for ident, spec in [("daemonset", node_spec()), ("podman", podman_pod()["spec"])]:
+        for v in spec["volumes"]:
+            path = (v.get("hostPath") or {}).get("path")
+            if path is None:
+                continue
+            assert not path.startswith(("/usr", "/etc", "/opt")), f"{ident}: volume {v['name']} is {path}"
+        init = container(spec, "install-flexvolume")
+        env = {e["name"]: e.get("value") for e in init["env"]}
+        assert env.get("FLEXVOLUME_REQUIRED", "false") == "false", "a failed install must not hold the pod back"
+        assert [m["name"] for m in init["volumeMounts"]] == ["host-root"]
+        assert "mountPropagation" not in init["volumeMounts"][0], "the host's / stays private to the init container"
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nsenter") is None, reason="needs root and nsenter")
@@ -1272,7 +1352,8 @@ def test_podman_pod_conversion() -> None:
     csi = container(spec, "csi-node")
     assert arg_value(csi, "--nodeid") == "testnode" and arg_value(csi, "--kubelet-dir") == kubelet
     assert "livenessProbe" not in csi and "ports" not in csi, "its probe was served by the dropped sidecar"
-    assert volume(spec, "flexvolume-dir")["hostPath"]["path"] == "/var/tmp/gfuse-k8s/flexvolume"
+    init_env = {e["name"]: e.get("value") for e in container(spec, "install-flexvolume")["env"]}
+    assert init_env["FLEXVOLUME_PLUGIN_DIR"] == "/var/tmp/gfuse-k8s/flexvolume"
     assert "--mount-wrapper" not in " ".join(container(spec, "agent")["args"])
     full = kube_to_pod.template_to_pod(one("DaemonSet", "gfuse-node"), keep_sidecars=True)
     assert full["spec"]["containers"] == one("DaemonSet", "gfuse-node")["spec"]["template"]["spec"]["containers"]
