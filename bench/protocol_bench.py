@@ -23,10 +23,10 @@ import trio
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from gfuse.iatt import ROOT_GFID  # noqa: E402
-from gfuse.mgmt import fetch_graph, parse_volume_spec  # noqa: E402
-from gfuse.cred import new_gfid  # noqa: E402
-from gfuse.xlators.client import BrickClient  # noqa: E402
+from gfuse.iatt import ROOT_GFID
+from gfuse.mgmt import fetch_graph, parse_volume_spec
+from gfuse.cred import new_gfid
+from gfuse.xlators.client import BrickClient
 
 
 async def _timed(n: int, concurrency: int, fn) -> float:

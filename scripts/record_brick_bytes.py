@@ -45,14 +45,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import trio  # noqa: E402
+import trio
 
-from gfuse import fops as F  # noqa: E402
-from gfuse import handshake as hs  # noqa: E402
-from gfuse import rpc, transport  # noqa: E402
-from gfuse.iatt import ROOT_GFID  # noqa: E402
-from gfuse.mgmt import Server, fetch_graph  # noqa: E402
-from gfuse.xlators.client import BrickClient, now_cred  # noqa: E402
+from gfuse import fops as F
+from gfuse import handshake as hs
+from gfuse import rpc, transport
+from gfuse.iatt import ROOT_GFID
+from gfuse.mgmt import Server, fetch_graph
+from gfuse.xlators.client import BrickClient, now_cred
 
 # ------------------------------------------------------------------------- recording
 
@@ -81,7 +81,7 @@ class RecordingStream:
         REC.conns.append(self)
 
     @property
-    def socket(self):  # noqa: ANN201
+    def socket(self):
         return self._inner.socket
 
     async def send_all(self, data: bytes) -> None:
@@ -104,7 +104,7 @@ class RecordingStream:
 _orig_init = transport.RpcConnection.__init__
 
 
-def _recording_init(self, stream, name, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+def _recording_init(self, stream, name, *args, **kwargs):
     _orig_init(self, RecordingStream(stream, name), name, *args, **kwargs)
 
 

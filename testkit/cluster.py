@@ -738,6 +738,16 @@ class Volume:
         return m
 
     # -- teardown --------------------------------------------------------------------------
+    def release(self) -> None:
+        """Unmount every mount of this volume and resume stopped bricks: after this nothing of the
+        test that used it is left but the volume itself (which :meth:`delete` may remove later)."""
+        for m in self._mounts:
+            with contextlib.suppress(Exception):
+                m.unmount()
+        self._mounts.clear()
+        _unmount_sources_of(self.name)
+        self._resume_all()
+
     def delete(self, timeout: float = 60.0) -> None:
         """Stop and delete the volume, remove its brick dirs and marker.
 
@@ -745,12 +755,7 @@ class Volume:
         whose brick dirs are missing is fine. Mounts of this volume are unmounted first.
         """
         errors: list[str] = []
-        for m in self._mounts:
-            with contextlib.suppress(Exception):
-                m.unmount()
-        self._mounts.clear()
-        _unmount_sources_of(self.name)
-        self._resume_all()
+        self.release()
         _delete_volume_named(self.name, timeout=timeout, errors=errors)
         _kill_brick_processes_of(self.name)
         if _is_within(self.brick_root, _bricks_root()):

@@ -33,6 +33,7 @@ broken CI install cannot pass silently.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -55,6 +56,27 @@ _NATIVE_FIXTURES = {"native_mount"}
 
 # volumes created by the session fixtures, and the options they were created with
 _session_volumes: dict[str, tuple[tc.Volume, dict[str, str]]] = {}
+# private volumes of finished tests being deleted in the background (see make_volume)
+_pending_deletes: list[tuple[str, concurrent.futures.Future[None]]] = []
+_deleter_pool: list[concurrent.futures.ThreadPoolExecutor] = []
+
+
+def _deleter() -> concurrent.futures.ThreadPoolExecutor:
+    if not _deleter_pool:
+        _deleter_pool.append(concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vol-delete"))
+    return _deleter_pool[0]
+
+
+def _finish_deletes() -> list[str]:
+    """Wait for the background deletions; the volumes that could not be deleted, with why."""
+    errors = []
+    for name, fut in _pending_deletes:
+        try:
+            fut.result(timeout=180)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported below
+            errors.append(f"{name}: {exc}")
+    _pending_deletes.clear()
+    return errors
 
 
 def _required() -> bool:
@@ -118,6 +140,7 @@ def glusterd() -> Iterator[tc.GlusterdProcess]:
     try:
         yield gd
     finally:
+        delete_errors = _finish_deletes()
         # belt and braces: the volume fixtures delete their own volumes; this catches any left
         for vol, _ in list(_session_volumes.values()):
             try:
@@ -125,6 +148,8 @@ def glusterd() -> Iterator[tc.GlusterdProcess]:
             except tc.GlusterError:
                 pass
         _session_volumes.clear()
+        if delete_errors:
+            pytest.fail("private volumes not deleted: " + "; ".join(delete_errors), pytrace=False)
 
 
 def _session_volume(kind: str) -> Iterator[tc.Volume]:
@@ -199,14 +224,12 @@ def make_volume(glusterd: tc.GlusterdProcess) -> Iterator[Callable[..., tc.Volum
     try:
         yield factory
     finally:
-        errors = []
+        # unmounted now; stopped and deleted by one background thread while the next test runs
+        # (a stop + delete costs 3-5 s of glusterd's time and no test waits for it); the session's end
+        # waits for every deletion and fails if one did not happen
         for vol in reversed(made):
-            try:
-                vol.delete()
-            except tc.GlusterError as exc:
-                errors.append(str(exc))
-        if errors:
-            pytest.fail("make_volume teardown: " + "\n".join(errors), pytrace=False)
+            vol.release()
+            _pending_deletes.append((vol.name, _deleter().submit(vol.delete)))
 
 
 def _mounts(kind: type[tc.NativeMount]) -> Iterator[Callable[..., tc.NativeMount]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from testkit import cluster as tc
+from testkit import procs
 
 pytestmark = pytest.mark.cluster
 
@@ -67,7 +68,7 @@ def test_kill_brick_and_start_force(volume: tc.Volume) -> None:
     assert old is not None
     killed = volume.kill_brick(1)
     assert killed == old
-    assert not tc._process_alive(old)
+    assert not procs.alive(old)
     st = volume.status()
     assert not st[1].online
     assert st[0].online and st[2].online
@@ -84,15 +85,15 @@ def test_kill_brick_and_start_force(volume: tc.Volume) -> None:
 def test_pause_and_ensure_online(make_volume) -> None:
     vol = make_volume("dist1")
     pid = vol.pause_brick(0)
-    assert tc._proc_state(pid) in ("T", "t")
+    assert procs.state(pid) in ("T", "t")
     assert not vol.looks_healthy()
     assert vol.ensure_online() is True
-    assert tc._proc_state(pid) not in ("T", "t", None)
+    assert procs.state(pid) not in ("T", "t", None)
     assert vol.looks_healthy()
     # killed behind the module's back: ensure_online restarts it
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while tc._process_alive(pid) and time.monotonic() < deadline:
+    while procs.alive(pid) and time.monotonic() < deadline:
         time.sleep(0.01)  # signal delivery is asynchronous
     assert vol.ensure_online() is True
     assert vol.brick_pid(0) not in (None, pid)
