@@ -44,6 +44,7 @@ from flexvolume.provisioner.controller import DRIVER, FINALIZER, PROVISIONER, Co
 from flexvolume.provisioner.leader import LeaderElector  # noqa: E402
 from flexvolume.storage.api import ProvisionedVolume, StorageError  # noqa: E402
 
+from gfuse.mounttable import mounts_under  # noqa: E402
 from testkit.kube_emulator import KubeEmulator  # noqa: E402
 
 GiB = 1 << 30
@@ -128,14 +129,27 @@ def storage_class(name: str, *, reclaim: str = "Delete", expand: bool = False, p
 
 
 def claim(name: str, sc: str | None, size: str = "1Gi", modes: tuple[str, ...] = ("ReadWriteMany",),
-          ns: str = NS, **spec: Any) -> dict[str, Any]:
+          ns: str = NS, provisioner: str | None = PROVISIONER, **spec: Any) -> dict[str, Any]:
+    """A claim of class ``sc`` as the PV controller leaves it once it decided ``provisioner`` must make its volume
+    (``provisioner=None``: not decided, or no class)."""
     body: dict[str, Any] = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
                             "metadata": {"name": name, "namespace": ns},
                             "spec": {"accessModes": list(modes), "resources": {"requests": {"storage": size}},
                                      **spec}}
     if sc is not None:
         body["spec"]["storageClassName"] = sc
+        if provisioner is not None:
+            body["metadata"]["annotations"] = pv_controller_asks(provisioner)
     return body
+
+
+def pv_controller_asks(provisioner: str, beta_only: bool = False) -> dict[str, str]:
+    """The annotations kube-controller-manager's PV controller puts on a claim it found no PV for and whose class
+    names an external provisioner (``setClaimProvisioner`` in pkg/controller/volume/persistentvolume/
+    pv_controller.go, called from ``provisionClaim``: both the GA and the beta key). The emulator binds but does
+    not do this part, so the tests do. ``beta_only``: a claim of an older PV controller."""
+    beta = {"volume.beta.kubernetes.io/storage-provisioner": provisioner}
+    return beta if beta_only else {**beta, "volume.kubernetes.io/storage-provisioner": provisioner}
 
 
 def events_for(emu: KubeEmulator, name: str, reason: str | None = None, ns: str = NS) -> list[dict[str, Any]]:
@@ -206,7 +220,7 @@ def test_provisions_a_flexvolume_pv_for_a_claim(emu: KubeEmulator, backends: Bac
     emu.put_object(storage_class("other", provisioner="example.com/other"))
     with running(emu, backends):
         c = emu.put_object(claim("data", "gfuse", "1536Mi", ("ReadWriteOnce",)))
-        ignored = emu.put_object(claim("theirs", "other"))
+        ignored = emu.put_object(claim("theirs", "other", provisioner="example.com/other"))
         no_class = emu.put_object(claim("static", None))
         pv = wait_pv(emu, c)
         wait_event(emu, "data", "ProvisioningSucceeded")
@@ -221,7 +235,7 @@ def test_provisions_a_flexvolume_pv_for_a_claim(emu: KubeEmulator, backends: Bac
         assert spec["accessModes"] == ["ReadWriteOnce"]
         assert spec["persistentVolumeReclaimPolicy"] == "Delete"
         assert spec["storageClassName"] == "gfuse"
-        assert spec["mountOptions"] == ["ping-timeout=10"]
+        assert "mountOptions" not in spec, "kubelet refuses PV mountOptions for flexVolume: they go into its options"
         assert spec["volumeMode"] == "Filesystem"
         assert spec["claimRef"]["uid"] == uid and spec["claimRef"]["name"] == "data"
         assert spec["claimRef"]["namespace"] == NS and spec["claimRef"]["resourceVersion"]
@@ -305,10 +319,15 @@ def test_bad_class_parameters_and_unservable_claims_are_events(emu: KubeEmulator
 def test_wait_for_first_consumer_waits_for_the_scheduler(emu: KubeEmulator, backends: Backends) -> None:
     emu.put_object(storage_class("wffc", binding="WaitForFirstConsumer"))
     with running(emu, backends):
-        c = emu.put_object(claim("c", "wffc"))
+        c = emu.put_object(claim("c", "wffc", provisioner=None))  # the PV controller waits for the scheduler too
         time.sleep(0.6)
         assert pv_of(emu, c) is None
-        c["metadata"]["annotations"] = {"volume.kubernetes.io/selected-node": "node-1"}
+        # the scheduler picks a node, the PV controller then asks; the scheduler taking it back stops us
+        c["metadata"]["annotations"] = {**pv_controller_asks(PROVISIONER)}
+        c = emu.put_object(c)
+        time.sleep(0.6)
+        assert pv_of(emu, c) is None, "no selected-node (the scheduler may have taken it back): wait"
+        c["metadata"]["annotations"]["volume.kubernetes.io/selected-node"] = "node-1"
         emu.put_object(c)
         wait_pv(emu, c)
 
@@ -424,6 +443,110 @@ def test_claim_deleted_while_provisioning_leaves_nothing(emu: KubeEmulator, back
         assert emu.get("persistentvolumes", name) is None
 
 
+def kubelet_driver_options(pv: dict[str, Any], pod_uid: str = "0000-test") -> dict[str, Any]:
+    """What the gfuse driver makes of a PV once kubelet mounts it, kubelet's checks included:
+    ``checkMountOptionSupport`` (pkg/volume/util/operationexecutor/operation_generator.go) refuses any mount
+    option of the PV (``MountOptionFromSpec``: ``spec.mountOptions`` or the annotation
+    ``volume.beta.kubernetes.io/mount-options``) for a plugin whose ``SupportsMountOption()`` is false, as the
+    FlexVolume plugin's is (pkg/volume/flexvolume/plugin.go); then ``NewOptionsForDriver`` (driver-call.go) hands
+    the driver kubelet's keys plus the flexVolume ``options``, which :func:`flexvolume.driver.parse_mount_options`
+    reads."""
+    from flexvolume.driver import parse_mount_options
+
+    if pv["spec"].get("mountOptions") or (pv["metadata"].get("annotations") or {}).get(
+            "volume.beta.kubernetes.io/mount-options"):
+        raise AssertionError(f"kubelet: MountVolume.MountOptionSupport check failed for PV {pv['metadata']['name']}: "
+                             f"Mount options are not supported for this volume type")
+    opts = {"kubernetes.io/fsType": pv["spec"]["flexVolume"].get("fsType", ""),
+            "kubernetes.io/readwrite": "ro" if pv["spec"]["flexVolume"].get("readOnly") else "rw",
+            "kubernetes.io/pvOrVolumeName": pv["metadata"]["name"], "kubernetes.io/pod.name": "writer",
+            "kubernetes.io/pod.namespace": NS, "kubernetes.io/pod.uid": pod_uid,
+            "kubernetes.io/serviceAccount.name": "default"}
+    opts.update(pv["spec"]["flexVolume"]["options"])
+    return parse_mount_options(json.dumps(opts))
+
+
+def test_class_mount_options_reach_the_driver_not_the_pv_spec(emu: KubeEmulator, backends: Backends) -> None:
+    """A class's ``mountOptions`` (and its ``mountOptions`` parameter) are mount options of the gfuse driver: in the
+    PV's flexVolume ``options``, which kubelet passes on, not in ``spec.mountOptions``, which makes kubelet refuse
+    the mount (kubelet_driver_options). An SELinux context with commas stays one option."""
+    context = 'context="system_u:object_r:container_file_t:s0:c1,c2"'
+    emu.put_object(storage_class("gfuse", params={"pool": "127.0.0.2:/pool", "mountOptions": "log-level=INFO"},
+                                 mount_options=["ping-timeout=10", context]))
+    with running(emu, backends):
+        pv = wait_pv(emu, emu.put_object(claim("data", "gfuse")))
+        assert "mountOptions" not in pv["spec"]
+        req = kubelet_driver_options(pv)
+        assert req["options"] == ["allow_other", "log-level=INFO", "ping-timeout=10", context,
+                                  "backup-volfile-servers=127.0.0.3:127.0.0.4"]
+        assert req["source"] == pv["spec"]["flexVolume"]["options"]["volume"]
+        with pytest.raises(AssertionError, match="Mount options are not supported for this volume type"):
+            kubelet_driver_options({**pv, "spec": {**pv["spec"], "mountOptions": ["ping-timeout=10"]}})
+
+
+def test_provisions_only_when_the_pv_controller_asks(emu: KubeEmulator, backends: Backends) -> None:
+    """sig-storage-lib-external-provisioner's ``shouldProvision`` (controller/controller.go): a claim is provisioned
+    when ``volume.kubernetes.io/storage-provisioner`` — or, only if that is absent, the beta key — names this
+    provisioner (and, with WaitForFirstConsumer, a node is selected), not because its class does. The PV
+    controller sets the annotation only after finding no existing PV for the claim: a claim of our class that an
+    existing PV is being bound to must not get a second, provisioned one."""
+    emu.put_object(storage_class("gfuse"))
+    emu.put_object(storage_class("moved", provisioner="example.com/other"))
+    mem = backends({"pool": "127.0.0.2:/pool"})
+    static = {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "static-pv"},
+              "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "gfuse",
+                       "persistentVolumeReclaimPolicy": "Retain",
+                       "flexVolume": {"driver": DRIVER, "options": {"volume": "127.0.0.2:/pool/static"}}}}
+    with running(emu, backends):
+        emu.put_object(static)
+        undecided = emu.put_object(claim("undecided", "gfuse", provisioner=None))
+        beta = emu.put_object(claim("beta", "gfuse", provisioner=None))
+        beta["metadata"]["annotations"] = pv_controller_asks(PROVISIONER, beta_only=True)
+        beta = emu.put_object(beta)
+        other = emu.put_object(claim("other", "gfuse", provisioner=None))
+        other["metadata"]["annotations"] = {**pv_controller_asks(PROVISIONER, beta_only=True),
+                                            "volume.kubernetes.io/storage-provisioner": "example.com/other"}
+        other = emu.put_object(other)
+        moved = emu.put_object(claim("moved", "moved"))  # asked of us, but its class names another provisioner
+        wait_pv(emu, beta)  # the beta annotation alone is enough
+        time.sleep(1.0)
+        for c in (undecided, other, moved):
+            assert pv_of(emu, c) is None, c["metadata"]["name"]
+            assert mem.count("create", f"pvc-{c['metadata']['uid']}") == 0
+            assert events_for(emu, c["metadata"]["name"]) == []
+        # the PV controller binds the existing PV to the undecided claim: we never made one
+        pv = emu.get("persistentvolumes", "static-pv")
+        pv["spec"]["claimRef"] = {"kind": "PersistentVolumeClaim", "namespace": NS, "name": "undecided",
+                                  "uid": undecided["metadata"]["uid"]}
+        emu.put_object(pv)
+        emu.wait_for(lambda: emu.get("persistentvolumeclaims", "undecided", NS)["spec"].get("volumeName")
+                     == "static-pv", 10, "the static PV bound")
+        time.sleep(0.5)
+        assert pv_of(emu, undecided) is None and len(emu.list("persistentvolumes")) == 2
+
+
+def test_pv_finalizer_is_optional(emu: KubeEmulator, backends: Backends) -> None:
+    """``--no-pv-finalizer``: new PVs get no finalizer, PVs made earlier lose ours (so that nothing waits for a
+    provisioner that is being uninstalled), and a Released PV is still deleted with its storage."""
+    from flexvolume.provisioner.main import parse_args
+
+    assert parse_args([]).pv_finalizer is True and parse_args(["--no-pv-finalizer"]).pv_finalizer is False
+    emu.put_object(storage_class("del"))
+    mem = backends({"pool": "127.0.0.2:/pool"})
+    with running(emu, backends):
+        old = emu.put_object(claim("old", "del"))
+        assert wait_pv(emu, old)["metadata"]["finalizers"] == [FINALIZER]
+    with running(emu, backends, pv_finalizer=False):
+        new = emu.put_object(claim("new", "del"))
+        assert "finalizers" not in wait_pv(emu, new)["metadata"]
+        emu.wait_for(lambda: not pv_of(emu, old)["metadata"].get("finalizers"), 10, "the old PV's finalizer removed")
+        for c in (old, new):
+            name = pv_of(emu, c)["metadata"]["name"]
+            emu.delete_object("persistentvolumeclaims", c["metadata"]["name"], NS)
+            wait_gone(emu, "persistentvolumes", name)
+            assert mem.get(name) is None
+
+
 # ------------------------------------------------------------------------------------------------
 # leader election (emulator)
 
@@ -529,10 +652,11 @@ def pool(glusterd: Any) -> Iterator[Any]:
         vol.state_dir = state  # type: ignore[attr-defined]
         yield vol
     finally:
-        for _src, mp, _fs in reversed(tc._mounts()):
-            if mp.startswith(str(state) + "/"):
+        for m in reversed(mounts_under(str(state))):
+            mp = m.target
+            if mp != str(state):
                 with contextlib.suppress(Exception):
-                    tc._umount(mp, timeout=15)
+                    subprocess.run(["umount", "-l", mp], capture_output=True, timeout=15, check=False)
         shutil.rmtree(state, ignore_errors=True)
         vol.delete()
 
@@ -569,7 +693,8 @@ def pool_state(vol: Any) -> dict[str, set[str]]:
     return out
 
 
-def assert_consistent(emu: KubeEmulator, vol: Any, claims: list[dict[str, Any]], retained: set[str] = frozenset()) -> None:
+def assert_consistent(emu: KubeEmulator, vol: Any, claims: list[dict[str, Any]],
+                      retained: frozenset[str] = frozenset()) -> None:
     """For each claim of this test: a PV exists exactly when its claim does (or it is retained), the
     pool has a directory and a record exactly for those, and nothing is half made or half deleted."""
     st = pool_state(vol)
@@ -669,14 +794,8 @@ def kubelet_mount(pv: dict[str, Any], mountpoint: Path) -> Any:
     """Mount a PV as kubelet + the gfuse FlexVolume driver would: the driver's option parser on
     kubelet's JSON (the PV's flexVolume options + kubelet's keys), then ``gfuse mount`` with them."""
     from testkit import cluster as tc
-    from flexvolume.driver import parse_mount_options
 
-    opts = dict(pv["spec"]["flexVolume"]["options"])
-    opts.update({"kubernetes.io/fsType": "", "kubernetes.io/readwrite": "rw",
-                 "kubernetes.io/pvOrVolumeName": pv["metadata"]["name"], "kubernetes.io/pod.name": "writer",
-                 "kubernetes.io/pod.namespace": NS, "kubernetes.io/pod.uid": "0000-test",
-                 "kubernetes.io/serviceAccount.name": "default"})
-    req = parse_mount_options(json.dumps(opts))
+    req = kubelet_driver_options(pv)
     assert not req["readonly"]
     server, path = req["source"].split(":/", 1)
     mountpoint.mkdir(parents=True, exist_ok=True)
