@@ -354,6 +354,13 @@ class MemBrick:
             raise OSError(errno.ENOTDIR, f"{self.name}: {gfid.hex()} is not a directory")
         return d
 
+    def _dir_inode(self, gfid: bytes) -> Inode:
+        """A directory named by its own gfid (opendir, entrylk): ENOENT if gone, ENOTDIR if not one."""
+        d = self._inode(gfid)
+        if not d.is_dir:
+            raise OSError(errno.ENOTDIR, f"{self.name}: {gfid.hex()} is not a directory")
+        return d
+
     def _used(self) -> int:
         return sum(len(i.data) for i in self.inodes.values())
 
@@ -936,7 +943,7 @@ class MemClient(Fops):
     async def _entrylk(self, conn: int, gfid: bytes, domain: str, name: str | None, cmd: int, type_: int,
                        cred: Credential | None) -> Result:
         b = self.brick
-        b._dir(gfid)
+        b._dir_inode(gfid)
         req = _Lock(conn, self._owner(cred), type_, name=name)
         if cmd == F.ENTRYLK_UNLOCK:
             b._unlock(b.entrylks, (gfid, domain), req, True)
@@ -1135,7 +1142,7 @@ class MemClient(Fops):
 
     async def opendir(self, gfid: bytes, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
         conn, fault = await self._enter("opendir", gfid)
-        self.brick._dir(gfid)
+        self.brick._dir_inode(gfid)
         rfd = self._new_remote(conn, gfid, 0, True)
         await self._leave("opendir", conn, fault)
         return self._fds.adopt(Result(0, 0), _ClientFd(gfid, 0, True, rfd, self.generation))
