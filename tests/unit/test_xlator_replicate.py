@@ -189,6 +189,27 @@ async def test_brick_killed_mid_write_is_blamed_by_the_survivors(autojump_clock:
         assert stale == whole[:len(stale)] and len(stale) == 8 * 4 * KiB
 
 
+async def test_a_hung_brick_is_dropped_after_ping_timeout_and_blamed(autojump_clock: trio.abc.Clock) -> None:
+    """test_mount_faults' SIGSTOP: the write waits one ping-timeout (42 s, virtual), then succeeds on the
+    two others; the hung brick is blamed and comes back as a new connection after SIGCONT."""
+    async with afr() as a:
+        _, fd = await new_file(a.r, "f")
+        await a.r.write(fd, 0, chunk(0))
+        gen = a.clients[1].generation
+        a.bricks[1].stop()
+        t0 = trio.current_time()
+        assert (await a.r.write(fd, 4 * KiB, chunk(1))).ret == 4 * KiB
+        waited = trio.current_time() - t0
+        assert 41 < waited < 43, f"the write waited {waited:.1f} s"
+        assert not a.clients[1].is_up
+        await a.r.release(fd)
+        for i in (0, 2):
+            assert a.bricks[i].changelog("f", blame(1))[0] > 0
+        a.bricks[1].cont()
+        assert a.clients[1].is_up and a.clients[1].generation == gen + 1
+        assert a.bricks[1].data("f") == chunk(0)
+
+
 async def test_reads_come_from_replicas_nobody_blames(autojump_clock: trio.abc.Clock) -> None:
     """A replica that missed writes and came back is never read (by this or a fresh client)."""
     async with afr() as a:
