@@ -4,8 +4,14 @@ What it does
 ------------
 **Provisioning.** A PVC is ours when its StorageClass (``spec.storageClassName``, or the old
 ``volume.beta.kubernetes.io/storage-class`` annotation) has ``provisioner: gfuse.example.org/gfuse``.
-When such a claim is Pending with no ``spec.volumeName`` (and, for ``WaitForFirstConsumer`` classes,
-once the scheduler set ``volume.kubernetes.io/selected-node``), the controller
+It is provisioned only once the PV controller (kube-controller-manager) has said so, as
+sig-storage-lib-external-provisioner decides (``shouldProvision``): the claim carries the annotation
+``volume.kubernetes.io/storage-provisioner`` (or, if that one is absent, the older
+``volume.beta.kubernetes.io/storage-provisioner``) naming this provisioner. The PV controller first tries
+to bind the claim to an existing matching PV and sets that annotation only when none matches: provisioning
+on the class alone would race it and make a second PV for a claim it is binding to an existing one. When
+such a claim is Pending with no ``spec.volumeName`` (and, for ``WaitForFirstConsumer`` classes, while
+``volume.kubernetes.io/selected-node`` is set), and its class still names this provisioner, the controller
 
 1. names the volume ``pvc-<claim uid>`` (uids are unique, so two claims never collide and a retry
    finds what an earlier attempt made);
@@ -16,7 +22,7 @@ once the scheduler set ``volume.kubernetes.io/selected-node``), the controller
 3. calls ``backend.create(name, size, parameters)`` (idempotent per name);
 4. creates the PV: ``capacity`` (what the backend made), the claim's ``accessModes``,
    ``persistentVolumeReclaimPolicy`` from the class (default Delete), ``storageClassName``,
-   ``mountOptions`` from the class, ``volumeMode: Filesystem``, a ``claimRef`` with the claim's uid
+   ``volumeMode: Filesystem``, a ``claimRef`` with the claim's uid
    and resourceVersion (the PV controller then binds exactly this claim), the annotation
    ``pv.kubernetes.io/provisioned-by: gfuse.example.org/gfuse`` and the label
    ``app.kubernetes.io/managed-by: gfuse-provisioner``, and the source::
@@ -26,8 +32,14 @@ once the scheduler set ``volume.kubernetes.io/selected-node``), the controller
          options: {volume: "server:/vol[/subdir]", backupServers: "h2:h3", readOnly: "false",
                    mountOptions: "..."}   # mountOptions: the class parameter plus the class's mountOptions
 
-   PVs with reclaim policy Delete also get the finalizer ``gfuse.example.org/provisioner``, so a PV
-   deleted by hand still has its storage removed first;
+   The class's ``mountOptions`` go into the flexVolume options, never into the PV's ``spec.mountOptions``:
+   kubelet refuses to mount a FlexVolume PV that has any ("Mount options are not supported for this
+   volume type", ``checkMountOptionSupport``), and the gfuse driver reads them from its options.
+   With ``pv_finalizer`` (``--pv-finalizer``, the default) PVs with reclaim policy Delete also get the
+   finalizer ``gfuse.example.org/provisioner``, so a PV deleted by hand still has its storage removed
+   first. Without it (``--no-pv-finalizer``) new PVs get none and the controller removes it from the
+   PVs of ours that have it (the way to uninstall: daemonset/README.md) — a PV then deleted by hand
+   while Bound leaves its storage behind;
 5. removes the claim's finalizer and records ``ProvisioningSucceeded`` on the claim.
 
 Every failure is an Event on the claim (``ProvisioningFailed`` with the :class:`StorageError`'s
@@ -89,7 +101,7 @@ import urllib3
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from gfuse.options import parse_bool
+from gfuse.options import parse_bool, split_options
 
 from ..storage.api import Backend, ProvisionedVolume, StorageError
 
@@ -104,6 +116,9 @@ ANN_BACKEND = "gfuse.example.org/backend"
 ANN_IDENTITY = "gfuse.example.org/provisioner-identity"
 ANN_CLAIM = "gfuse.example.org/claim"
 ANN_BETA_CLASS = "volume.beta.kubernetes.io/storage-class"
+#: set on a claim by the PV controller once it decided that an external provisioner must make its volume
+ANN_STORAGE_PROVISIONER = "volume.kubernetes.io/storage-provisioner"
+ANN_BETA_STORAGE_PROVISIONER = "volume.beta.kubernetes.io/storage-provisioner"
 ANN_SELECTED_NODE = "volume.kubernetes.io/selected-node"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "gfuse-provisioner"
@@ -164,10 +179,6 @@ def api_body(manifest: Mapping[str, Any]) -> Any:
     """A manifest as the API client's ``body``: the client sends plain dicts as they are
     (``sanitize_for_serialization``), though its annotations name its model classes."""
     return manifest
-
-
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -388,7 +399,7 @@ class Controller:
     def __init__(self, api_client: Any, backend_for: BackendFactory, *, provisioner: str = PROVISIONER,
                  identity: str = "gfuse-provisioner", is_leader: Callable[[], bool] = lambda: True,
                  resync_period: float = 300.0, watch_timeout: float = 300.0, workers: int = 4,
-                 retry_base: float = 1.0, retry_max: float = 300.0) -> None:
+                 retry_base: float = 1.0, retry_max: float = 300.0, pv_finalizer: bool = True) -> None:
         self.api = api_client
         self.core = client.CoreV1Api(api_client)
         self.storage = client.StorageV1Api(api_client)
@@ -396,6 +407,7 @@ class Controller:
         self.provisioner = provisioner
         self.identity = identity
         self.is_leader = is_leader
+        self.pv_finalizer = pv_finalizer
         self.resync_period = resync_period
         self.watch_timeout = watch_timeout
         self.workers = max(1, workers)
@@ -719,9 +731,11 @@ class Controller:
             return
         if sc is None or sc.get("provisioner") != self.provisioner:
             return  # our finalizer on a claim whose class is gone: cleaned up when it is deleted
+        if not self._asked_to_provision(claim):
+            return  # the PV controller may still bind an existing PV: it annotates the claim when none fits
         if sc.get("volumeBindingMode") == "WaitForFirstConsumer" and not (meta.get("annotations") or {}).get(
                 ANN_SELECTED_NODE):
-            return  # the scheduler has not picked a node yet
+            return  # the scheduler has not picked a node yet (or took its pick back)
         try:
             self._provision(claim, sc)
         except NotLeader:
@@ -747,6 +761,13 @@ class Controller:
                        f"failed to provision volume with StorageClass \"{_meta(sc)['name']}\": "
                        f"{type(e).__name__}: {e}")
             raise
+
+    def _asked_to_provision(self, claim: Mapping[str, Any]) -> bool:
+        """The PV controller asked for this provisioner: ``volume.kubernetes.io/storage-provisioner`` names it,
+        or, only when that annotation is absent, ``volume.beta.kubernetes.io/storage-provisioner`` does."""
+        ann = _meta(claim).get("annotations") or {}
+        key = ANN_STORAGE_PROVISIONER if ANN_STORAGE_PROVISIONER in ann else ANN_BETA_STORAGE_PROVISIONER
+        return ann.get(key) == self.provisioner
 
     def _settled(self, claim: Mapping[str, Any]) -> bool:
         """From the caches: a bound claim with nothing left to do (no finalizer of ours, its PV at
@@ -841,8 +862,8 @@ class Controller:
         meta = _meta(claim)
         spec = claim.get("spec") or {}
         reclaim = sc.get("reclaimPolicy") or "Delete"
-        mount_options = [str(o) for o in (sc.get("mountOptions") or [])]
-        flex_mount_options = _split(params.get("mountOptions", ""))
+        mount_options = [str(o) for o in (sc.get("mountOptions") or [])]  # into the options, never spec.mountOptions
+        flex_mount_options = split_options(params.get("mountOptions", ""))  # context="…,…" stays one item
         flex_mount_options += [o for o in mount_options if o not in flex_mount_options]
         read_only = parse_bool(params.get("readOnly") or "", default=False)
         options = {"volume": vol.source, "readOnly": "true" if read_only else "false"}
@@ -878,10 +899,8 @@ class Controller:
                 "flexVolume": {"driver": DRIVER, "options": options},
             },
         }
-        if reclaim == "Delete":
+        if reclaim == "Delete" and self.pv_finalizer:
             pv["metadata"]["finalizers"] = [FINALIZER]
-        if mount_options:
-            pv["spec"]["mountOptions"] = mount_options
         return pv
 
     def _finish_deleted_claim(self, claim: dict[str, Any]) -> None:
@@ -986,7 +1005,8 @@ class Controller:
         cached = self.volumes.get(name)
         if cached is None or not self._ours(cached):
             return
-        if not _meta(cached).get("deletionTimestamp") and not (
+        unwanted_finalizer = not self.pv_finalizer and FINALIZER in (_meta(cached).get("finalizers") or [])
+        if not _meta(cached).get("deletionTimestamp") and not unwanted_finalizer and not (
                 (cached.get("status") or {}).get("phase") == "Released"
                 and (cached.get("spec") or {}).get("persistentVolumeReclaimPolicy") == "Delete"):
             return  # nothing to do (the cache says so; no API calls)
@@ -998,11 +1018,18 @@ class Controller:
         reclaim = spec.get("persistentVolumeReclaimPolicy")
         fins = meta.get("finalizers") or []
         if meta.get("deletionTimestamp"):
-            if FINALIZER in fins:
+            if FINALIZER in fins:  # deleted by hand while the finalizer was on: keep its promise
                 if reclaim == "Delete":
                     self._delete_storage(pv)
                 self._set_finalizer("volume", "", name, present=False)
             return
+        if not self.pv_finalizer and FINALIZER in fins:
+            # --no-pv-finalizer: PVs made with the finalizer lose it (uninstall: nothing may stay blocked on
+            # a controller that is gone); storage is still deleted below when the PV is Released
+            if self._set_finalizer("volume", "", name, present=False) is None:
+                return
+            log.info("volume %s: finalizer %s removed (--no-pv-finalizer)", name, FINALIZER)
+            fins = [f for f in fins if f != FINALIZER]
         phase = (pv.get("status") or {}).get("phase")
         if phase != "Released" or reclaim != "Delete":
             return  # Retain (or Recycle): the data stays

@@ -3,7 +3,7 @@
 Runs as the ``gfuse-flexvolume-provisioner`` Deployment (``daemonset/converged/``) under the
 ServiceAccount of the same name (``daemonset/base/rbac-flexvolume-provisioner.yaml`` grants exactly
 the calls this package makes: PVCs and their status, PVs, StorageClasses, Events, and its Lease in
-``gfuse-system``; ``tests/test_manifests.py`` derives them from the code). Cluster access: in-cluster config when
+``gfuse-system``; ``tests/unit/test_manifests.py`` derives them from the code). Cluster access: in-cluster config when
 ``KUBERNETES_SERVICE_HOST`` is set, else ``--kubeconfig`` / ``$KUBECONFIG`` / ``~/.kube/config``.
 
 With ``--leader-elect`` (the default) replicas elect a leader on the Lease
@@ -60,6 +60,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lease-duration", type=float, default=15.0, help="seconds a Lease is valid unrenewed")
     p.add_argument("--renew-deadline", type=float, default=10.0, help="leader stops acting if not renewed by then")
     p.add_argument("--retry-period", type=float, default=2.0, help="seconds between Lease attempts")
+    p.add_argument("--pv-finalizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="put the finalizer gfuse.example.org/provisioner on new PVs with reclaim policy Delete (a PV "
+                        "deleted by hand then still frees its storage); --no-pv-finalizer: none, and remove it from "
+                        "existing PVs of this provisioner (do that before uninstalling: daemonset/README.md)")
     p.add_argument("--resync-period", type=float, default=300.0, help="seconds between full resyncs")
     p.add_argument("--watch-timeout", type=float, default=300.0, help="timeoutSeconds of each watch request")
     p.add_argument("--workers", type=int, default=4, help="claims/volumes worked on in parallel")
@@ -139,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     controller = Controller(api, factory, provisioner=args.provisioner_name, identity=identity,
                             is_leader=elector.is_leader if elector else (lambda: True),
                             resync_period=args.resync_period, watch_timeout=args.watch_timeout,
-                            workers=args.workers, retry_max=args.retry_max)
+                            workers=args.workers, retry_max=args.retry_max, pv_finalizer=args.pv_finalizer)
     log.info("gfuse-provisioner %s: provisioner %s, leader election %s", identity, args.provisioner_name,
              f"on Lease {elector.namespace}/{elector.name}" if elector else "off")
     if elector is None:

@@ -55,7 +55,9 @@ HOST_PATH_TYPES = {"", "DirectoryOrCreate", "Directory", "FileOrCreate", "File",
                    "BlockDevice"}
 WORKLOADS = ("Deployment", "DaemonSet", "StatefulSet", "ReplicaSet", "Job")
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CSIDriver", "StorageClass",
-                  "PersistentVolume"}
+                  "PersistentVolume", "SecurityContextConstraints"}
+#: OpenShift's own API objects: kubernetes-validate has no schema for them; check_scc() below checks them instead
+OPENSHIFT_KINDS = {("security.openshift.io/v1", "SecurityContextConstraints")}
 #: libyaml's loader when PyYAML has it (the rendered kustomizations are long)
 LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 #: what the shim answers to ``init`` without an agent: exactly what the Python driver answers (kubelet keeps the
@@ -185,6 +187,9 @@ def test_manifests_found() -> None:
 @pytest.mark.parametrize("ident,doc", DOCS + [("podman:gfuse-node", podman_pod())],
                          ids=[i for i, _ in DOCS] + ["podman:gfuse-node"])
 def test_schema(ident: str, doc: dict[str, Any], version: str) -> None:
+    if (doc.get("apiVersion"), doc.get("kind")) in OPENSHIFT_KINDS:
+        check_scc(ident, doc)
+        return
     try:
         validated = kubernetes_validate.validate(doc, version, strict=True)
     except SchemaNotFoundError as e:
@@ -412,6 +417,9 @@ def test_csi_driver_name() -> None:
     assert driver["spec"]["attachRequired"] is False
     assert driver["spec"]["podInfoOnMount"] is True
     assert driver["spec"]["volumeLifecycleModes"] == ["Persistent"]
+    # kubelet then mounts with -o context="<the pod's SELinux label>" (SELinux nodes only) instead of relabelling
+    # every file; gfuse passes context= to the kernel (tests/k8s/test_flexvolume_driver.py)
+    assert driver["spec"]["seLinuxMount"] is True
     csi_classes = [sc for sc in docs_of("StorageClass") if sc["provisioner"] == CSI_DRIVER]
     assert len(csi_classes) >= 2, "CSI StorageClass examples (subdir and volume backends)"
     assert {sc["parameters"]["backend"] for sc in csi_classes} == {"subdir", "volume"}
@@ -776,6 +784,8 @@ def test_flexvolume_provisioner_rbac_is_what_its_code_calls() -> None:
                     f"which flexvolume/provisioner/ calls")
         used.add((group, resource, verb))
     for ns, r in rules:
+        if r["apiGroups"] == ["security.openshift.io"] and r["verbs"] == ["use"]:
+            continue  # OpenShift's SCC admission checks it for the pod (test_openshift_overlay_admits_every_pod)
         for g in r["apiGroups"]:
             for res in r["resources"]:
                 for v in r["verbs"]:
@@ -898,6 +908,156 @@ def test_converged_glusterd() -> None:
     sc = one("StorageClass", "gfuse-converged")
     assert sc["parameters"]["pool"].startswith(env["PEER_SERVICE"] + ".")
     assert sc["parameters"]["pool"].endswith(":/" + env["POOL_VOLUME"])
+
+
+# ---- OpenShift: SecurityContextConstraints ---------------------------------------------------------------------
+
+#: SecurityContextConstraints (security.openshift.io/v1) fields and what they hold, as OpenShift's API defines them
+#: (openshift/api security/v1 types.go; its CRD marks the REQUIRED ones required, nullable)
+SCC_BOOLS = {"allowHostDirVolumePlugin", "allowHostIPC", "allowHostNetwork", "allowHostPID", "allowHostPorts",
+             "allowPrivilegedContainer", "readOnlyRootFilesystem", "allowPrivilegeEscalation",
+             "defaultAllowPrivilegeEscalation"}
+SCC_LISTS = {"allowedCapabilities", "defaultAddCapabilities", "requiredDropCapabilities", "volumes", "users", "groups",
+             "seccompProfiles", "allowedUnsafeSysctls", "forbiddenSysctls", "allowedFlexVolumes"}
+SCC_STRATEGIES = {"runAsUser": {"MustRunAs", "MustRunAsRange", "MustRunAsNonRoot", "RunAsAny"},
+                  "seLinuxContext": {"MustRunAs", "RunAsAny"}, "fsGroup": {"MustRunAs", "RunAsAny"},
+                  "supplementalGroups": {"MustRunAs", "RunAsAny"}}
+SCC_REQUIRED = {"allowHostDirVolumePlugin", "allowHostIPC", "allowHostNetwork", "allowHostPID", "allowHostPorts",
+                "allowPrivilegedContainer", "allowedCapabilities", "defaultAddCapabilities", "priority",
+                "readOnlyRootFilesystem", "requiredDropCapabilities", "volumes"}
+SCC_VOLUMES = {"*", "none", "awsElasticBlockStore", "azureDisk", "azureFile", "cephFS", "cinder", "configMap", "csi",
+               "downwardAPI", "emptyDir", "ephemeral", "fc", "flexVolume", "flocker", "gcePersistentDisk", "gitRepo",
+               "glusterfs", "hostPath", "image", "iscsi", "nfs", "persistentVolumeClaim", "photonPersistentDisk",
+               "portworxVolume", "projected", "quobyte", "rbd", "scaleIO", "secret", "storageOS", "vsphere"}
+
+
+def check_scc(ident: str, doc: dict[str, Any]) -> None:
+    """What OpenShift's API server would refuse in an SCC: unknown or missing fields, wrong types, enum typos."""
+    known = {"apiVersion", "kind", "metadata", "priority", "userNamespaceLevel"} | SCC_BOOLS | SCC_LISTS | set(
+        SCC_STRATEGIES)
+    assert not set(doc) - known, f"{ident}: unknown SCC fields {sorted(set(doc) - known)}"
+    assert not SCC_REQUIRED - set(doc), f"{ident}: SCC fields missing {sorted(SCC_REQUIRED - set(doc))}"
+    for key in SCC_BOOLS & set(doc):
+        assert isinstance(doc[key], bool), f"{ident}: {key} must be a boolean"
+    for key in SCC_LISTS & set(doc):
+        assert doc[key] is None or (isinstance(doc[key], list) and all(isinstance(v, (str, dict)) for v in doc[key])), \
+            f"{ident}: {key} must be a list"
+    assert doc["priority"] is None or isinstance(doc["priority"], int), f"{ident}: priority is an integer or null"
+    for key, types in SCC_STRATEGIES.items():
+        strategy = doc.get(key) or {}
+        assert strategy.get("type") in types, f"{ident}: {key}.type {strategy.get('type')!r} not one of {types}"
+    bad = set(doc.get("volumes") or []) - SCC_VOLUMES
+    assert not bad, f"{ident}: unknown volume types {bad}"
+    assert set(doc["metadata"]) <= {"name", "labels", "annotations"}, ident
+
+
+def _scc_users(docs: list[dict[str, Any]], scc: str) -> set[tuple[str, str]]:
+    """(namespace, ServiceAccount) that may use SCC ``scc``: by the SCC's ``users``/``groups`` or by RBAC ``use`` on
+    it (a RoleBinding grants it in its namespace; OpenShift checks the pod's namespace)."""
+    roles = {(d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]): d for d in docs
+             if d["kind"] in ("Role", "ClusterRole")}
+    out: set[tuple[str, str]] = set()
+    (obj,) = [d for d in docs if d["kind"] == "SecurityContextConstraints" and d["metadata"]["name"] == scc]
+    for user in obj.get("users") or []:
+        if user.startswith("system:serviceaccount:"):
+            ns, name = user.split(":")[2:4]
+            out.add((ns, name))
+    for b in docs:
+        if b["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        ref = b["roleRef"]
+        role = roles.get((ref["kind"], b["metadata"].get("namespace", "") if ref["kind"] == "Role" else "", ref["name"]))
+        if role is None or not any(_grants(r, "security.openshift.io", "securitycontextconstraints", "use", scc)
+                                   for r in role["rules"]):
+            continue
+        for s in b["subjects"]:
+            if s["kind"] == "ServiceAccount" and (b["kind"] == "ClusterRoleBinding"
+                                                  or s["namespace"] == b["metadata"]["namespace"]):
+                out.add((s["namespace"], s["name"]))
+    return out
+
+
+def scc_admits(scc: dict[str, Any], spec: dict[str, Any]) -> list[str]:
+    """Why OpenShift's SCC admission would refuse a pod under ``scc`` (empty: admitted). Stands in for the
+    admission plugin (openshift/apiserver-library-go: sccadmission, and the sccmatching provider's validation of
+    the pod's and each container's security context) on the fields gfuse's pods use; no OpenShift can run here."""
+    why = []
+    for flag, field in (("hostPID", "allowHostPID"), ("hostNetwork", "allowHostNetwork"), ("hostIPC", "allowHostIPC")):
+        if spec.get(flag) and not scc[field]:
+            why.append(f"{flag} needs {field}")
+    used = {k for v in spec.get("volumes", []) for k in v if k != "name"}
+    if spec.get("automountServiceAccountToken", True):
+        used.add("projected")  # the ServiceAccount token volume the API server adds
+    allowed = set(scc.get("volumes") or [])
+    if "*" not in allowed:
+        why += [f"volume type {t} not allowed" for t in sorted(used - allowed)]
+    if "hostPath" in used and not scc["allowHostDirVolumePlugin"]:
+        why.append("hostPath needs allowHostDirVolumePlugin")
+    caps_ok = set(scc.get("allowedCapabilities") or []) | set(scc.get("defaultAddCapabilities") or [])
+    for c in containers(spec):
+        sc = c.get("securityContext") or {}
+        if sc.get("privileged") and not scc["allowPrivilegedContainer"]:
+            why.append(f"{c['name']}: privileged needs allowPrivilegedContainer")
+        added = set((sc.get("capabilities") or {}).get("add") or [])
+        if "*" not in caps_ok and added - caps_ok:
+            why.append(f"{c['name']}: capabilities {sorted(added - caps_ok)} not allowed")
+        if (spec.get("hostNetwork") and c.get("ports")) or any(p.get("hostPort") for p in c.get("ports", [])):
+            if not scc["allowHostPorts"]:
+                why.append(f"{c['name']}: host ports need allowHostPorts")
+        if sc.get("allowPrivilegeEscalation", True) and scc.get("allowPrivilegeEscalation") is False:
+            why.append(f"{c['name']}: privilege escalation not allowed")
+        if not (sc.get("runAsUser") or (spec.get("securityContext") or {}).get("runAsUser")) \
+                and scc["runAsUser"]["type"] != "RunAsAny":
+            why.append(f"{c['name']}: runs as its image's user (root), which {scc['runAsUser']['type']} replaces")
+    return why
+
+
+@NEEDS_KUBECTL
+def test_openshift_overlay_admits_every_pod() -> None:
+    """``kubectl kustomize daemonset/openshift`` (converged mode + SCC + RBAC): every pod that the restricted-v2 SCC
+    would refuse (privileged, host namespaces, hostPath) names the SCC gfuse-privileged (openshift.io/required-scc),
+    its ServiceAccount may use it, and it admits the pod (scc_admits). The FlexVolume driver goes to RHCOS's plugin
+    dir. Without this overlay no SCC would admit them (restricted-v2 allows none of that)."""
+    docs = _rendered(DAEMONSET / "openshift")
+    (scc,) = [d for d in docs if d["kind"] == "SecurityContextConstraints"]
+    check_scc("openshift/gfuse-privileged", scc)
+    users = _scc_users(docs, scc["metadata"]["name"])
+    restricted = {"allowPrivilegedContainer": False, "allowHostPID": False, "allowHostNetwork": False,
+                  "allowHostIPC": False, "allowHostPorts": False, "allowHostDirVolumePlugin": False,
+                  "allowedCapabilities": ["NET_BIND_SERVICE"], "defaultAddCapabilities": None,
+                  "volumes": ["configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                              "projected", "secret"], "runAsUser": {"type": "MustRunAsRange"},
+                  "allowPrivilegeEscalation": False}
+    pods = [(d, d["spec"]["template"]) for d in docs if d["kind"] in WORKLOADS]
+    assert {d["metadata"]["name"] for d, _ in pods} >= {"gfuse-node", "gfuse-controller", "gfuse-glusterd",
+                                                        "gfuse-flexvolume-provisioner"}
+    for d, template in pods:
+        spec, name = template["spec"], f"{d['kind']} {d['metadata']['name']}"
+        if not scc_admits(restricted, spec):
+            continue  # restricted-v2 admits it: nothing to grant
+        assert (template["metadata"].get("annotations") or {}).get("openshift.io/required-scc") == "gfuse-privileged", \
+            name
+        assert (d["metadata"]["namespace"], spec.get("serviceAccountName", "default")) in users, \
+            f"{name}: ServiceAccount {spec.get('serviceAccountName')} may not use SCC gfuse-privileged"
+        assert scc_admits(scc, spec) == [], f"{name}: {scc_admits(scc, spec)}"
+    node = next(t["spec"] for d, t in pods if d["metadata"]["name"] == "gfuse-node")
+    env = {e["name"]: e.get("value") for e in container(node, "install-flexvolume")["env"]}
+    assert env["FLEXVOLUME_PLUGIN_DIR"] == "/etc/kubernetes/kubelet-plugins/volume/exec"
+    (ns,) = [d for d in docs if d["kind"] == "Namespace"]
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+    assert ns["metadata"]["labels"]["security.openshift.io/scc.podSecurityLabelSync"] == "false"
+
+
+def test_scc_check_is_strict() -> None:
+    """The SCC checks themselves: a typo'd field, a missing required one, an unknown strategy or volume type fail;
+    a pod the SCC does not allow is refused."""
+    scc = one("SecurityContextConstraints", "gfuse-privileged")
+    for broken in ({**scc, "allowHostPid": True}, {k: v for k, v in scc.items() if k != "volumes"},
+                   {**scc, "runAsUser": {"type": "RunAsRoot"}}, {**scc, "volumes": ["hostpath"]}):
+        with pytest.raises(AssertionError):
+            check_scc("broken", broken)
+    assert scc_admits({**scc, "allowHostPID": False}, node_spec()) == ["hostPID needs allowHostPID"]
+    assert any("SYS_ADMIN" in w for w in scc_admits({**scc, "allowedCapabilities": []}, node_spec()))
 
 
 # ---- kustomize ----------------------------------------------------------------------------------------------
