@@ -69,7 +69,7 @@ runtime = "runc"
 """
 
 INIT_OK = {"status": "Success", "capabilities": {"attach": False, "selinuxRelabel": False, "fsGroup": False,
-                                                 "supportsMetrics": True}}
+                                                 "supportsMetrics": True, "requiresFSResize": False}}
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -283,8 +283,11 @@ def test_daemonset_pod_mounts_reach_the_host(node_pod: dict, make_volume, native
             return call_driver(driver, *args)
     else:
         assert pidfile == 1, pidfile
-        r = call_driver(driver, "unmount", str(kubelet.root / "pods" / "x" / "volumes" / PLUGIN_DIR_NAME / "v"))
+        r = call_driver(driver, "mount", str(kubelet.root / "pods" / "x" / "volumes" / PLUGIN_DIR_NAME / "v"), "{}")
         assert r.returncode == 1 and r.status == "Failure" and "agent is not running" in r.message, r
+        # unmount needs no agent: the shim does it (nothing is mounted there: Success)
+        r = call_driver(driver, "unmount", str(kubelet.root / "pods" / "x" / "volumes" / PLUGIN_DIR_NAME / "v"))
+        assert r.returncode == 0 and r.status == "Success" and "without the gfuse agent" in r.message, r
 
         def driver_call(*args: str) -> DriverResult:
             return call_in_container(f"{name}-agent", "/usr/local/bin/gfuse-flexvolume", *args)

@@ -966,7 +966,8 @@ def _scc_users(docs: list[dict[str, Any]], scc: str) -> set[tuple[str, str]]:
         if b["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
             continue
         ref = b["roleRef"]
-        role = roles.get((ref["kind"], b["metadata"].get("namespace", "") if ref["kind"] == "Role" else "", ref["name"]))
+        role_ns = b["metadata"].get("namespace", "") if ref["kind"] == "Role" else ""
+        role = roles.get((ref["kind"], role_ns, ref["name"]))
         if role is None or not any(_grants(r, "security.openshift.io", "securitycontextconstraints", "use", scc)
                                    for r in role["rules"]):
             continue
