@@ -67,6 +67,37 @@ def _deleter() -> concurrent.futures.ThreadPoolExecutor:
     return _deleter_pool[0]
 
 
+#: kinds of private volume that are made one ahead, in the background, while tests run (most destructive
+#: tests want a fresh started replica-3 volume with default options; making one costs 2-4 s)
+SPARE_KINDS = ("replica3",)
+_spares: dict[str, concurrent.futures.Future[tc.Volume]] = {}
+
+
+def _make_spare(kind: str) -> None:
+    if kind not in _spares:
+        _spares[kind] = _deleter().submit(tc.create_volume, kind)
+
+
+def _take_spare(kind: str) -> tc.Volume | None:
+    """A fresh started volume of ``kind`` with default options made in advance, or None."""
+    fut = _spares.pop(kind, None)
+    if fut is None:
+        return None
+    try:
+        return fut.result(timeout=120)
+    except Exception as exc:  # noqa: BLE001 - the caller then makes one itself, as without spares
+        warnings.warn(f"spare {kind} volume could not be made: {exc}", stacklevel=2)
+        return None
+
+
+def _drop_spares() -> None:
+    """Unused spares are deleted like any private volume."""
+    for kind in list(_spares):
+        vol = _take_spare(kind)
+        if vol is not None:
+            _pending_deletes.append((vol.name, _deleter().submit(vol.delete)))
+
+
 def _finish_deletes() -> list[str]:
     """Wait for the background deletions; the volumes that could not be deleted, with why."""
     errors = []
@@ -140,6 +171,7 @@ def glusterd() -> Iterator[tc.GlusterdProcess]:
     try:
         yield gd
     finally:
+        _drop_spares()
         delete_errors = _finish_deletes()
         # belt and braces: the volume fixtures delete their own volumes; this catches any left
         for vol, _ in list(_session_volumes.values()):
@@ -217,8 +249,12 @@ def make_volume(glusterd: tc.GlusterdProcess) -> Iterator[Callable[..., tc.Volum
         options: dict[str, str | int | bool] | None = None,
         start: bool = True,
     ) -> tc.Volume:
-        vol = tc.create_volume(kind, options=options, start=start)
+        vol = _take_spare(kind) if options is None and start else None
+        if vol is None:
+            vol = tc.create_volume(kind, options=options, start=start)
         made.append(vol)
+        if kind in SPARE_KINDS and options is None and start:
+            _make_spare(kind)  # the next test asking for one gets it made already
         return vol
 
     try:
