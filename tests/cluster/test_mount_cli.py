@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from gfuse.mounttable import mount_at
 from testkit import cluster as tc
 
 HELPER = Path("/sbin/mount.fuse.gfuse")
@@ -222,8 +223,8 @@ def test_mount_t_fuse_gfuse_read_only(vol_replica3: tc.Volume, mounts: Mounts, m
         p = run(["mount", "-t", "fuse.gfuse", vol_replica3.source, str(mp), "-o", "ro"], timeout=90)
         assert p.returncode == 0, p.stderr
         assert tc.is_mounted(mp)
-        line = next(ln for ln in Path("/proc/self/mounts").read_text().splitlines() if f" {mp} " in ln)
-        assert line.split()[2] == "fuse.gfuse" and "ro" in line.split()[3].split(","), line
+        top = mount_at(str(mp))
+        assert top is not None and top.fstype == "fuse.gfuse" and top.readonly, top
         assert (mp / name).read_bytes() == b"readable"
         for op in (lambda: (mp / f"{name}-new").write_bytes(b"x"),
                    lambda: open(mp / name, "ab"),

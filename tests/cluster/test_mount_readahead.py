@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gfuse.mounttable import mount_at
+
 
 def _bdi_read_ahead(mountpoint: Path) -> int:
-    for line in open("/proc/self/mountinfo"):
-        f = line.split()
-        if f[4] == str(mountpoint):
-            return int(open(f"/sys/class/bdi/{f[2]}/read_ahead_kb").read())
-    raise AssertionError(f"{mountpoint} not in mountinfo")
+    m = mount_at(str(mountpoint))
+    assert m is not None, f"{mountpoint} not in mountinfo"
+    return int(Path(f"/sys/class/bdi/{m.dev}/read_ahead_kb").read_text())
 
 
 def test_read_ahead_is_raised_after_init(vol_replica3, gfuse_mount) -> None:
