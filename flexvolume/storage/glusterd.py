@@ -50,7 +50,7 @@ import shlex
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .api import StorageError
@@ -128,57 +128,54 @@ class Glusterd:
             cmd.append(f"--glusterd-sock={self.socket}")
         return [*cmd, "--mode=script", *(["--xml"] if xml else []), *args]
 
-    def text(self, *args: str, timeout: float | None = None, check: bool = True) -> str:
-        """Run one CLI command without --xml (for the few whose XML output is broken); its stdout.
-
-        Busy-glusterd answers are retried like :meth:`xml`; with ``check=False`` the stdout of a failing
-        command is returned instead of raising.
-        """
-        cmd = self.argv(*args, xml=False)
-        what = "gluster " + " ".join(args[:3])
+    def _attempts(self, cmd: list[str], what: str, timeout: float | None
+                  ) -> Iterator[subprocess.CompletedProcess[str]]:
+        """Run ``cmd`` until the caller stops asking: each answer in turn, with the busy-glusterd back-off
+        between them; StorageError when the CLI cannot run, does not answer, or time is up."""
         limit = timeout or self.timeout
         deadline = time.monotonic() + limit
         delay = 0.2
         while True:
             remaining = max(deadline - time.monotonic(), 1.0)
             try:
-                proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                      timeout=remaining)
+                yield subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                     timeout=remaining)
             except subprocess.TimeoutExpired:
-                raise StorageError("glusterd-unreachable", f"{what}: no answer within {limit:.0f}s") from None
+                raise StorageError("glusterd-unreachable",
+                                   f"{what}: no answer from glusterd ({self.socket or 'its default socket'}) "
+                                   f"within {limit:.0f}s") from None
             except FileNotFoundError as e:
                 raise StorageError("glusterd-unreachable",
                                    f"cannot run the gluster CLI ({self.command[0]}): {e}") from None
+            if time.monotonic() + delay >= deadline:
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def text(self, *args: str, timeout: float | None = None, check: bool = True) -> str:
+        """Run one CLI command without --xml (for the few whose XML output is broken); its stdout.
+
+        Busy-glusterd answers are retried like :meth:`xml`; with ``check=False`` the stdout of a failing
+        command is returned instead of raising.
+        """
+        what = "gluster " + " ".join(args[:3])
+        out = ""
+        for proc in self._attempts(self.argv(*args, xml=False), what, timeout):
             out = proc.stdout + proc.stderr
             if proc.returncode == 0 or not check:
                 return proc.stdout
             if _UNREACHABLE.search(out):
                 raise StorageError("glusterd-unreachable", f"{what}: {out.strip()}")
-            if _RETRYABLE.search(out) and time.monotonic() + delay < deadline:
-                log.info("%s: %s; retrying", what, out.strip())
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            raise StorageError("gluster-error", f"{what}: {out.strip()}")
+            if not _RETRYABLE.search(out):
+                break
+            log.info("%s: %s; retrying", what, out.strip())
+        raise StorageError("gluster-error", f"{what}: {out.strip()}")
 
     def xml(self, *args: str, timeout: float | None = None) -> ET.Element:
         """Run one CLI command; its ``<cliOutput>`` on success, StorageError otherwise."""
-        cmd = self.argv(*args)
-        deadline = time.monotonic() + (timeout or self.timeout)
-        delay = 0.2
         what = "gluster " + " ".join(args[:3])
-        while True:
-            remaining = max(deadline - time.monotonic(), 1.0)
-            try:
-                proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                      timeout=remaining)
-            except subprocess.TimeoutExpired:
-                raise StorageError("glusterd-unreachable",
-                                   f"{what}: no answer from glusterd ({self.socket}) within "
-                                   f"{timeout or self.timeout:.0f}s") from None
-            except FileNotFoundError as e:
-                raise StorageError("glusterd-unreachable",
-                                   f"cannot run the gluster CLI ({self.command[0]}): {e}") from None
+        err, code = "", 0
+        for proc in self._attempts(self.argv(*args), what, timeout):
             root = None
             if proc.stdout.strip().startswith("<"):
                 try:
@@ -188,19 +185,18 @@ class Glusterd:
             if root is not None and root.findtext("opRet") == "0":
                 log.debug("%s: ok", what)
                 return root
+            code = proc.returncode
             err = ((root.findtext("opErrstr") if root is not None else None) or proc.stderr or proc.stdout).strip()
             if root is None and _UNREACHABLE.search(err):
                 raise StorageError("glusterd-unreachable",
                                    f"{what}: glusterd does not answer on {self.socket or 'its default socket'}: "
-                                   f"{err or f'exit status {proc.returncode}'}")
-            if _RETRYABLE.search(err) and time.monotonic() + delay < deadline:
-                log.info("%s: %s; retrying", what, err)
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            failure = StorageError("gluster-error", f"{what}: {err or f'no output, exit status {proc.returncode}'}")
-            failure.gluster_errstr = err  # type: ignore[attr-defined]
-            raise failure
+                                   f"{err or f'exit status {code}'}")
+            if not _RETRYABLE.search(err):
+                break
+            log.info("%s: %s; retrying", what, err)
+        failure = StorageError("gluster-error", f"{what}: {err or f'no output, exit status {code}'}")
+        failure.gluster_errstr = err  # type: ignore[attr-defined]
+        raise failure
 
     def ping(self) -> None:
         """StorageError('glusterd-unreachable') unless glusterd answers."""
