@@ -8,7 +8,7 @@ the same behaviour (SIGSTOPped brick, idle-then-slow INODELK) stay in tests/clus
 from __future__ import annotations
 
 import errno
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -210,21 +210,28 @@ async def test_a_failing_callback_handler_does_not_kill_the_connection(clock: tr
         assert await conn.call(PROG, VERS, 1, b"ok") == b"ok"
 
 
+async def fail_while_waiting(conn: RpcConnection, peer: Peer, fault: Callable[[], Awaitable[None]]) -> list[OSError]:
+    """Start one call the peer never answers, inject ``fault``, return what the caller got."""
+    errors: list[OSError] = []
+
+    async def caller() -> None:
+        try:
+            await conn.call(PROG, VERS, 1, b"q")
+        except OSError as e:
+            errors.append(e)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(caller)
+        await trio.testing.wait_all_tasks_blocked()
+        await fault()
+    return errors
+
+
 @pytest.mark.trio
 async def test_garbage_from_the_peer_fails_pending_calls_cleanly(clock: trio.testing.MockClock) -> None:
     """A hostile or broken peer: the connection closes with a reason, waiting calls get ENOTCONN."""
     async with connection(lambda c: None, ping_timeout=None) as (conn, peer):
-        async with trio.open_nursery() as nursery:
-            errors: list[OSError] = []
-
-            async def caller() -> None:
-                try:
-                    await conn.call(PROG, VERS, 1, b"q")
-                except OSError as e:
-                    errors.append(e)
-            nursery.start_soon(caller)
-            await trio.testing.wait_all_tasks_blocked()
-            await peer.stream.send_all(rpc.frame(b"\x00\x00\x00\x01\x00\x00\x00\x07garbage"))
+        errors = await fail_while_waiting(
+            conn, peer, lambda: peer.stream.send_all(rpc.frame(b"\x00\x00\x00\x01\x00\x00\x00\x07garbage")))
         assert [e.errno for e in errors] == [errno.ENOTCONN]
         assert conn.closed.is_set() and "protocol error" in conn.close_reason
         with pytest.raises(OSError) as later:
@@ -235,16 +242,6 @@ async def test_garbage_from_the_peer_fails_pending_calls_cleanly(clock: trio.tes
 @pytest.mark.trio
 async def test_peer_closing_fails_pending_and_later_calls(clock: trio.testing.MockClock) -> None:
     async with connection(lambda c: None, ping_timeout=None) as (conn, peer):
-        async with trio.open_nursery() as nursery:
-            errors: list[OSError] = []
-
-            async def caller() -> None:
-                try:
-                    await conn.call(PROG, VERS, 1, b"q")
-                except OSError as e:
-                    errors.append(e)
-            nursery.start_soon(caller)
-            await trio.testing.wait_all_tasks_blocked()
-            await peer.stream.aclose()
+        errors = await fail_while_waiting(conn, peer, peer.stream.aclose)
         assert [e.errno for e in errors] == [errno.ENOTCONN]
         assert "closed by peer" in conn.close_reason or "receive failed" in conn.close_reason
