@@ -14,6 +14,7 @@ import trio
 from .mgmt import Server
 from .options import parse_bool
 from .volfile import Graph, VolfileError, Xlator
+from .volfile_policy import check_graph
 from .xlators.api import Brick, Subvolume
 from .xlators.client import BrickClient
 from .xlators.distribute import Distribute
@@ -44,6 +45,7 @@ class ClientGraph:
         self.skipped: list[str] = []
         self.replicas: list[Replicate] = []
         self._stopping = trio.Event()
+        check_graph(graph)  # a volume gfuse would serve wrongly (shard, disperse, …) is refused in one line
         #: directory attributes from entry replies on top of it all (see xlators/mdcache.py)
         self.top = MdCache(self._build(graph.top))
 
