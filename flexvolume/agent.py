@@ -58,8 +58,10 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -85,11 +87,15 @@ from .protocol import (
     error,
     frame_length,
 )
+from gfuse.status import bind_unix_socket
+
 from .state import DEFAULT_STATE, MountRecord, StateError, load_state, save_state
 
 log = logging.getLogger("gfuse.agent")
 
 C_ENV = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+#: kubelet's root directory: mount targets must lie below it (--kubelet-dir)
+DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
 _PID_RE = re.compile(r"\(pid (\d+)")
 
 
@@ -187,8 +193,17 @@ class Agent:
         gfuse_command: list[str] | None = None,
         mount_wrapper: list[str] | None = None,
         lock_wait: float = 10.0,
+        kubelet_dir: str = DEFAULT_KUBELET_DIR,
+        allowed_dirs: list[str] | None = None,
     ) -> None:
         self.socket_path = os.path.abspath(socket_path)
+        #: mount targets are accepted only below these (kubelet's directory, then --allow-dir ones), each
+        #: as given and with its symlinks resolved (targets are compared with their parents resolved)
+        self.mount_roots: list[str] = []
+        for d in [kubelet_dir, *(allowed_dirs or [])]:
+            for r in (os.path.normpath(os.path.abspath(d)), os.path.realpath(d)):
+                if r not in self.mount_roots:
+                    self.mount_roots.append(r)
         self.state_path = os.path.abspath(state_path)
         self.health_interval = health_interval
         self.probe_timeout = probe_timeout
@@ -247,8 +262,19 @@ class Agent:
             if name.startswith(base + ".tmp."):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(directory, name))
+        dropped: list[str] = []
         try:
-            self.table = load_state(self.state_path)
+            self.table = load_state(self.state_path, dropped)
+            if dropped:
+                # the good entries are kept; a copy of the file as it was is kept for the admin
+                aside = f"{self.state_path}.dropped-{int(time.time())}"
+                try:
+                    shutil.copyfile(self.state_path, aside)
+                except OSError as e:
+                    aside = f"(could not copy it: {e.strerror})"
+                for why in dropped:
+                    log.error("state file %s: dropped an invalid %s (the file as it was: %s)", self.state_path,
+                              why, aside)
         except StateError as e:
             aside = f"{self.state_path}.corrupt-{int(time.time())}"
             try:
@@ -268,7 +294,13 @@ class Agent:
 
     async def _listen(self) -> trio.SocketListener:
         os.makedirs(os.path.dirname(self.socket_path), mode=0o755, exist_ok=True)
-        if os.path.exists(self.socket_path):
+        try:
+            st = os.lstat(self.socket_path)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISSOCK(st.st_mode):
+            raise AgentStartError(f"{self.socket_path} exists and is not a socket; remove it or use --socket")
+        if st is not None:
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             probe.settimeout(1.0)
             try:
@@ -279,15 +311,12 @@ class Agent:
                 raise AgentStartError(f"another process answers on {self.socket_path}; stop it or use --socket")
             finally:
                 probe.close()
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            await sock.bind(self.socket_path)
+            raw = bind_unix_socket(self.socket_path)  # root only (0600) from the start: no bind-then-chmod
         except OSError as e:
-            sock.close()
             raise AgentStartError(f"cannot bind {self.socket_path}: {e.strerror}") from None
-        os.chmod(self.socket_path, 0o600)
-        sock.listen(128)
-        return trio.SocketListener(sock)
+        raw.listen(128)
+        return trio.SocketListener(trio.socket.from_stdlib_socket(raw))
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
@@ -373,10 +402,20 @@ class Agent:
         return v.strip()
 
     def _target(self, req: dict[str, Any]) -> str:
+        """The request's target, canonical; it must lie below a mount root (kubelet's directory) unless it
+        is in the mount table already (an unmount or stats of what this agent mounted before)."""
         t = self._str(req, "target")
         if not t.startswith("/"):
             raise OpError(f"{req.get('op')}: target {t!r} must be an absolute path", "invalid")
-        return canonical_target(t)
+        if len(t.encode(errors="surrogateescape")) > 4095:
+            raise OpError(f"{req.get('op')}: target of {len(t)} characters is longer than a path can be", "invalid")
+        target = canonical_target(t)
+        if target in self.table and req.get("op") != "mount":
+            return target
+        if not any(target.startswith(root.rstrip("/") + "/") for root in self.mount_roots):
+            raise OpError(f"{req.get('op')}: target {target} is outside the kubelet directory "
+                          f"{self.mount_roots[0]} (gfuse-agent --kubelet-dir, --allow-dir)", "invalid")
+        return target
 
     @staticmethod
     def _timeout(req: dict[str, Any], default: float) -> float:
@@ -392,6 +431,7 @@ class Agent:
     async def op_mount(self, req: dict[str, Any]) -> dict[str, Any]:
         from gfuse.mgmt import parse_volume_spec
         from gfuse.options import MountError, parse_options, split_options
+        from gfuse.untrusted import check_options
 
         source = self._str(req, "source")
         target = self._target(req)
@@ -403,10 +443,10 @@ class Agent:
         if not isinstance(readonly, bool):
             raise OpError(f"mount: 'readonly' must be true or false, not {readonly!r}", "invalid")
         ctx = req.get("context") or {}
-        if not isinstance(ctx, dict):
+        if not isinstance(ctx, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ctx.items()):
             raise OpError("mount: 'context' must be a map of strings", "invalid")
         try:
-            parse_volume_spec(source)
+            spec = parse_volume_spec(source)
         except ValueError as e:
             raise OpError(f"mount: bad source: {e}", "invalid") from None
         options = [item for o in raw for item in split_options(o)]  # context="…:c1,c2" is one item
@@ -414,9 +454,14 @@ class Agent:
             readonly = True
             options = [o for o in options if o != "ro"]
         try:
-            parse_options(",".join(options))
+            # what reaches the agent comes from Kubernetes objects: nothing naming the node's files
+            check_options(options, "the mount request's options")
+            parsed = parse_options(",".join(options))
         except MountError as e:
             raise OpError(f"mount: {e}", "invalid") from None
+        if spec.subdir and parsed.subdir and spec.subdir != parsed.subdir:
+            raise OpError(f"mount: two subdirectories asked: {spec.subdir!r} in {source!r} and subdir="
+                          f"{parsed.subdir!r}", "invalid")
         want = MountRecord(source=source, target=target, options=options, readonly=readonly,
                            context={str(k): str(v) for k, v in ctx.items()})
         async with self._lock(target):
@@ -453,9 +498,12 @@ class Agent:
             return {"ok": True, "already": True, "pid": rec.pid}
         try:
             os.makedirs(target, mode=0o750, exist_ok=True)
+            st = os.lstat(target)  # nothing is mounted there: it cannot hang
         except OSError as e:
             raise OpError(f"cannot create the mount directory {target}: {e.strerror}", "invalid") from None
-        if not os.path.isdir(target):
+        if stat.S_ISLNK(st.st_mode):  # a mount follows it: the volume would cover wherever it points
+            raise OpError(f"{target} is a symbolic link; the mount directory must be a directory", "invalid")
+        if not stat.S_ISDIR(st.st_mode):
             raise OpError(f"{target} exists and is not a directory", "invalid")
         want.pid = await self._spawn_mount(want, budget)
         self.table[target] = want
@@ -786,14 +834,24 @@ def main(argv: list[str] | None = None) -> None:
                         "processes live outside the agent container's cgroup")
     p.add_argument("--lock-wait", type=float, default=10.0, metavar="S",
                    help="wait up to S seconds for a previous agent to release the state file (default %(default)s)")
+    p.add_argument("--kubelet-dir", default=DEFAULT_KUBELET_DIR, metavar="DIR",
+                   help="kubelet's root directory: mount targets are accepted only below it (default %(default)s; "
+                        "k3s and microk8s use other paths)")
+    p.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
+                   help="another directory below which mount targets are accepted (repeatable), e.g. the CSI "
+                        "controller's --state-dir with --pool-mounter agent")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
+    for d in [args.kubelet_dir, *args.allow_dir]:
+        if not os.path.isabs(d) or os.path.normpath(d) == "/":
+            p.error(f"{d!r}: mount roots must be absolute directories other than /")
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     agent = Agent(args.socket, args.state, health_interval=args.health_interval, probe_timeout=args.probe_timeout,
                   mount_timeout=args.mount_timeout,
                   gfuse_command=shlex.split(args.gfuse_command) if args.gfuse_command else None,
-                  mount_wrapper=shlex.split(args.mount_wrapper), lock_wait=args.lock_wait)
+                  mount_wrapper=shlex.split(args.mount_wrapper), lock_wait=args.lock_wait,
+                  kubelet_dir=args.kubelet_dir, allowed_dirs=args.allow_dir)
     try:
         trio.run(agent.run)
     except KeyboardInterrupt:

@@ -52,7 +52,9 @@ import signal
 import sys
 from typing import Any, NoReturn
 
-from gfuse.options import parse_bool, split_options
+from gfuse.options import MountError, parse_bool, split_options
+from gfuse.untrusted import check_options
+from gfuse.volspec import parse_volume_spec
 
 from .protocol import DEFAULT_SOCKET
 
@@ -113,6 +115,10 @@ def parse_mount_options(text: str) -> dict[str, Any]:
                             "\"server:/volume[/subdir]\"")
     if not _SPEC.match(volume):
         raise DriverFailure(f"option 'volume' must be \"server:/volume[/subdir]\", not {volume!r}")
+    try:
+        parse_volume_spec(volume)  # the subdirectory: a plain path inside the volume, nothing libfuse would split
+    except ValueError as e:
+        raise DriverFailure(f"option 'volume': {e}") from None
     fstype = opts.get(K_FSTYPE, "").strip()
     if fstype not in FS_TYPES:
         raise DriverFailure(f"fsType {fstype!r} is not supported by the gfuse driver: leave spec.flexVolume.fsType "
@@ -123,6 +129,10 @@ def parse_mount_options(text: str) -> dict[str, Any]:
     readonly = rw == "ro" or _bool(opts, "readOnly")
     # pods run as any user: without allow_other only root could use the mount
     mount_options = ["allow_other"] + [o for o in split_options(opts.get("mountOptions", "")) if o != "allow_other"]
+    try:  # a PV may not name files of the node (log-file=, certificates): the agent decides them
+        check_options(mount_options, "PV spec.flexVolume.options.mountOptions")
+    except MountError as e:
+        raise DriverFailure(str(e)) from None
     backups = opts.get("backupServers", "").strip()
     if backups:
         hosts = [h for h in re.split(r"[,\s]+", backups) if h] if re.search(r"[,\s]", backups) else backups.split(":")

@@ -10,6 +10,7 @@ Layout (msgpack map)::
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,30 +42,50 @@ class MountRecord:
 
     @classmethod
     def from_wire(cls, d: Any) -> MountRecord:
+        """A record from its map; ValueError (saying what is wrong) for anything but the layout above."""
         if not isinstance(d, dict):
-            raise TypeError(f"a mount entry must be a map, not {type(d).__name__}")
+            raise ValueError(f"a mount entry must be a map, not {type(d).__name__}")
         src, tgt = d.get("source"), d.get("target")
-        if not isinstance(src, str) or not isinstance(tgt, str) or not tgt.startswith("/"):
-            raise ValueError(f"mount entry without a valid source/target: {d!r:.200}")
+        if not isinstance(src, str) or not src or not isinstance(tgt, str) or not tgt.startswith("/") \
+                or "\0" in tgt or "\0" in src:
+            raise ValueError(f"mount entry without a valid source/target: {_short(d)}")
         opts = d.get("options") or []
         if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
             raise ValueError(f"mount entry for {tgt}: options must be a list of strings")
         pid = d.get("pid")
         ctx = d.get("context") or {}
+        since = d.get("since")
+        repairs = d.get("repairs") or 0
+        if since is not None and (isinstance(since, bool) or not isinstance(since, (int, float))
+                                  or not math.isfinite(since)):
+            raise ValueError(f"mount entry for {tgt}: since must be a time, not {_short(since)}")
+        if isinstance(repairs, bool) or not isinstance(repairs, int) or repairs < 0:
+            raise ValueError(f"mount entry for {tgt}: repairs must be a count, not {_short(repairs)}")
+        if not isinstance(ctx, dict):
+            raise ValueError(f"mount entry for {tgt}: context must be a map, not {_short(ctx)}")
         return cls(
             source=src,
             target=tgt,
             options=list(opts),
-            readonly=bool(d.get("readonly", False)),
-            pid=pid if isinstance(pid, int) and pid > 0 else None,
-            since=float(d.get("since") or time.time()),
-            context={str(k): str(v) for k, v in ctx.items()} if isinstance(ctx, dict) else {},
-            repairs=int(d.get("repairs") or 0),
+            readonly=d.get("readonly", False) is True,
+            pid=pid if isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 1 << 31 else None,
+            since=float(since) if since else time.time(),
+            context={str(k): str(v) for k, v in ctx.items()},
+            repairs=repairs,
         )
 
 
-def load_state(path: str) -> dict[str, MountRecord]:
-    """The mount table by target; an absent file is an empty table."""
+def _short(v: Any) -> str:
+    return f"{v!r:.200}"
+
+
+def load_state(path: str, dropped: list[str] | None = None) -> dict[str, MountRecord]:
+    """The mount table by target; an absent file is an empty table.
+
+    A file that cannot be read as a whole (not msgpack, not this layout, another version) is a
+    :class:`StateError`. A single record that is not valid is left out, and the others are kept: each
+    one left out is described in ``dropped`` (when given) so the caller can say which.
+    """
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -77,11 +98,22 @@ def load_state(path: str) -> dict[str, MountRecord]:
         if not isinstance(obj, dict):
             raise TypeError("not a map")
         if obj.get("version") != STATE_VERSION:
-            raise ValueError(f"unknown version {obj.get('version')!r} (this agent reads {STATE_VERSION})")
-        records = [MountRecord.from_wire(m) for m in obj.get("mounts") or []]
+            raise ValueError(f"unknown version {_short(obj.get('version'))} (this agent reads {STATE_VERSION})")
+        mounts = obj.get("mounts") or []
+        if not isinstance(mounts, list):
+            raise TypeError(f"'mounts' is not a list but {type(mounts).__name__}")
     except Exception as e:  # noqa: BLE001 - any decoding problem is the same problem for the admin
         raise StateError(f"state file {path} is corrupt: {e}") from None
-    return {r.target: r for r in records}
+    table: dict[str, MountRecord] = {}
+    for i, m in enumerate(mounts):
+        try:
+            r = MountRecord.from_wire(m)
+        except (ValueError, TypeError, OverflowError) as e:
+            if dropped is not None:
+                dropped.append(f"entry {i}: {e}")
+            continue
+        table[r.target] = r
+    return table
 
 
 def save_state(path: str, records: dict[str, MountRecord]) -> None:

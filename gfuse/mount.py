@@ -25,6 +25,7 @@ from .mgmt import MgmtError, VolfileWatcher, fetch_graph, parse_volume_spec
 from .mounttable import mount_at
 from .options import MountError, MountOptions
 from .status import serve_status, status_socket_path
+from .untrusted import libfuse_escape
 from .volfile import Graph, VolfileError
 from .fuse import GlusterOperations
 from .fuse_lowlevel import LowLevelHandlers
@@ -71,6 +72,9 @@ class MountedVolume:
         # computed before mounting: touching our own mount point from the serving thread would deadlock
         self.socket_path = status_socket_path(self.mountpoint)
         self.opts = opts
+        if self.spec.subdir and opts.subdir and self.spec.subdir != opts.subdir:
+            raise MountError(f"two subdirectories asked: {self.spec.subdir!r} in {spec_text!r} and subdir="
+                             f"{opts.subdir!r}; give one")
         if self.spec.subdir and not opts.subdir:
             opts.subdir = self.spec.subdir
         self.graph: ClientGraph | None = None
@@ -118,7 +122,9 @@ class MountedVolume:
                                                attr_timeout=self.opts.attr_timeout,
                                                entry_timeout=self.opts.entry_timeout)
             fuse_opts = set(pyfuse3.default_options)
-            fuse_opts |= {f"fsname={self.spec_text}", "subtype=gfuse"}
+            # the spec is checked (volspec: no comma, backslash or space); escaped all the same, as libfuse
+            # splits -o at commas (a comma could turn off nosuid/nodev)
+            fuse_opts |= {f"fsname={libfuse_escape(self.spec_text.strip())}", "subtype=gfuse"}
             if self.opts.read_only:
                 fuse_opts.add("ro")
             if self.opts.allow_other:

@@ -22,20 +22,31 @@ def status_socket_path(mountpoint: str) -> str:
     return os.path.join(RUN_DIR, f"{h}.sock")
 
 
+def bind_unix_socket(path: str, mode: int = 0o600) -> socket.socket:
+    """A unix stream socket bound at ``path`` that has ``mode`` from the moment it exists: bound under a
+    umask that leaves only ``mode``, synchronously (no other task runs while the process's umask is
+    narrowed, and no chmod after the bind leaves a window where others could connect)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    return sock
+
+
 async def serve_status(path: str, status: Callable[[], dict[str, Any]]) -> None:
     """Answer every connection on ``path`` with ``status()``; the socket is never reachable by others
-    (made under umask 0o177, so there is no window between bind and chmod)."""
+    (0600 from its creation: :func:`bind_unix_socket`)."""
     os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        await sock.bind(path)
-    finally:
-        os.umask(old)
+    sock = trio.socket.from_stdlib_socket(bind_unix_socket(path))
     sock.listen(8)
     with sock:
         while True:

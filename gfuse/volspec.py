@@ -46,12 +46,24 @@ class VolumeSpec:
     subdir: str = ""
 
 
-_SPEC = re.compile(r"^(?P<host>\[[^\]]+\]|[^:/\s]+)(?::(?P<port>\d+))?:/?(?P<vol>[A-Za-z0-9_.-]+)(?P<sub>/[^\s]*)?$")
+#: a host is a DNS name or IPv4 address, or an IPv6 address in brackets: nothing that could end or split a
+#: FUSE option (``fsname=`` carries the spec), a mount-table field or a command line
+_HOST = r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+"
+_SPEC = re.compile(rf"^(?P<host>{_HOST})(?::(?P<port>\d+))?:/?(?P<vol>[A-Za-z0-9_.-]+)(?P<sub>/[^\s]*)?$")
+_HOST_RE = re.compile(rf"(?:{_HOST})")
+_HOST_PART = re.compile(r"\[[^\]]*\]?|[^:]*")
 
 
 def parse_volume_spec(text: str) -> VolumeSpec:
+    """``SERVER[:PORT]:/VOLUME[/SUBDIR]``; a ValueError for anything else, including a subdirectory that is
+    not a plain path inside the volume (:func:`check_subdir`) and a server name with characters no host name
+    has (a comma would end ``fsname=`` in the FUSE options)."""
     m = _SPEC.match(text.strip())
     if not m:
+        host = _HOST_PART.match(text.strip())
+        if host and host[0] and not _HOST_RE.fullmatch(host[0]):
+            raise ValueError(f"{text!r} is not SERVER[:PORT]:/VOLUME[/SUBDIR]: the server {host[0]!r} is not a "
+                             f"host name or address")
         raise ValueError(f"{text!r} is not SERVER[:PORT]:/VOLUME[/SUBDIR]")
     port = int(m["port"]) if m["port"] else GLUSTERD_PORT
     if not 0 < port < 65536:
@@ -68,7 +80,10 @@ def parse_servers(text: str, default_port: int = GLUSTERD_PORT) -> list[Server]:
     for item in filter(None, (t.strip() for t in text.split(sep))):
         if sep == "," and ":" in item:
             h, p = item.rsplit(":", 1)
-            out.append(Server(h, int(p)))
+            server = Server(h, int(p) if p.isdigit() else -1)
         else:
-            out.append(Server(item, default_port))
+            server = Server(item, default_port)
+        if not _HOST_RE.fullmatch(server.host) or not 0 < server.port < 65536:
+            raise ValueError(f"{item!r} in {text!r} is not a server (HOST or HOST:PORT)")
+        out.append(Server(server.host.strip("[]"), server.port))
     return out

@@ -330,8 +330,10 @@ class AgentProcess:
     """``python -m flexvolume.agent`` as its own process (and process group), for tests that kill it."""
 
     def __init__(self, workdir: str | Path, *, health_interval: float = 1.0, probe_timeout: float = 3.0,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), kubelet_dir: str | Path | None = None) -> None:
         self.workdir = Path(workdir)
+        #: the agent's --kubelet-dir: it mounts only below it (default: the directory holding ``workdir``)
+        self.kubelet_dir = Path(kubelet_dir) if kubelet_dir is not None else self.workdir.parent
         # unix socket paths are limited to 108 bytes: keep it short, outside the test's tmp dir
         self.socket = f"/tmp/gfa-{secrets.token_hex(4)}.sock"
         self.state = self.workdir / "agent-state.msgpack"
@@ -345,7 +347,7 @@ class AgentProcess:
     def command(self) -> list[str]:
         return [sys.executable, "-m", "flexvolume.agent", "--socket", self.socket, "--state", str(self.state),
                 "--health-interval", str(self.health_interval), "--probe-timeout", str(self.probe_timeout),
-                "--log-level", "DEBUG", *self.extra_args]
+                "--kubelet-dir", str(self.kubelet_dir), "--log-level", "DEBUG", *self.extra_args]
 
     def start(self, timeout: float = 30.0) -> AgentProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -432,7 +434,7 @@ class Node:
         self.kubelet = KubeletDir(self.workdir / "kubelet")
         self.plugin_dir = self.workdir / "volume-plugins"
         self.agent = AgentProcess(self.workdir / "agent", health_interval=health_interval,
-                                  probe_timeout=probe_timeout)
+                                  probe_timeout=probe_timeout, kubelet_dir=self.kubelet.root)
         self.driver: Path | None = None
         self.pods: list[Pod] = []
 

@@ -322,6 +322,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             raise invalid("volume_capabilities is required")
         for i, cap in enumerate(request.volume_capabilities):
             check_capability(cap, f"volume_capabilities[{i}]")
+            # the StorageClass's mountOptions: refused here, before anything is made, as NodeStage would
+            check_mount_options(list(cap.mount.mount_flags), f"volume_capabilities[{i}].mount.mount_flags "
+                                                             f"(the StorageClass's mountOptions)")
         if request.HasField("volume_content_source"):
             raise invalid("volume_content_source (snapshots, clones) is not supported")
         required, limit = check_capacity(request.capacity_range)

@@ -42,6 +42,7 @@ from .volumes import (
     OpLocks,
     capability_readonly,
     check_capability,
+    check_mount_options,
     check_path,
     invalid,
     require,
@@ -247,7 +248,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         cap = request.volume_capability
         check_capability(cap)
         vol = volume_from(request.volume_id, request.volume_context)
-        flags = [f for f in cap.mount.mount_flags if f not in ("rw", "defaults")]
+        # PV/StorageClass mountOptions: checked as the volume context's are (no subdir=, no log-file=, …)
+        flags = [f for f in check_mount_options(list(cap.mount.mount_flags),
+                                                "volume_capability.mount.mount_flags (the PV's mountOptions)")
+                 if f not in ("rw", "defaults")]
         readonly = vol.readonly or capability_readonly(cap) or "ro" in flags
         flags = [f for f in flags if f != "ro"]
         with self.locks.hold("volume:" + request.volume_id, "path:" + staging):

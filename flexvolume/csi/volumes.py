@@ -38,7 +38,8 @@ from typing import Any, TypeVar
 import grpc
 
 from gfuse.mgmt import parse_servers, parse_volume_spec
-from gfuse.options import parse_bool
+from gfuse.options import MountError, parse_bool, parse_options, split_options
+from gfuse.untrusted import check_options
 
 from ..agentclient import AgentError
 from ..storage.api import StorageError
@@ -208,12 +209,30 @@ def context_bool(context: Mapping[str, str], key: str) -> bool:
         raise invalid(f"volume context {key}: {context.get(key)!r} is not true or false") from None
 
 
-def check_mount_options(text: str, what: str = "volume context mountOptions") -> tuple[str, ...]:
-    """``gfuse mount -o`` items; INVALID_ARGUMENT for those that have their own key."""
-    opts = tuple(split_list(text))
+def split_mount_options(text: str) -> list[str]:
+    """``a,b c`` → items, split at commas and spaces outside double quotes (``context="u:r:t:s0:c1,c2"`` is
+    one item)."""
+    return [part for item in split_options(text)
+            for part in ([item] if '"' in item else split_list(item))]
+
+
+def check_mount_options(text: str | Sequence[str], what: str = "volume context mountOptions") -> tuple[str, ...]:
+    """``gfuse mount -o`` items from a Kubernetes object (a text, or a list such as the CSI mount flags);
+    INVALID_ARGUMENT for those that have their own key, that name files of the node or are the node's to
+    decide (:mod:`gfuse.untrusted`), and for any :func:`gfuse.options.parse_options` refuses."""
+    items = [text] if isinstance(text, str) else list(text)
+    opts = tuple(o for item in items for o in split_mount_options(item))
     for opt in opts:
         if opt.split("=", 1)[0] in ("subdir", "backup-volfile-servers", "backupvolfile-server"):
             raise invalid(f"{what}: {opt!r} must be given as 'source'/'backupServers'")
+    try:
+        check_options(opts, what)
+    except MountError as e:
+        raise invalid(str(e)) from None
+    try:
+        parse_options(",".join(opts))
+    except MountError as e:
+        raise invalid(f"{what}: {e}") from None
     return opts
 
 

@@ -195,9 +195,12 @@ def csi_processes(request: pytest.FixtureRequest, *plugin_args: str, prefix: Seq
     agent = plugin = None
     try:
         with open(agent_log, "ab") as f:
+            # mounts below the kubelet directory, and the controllers' pool directories (--pool-mounter agent:
+            # --state-dir state here, agent-ctrl-state in test_csi_backends)
             agent = subprocess.Popen([*prefix, sys.executable, "-m", "flexvolume.agent", "--socket", agent_socket,
                                       "--state", str(root / "agent-state.msgpack"), "--health-interval", "2",
-                                      "--log-level", "DEBUG"],
+                                      "--kubelet-dir", str(kubelet), "--allow-dir", str(root / "state"),
+                                      "--allow-dir", str(root / "agent-ctrl-state"), "--log-level", "DEBUG"],
                                      stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
         _wait(lambda: AgentClient(agent_socket, timeout=2).ping(), 60, "the gfuse agent", agent, agent_log)
         plugin, endpoint, plugin_log = start_plugin(
