@@ -56,6 +56,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import reprlib
 import re
 import shlex
 import shutil
@@ -97,6 +98,13 @@ C_ENV = {**os.environ, "LC_ALL": "C", "LANG": "C"}
 #: kubelet's root directory: mount targets must lie below it (--kubelet-dir)
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
 _PID_RE = re.compile(r"\(pid (\d+)")
+#: how request values are shown in answers: bounded in depth and length, whatever a client sends
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 120, 120, 8, 8
+
+
+def _show(value: object) -> str:
+    return _REPR.repr(value)
 
 
 def agent_version() -> str:
@@ -382,7 +390,7 @@ class Agent:
         handler = {"ping": self.op_ping, "mount": self.op_mount, "unmount": self.op_unmount, "list": self.op_list,
                    "stats": self.op_stats}.get(op if isinstance(op, str) else "")
         if handler is None:
-            return error(f"unknown op {op!r} (known: ping, mount, unmount, list, stats)", "invalid")
+            return error(f"unknown op {_show(op)} (known: ping, mount, unmount, list, stats)", "invalid")
         try:
             return await handler(req)
         except OpError as e:
@@ -406,7 +414,7 @@ class Agent:
         is in the mount table already (an unmount or stats of what this agent mounted before)."""
         t = self._str(req, "target")
         if not t.startswith("/"):
-            raise OpError(f"{req.get('op')}: target {t!r} must be an absolute path", "invalid")
+            raise OpError(f"{req.get('op')}: target {_show(t)} must be an absolute path", "invalid")
         if len(t.encode(errors="surrogateescape")) > 4095:
             raise OpError(f"{req.get('op')}: target of {len(t)} characters is longer than a path can be", "invalid")
         target = canonical_target(t)
@@ -420,8 +428,9 @@ class Agent:
     @staticmethod
     def _timeout(req: dict[str, Any], default: float) -> float:
         v = req.get("timeout", default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            raise OpError(f"{req.get('op')}: timeout must be a positive number of seconds, not {v!r}", "invalid")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise OpError(f"{req.get('op')}: timeout must be a positive number of seconds, not {_show(v)}",
+                          "invalid")
         return float(min(v, 600.0))
 
     async def op_ping(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -441,7 +450,7 @@ class Agent:
             raise OpError("mount: 'options' must be a list of strings (gfuse -o items)", "invalid")
         readonly = req.get("readonly", False)
         if not isinstance(readonly, bool):
-            raise OpError(f"mount: 'readonly' must be true or false, not {readonly!r}", "invalid")
+            raise OpError(f"mount: 'readonly' must be true or false, not {_show(readonly)}", "invalid")
         ctx = req.get("context") or {}
         if not isinstance(ctx, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ctx.items()):
             raise OpError("mount: 'context' must be a map of strings", "invalid")

@@ -348,7 +348,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         require(request.volume_path, "volume_path")
         vid, given = request.volume_id, request.volume_path
         # csi-sanity (and the spec): a path where the volume is not is NOT_FOUND, relative ones included
-        if not os.path.isabs(given):
+        if not os.path.isabs(given) or "\0" in given:
             raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume {vid} is not at {given!r}: not an absolute path")
         path = os.path.normpath(given)
         if not path.startswith(self.kubelet_dir.rstrip("/") + "/"):

@@ -301,6 +301,8 @@ def check_path(path: str, root: str, what: str) -> str:
     No realpath: resolving would stat through a possibly dead FUSE mount and hang.
     """
     require(path, what)
+    if "\0" in path:
+        raise invalid(f"{what} {path!r} holds a NUL byte")
     if not os.path.isabs(path):
         raise invalid(f"{what} {path!r} is not absolute")
     norm = os.path.normpath(path)
