@@ -42,6 +42,12 @@ failover. A mount that answers too slowly (stuck bricks, SIGSTOPped server) is r
 not torn down. An entry whose target is not mounted is mounted again (e.g. after a reboot) while its
 directory exists, and dropped once the directory is gone.
 
+What a request may ask: its fields come from Kubernetes objects (PVs, StorageClasses, CSI volume contexts),
+so a target must lie below ``--kubelet-dir`` (or an ``--allow-dir``) and not be a symlink, the source must
+be a plain ``SERVER:/VOLUME[/SUBDIR]`` (no ``..``, no comma or control character), and options naming files of
+the node (``log-file=``, the TLS ``ssl-*`` files) are refused (:mod:`gfuse.untrusted`): the agent decides
+them. A refused request changes nothing.
+
 In a Kubernetes DaemonSet the agent needs the host's mount namespace for the kubelet directory
 (``mountPropagation: Bidirectional``), ``hostPID: true`` (so it can see the serving processes it
 re-adopts), and the serving processes must outlive the agent's container: run them outside its

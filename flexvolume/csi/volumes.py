@@ -18,7 +18,10 @@ Volume context keys (``PV.spec.csi.volumeAttributes``; the controller fills them
 ``backupServers``
     other glusterd hosts for the volfile, ``h2:h3`` or ``h2,h3:24007``.
 ``mountOptions``
-    extra ``gfuse mount -o`` items, comma-separated (e.g. ``ping-timeout=10``).
+    extra ``gfuse mount -o`` items, comma-separated (e.g. ``ping-timeout=10``). Like the mount flags
+    (``PV.spec.mountOptions``, a StorageClass's ``mountOptions``), they come from Kubernetes objects: only
+    :data:`gfuse.untrusted.KUBERNETES_OPTIONS` pass (no ``log-file=``, no TLS files: the node's), and no
+    ``subdir=``/``backup-volfile-servers=`` (``source``/``backupServers`` say those).
 ``readOnly``
     ``"true"`` mounts the volume read-only on every node.
 """
