@@ -525,3 +525,66 @@ def test_bricks_down_is_unhealthy_not_torn_down(agent: AgentProcess, make_volume
     assert entry["repair_error"] == "" and entry["pid"] in gfuse_serving_pids(target)
     assert (target / "f").read_text() == "kept\n"
     c.unmount(str(target))
+
+
+def test_injections_refused_and_mounts_keep_nosuid_nodev(agent: AgentProcess, vol_replica3, tmp_path: Path) -> None:
+    """Issue 11 through the real agent process: what reaches it comes from Kubernetes objects, so a comma
+    in the source (libfuse would split fsname= there), traversals, node files (log-file=, TLS files), and
+    targets outside its --kubelet-dir (here tmp_path) or through a symlink are refused with code invalid,
+    changing nothing; suid/dev asked as options are ignored and the mount is nosuid,nodev."""
+    c = agent.client(timeout=30)
+    target = tmp_path / "pods" / "uid" / "volumes" / "gfuse.example.org~gfuse" / "data"
+    log_target = tmp_path / "injected.log"
+    outside = Path("/var/tmp") / f"gfuse-outside-{os.getpid()}"
+    link = tmp_path / "link"
+    link.symlink_to("/var/tmp")
+    src = vol_replica3.source
+    bad = [
+        ({"source": f"{src}/x,suid,dev"}, "comma"),
+        ({"source": f"{src}/../x"}, "'..'"),
+        ({"options": ["subdir=.."]}, "'..'"),
+        ({"options": [f"log-file={log_target}"]}, "names a file on the node"),
+        ({"options": ["ssl-ca=/etc/shadow"]}, "names a file on the node"),
+        ({"target": str(outside)}, "outside the kubelet directory"),
+        ({"target": str(link / "x")}, "outside the kubelet directory"),
+        ({"target": str(link)}, "symbolic link"),
+    ]
+    for change, why in bad:
+        with pytest.raises(AgentError) as ei:
+            c.call({"op": "mount", "source": src, "target": str(target), **change})
+        assert ei.value.code == "invalid" and why in ei.value.message, (change, ei.value.message)
+    assert c.list() == [] and not target.exists() and not outside.exists() and not log_target.exists()
+    assert not load_state(str(agent.state)) and gfuse_serving_pids(target) == []
+
+    c.mount(src, str(target), options=["allow_other", "suid", "dev", "exec"])
+    try:
+        (m,) = mounts_at(str(target))
+        assert {"nosuid", "nodev"} <= m.mount_options and m.source == src, m
+        line = next(ln for ln in Path("/proc/mounts").read_text().splitlines() if ln.split()[1] == str(target))
+        assert {"nosuid", "nodev"} <= set(line.split()[3].split(",")), line
+    finally:
+        c.unmount(str(target))
+    assert not log_target.exists()
+
+
+def test_a_bad_state_record_does_not_empty_the_table(vol_replica3, tmp_path: Path) -> None:
+    """The agent keeps every valid entry of a state file with one broken record, says which it dropped, and
+    re-adopts the good mount."""
+    target = tmp_path / "pods" / "uid1" / "volumes" / "gfuse.example.org~gfuse" / "data"
+    target.mkdir(parents=True)
+    a = AgentProcess(tmp_path / "agent", health_interval=1.0)
+    a.workdir.mkdir(parents=True)
+    good = MountRecord(vol_replica3.source, str(target), ["allow_other"]).to_wire()
+    broken = {"source": vol_replica3.source, "target": str(tmp_path / "pods" / "x"), "since": "yesterday"}
+    a.state.write_bytes(msgpack.packb({"version": 1, "mounts": [broken, good, 42]}))
+    a.start()
+    try:
+        entries = wait_for(lambda: [m for m in a.client().list() if m["healthy"]], 60, "the good entry mounted")
+        assert [m["target"] for m in entries] == [str(target)]
+        log = a.log.read_text()
+        assert "dropped an invalid entry 0: mount entry for" in log and "since must be a time" in log, log
+        assert "dropped an invalid entry 2: a mount entry must be a map" in log
+        assert list(a.workdir.glob("agent-state.msgpack.dropped-*")), "the file as it was is kept"
+    finally:
+        a.close()
+        cleanup_mounts_under(tmp_path)

@@ -830,3 +830,54 @@ def test_example_storage_classes_are_accepted() -> None:
         backend = backend_for(params, glusterd=Glusterd("/nonexistent"), pool="gfuse-pool", state_dir="/nonexistent")
         kinds.add(backend.kind)
     assert kinds == {"subdir", "volume"}, files
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 11: what a PV or StorageClass gives cannot reach the host
+
+
+def test_injections_refused_and_mounts_keep_nosuid_nodev(csi: Csi, stubs, vol_replica3, native_mount) -> None:
+    """Mount flags (PV/StorageClass mountOptions) and the volume context are checked as Kubernetes input:
+    subdir traversals, log-file=, TLS files and a comma in the source are INVALID_ARGUMENT and leave nothing
+    behind; suid/dev asked as flags are ignored, so the staging mount and the pod's bind mount stay
+    nosuid,nodev in /proc/mounts."""
+    _, node, _ = stubs
+    vol = vol_replica3
+    name = f"inj-{secrets.token_hex(4)}"
+    (native_mount(vol).path / name).mkdir()
+    staging = csi.staging(name)
+    log_target = csi.root / f"{name}.log"
+    bad = [
+        (mount_cap(flags=("subdir=..",)), {}, "must be given as 'source'"),
+        (mount_cap(flags=("subdir=../other",)), {}, "must be given as 'source'"),
+        (mount_cap(flags=(f"log-file={log_target}",)), {}, "names a file on the node"),
+        (mount_cap(flags=("ssl-key=/etc/shadow",)), {}, "names a file on the node"),
+        (mount_cap(), {"source": f"{vol.source}/{name}", "mountOptions": f"log-file={log_target}"},
+         "names a file on the node"),
+        (mount_cap(), {"source": f"{vol.source}/{name},suid,dev"}, "comma"),
+        (mount_cap(), {"source": f"{vol.source}/../{name}"}, "'..'"),
+    ]
+    for cap, ctx, why in bad:
+        msg = expect(Code.INVALID_ARGUMENT, node.NodeStageVolume, pb.NodeStageVolumeRequest(
+            volume_id=f"{vol.source}/{name}", staging_target_path=staging, volume_capability=cap,
+            volume_context=ctx))
+        assert why in msg, msg
+    assert not os.path.exists(staging) and not log_target.exists() and csi.agent_client().list() == []
+
+    cap = mount_cap(flags=("suid", "dev", "exec"))
+    vid = f"{vol.source}/{name}"
+    node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=staging,
+                                                   volume_capability=cap), timeout=90)
+    target = csi.target("pod-inj", name)
+    try:
+        node.NodePublishVolume(pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=staging,
+                                                           target_path=target, volume_capability=cap), timeout=30)
+        proc_mounts = {line.split()[1]: line.split()[3].split(",") for line in Path("/proc/mounts").read_text()
+                       .splitlines()}
+        for path in (staging, target):
+            assert {"nosuid", "nodev"} <= set(proc_mounts[path]), (path, proc_mounts[path])
+        assert mounts_at(staging)[-1].source == vid
+    finally:
+        node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target), timeout=30)
+        node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging), timeout=60)
+    assert not mounts_at(staging) and not log_target.exists()
