@@ -17,6 +17,7 @@ import trio
 from .errors import leaf
 from .mgmt import MgmtError, Server, fetch_graph, parse_servers, parse_volume_spec
 from .mounttable import gfuse_mounts
+from .tls import TlsConfig, describe as describe_tls
 from .volfile import VolfileError
 from .xlators.client import BrickClient, BrickError
 
@@ -84,29 +85,37 @@ def cli(log_level: str) -> None:
               help="Other glusterd servers to fetch the volfile from, tried in order.")
 @click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 600),
               help="Seconds to wait for glusterd and for each brick.")
-def probe(volume_spec: str, backup_volfile_servers: str, timeout: float) -> None:
+@click.option("-o", "options", default="", metavar="OPT[,OPT…]",
+              help="Mount options that matter to connecting: ssl-dir=DIR, ssl-cert=, ssl-key=, ssl-ca=, "
+                   "secure-mgmt=yes|no, backup-volfile-servers= (others are accepted and ignored).")
+def probe(volume_spec: str, backup_volfile_servers: str, timeout: float, options: str) -> None:
     """Check that a volume is reachable: fetch its volfile, handshake with every brick.
 
-    Prints the volume's shape and, per brick, its address, port, handshake result and
-    round-trip time. Exits 0 only if every brick answered.
+    Prints the volume's shape, whether the bricks and glusterd are reached over TLS and, per
+    brick, its address, port, handshake result (with the TLS version) and round-trip time.
+    Exits 0 only if every brick answered.
 
     \b
     Example:
         gfuse probe 127.0.0.1:/myvol
     """
+    from .options import MountError, parse_options
+
     try:
         spec = parse_volume_spec(volume_spec)
         backups = parse_servers(backup_volfile_servers) if backup_volfile_servers else []
-    except ValueError as e:
+        opts = parse_options(options)
+    except (ValueError, MountError) as e:
         raise click.UsageError(str(e)) from None
-    ok = trio.run(_probe, [spec.server, *backups], spec.volume, timeout)
+    ok = trio.run(_probe, [spec.server, *backups, *opts.backup_servers], spec.volume, timeout,
+                  TlsConfig.from_options(opts))
     sys.exit(0 if ok else EXIT_FAIL)
 
 
-async def _probe(servers: list[Server], volume: str, timeout: float) -> bool:
+async def _probe(servers: list[Server], volume: str, timeout: float, tls: TlsConfig | None = None) -> bool:
     t0 = time.perf_counter()
     try:
-        server, graph = await fetch_graph(servers, volume, timeout)
+        server, graph = await fetch_graph(servers, volume, timeout, tls=tls)
     except MgmtError as e:
         raise UserError(str(e)) from None
     except VolfileError as e:
@@ -115,12 +124,13 @@ async def _probe(servers: list[Server], volume: str, timeout: float) -> bool:
     clients = graph.clients()
     click.echo(f"volume {volume}: {graph.shape()}, {len(clients)} brick(s); volfile from {server} "
                f"in {fetch_ms:.1f} ms")
+    click.echo(describe_tls(graph, tls or TlsConfig(), volume))
     bricks = []
     async with trio.open_nursery() as nursery:
         for xl in clients:
             try:
                 bricks.append(BrickClient(xl, server, volfile_key=volume, process_name="gfuse-probe",
-                                          ping_timeout=timeout))
+                                          ping_timeout=timeout, tls=tls))
             except BrickError as e:
                 raise UserError(str(e)) from None
         with trio.move_on_after(timeout):
@@ -133,7 +143,8 @@ async def _probe(servers: list[Server], volume: str, timeout: float) -> bool:
             port = b.conn.name.rsplit(":", 1)[1] if b.conn is not None and b.is_up else "-"
             if b.is_up and b.handshake_rtt is not None:
                 rtt = (await _rtt(b)) * 1000
-                rows.append((b.name, f"{b.host}:{b.brick_path}", port, "ok", f"{rtt:.2f} ms"))
+                how = f"ok ({b.conn.tls_version})" if b.conn is not None and b.conn.tls_version else "ok"
+                rows.append((b.name, f"{b.host}:{b.brick_path}", port, how, f"{rtt:.2f} ms"))
             else:
                 why = b.last_error if b.first_attempt_done.is_set() else f"no answer within {timeout:g}s"
                 rows.append((b.name, f"{b.host}:{b.brick_path}", port, f"DOWN: {why}", "-"))
@@ -141,7 +152,7 @@ async def _probe(servers: list[Server], volume: str, timeout: float) -> bool:
     widths = [max(len(r[i]) for r in rows + [("brick", "address", "port", "handshake", "rtt")]) for i in range(5)]
     for r in [("brick", "address", "port", "handshake", "rtt"), *rows]:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    down = [r for r in rows if r[3] != "ok"]
+    down = [r for r in rows if not r[3].startswith("ok")]
     if down:
         click.echo(f"gfuse: {len(down)} of {len(rows)} brick(s) did not answer", err=True)
     return not down

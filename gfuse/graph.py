@@ -13,6 +13,7 @@ import trio
 
 from .mgmt import Server
 from .options import parse_bool
+from .tls import TlsConfig
 from .volfile import Graph, VolfileError, Xlator
 from .volfile_policy import check_graph
 from .xlators.api import Brick, Subvolume
@@ -34,8 +35,9 @@ class ClientGraph:
     """The live stack for one volume: brick sessions at the bottom, ``top`` for the filesystem."""
 
     def __init__(self, graph: Graph, server: Server, volume: str, *, process_name: str = "gfuse",
-                 ping_timeout: float | None = None) -> None:
+                 ping_timeout: float | None = None, tls: TlsConfig | None = None) -> None:
         self.graph = graph
+        self._tls = tls
         self.volume = volume
         self.bricks: list[BrickClient] = []
         self._built: dict[str, Subvolume] = {}
@@ -56,7 +58,7 @@ class ClientGraph:
         node: Subvolume
         if xl.type == "protocol/client":
             brick = BrickClient(xl, self._server, volfile_key=self.volume, process_name=self._process_name,
-                                ping_timeout=self._ping_timeout)
+                                ping_timeout=self._ping_timeout, tls=self._tls)
             self.bricks.append(brick)
             node = brick
         elif xl.type == "cluster/replicate":

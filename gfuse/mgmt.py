@@ -13,6 +13,7 @@ from . import handshake as hs
 from . import rpc
 from .errors import leaf
 from .fops import CBK_PROGRAM, Cbk
+from .tls import DEFAULT as DEFAULT_TLS, TlsConfig, TlsError
 from .transport import RpcConnection
 from .volfile import Graph, parse
 # re-exported: callers take the spec parsers from here as well
@@ -33,12 +34,15 @@ def mgmt_cred() -> bytes:
     return rpc.Credential(pid=os.getpid()).encode_v2()
 
 
-async def _call(server: Server, prog: int, vers: int, proc: int, body: bytes, timeout: float) -> bytes:
-    """One call on a short-lived connection to glusterd."""
+async def _call(server: Server, prog: int, vers: int, proc: int, body: bytes, timeout: float,
+                tls: TlsConfig | None = None) -> bytes:
+    """One call on a short-lived connection to glusterd (TLS if ``tls`` says glusterd uses it)."""
     try:
-        return await _call_raw(server, prog, vers, proc, body, timeout)
+        return await _call_raw(server, prog, vers, proc, body, timeout, tls or DEFAULT_TLS)
     except Exception as exc:  # unwrap what the nursery wrapped
         e = leaf(exc)
+        if isinstance(e, TlsError):
+            raise MgmtError(str(e), e.errno or errno.EACCES) from None
         if isinstance(e, trio.TooSlowError):
             raise MgmtError(f"glusterd at {server} did not answer within {timeout:g}s", errno.ETIMEDOUT) from None
         if isinstance(e, OSError):
@@ -48,11 +52,12 @@ async def _call(server: Server, prog: int, vers: int, proc: int, body: bytes, ti
         raise
 
 
-async def _call_raw(server: Server, prog: int, vers: int, proc: int, body: bytes, timeout: float) -> bytes:
+async def _call_raw(server: Server, prog: int, vers: int, proc: int, body: bytes, timeout: float,
+                    tls: TlsConfig) -> bytes:
     with trio.fail_after(timeout):
         async with trio.open_nursery() as nursery:
             conn = await RpcConnection.connect(nursery, server.host, server.port, name=f"glusterd {server}",
-                                               ping_timeout=None, connect_timeout=timeout)
+                                               ping_timeout=None, connect_timeout=timeout, tls=tls.mgmt(server))
             try:
                 return await conn.call(prog, vers, proc, body, cred_flavor=rpc.AUTH_GLUSTERFS_V2,
                                        cred_body=mgmt_cred())
@@ -60,8 +65,9 @@ async def _call_raw(server: Server, prog: int, vers: int, proc: int, body: bytes
                 await conn.aclose()
 
 
-async def getspec(server: Server, volume: str, timeout: float = 10.0) -> str:
-    body = await _call(server, hs.HANDSHAKE_PROGRAM, hs.HANDSHAKE_VERSION, hs.GETSPEC, hs.getspec_req(volume), timeout)
+async def getspec(server: Server, volume: str, timeout: float = 10.0, tls: TlsConfig | None = None) -> str:
+    body = await _call(server, hs.HANDSHAKE_PROGRAM, hs.HANDSHAKE_VERSION, hs.GETSPEC, hs.getspec_req(volume), timeout,
+                       tls)
     r = hs.getspec_rsp(body)
     if r.ret < 0:
         if r.errno in (errno.ENOENT, 0):
@@ -72,12 +78,13 @@ async def getspec(server: Server, volume: str, timeout: float = 10.0) -> str:
     return r.spec
 
 
-async def fetch_graph(servers: Sequence[Server], volume: str, timeout: float = 10.0) -> tuple[Server, Graph]:
+async def fetch_graph(servers: Sequence[Server], volume: str, timeout: float = 10.0,
+                      tls: TlsConfig | None = None) -> tuple[Server, Graph]:
     """GETSPEC from the first server that answers (``backup-volfile-servers`` in order)."""
     last: MgmtError | None = None
     for server in servers:
         try:
-            text = await getspec(server, volume, timeout)
+            text = await getspec(server, volume, timeout, tls)
             return server, parse(text)
         except MgmtError as e:
             if e.errno == errno.ENOENT:
@@ -88,9 +95,9 @@ async def fetch_graph(servers: Sequence[Server], volume: str, timeout: float = 1
     raise last
 
 
-async def port_by_brick(server: Server, brick_path: str, timeout: float = 10.0) -> int:
+async def port_by_brick(server: Server, brick_path: str, timeout: float = 10.0, tls: TlsConfig | None = None) -> int:
     body = await _call(server, hs.PORTMAP_PROGRAM, hs.PORTMAP_VERSION, hs.PORTBYBRICK,
-                       hs.portbybrick_req(brick_path), timeout)
+                       hs.portbybrick_req(brick_path), timeout, tls)
     ret, err, _status, port = hs.portbybrick_rsp(body)
     if ret < 0 or port <= 0:
         raise MgmtError(f"brick {brick_path} has no port on {server}: is the brick process running?",
@@ -107,8 +114,10 @@ class VolfileWatcher:
     """
 
     def __init__(self, servers: Sequence[Server], volume: str, current: Graph,
-                 on_change: Callable[[Graph], Awaitable[None]], backoff_max: float = 10.0) -> None:
+                 on_change: Callable[[Graph], Awaitable[None]], backoff_max: float = 10.0,
+                 tls: TlsConfig | None = None) -> None:
         self.servers = list(servers)
+        self.tls = tls or DEFAULT_TLS
         self.volume = volume
         self.current = current
         self._on_change = on_change
@@ -121,7 +130,7 @@ class VolfileWatcher:
 
     async def _refetch(self) -> None:
         try:
-            _, graph = await fetch_graph(self.servers, self.volume)
+            _, graph = await fetch_graph(self.servers, self.volume, tls=self.tls)
         except MgmtError as e:
             log.warning("re-fetching the volfile of %s failed: %s", self.volume, e)
             return
@@ -139,7 +148,8 @@ class VolfileWatcher:
             try:
                 async with trio.open_nursery() as nursery:
                     conn = await RpcConnection.connect(nursery, server.host, server.port, name=f"glusterd {server}",
-                                                       on_callback=self._callback, ping_timeout=None)
+                                                       on_callback=self._callback, ping_timeout=None,
+                                                       tls=self.tls.mgmt(server))
                     if not started:
                         task_status.started()
                         started = True

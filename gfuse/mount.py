@@ -25,6 +25,7 @@ from .mgmt import MgmtError, VolfileWatcher, fetch_graph, parse_volume_spec
 from .mounttable import mount_at
 from .options import MountError, MountOptions
 from .status import serve_status, status_socket_path
+from .tls import TlsConfig, TlsError, check_graph as check_tls
 from .untrusted import libfuse_escape
 from .volfile import Graph, VolfileError
 from .fuse import GlusterOperations
@@ -72,6 +73,7 @@ class MountedVolume:
         # computed before mounting: touching our own mount point from the serving thread would deadlock
         self.socket_path = status_socket_path(self.mountpoint)
         self.opts = opts
+        self.tls = TlsConfig.from_options(opts)
         if self.spec.subdir and opts.subdir and self.spec.subdir != opts.subdir:
             raise MountError(f"two subdirectories asked: {self.spec.subdir!r} in {spec_text!r} and subdir="
                              f"{opts.subdir!r}; give one")
@@ -92,14 +94,15 @@ class MountedVolume:
         self.check_mountpoint()
         servers = [self.spec.server, *self.opts.backup_servers]
         try:
-            server, graph = await fetch_graph(servers, self.spec.volume, timeout)
-        except MgmtError as e:
+            server, graph = await fetch_graph(servers, self.spec.volume, timeout, tls=self.tls)
+            check_tls(graph, self.tls, self.spec.volume)  # never plain text to a TLS volume: fail in one line
+        except (MgmtError, TlsError) as e:
             raise MountError(str(e)) from None
         except VolfileError as e:
             raise MountError(f"the volfile of {self.spec.volume!r} cannot be used: {e}") from None
         async with trio.open_nursery() as nursery:
             try:
-                cg = ClientGraph(graph, server, self.spec.volume, ping_timeout=self.opts.ping_timeout)
+                cg = ClientGraph(graph, server, self.spec.volume, ping_timeout=self.opts.ping_timeout, tls=self.tls)
             except VolfileError as e:
                 raise MountError(str(e)) from None
             self.graph = cg
@@ -138,7 +141,7 @@ class MountedVolume:
                 nursery.start_soon(self._read_ahead_after_init, ops)
                 nursery.start_soon(self._status_server)
                 nursery.start_soon(self._signals)
-                watcher = VolfileWatcher(servers, self.spec.volume, graph, self._volfile_changed)
+                watcher = VolfileWatcher(servers, self.spec.volume, graph, self._volfile_changed, tls=self.tls)
                 nursery.start_soon(watcher.run)
                 log.info("mounted %s on %s (%s)", self.spec_text, self.mountpoint, graph.shape())
                 # pyfuse3 lacks lock/fallocate handlers: add them; their tasks end before the session does
@@ -174,7 +177,8 @@ class MountedVolume:
         """Build and connect a graph for the new volfile, then send new work to it (see GraphSwitch)."""
         shape = graph.shape()
         try:
-            cg = ClientGraph(graph, self._server, self.spec.volume, ping_timeout=self.opts.ping_timeout)
+            cg = ClientGraph(graph, self._server, self.spec.volume, ping_timeout=self.opts.ping_timeout,
+                             tls=self.tls)
         except VolfileError as e:
             log.error("the new volfile of %s cannot be used (%s); keeping the current graph", self.spec.volume, e)
             return

@@ -38,8 +38,13 @@ IGNORED_OPTIONS = {"defaults", "rw", "auto", "noauto", "_netdev", "nofail", "use
 #: SELinux labels for the whole mount (kubelet adds ``context="…"`` when a CSIDriver has ``seLinuxMount: true``):
 #: gfuse does not interpret them, they go to the kernel's mount(2) as given (libfuse passes them through)
 SELINUX_OPTIONS = ("context", "fscontext", "defcontext", "rootcontext")
+#: TLS (gfuse/tls.py): where the client's certificate, key and CA are, and whether glusterd speaks TLS
+TLS_OPTIONS = ("ssl-dir", "ssl-cert", "ssl-key", "ssl-ca", "secure-mgmt")
+#: options that name files on the host (the node's admin decides them, not a volume's user)
+HOST_PATH_OPTIONS = frozenset({"log-file", "ssl-dir", "ssl-cert", "ssl-key", "ssl-ca"})
 KNOWN_OPTIONS = {"backup-volfile-servers", "backupvolfile-server", "ro", "log-file", "log-level", "allow_other",
-                 "subdir", "attribute-timeout", "entry-timeout", "read-ahead-kb", "ping-timeout", *SELINUX_OPTIONS}
+                 "subdir", "attribute-timeout", "entry-timeout", "read-ahead-kb", "ping-timeout", *SELINUX_OPTIONS,
+                 *TLS_OPTIONS}
 #: an SELinux context (user:role:type[:level]); a level may hold commas (s0:c1,c2) and dots (c0.c1023)
 _SELINUX_CONTEXT = re.compile(r"[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+(:[A-Za-z0-9_.:,-]+)?")
 
@@ -80,6 +85,14 @@ class MountOptions:
     ping_timeout: float | None = None
     #: ``key="value"`` items for the kernel's mount(2) (SELINUX_OPTIONS), normalized with double quotes
     kernel_options: list[str] = field(default_factory=list)
+    #: TLS_OPTIONS: ``ssl-dir=DIR`` (DIR/glusterfs.pem, .key, .ca), ``ssl-cert=``/``ssl-key=``/``ssl-ca=`` (one
+    #: file each, wins over ssl-dir); unset: the volfile's paths, else OpenSSL's directory (/usr/lib/ssl on
+    #: Debian). ``secure-mgmt=yes|no``: TLS to glusterd; unset: on iff /var/lib/glusterd/secure-access exists
+    ssl_dir: str | None = None
+    ssl_cert: str | None = None
+    ssl_key: str | None = None
+    ssl_ca: str | None = None
+    secure_mgmt: bool | None = None
 
     def libfuse_kernel_options(self) -> list[str]:
         """:attr:`kernel_options` as libfuse's ``-o`` parser needs them (a comma is escaped, or it splits)."""
@@ -122,6 +135,12 @@ def parse_options(text: str | None) -> MountOptions:
                 o.read_ahead_kb = int(value)
             elif key == "ping-timeout":
                 o.ping_timeout = float(value)
+            elif key in ("ssl-dir", "ssl-cert", "ssl-key", "ssl-ca"):
+                if not value.startswith("/"):
+                    raise ValueError(f"{value!r} is not an absolute path")
+                setattr(o, key.replace("-", "_"), value)
+            elif key == "secure-mgmt":
+                o.secure_mgmt = parse_bool(value or "yes")
             elif key in SELINUX_OPTIONS:
                 label = value[1:-1] if len(value) > 1 and value[0] == value[-1] == '"' else value
                 if not _SELINUX_CONTEXT.fullmatch(label):

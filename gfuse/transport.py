@@ -22,6 +22,7 @@ import trio
 from . import rpc
 from .errors import leaf
 from .handshake import DUMP_PROGRAM, DUMP_VERSION, PING
+from .tls import TlsError, TlsSetup, handshake_error
 from .xdr import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,11 @@ class _Waiter:
         self.error: BaseException | None = None
 
 
+def _why(e: BaseException) -> str:
+    """An exception's text, or its cause's (trio's SSLStream raises BrokenResourceError() from the SSL error)."""
+    return str(e) or str(e.__cause__ or e.__context__ or type(e).__name__)
+
+
 def not_connected(what: str) -> OSError:
     return OSError(errno.ENOTCONN, f"{what}: {'Transport endpoint is not connected'}")
 
@@ -53,9 +59,13 @@ def not_connected(what: str) -> OSError:
 class RpcConnection:
     """A live RPC connection. Create with :meth:`connect`; its reader runs in the caller's nursery."""
 
-    def __init__(self, stream: trio.SocketStream, name: str, on_callback: CallbackHandler | None,
-                 ping_timeout: float | None) -> None:
+    def __init__(self, stream: trio.abc.Stream, name: str, on_callback: CallbackHandler | None,
+                 ping_timeout: float | None, *, tls: TlsSetup | None = None) -> None:
         self._stream = stream
+        #: the TLS setup the connection was made with (None: plain TCP); ``tls_version`` once negotiated
+        self.tls = tls
+        self.tls_version: str | None = stream.version() if isinstance(stream, trio.SSLStream) else None
+        self._received_any = False
         self.name = name
         self._on_callback = on_callback
         self._ping_timeout = ping_timeout
@@ -75,21 +85,40 @@ class RpcConnection:
     @classmethod
     async def connect(cls, nursery: trio.Nursery, host: str, port: int, *, name: str | None = None,
                       on_callback: CallbackHandler | None = None, ping_timeout: float | None = 42.0,
-                      connect_timeout: float = 10.0) -> "RpcConnection":
-        """Open a TCP connection and start its reader (and pinger) in ``nursery``."""
+                      connect_timeout: float = 10.0, tls: TlsSetup | None = None) -> "RpcConnection":
+        """Open a TCP connection (TLS on it when ``tls`` is given) and start its reader (and pinger) in
+        ``nursery``. With ``tls``, a connection that cannot be set up or verified raises
+        :class:`~gfuse.tls.TlsError`: nothing is ever sent in plain text instead."""
+        ctx = tls.context() if tls is not None else None  # a missing certificate fails before connecting
+        stream: trio.abc.Stream
+        tcp: trio.SocketStream | None = None
         with trio.move_on_after(connect_timeout) as cs:
             try:
-                stream = await trio.open_tcp_stream(host, port)
+                tcp = await trio.open_tcp_stream(host, port)
             except OSError as e:
                 cause = leaf(e.__cause__) if e.__cause__ is not None else e
                 if not isinstance(cause, OSError):
                     cause = e
                 raise OSError(cause.errno or errno.ECONNREFUSED,
                               f"cannot connect to {host}:{port}: {cause.strerror or cause}") from e
+            _keepalive(tcp.socket)
+            stream = tcp
+            if ctx is not None:
+                assert tls is not None
+                ssl_stream = trio.SSLStream(tcp, ctx, server_hostname=None)
+                try:
+                    await ssl_stream.do_handshake()
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    tcp.socket.close()
+                    raise handshake_error(e, tls, f"{host}:{port}") from e
+                stream = ssl_stream
         if cs.cancelled_caught:
+            if tcp is not None:  # connected: the TLS handshake did not finish
+                tcp.socket.close()
+                raise TlsError(f"TLS handshake with {host}:{port} timed out after {connect_timeout:g}s: "
+                               f"does the server use TLS?", errno.ETIMEDOUT)
             raise OSError(errno.ETIMEDOUT, f"connecting to {host}:{port} timed out after {connect_timeout:g}s")
-        _keepalive(stream.socket)
-        conn = cls(stream, name or f"{host}:{port}", on_callback, ping_timeout)
+        conn = cls(stream, name or f"{host}:{port}", on_callback, ping_timeout, tls=tls)
         nursery.start_soon(conn._run)
         return conn
 
@@ -121,8 +150,8 @@ class RpcConnection:
                 try:
                     await self._stream.send_all(record)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-                    self._fail(f"send failed: {e}")
-                    raise not_connected(self.name) from e
+                    self._fail(self._early_close(f"send failed: {_why(e)}"))
+                    raise not_connected(f"{self.name} ({self.close_reason})") from e
             await w.event.wait()
         finally:
             self._waiters.pop(xid, None)
@@ -149,7 +178,8 @@ class RpcConnection:
         for w in list(self._waiters.values()):
             w.error = not_connected(f"{self.name} ({reason})")
             w.event.set()
-        sock = getattr(self._stream, "socket", None)  # in-memory streams (unit tests) have none
+        raw = self._stream.transport_stream if isinstance(self._stream, trio.SSLStream) else self._stream
+        sock = getattr(raw, "socket", None)  # in-memory streams (unit tests) have none
         try:
             if sock is not None:
                 sock.close()
@@ -170,8 +200,9 @@ class RpcConnection:
             while True:
                 data = await self._stream.receive_some(1 << 20)
                 if not data:
-                    self._fail("connection closed by peer")
+                    self._fail(self._early_close("connection closed by peer"))
                     return
+                self._received_any = True
                 self._last_recv = trio.current_time()
                 for record in self._reader.feed(data):
                     self._dispatch(rpc.decode_message(record))
@@ -179,7 +210,18 @@ class RpcConnection:
             log.error("%s: protocol error, dropping connection: %s", self.name, e)
             self._fail(f"protocol error: {e}")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            self._fail(f"receive failed: {e}")
+            self._fail(self._early_close(f"receive failed: {_why(e)}"))
+
+    def _early_close(self, reason: str) -> str:
+        """Why a peer hangs up before its first reply, when that is what it usually means."""
+        if self._received_any:
+            return reason
+        if self.tls is not None:
+            # TLS 1.3: the server checks our certificate after our side of the handshake is done
+            return (f"{reason}: the server ended the TLS session before its first reply — it did not accept "
+                    f"our certificate {self.tls.cert} (not signed by a CA it trusts?); see the server's log")
+        return (f"{reason} before any reply (if the server requires TLS — server.ssl on, or glusterd's "
+                f"secure-access — the client must use it as well: client.ssl on, secure-mgmt=yes)")
 
     def _dispatch(self, msg: rpc.Call | rpc.Reply) -> None:
         if isinstance(msg, rpc.Call):

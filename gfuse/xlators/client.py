@@ -31,6 +31,7 @@ from ..errors import leaf
 from ..fops import Flock, Proc, Result
 from ..iatt import NULL_GFID, ROOT_GFID, Iatt
 from ..mgmt import MgmtError, Server, port_by_brick
+from ..tls import DEFAULT as DEFAULT_TLS, TlsConfig
 from ..transport import RpcConnection, not_connected
 from ..volfile import Xlator
 from .api import BrickEvent, Fops
@@ -63,7 +64,7 @@ class BrickClient(Fops):
 
     def __init__(self, xl: Xlator, mgmt: Server | None = None, *, volfile_key: str = "",
                  process_name: str = "gfuse", ping_timeout: float | None = None,
-                 backoff: tuple[float, float] = (0.2, 5.0)) -> None:
+                 backoff: tuple[float, float] = (0.2, 5.0), tls: TlsConfig | None = None) -> None:
         self.name = xl.name
         self.options = dict(xl.options)
         self.host = xl.options.get("remote-host", "")
@@ -77,6 +78,9 @@ class BrickClient(Fops):
         self.ping_timeout = ping_timeout if ping_timeout is not None else float(opt_timeout or 42)
         self.backoff = backoff
         self.port: int | None = int(xl.options["remote-port"]) if xl.options.get("remote-port") else None
+        #: the node's TLS choices (glusterd's TLS for the portmap call) and, from the volfile, this brick's
+        self.tls_config = tls or DEFAULT_TLS
+        self.tls = self.tls_config.brick(self.options, volfile_key)
         self.conn: RpcConnection | None = None
         self.up = trio.Event()
         self.is_up = False
@@ -183,9 +187,10 @@ class BrickClient(Fops):
             delay = min(delay * 2, self.backoff[1])
 
     async def _connect(self, nursery: trio.Nursery) -> RpcConnection:
-        port = self.port or await port_by_brick(self.mgmt, self.brick_path)
+        port = self.port or await port_by_brick(self.mgmt, self.brick_path, tls=self.tls_config)
         conn = await RpcConnection.connect(nursery, self.host, port, name=f"{self.name}@{self.host}:{port}",
-                                           on_callback=self._on_callback, ping_timeout=self.ping_timeout)
+                                           on_callback=self._on_callback, ping_timeout=self.ping_timeout,
+                                           tls=self.tls)
         try:
             with trio.fail_after(max(self.ping_timeout, 5.0)):
                 t0 = time.perf_counter()
@@ -208,8 +213,9 @@ class BrickClient(Fops):
             msg = old_str(reply.get("ERROR", b"")) or os.strerror(err)
             await conn.aclose("SETVOLUME refused")
             if err == errno.EACCES or "auth" in msg.lower():
-                raise BrickError(f"{self.name}: authentication refused by brick {self.host}:{self.brick_path}: {msg}",
-                                 errno.EACCES)
+                hint = f" ({self.tls.auth_hint()})" if self.tls is not None else ""
+                raise BrickError(f"{self.name}: authentication refused by brick {self.host}:{self.brick_path}: "
+                                 f"{msg}{hint}", errno.EACCES)
             raise BrickError(f"{self.name}: brick {self.host}:{self.brick_path} refused the session: {msg}", err)
         self.port = self.port if self.options.get("remote-port") else None  # re-ask portmap after a restart
         self.setvolume_reply = {k: v for k, v in reply.items()}
