@@ -36,6 +36,18 @@ log = logging.getLogger(__name__)
 
 LINKTO_MODE = st.S_IFREG | st.S_ISVTX
 LAYOUT_HEAL_DOMAIN = "dht.layout.heal"
+#: gluster DHT's lock domains: a file's data inode while it is renamed or migrated (rebalance takes it
+#: for the whole migration), and a name in its parent on the name's hashed subvolume
+FILE_MIGRATE_DOMAIN = "dht.file.migrate"
+ENTRY_SYNC_DOMAIN = "dht.entry.sync"
+#: xdata of a translator's own entry fop: posix then links a linkto of a hard-linked file to the inode
+#: its gfid already names on that brick (the linkto files of one inode's names are hard links there)
+INTERNAL_FOP_KEY = "glusterfs-internal-fop"
+#: a write a client copies onto the destination of a file under migration carries this; the brick sets
+#: it on the file and rebalance, whose own writes say ``AVOID_OVERWRITE``, then gives up on the file
+PROTECT_WRITES_KEY = "trusted.glusterfs.protect.writes"
+#: how long a rename waits for its locks (a rebalance holds a file's for the whole migration)
+RENAME_LOCK_TIMEOUT = 600.0
 #: how long a lookup's answer about where a name lives is trusted (the kernel's entry timeout)
 RECENT_TTL = 1.0
 #: a directory's layout is re-read after this long (another client may have fixed it: rebalance)
@@ -46,8 +58,34 @@ COMMITHASH_XATTR = "trusted.glusterfs.dht.commithash"
 
 
 def is_linkto(stat: Iatt | None, xdata: Dict | None) -> bool:
-    return bool(stat and st.S_ISREG(stat.mode) and (stat.mode & 0o7777) == st.S_ISVTX and stat.size == 0
+    """A DHT linkto file: mode ``---------T`` and the linkto xattr (gluster's ``check_is_linkfile``).
+
+    Its size is not looked at: a migration's destination is one while rebalance fills it with data,
+    and so is its source once the data is copied (phase 2), until rebalance truncates it.
+    """
+    return bool(stat and st.S_ISREG(stat.mode) and (stat.mode & 0o7777) == st.S_ISVTX
                 and xdata and LINKTO_XATTR in xdata)
+
+
+def migration_phase(stat: Iatt | None) -> int:
+    """Where rebalance is with the data file a reply describes: 0 not migrating (as far as the mode
+    says), 1 data being copied (rebalance set the sticky and setgid bits), 2 copied (the source has
+    become a linkto file: mode ``---------T``); gluster's ``IS_DHT_MIGRATION_PHASE1/2``."""
+    if stat is None or not st.S_ISREG(stat.mode):
+        return 0
+    if stat.mode & 0o7777 == st.S_ISVTX:
+        return 2
+    if stat.mode & st.S_ISVTX and stat.mode & st.S_ISGID:
+        return 1
+    return 0
+
+
+def strip_phase1(*stats: Iatt | None) -> None:
+    """Hide rebalance's phase-1 mode bits from the application (``DHT_STRIP_PHASE1_FLAGS``)."""
+    for s in stats:
+        if migration_phase(s) == 1:
+            assert s is not None
+            s.mode &= ~(st.S_ISVTX | st.S_ISGID)
 
 
 def merge_dir_times(base: Iatt, others: Sequence[Iatt]) -> None:
@@ -66,9 +104,28 @@ class _DhtFd:
     #: file: (subvolume, its handle); dir: one handle per subvolume
     handles: list[int | None]
     sub: int = 0
+    #: the open flags (a file rebalance moves is opened again where its data goes)
+    flags: int = 0
+    #: held while the fd is opened on a migration's destination
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    #: (source, destination) of a migration in phase 1 seen by a write
+    mig: tuple[int, int] | None = None
     #: directory streams: our offset → (subvolume index, that subvolume's offset)
     cookies: dict[int, tuple[int, int]] = field(default_factory=dict)
     next_cookie: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+
+@dataclass(frozen=True)
+class _Lk:
+    """One of DHT's internal locks: an inodelk (``name`` None) or an entrylk, on subvolume ``sub``."""
+
+    sub: int
+    gfid: bytes
+    domain: str
+    name: str | None = None
+    type: int = F.WRLCK
+    #: skipped if its inode is gone (an existing rename destination may be removed meanwhile)
+    optional: bool = False
 
 
 class Distribute(Fops):
@@ -240,6 +297,12 @@ class Distribute(Fops):
 
     async def lookup(self, pargfid: bytes, name: str, xdata: Dict | None = None, *, gfid: bytes = NULL_GFID,
                      cred: Credential | None = None) -> Result:
+        r = await self._lookup(pargfid, name, xdata, gfid=gfid, cred=cred)
+        strip_phase1(r.stat)
+        return r
+
+    async def _lookup(self, pargfid: bytes, name: str, xdata: Dict | None = None, *, gfid: bytes = NULL_GFID,
+                      cred: Credential | None = None) -> Result:
         if not name:
             return await self.lookup_gfid(gfid, xdata, cred)
         x = self._xdata(xdata)
@@ -317,11 +380,33 @@ class Distribute(Fops):
         i = await self._where_is(gfid)
         return await call(self.children[0 if i is None else i])
 
+    async def _on_file(self, gfid: bytes, i: int, call: Callable[[Subvolume], Awaitable[Result]],
+                       stat_of: Callable[[Result], Iatt | None]) -> Result:
+        """A fop on file ``gfid`` thought to be on subvolume ``i``: if rebalance moved it meanwhile (the
+        inode is gone there, or is a migration's source in phase 2), once more where it is now."""
+        try:
+            r = await call(self.children[i])
+            moved = migration_phase(stat_of(r)) == 2 and await self._linkto_of_gfid(i, gfid) not in (None, i)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ESTALE):
+                raise
+            moved, r = True, None
+        if moved:
+            self._where.pop(gfid, None)
+            j = await self._where_is(gfid)
+            if j is not None and j != i:
+                r = await call(self.children[j])
+            elif r is None:
+                raise OSError(errno.ENOENT, f"{self.name}: {gfid_str(gfid)} is gone")
+        assert r is not None
+        strip_phase1(r.stat, r.pre, r.post)
+        return r
+
     async def _on_all_dirs(self, gfid: bytes, call: Callable[[Subvolume], Awaitable[Result]]) -> Result:
         """Directory metadata changes go to every subvolume (the first answer is returned)."""
         i = await self._where_is(gfid)
         if i is not None:
-            return await call(self.children[i])
+            return await self._on_file(gfid, i, call, lambda r: r.post)
         res = await each(call, self.children)
         ok = [r for r in res if isinstance(r, Result)]
         if not ok:
@@ -333,7 +418,7 @@ class Distribute(Fops):
     async def stat(self, gfid: bytes, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
         i = await self._where_is(gfid)
         if i is not None:
-            return await self.children[i].stat(gfid, xdata, cred=cred)
+            return await self._on_file(gfid, i, lambda c: c.stat(gfid, xdata, cred=cred), lambda r: r.stat)
         # a directory: every subvolume has a copy; its times are the latest of them, as gluster shows
         res = await each(lambda c: c.stat(gfid, xdata, cred=cred), self.children)
         ok = [r for r in res if isinstance(r, Result) and r.stat is not None]
@@ -366,7 +451,10 @@ class Distribute(Fops):
 
     async def truncate(self, gfid: bytes, size: int, xdata: Dict | None = None,
                        cred: Credential | None = None) -> Result:
-        return await self._on_inode(gfid, lambda c: c.truncate(gfid, size, xdata, cred=cred))
+        i = await self._where_is(gfid)
+        if i is None:
+            return await self.children[0].truncate(gfid, size, xdata, cred=cred)
+        return await self._on_file(gfid, i, lambda c: c.truncate(gfid, size, xdata, cred=cred), lambda r: r.post)
 
     async def statfs(self, gfid: bytes = ROOT_GFID, xdata: Dict | None = None) -> Result:
         res = await each(lambda c: c.statfs(gfid, xdata), self.children)
@@ -416,7 +504,7 @@ class Distribute(Fops):
             pargfid, name, flags, mode, gfid, umask, xdata, cred=cred))
         handles: list[int | None] = [None] * len(self.children)
         handles[h] = r.fd
-        return self._fds.adopt(r, _DhtFd(gfid, False, handles, h))
+        return self._fds.adopt(r, _DhtFd(gfid, False, handles, h, flags=flags))
 
     async def mkdir(self, pargfid: bytes, name: str, mode: int, gfid: bytes, umask: int = 0,
                     xdata: Dict | None = None, cred: Credential | None = None) -> Result:
@@ -518,76 +606,340 @@ class Distribute(Fops):
 
     async def link(self, gfid: bytes, newpar: bytes, newname: str, xdata: Dict | None = None,
                    cred: Credential | None = None) -> Result:
+        """As gluster's ``dht_link``: the new name is a hard link on the subvolume holding the data; if the
+        name hashes elsewhere, a linkto file there is made first (none made: nothing done), removed
+        again if the link fails. Linkto files of one inode's names are hard links on their brick."""
+        if len(self.children) == 1:
+            return await self.children[0].link(gfid, newpar, newname, xdata, cred=cred)
         i = await self._where_is(gfid)
-        src = 0 if i is None else i
-        r = await self.children[src].link(gfid, newpar, newname, xdata, cred=cred)
-        await self._make_linkto(newpar, newname, src, cred)
+        if i is None:
+            raise OSError(errno.EPERM, f"{newname}: hard link to a directory")
+        h = await self.hashed(newpar, newname)
+        made = False
+        if h != i:
+            made = await self._create_linkto(h, newpar, newname, gfid, i, force=False)
+        try:
+            r = await self.children[i].link(gfid, newpar, newname, xdata, cred=cred)
+        except OSError:
+            if made:
+                await self._drop(h, newpar, newname, gfid, "linkto")
+            raise
+        if migration_phase(r.stat):
+            # rebalance is moving the file: the name must exist where the data will be, too
+            t = await self._linkto_of_gfid(i, gfid)
+            if t is not None and t != i:
+                try:
+                    await self.children[t].link(gfid, newpar, newname, xdata, cred=None)
+                except OSError as e:
+                    if e.errno != errno.EEXIST:
+                        log.warning("%s: link %s on the migration target %s: %s", self.name, newname,
+                                    self.children[t].name, e)
+        strip_phase1(r.stat)
+        self._recent[(newpar, newname)] = (i, trio.current_time())
         return r
 
-    async def _make_linkto(self, pargfid: bytes, name: str, data_sub: int, cred: Credential | None) -> None:
-        """If ``name`` hashes elsewhere than where its data is, leave a linkto on the hashed subvolume."""
-        if len(self.children) == 1:
-            return
-        h = await self.hashed(pargfid, name)
-        if h == data_sub:
-            return
-        r = await self.children[data_sub].lookup(pargfid, name, cred=cred)
-        target = self.children[data_sub].name
+    # ------------------------------------------------------------ linkto files, DHT's locks
+
+    def _linkto_value(self, target: int) -> bytes:
+        return self.children[target].name.encode() + b"\0"
+
+    async def _create_linkto(self, on: int, pargfid: bytes, name: str, gfid: bytes, target: int, *,
+                             force: bool) -> bool:
+        """Make ``name`` on subvolume ``on`` a linkto of ``gfid`` whose data is on ``target``.
+
+        True if this call made it, False if a linkto of that inode was there already (pointed at
+        ``target`` if it pointed elsewhere). A linkto of another inode there is replaced if ``force``
+        (the name does not hash to ``on`` for the caller, or the caller holds its lock and knows
+        better) or if it is stale (its target holds no such name of its inode); anything else is
+        EEXIST. Every failure is raised: the callers abort before the name appears anywhere else.
+        """
+        c = self.children[on]
+        for attempt in range(2):
+            try:
+                await c.mknod(pargfid, name, LINKTO_MODE, 0, gfid, 0,
+                              {LINKTO_XATTR: self._linkto_value(target), INTERNAL_FOP_KEY: "yes"}, cred=None)
+                return True
+            except OSError as e:
+                if e.errno != errno.EEXIST or attempt:
+                    raise
+            r = await c.lookup(pargfid, name, self._xdata(None))
+            cur = attrs(r)
+            if not is_linkto(cur, r.xdata):
+                raise OSError(errno.EEXIST, f"{self.name}: {name!r} exists on {c.name}")
+            if cur.gfid == gfid:
+                if self._linkto_target(r.xdata) != target:
+                    await c.setxattr(gfid, {LINKTO_XATTR: self._linkto_value(target)})
+                return False
+            if not force and not await self._linkto_is_stale(pargfid, name, cur.gfid, r.xdata):
+                raise OSError(errno.EEXIST, f"{self.name}: {name!r} exists (a linkto on {c.name})")
+            log.info("%s: replacing a stale linkto %r on %s", self.name, name, c.name)
+            await c.unlink(pargfid, name, cred=None)
+        raise AssertionError("not reached")
+
+    async def _linkto_is_stale(self, pargfid: bytes, name: str, gfid: bytes, xdata: Dict | None) -> bool:
+        """A linkto file whose target has no data file of that name and inode (a subvolume this graph does
+        not know is never called stale)."""
+        t = self._linkto_target(xdata)
+        if t is None:
+            return False
         try:
-            await self.children[h].mknod(pargfid, name, LINKTO_MODE, 0, attrs(r).gfid, 0,
-                                         {LINKTO_XATTR: target.encode() + b"\0"},
-                                         cred=None)
+            r = await self.children[t].lookup(pargfid, name, self._xdata(None))
         except OSError as e:
-            if e.errno != errno.EEXIST:
-                log.warning("%s: could not create linkto for %s on %s: %s", self.name, name,
-                            self.children[h].name, e)
+            if e.errno in (errno.ENOENT, errno.ESTALE):
+                return True
+            raise
+        return is_linkto(r.stat, r.xdata) or attrs(r).gfid != gfid
+
+    async def _linkto_of_gfid(self, sub: int, gfid: bytes) -> int | None:
+        """The subvolume the linkto xattr of ``gfid``'s inode on ``sub`` names (rebalance's target)."""
+        try:
+            r = await self.children[sub].getxattr(gfid, LINKTO_XATTR)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOENT, errno.ESTALE, errno.EOPNOTSUPP):
+                return None
+            raise
+        return self._linkto_target(r.dict)
+
+    async def _drop(self, on: int, pargfid: bytes, name: str, gfid: bytes | None, what: str) -> bool:
+        """Remove ``name`` on subvolume ``on`` if it still names ``gfid``: undoing a step of a failed rename
+        or link, or a leftover of one done. Never raises (logged): a stale linkto only costs lookups
+        (rebalance removes it), a stale data name is reported."""
+        c = self.children[on]
+        with trio.CancelScope(shield=True):
+            try:
+                if gfid is not None:
+                    r = await c.lookup(pargfid, name, self._xdata(None))
+                    if attrs(r).gfid != gfid:
+                        return False
+                await c.unlink(pargfid, name, cred=None)
+                return True
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ESTALE):
+                    log.warning("%s: could not remove the %s %r on %s: %s", self.name, what, name, c.name, e)
+                return False
+
+    async def _lock_one(self, lk: _Lk, cred: Credential, take: bool) -> None:
+        c = self.children[lk.sub]
+        if lk.name is None:
+            fl = Flock(type=lk.type if take else F.UNLCK, start=0, len=0, owner=cred.lk_owner)
+            await c.inodelk(lk.gfid, lk.domain, F.SETLK, fl, cred=cred)
+        else:
+            await c.entrylk(lk.gfid, lk.domain, lk.name, F.ENTRYLK_LOCK_NB if take else F.ENTRYLK_UNLOCK,
+                            lk.type, cred=cred)
+
+    async def _release(self, held: Sequence[_Lk], cred: Credential) -> None:
+        with trio.CancelScope(shield=True):
+            for lk in reversed(held):
+                try:
+                    await self._lock_one(lk, cred, False)
+                except OSError as e:
+                    log.debug("%s: unlock %s on %s: %s", self.name, lk, self.children[lk.sub].name, e)
+
+    async def _take(self, locks: Sequence[_Lk], cred: Credential, timeout: float) -> list[_Lk]:
+        """Every lock of ``locks``, in order, none of them blocking: on contention all held ones are
+        released and, after a random pause, taken again from the first (so no order of other clients',
+        native ones included, can deadlock with ours). An optional lock whose inode is gone is skipped."""
+        delay = 0.02
+        deadline = trio.current_time() + timeout
+        while True:
+            held: list[_Lk] = []
+            failed: OSError | None = None
+            for lk in locks:
+                try:
+                    await self._lock_one(lk, cred, True)
+                except OSError as e:
+                    if lk.optional and e.errno in (errno.ENOENT, errno.ESTALE):
+                        continue
+                    await self._release([lk], cred)  # a replicate child may hold it on some replicas
+                    failed = e
+                    break
+                held.append(lk)
+            if failed is None:
+                return held
+            await self._release(held, cred)
+            if failed.errno != errno.EAGAIN:
+                raise failed
+            if trio.current_time() + delay > deadline:
+                raise OSError(errno.EBUSY, f"{self.name}: locks held by another client for {timeout:g} s")
+            await trio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.5)
+
+    # ------------------------------------------------------------ rename
 
     async def rename(self, oldpar: bytes, oldname: str, newpar: bytes, newname: str, xdata: Dict | None = None,
                      cred: Credential | None = None) -> Result:
+        if len(self.children) == 1:
+            return await self.children[0].rename(oldpar, oldname, newpar, newname, xdata, cred=cred)
         self._recent.pop((oldpar, oldname), None)
         self._recent.pop((newpar, newname), None)
         src = await self.lookup(oldpar, oldname, cred=cred)
-        if attrs(src).is_dir or len(self.children) == 1:
-            if len(self.children) == 1:
-                return await self.children[0].rename(oldpar, oldname, newpar, newname, xdata, cred=cred)
+        if attrs(src).is_dir:
             h = await self.hashed(newpar, newname)
             r = await self.children[h].rename(oldpar, oldname, newpar, newname, xdata, cred=cred)
             others = [i for i in range(len(self.children)) if i != h]
             await each(lambda i: self.children[i].rename(oldpar, oldname, newpar, newname, xdata, cred=cred),
                        others)
             return r
-        data = self._where.get(attrs(src).gfid, 0)
-        # an existing destination stored on another subvolume would survive a rename on ours: remove it
+        for _ in range(3):
+            done = await self._rename_file(attrs(src).gfid, oldpar, oldname, newpar, newname, xdata, cred)
+            if done is not None:
+                return done
+            # moved between the lookup and the locks (rebalance, another client): look again
+            self._where.pop(attrs(src).gfid, None)
+            src = await self.lookup(oldpar, oldname, cred=cred)
+            if attrs(src).is_dir:
+                raise OSError(errno.ENOENT, f"{oldname}: replaced by a directory during the rename")
+        raise OSError(errno.ENOENT, f"{oldname}: keeps moving between subvolumes")
+
+    async def _lookup_or_none(self, pargfid: bytes, name: str, cred: Credential | None) -> Result | None:
         try:
-            dst = await self.lookup(newpar, newname, cred=cred)
-            if attrs(dst).is_dir:
-                raise OSError(errno.EISDIR, newname)
-            dsub = self._where.get(attrs(dst).gfid, data)
+            return await self.lookup(pargfid, name, cred=cred)
         except OSError as e:
-            if e.errno != errno.ENOENT:
-                raise
-            dst, dsub = None, data
-        r = await self.children[data].rename(oldpar, oldname, newpar, newname, xdata, cred=cred)
-        if dst is not None and dsub != data and attrs(dst).gfid != attrs(src).gfid:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+
+    async def _rename_file(self, sg: bytes, oldpar: bytes, oldname: str, newpar: bytes, newname: str,
+                           xdata: Dict | None, cred: Credential | None) -> Result | None:
+        """One attempt of a file rename under gluster DHT's locks; None if the file moved meanwhile.
+
+        The locks (``dht_rename_lock``): the data inode of the source and of an existing destination in
+        ``dht.file.migrate`` (rebalance takes it to migrate a file), and for each of the two names a read
+        lock on its parent in ``dht.layout.heal`` and an entry lock in ``dht.entry.sync``, on the
+        name's hashed subvolume.
+        """
+        c_ = await self._where_is(sg)
+        if c_ is None:
+            return None
+        C = c_
+        S = await self.hashed(oldpar, oldname)
+        H = await self.hashed(newpar, newname)
+        dst = await self._lookup_or_none(newpar, newname, cred)
+        if dst is not None and attrs(dst).is_dir:
+            raise OSError(errno.EISDIR, f"{newname}: is a directory")
+        dg = attrs(dst).gfid if dst is not None else None
+        D = self._where.get(dg) if dg is not None else None
+        if dg == sg:  # two names of one file: rename does nothing (POSIX); the brick's rename neither
+            return await self.children[C].rename(oldpar, oldname, newpar, newname, xdata, cred=cred)
+        owner = os.urandom(8)
+        lcred = now_cred(lk_owner=owner)
+        locks = [_Lk(C, sg, FILE_MIGRATE_DOMAIN)]
+        if dg is not None and D is not None and dg != sg:
+            locks.append(_Lk(D, dg, FILE_MIGRATE_DOMAIN, optional=True))
+        names = sorted([(self.children[S].name, gfid_str(oldpar) + oldname, S, oldpar, oldname),
+                        (self.children[H].name, gfid_str(newpar) + newname, H, newpar, newname)])
+        for _, _, sub, par, nm in names:
+            lk = _Lk(sub, par, LAYOUT_HEAL_DOMAIN, type=F.RDLCK)
+            if lk not in locks:
+                locks.append(lk)
+            locks.append(_Lk(sub, par, ENTRY_SYNC_DOMAIN, nm, F.ENTRYLK_WRLCK))
+        held = await self._take(locks, lcred, RENAME_LOCK_TIMEOUT)
+        try:
+            # under the locks: the data is still on C by that name (else rebalance or a rename moved it)
             try:
-                await self.children[dsub].unlink(newpar, newname, cred=cred)
+                chk = await self.children[C].lookup(oldpar, oldname, self._xdata(None))
             except OSError as e:
-                log.warning("%s: removing replaced %s on %s failed: %s", self.name, newname,
-                            self.children[dsub].name, e)
-        await self._unlink_linkto(oldpar, oldname, data, cred)
-        try:
-            h = await self.hashed(newpar, newname)
-            if h != data:
+                if e.errno in (errno.ENOENT, errno.ESTALE):
+                    return None
+                raise
+            if is_linkto(chk.stat, chk.xdata) or attrs(chk).gfid != sg:
+                return None
+            self._recent.pop((newpar, newname), None)
+            dst = await self._lookup_or_none(newpar, newname, cred)
+            if dst is not None and attrs(dst).is_dir:
+                raise OSError(errno.EISDIR, f"{newname}: is a directory")
+            dg = attrs(dst).gfid if dst is not None else None
+            D = self._where.get(dg) if dg is not None else None
+            with trio.CancelScope(shield=True):  # no half-done rename when the caller gives up
+                r = await self._rename_steps(sg, S, C, H, D, dg, oldpar, oldname, newpar, newname, xdata, cred)
+            if r.stat is not None and r.stat.gfid != sg:
+                r.stat = chk.stat  # the reply of a linkto's rename describes the linkto
+            strip_phase1(r.stat)
+            self._recent.pop((oldpar, oldname), None)
+            self._recent.pop((newpar, newname), None)
+            return r
+        finally:
+            await self._release(held, lcred)
+
+    async def _rename_steps(self, sg: bytes, S: int, C: int, H: int, D: int | None, dg: bytes | None,
+                            oldpar: bytes, oldname: str, newpar: bytes, newname: str, xdata: Dict | None,
+                            cred: Credential | None) -> Result:
+        """The rename of a file whose old name hashes to S, new name to H, data on C (an existing
+        destination's on D), in an order where every failure before the new name is visible undoes
+        what was done and is returned, and every moment after it finds the new name (lookup-optimize
+        included: it looks only on H):
+
+        - the name ``oldname`` on H is made a linkto to C first (it is one already if S is H);
+        - if the destination's data is elsewhere than C (or there is none): ``newname`` becomes a hard
+          link on C, then the rename on H turns the linkto (or the data, if C is H) into ``newname``,
+          atomically replacing what H had by that name: from then on the new name is found;
+        - if it is on C as well: the rename on C replaces its data, then the rename on H replaces its
+          linkto (until then that linkto leads to C, where the name now is the renamed file);
+        - then the leftovers go: the old name on C, the old linkto on S, the replaced data on D.
+        """
+        kid = self.children
+        made = False
+        if H != C:
+            made = await self._create_linkto(H, oldpar, oldname, sg, C, force=True)
+        if D is not None and D == C:
+            try:
+                r = await kid[C].rename(oldpar, oldname, newpar, newname, xdata, cred=cred)
+            except OSError:
+                if made:
+                    await self._drop(H, oldpar, oldname, sg, "new linkto")
+                raise
+            if H != C:
                 try:
-                    old = await self.children[h].lookup(newpar, newname, self._xdata(None), cred=cred)
-                    if is_linkto(old.stat, old.xdata):
-                        await self.children[h].unlink(newpar, newname, cred=cred)
+                    await kid[H].rename(oldpar, oldname, newpar, newname, cred=None)
+                except OSError as e:
+                    log.warning("%s: rename of the linkto %r on %s: %s (the old one still leads to %s)",
+                                self.name, newname, kid[H].name, e, kid[C].name)
+                    await self._drop(H, oldpar, oldname, sg, "linkto")
+        else:
+            added = False
+            if H != C:
+                try:
+                    added = await self._link_on(C, sg, newpar, newname, cred)
                 except OSError:
-                    pass
-                await self._make_linkto(newpar, newname, data, cred)
-        except OSError as e:
-            log.warning("%s: linkto for renamed %s failed: %s", self.name, newname, e)
+                    if made:
+                        await self._drop(H, oldpar, oldname, sg, "new linkto")
+                    raise
+            try:
+                r = await kid[H].rename(oldpar, oldname, newpar, newname, xdata,
+                                        cred=cred if H == C else None)
+            except OSError:
+                if added:
+                    await self._drop(C, newpar, newname, sg, "new link")
+                if made:
+                    await self._drop(H, oldpar, oldname, sg, "new linkto")
+                raise
+            if H != C:
+                await self._drop(C, oldpar, oldname, sg, "old name")
+            if D is not None and D != H:
+                await self._drop(D, newpar, newname, dg, "replaced file")
+        if S != H and S != C:
+            await self._drop(S, oldpar, oldname, sg, "old linkto")
         return r
+
+    async def _link_on(self, sub: int, gfid: bytes, newpar: bytes, newname: str, cred: Credential | None) -> bool:
+        """A hard link ``newname`` of ``gfid`` on subvolume ``sub`` (a stale linkto by that name there is
+        replaced: the name does not hash to ``sub``). True if made, False if it was a name of it already."""
+        c = self.children[sub]
+        for attempt in range(2):
+            try:
+                await c.link(gfid, newpar, newname, cred=cred)
+                return True
+            except OSError as e:
+                if e.errno != errno.EEXIST or attempt:
+                    raise
+            r = await c.lookup(newpar, newname, self._xdata(None))
+            linkto = is_linkto(r.stat, r.xdata)
+            if not linkto and attrs(r).gfid == gfid:
+                return False
+            if not linkto:
+                raise OSError(errno.EEXIST, f"{self.name}: {newname!r} exists on {c.name}")
+            await c.unlink(newpar, newname, cred=None)
+        raise AssertionError("not reached")
 
     # ------------------------------------------------------------ fds
 
@@ -600,7 +952,7 @@ class Distribute(Fops):
         r = await self.children[sub].open(gfid, flags, xdata, cred=cred)
         handles: list[int | None] = [None] * len(self.children)
         handles[sub] = r.fd
-        return self._fds.adopt(r, _DhtFd(gfid, False, handles, sub))
+        return self._fds.adopt(r, _DhtFd(gfid, False, handles, sub, flags=flags))
 
     async def opendir(self, gfid: bytes, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
         res = await each(lambda c: c.opendir(gfid, xdata, cred=cred), self.children)
@@ -624,54 +976,157 @@ class Distribute(Fops):
             raise OSError(errno.EBADFD, f"{self.name}: fd {handle} not open")
         return self.children[fd.sub], h
 
+    # A file rebalance (or remove-brick) migrates stays open here: as gluster's DHT, every data fop reads
+    # the migration phase from the mode bits of its reply (dht-inode-write.c, dht-helper.c). Phase 1
+    # (data being copied): a change made on the source is made on the destination too, marked so that
+    # rebalance gives up on the file rather than overwrite it with older bytes. Phase 2 (copied; the
+    # source is a linkto now, soon truncated and removed), or the source gone: the fd is opened where
+    # the data is and the fop done again there.
+
+    async def _fd_op(self, handle: int, call: Callable[[Subvolume, int, Dict | None], Awaitable[Result]],
+                     xdata: Dict | None, *, changes: bool) -> Result:
+        fd = self._fd(handle)
+        if len(self.children) == 1 or fd.is_dir:
+            c, h = self._file(handle)
+            return await call(c, h, xdata)
+        for _ in range(4):
+            was = fd.sub
+            c, h = self._file(handle)
+            try:
+                r = await call(c, h, xdata)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ESTALE) or not await self._follow(fd, was, gone=True):
+                    raise
+                continue
+            phase = migration_phase(r.post if changes else r.stat)
+            if phase == 2 and await self._follow(fd, was, gone=False):
+                continue
+            if phase == 1 and changes:
+                dst = await self._migration_dst(fd, was)
+                if dst is not None:
+                    x: Dict = dict(xdata or {})
+                    x[PROTECT_WRITES_KEY] = UInt(1)
+                    await call(self.children[dst[0]], dst[1], x)
+            strip_phase1(r.stat, r.pre, r.post)
+            return r
+        raise OSError(errno.EIO, f"{self.name}: {gfid_str(fd.gfid)} keeps moving between subvolumes")
+
+    async def _linkto_on_fd(self, fd: _DhtFd, sub: int) -> int | None:
+        h = fd.handles[sub]
+        if h is None:
+            return None
+        try:
+            r = await self.children[sub].fgetxattr(h, LINKTO_XATTR)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOENT, errno.ESTALE, errno.EOPNOTSUPP):
+                return None
+            raise
+        return self._linkto_target(r.dict)
+
+    async def _open_on(self, fd: _DhtFd, sub: int) -> int:
+        h = fd.handles[sub]
+        if h is None:
+            # as root and without the flags that would create or truncate (gluster does the same)
+            r = await self.children[sub].open(fd.gfid, fd.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC))
+            h = fd.handles[sub] = r.need_fd()
+        return h
+
+    async def _follow(self, fd: _DhtFd, was: int, *, gone: bool) -> bool:
+        """The data of ``fd``'s file left subvolume ``was``: open the fd where it is now. False if it did
+        not move (a mode that only looks like phase 2, no linkto xattr) or cannot be found."""
+        async with fd.lock:
+            if fd.sub != was:
+                return True  # another call got there first
+            target = await self._linkto_on_fd(fd, was)
+            if target is None and gone:
+                self._where.pop(fd.gfid, None)
+                try:
+                    target = await self._where_is(fd.gfid)
+                except OSError:
+                    return False
+            if target is None or target == was:
+                return False
+            await self._open_on(fd, target)
+            log.info("%s: %s moved from %s to %s (rebalance): its fd follows", self.name, gfid_str(fd.gfid),
+                     self.children[was].name, self.children[target].name)
+            fd.sub = target
+            fd.mig = None
+            self._where[fd.gfid] = target
+            return True
+
+    async def _migration_dst(self, fd: _DhtFd, src: int) -> tuple[int, int] | None:
+        """(subvolume, handle) of the destination of the phase-1 migration of ``fd``'s file from ``src``."""
+        async with fd.lock:
+            if fd.mig is not None and fd.mig[0] == src:
+                dst = fd.mig[1]
+            else:
+                t = await self._linkto_on_fd(fd, src)
+                if t is None or t == src:
+                    return None  # the sticky and setgid bits are the user's own
+                dst = t
+            h = await self._open_on(fd, dst)
+            fd.mig = (src, dst)
+            return dst, h
+
     async def read(self, handle: int, offset: int, size: int, xdata: Dict | None = None,
                    cred: Credential | None = None) -> Result:
-        c, h = self._file(handle)
-        return await c.read(h, offset, size, xdata, cred=cred)
+        return await self._fd_op(handle, lambda c, h, x: c.read(h, offset, size, x, cred=cred), xdata,
+                                 changes=False)
 
     async def write(self, handle: int, offset: int, data: bytes, xdata: Dict | None = None,
                     cred: Credential | None = None) -> Result:
-        c, h = self._file(handle)
-        return await c.write(h, offset, data, xdata, cred=cred)
+        return await self._fd_op(handle, lambda c, h, x: c.write(h, offset, data, x, cred=cred), xdata,
+                                 changes=True)
 
     async def fstat(self, handle: int, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
         fd = self._fd(handle)
         if fd.is_dir:
             return await self.stat(fd.gfid, xdata, cred)
+        return await self._fd_op(handle, lambda c, h, x: c.fstat(h, x, cred=cred), xdata, changes=False)
+
+    async def _every_handle(self, handle: int, call: Callable[[Subvolume, int], Awaitable[Result]]) -> Result:
+        """Flush/fsync: the current subvolume's answer; a migration destination written in phase 1 too."""
+        fd = self._fd(handle)
         c, h = self._file(handle)
-        return await c.fstat(h, xdata, cred=cred)
+        others = [(i, x) for i, x in enumerate(fd.handles) if x is not None and i != fd.sub]
+        if others:
+            res = await each(lambda ih: call(self.children[ih[0]], ih[1]), others)
+            for (i, _), x in zip(others, res):
+                if isinstance(x, OSError) and fd.mig is not None and i == fd.mig[1]:
+                    raise x
+        return await call(c, h)
 
     async def flush(self, handle: int, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
-        c, h = self._file(handle)
-        return await c.flush(h, xdata, cred=cred)
+        return await self._every_handle(handle, lambda c, h: c.flush(h, xdata, cred=cred))
 
     async def fsync(self, handle: int, datasync: bool = False, xdata: Dict | None = None,
                     cred: Credential | None = None) -> Result:
         fd = self._fd(handle)
         if fd.is_dir:
             return Result(0, 0)
-        c, h = self._file(handle)
-        return await c.fsync(h, datasync, xdata, cred=cred)
+        r = await self._every_handle(handle, lambda c, h: c.fsync(h, datasync, xdata, cred=cred))
+        strip_phase1(r.pre, r.post)
+        return r
 
     async def ftruncate(self, handle: int, size: int, xdata: Dict | None = None,
                         cred: Credential | None = None) -> Result:
-        c, h = self._file(handle)
-        return await c.ftruncate(h, size, xdata, cred=cred)
+        return await self._fd_op(handle, lambda c, h, x: c.ftruncate(h, size, x, cred=cred), xdata,
+                                 changes=True)
 
     async def fallocate(self, handle: int, mode: int, offset: int, size: int, xdata: Dict | None = None,
                         cred: Credential | None = None) -> Result:
-        c, h = self._file(handle)
-        return await c.fallocate(h, mode, offset, size, xdata, cred=cred)
+        return await self._fd_op(handle, lambda c, h, x: c.fallocate(h, mode, offset, size, x, cred=cred),
+                                 xdata, changes=True)
 
     async def discard(self, handle: int, offset: int, size: int, xdata: Dict | None = None,
                       cred: Credential | None = None) -> Result:
-        c, h = self._file(handle)
-        return await c.discard(h, offset, size, xdata, cred=cred)
+        return await self._fd_op(handle, lambda c, h, x: c.discard(h, offset, size, x, cred=cred), xdata,
+                                 changes=True)
 
     async def zerofill(self, handle: int, offset: int, size: int, xdata: Dict | None = None,
                        cred: Credential | None = None) -> Result:
-        c, h = self._file(handle)
-        return await c.zerofill(h, offset, size, xdata, cred=cred)
+        return await self._fd_op(handle, lambda c, h, x: c.zerofill(h, offset, size, x, cred=cred), xdata,
+                                 changes=True)
 
     async def fsetattr(self, handle: int, stbuf: Iatt, valid: int, xdata: Dict | None = None,
                        cred: Credential | None = None) -> Result:
@@ -769,6 +1224,7 @@ class Distribute(Fops):
                 fd.cookies[cookie] = (sub, e.off)
                 if keep:
                     e.off = cookie
+                    strip_phase1(e.stat)
                     out.append(e)
                 elif out:
                     out[-1].off = cookie  # resume after the hidden entry
