@@ -176,7 +176,7 @@ def _setup_file_logging(path: str, level: str) -> None:
 
 @cli.command()
 @click.argument("volume_spec", metavar="SERVER[:PORT]:/VOLUME[/SUBDIR]")
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False), required=False)
 @click.option("-o", "options", default="", metavar="OPT[,OPT…]",
               help="backup-volfile-servers=H1:H2, ro, log-file=PATH, log-level=LEVEL, allow_other, subdir=DIR, "
                    "attribute-timeout=S, entry-timeout=S, ping-timeout=S, read-ahead-kb=N.")
@@ -184,8 +184,12 @@ def _setup_file_logging(path: str, level: str) -> None:
 @click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(1, 600),
               help="Seconds to wait for the mount to become live.")
 @click.option("--ready-fd", type=int, hidden=True)
-def mount(volume_spec: str, mountpoint: str, options: str, foreground: bool, timeout: float,
-          ready_fd: int | None) -> None:
+@click.option("--takeover", is_flag=True,
+              help="gfuse mount --takeover MOUNTPOINT: serve a restartable mount (-o restartable) whose process "
+                   "died, on the FUSE connection the node's holder kept (what the holder does by itself).")
+@click.option("--standby", is_flag=True, hidden=True)
+def mount(volume_spec: str, mountpoint: str | None, options: str, foreground: bool, timeout: float,
+          ready_fd: int | None, takeover: bool, standby: bool) -> None:
     """Mount a GlusterFS volume with gfuse.
 
     Returns once the mount is live and serves it from a background process (unless -f),
@@ -200,6 +204,11 @@ def mount(volume_spec: str, mountpoint: str, options: str, foreground: bool, tim
     from .mount import run_foreground
     from .options import MountError, parse_options
 
+    if takeover or mountpoint is None:
+        if not takeover or mountpoint is not None:
+            raise click.UsageError("give SERVER:/VOLUME and MOUNTPOINT, or --takeover MOUNTPOINT")
+        _mount_takeover(volume_spec, foreground, timeout, ready_fd, standby)
+        return
     try:
         opts = parse_options(options)
         parse_volume_spec(volume_spec)
@@ -236,7 +245,8 @@ def mount(volume_spec: str, mountpoint: str, options: str, foreground: bool, tim
                 except OSError:
                     pass
 
-        code = run_foreground(volume_spec, mountpoint, opts, ready)
+        code = run_foreground(volume_spec, mountpoint, opts, ready, _restart(opts, volume_spec, mountpoint, options,
+                                                                              log_file))
         if errors and ready_fd is None:
             raise UserError(errors[0])
         sys.exit(code)
@@ -258,6 +268,70 @@ def mount(volume_spec: str, mountpoint: str, options: str, foreground: bool, tim
             proc.kill()
             raise UserError(f"mounting {volume_spec} timed out after {timeout:g}s (see {log_file})")
         raise UserError(f"the mount process exited with status {exited} before the mount was live (see {log_file})")
+    proc.wait(timeout=10)
+    raise UserError(answer.removeprefix("ERR ").strip())
+
+
+def _restart(opts: Any, spec: str, mountpoint: str, options: str, log_file: str) -> Any:
+    """-o restartable: what hands the FUSE fd to the node's holder and keeps the takeover journal."""
+    if not opts.restartable:
+        return None
+    from .takeover import Restart
+
+    return Restart(os.path.realpath(mountpoint), spec, options, log_file, takeover=False)
+
+
+def _mount_takeover(mountpoint: str, foreground: bool, timeout: float, ready_fd: int | None,
+                    standby: bool = False) -> None:
+    """``gfuse mount --takeover MOUNTPOINT``, as ``mount`` without touching the (waiting) mount point;
+    ``standby`` (the holder's): loaded and waiting until the serving process dies."""
+    from .mount import run_foreground
+    from .options import MountError, parse_options
+    from .takeover import MountRecord, Restart
+
+    mountpoint = os.path.abspath(mountpoint)  # never realpath: that would stat the mount, which waits for us
+    try:
+        rec = MountRecord.read(mountpoint)
+        opts = parse_options(rec.options)
+    except MountError as e:
+        raise UserError(str(e)) from None
+    if foreground or ready_fd is not None:
+        errors: list[str] = []
+        if ready_fd is not None:
+            _setup_file_logging(rec.log_file, opts.log_level)
+        else:
+            logging.getLogger().setLevel(opts.log_level)
+
+        def ready(msg: str | None) -> None:
+            if msg is not None:
+                errors.append(msg)
+            if ready_fd is not None:
+                try:
+                    os.write(ready_fd, (f"ERR {msg}\n" if msg else "OK\n").encode())
+                    os.close(ready_fd)
+                except OSError:
+                    pass
+
+        code = run_foreground(rec.spec, rec.mountpoint, opts, ready,
+                              Restart(rec.mountpoint, rec.spec, rec.options, rec.log_file, takeover=True,
+                                      standby=standby))
+        if errors and ready_fd is None:
+            raise UserError(errors[0])
+        sys.exit(code)
+    r, w = os.pipe()
+    args = [sys.executable, "-m", "gfuse.cli", "mount", "--takeover", mountpoint, "--ready-fd", str(w)]
+    with open(os.devnull, "rb") as devnull_in, open(os.devnull, "wb") as devnull_out:
+        proc = subprocess.Popen(args, stdin=devnull_in, stdout=devnull_out, stderr=devnull_out,
+                                pass_fds=(w,), start_new_session=True, close_fds=True)
+    os.close(w)
+    answer = _read_ready(r, timeout + 5)
+    if answer == "OK":
+        click.echo(f"gfuse: took over {mountpoint} (pid {proc.pid}, log {rec.log_file})")
+        return
+    if answer is None:
+        if proc.poll() is None:
+            proc.kill()
+        raise UserError(f"taking over {mountpoint} did not finish within {timeout:g}s (see {rec.log_file})")
     proc.wait(timeout=10)
     raise UserError(answer.removeprefix("ERR ").strip())
 

@@ -26,7 +26,8 @@ from .fops import GETLK, SETLK, SETLKW, UNLCK, Flock, Proc, Result
 from .fuse_lowlevel import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Caller, Lock
 from .iatt import NULL_GFID, ROOT_GFID, SET_ATIME, SET_GID, SET_MODE, SET_MTIME, SET_UID, Iatt
 from .rpc import Credential
-from .cred import new_gfid, now_cred
+from .cred import now_cred
+from .takeover import NO_JOURNAL, Journal
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,8 @@ class GlusterOperations(pyfuse3.Operations):
         self._no_caps: BoundedDict[int, float] = BoundedDict(10_000)
         #: set once the kernel's INIT request is answered (see mount.set_read_ahead)
         self.initialized = trio.Event()
+        #: what a successor process needs to take the mount over (gfuse.takeover; -o restartable)
+        self.journal: Journal = NO_JOURNAL
 
     def init(self) -> None:
         """The kernel's INIT is being answered (pyfuse3 calls this synchronously, just before the reply)."""
@@ -143,6 +146,7 @@ class GlusterOperations(pyfuse3.Operations):
             self.inodes[ino] = _Inode(stat.gfid, 1)
         else:
             rec.nlookup += 1
+        self.journal.lookup(ino, stat.gfid)
         return ino
 
     def attrs(self, stat: Iatt, ino: int | None = None) -> pyfuse3.EntryAttributes:
@@ -216,6 +220,7 @@ class GlusterOperations(pyfuse3.Operations):
             rec = self.inodes.get(ino)
             if rec is None or ino == pyfuse3.ROOT_INODE:
                 continue
+            self.journal.forget(ino, n)
             rec.nlookup -= n
             if rec.nlookup <= 0:
                 del self.inodes[ino]
@@ -274,10 +279,14 @@ class GlusterOperations(pyfuse3.Operations):
         return (r.path or "").encode("utf-8", "surrogateescape")
 
     async def _create_entry(self, proc: Proc, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext,
-                            call: Callable[[bytes, str, bytes, Credential], Awaitable[Result]]) -> Result:
+                            call: Callable[[bytes, str, bytes, Credential], Awaitable[Result]],
+                            flags: int = 0) -> Result:
         self._ro()
         n = self._name(name)
-        return await call(self.gfid(parent_inode), n, new_gfid(), self.cred(ctx, proc))
+        parent = self.gfid(parent_inode)
+        # the journal picks the new gfid, and recognises a re-sent request after a takeover
+        return await self.journal.entry(proc, self.top, parent, n, lambda: self.cred(ctx),
+                                        lambda gfid: call(parent, n, gfid, self.cred(ctx, proc)), flags)
 
     @fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
@@ -312,12 +321,16 @@ class GlusterOperations(pyfuse3.Operations):
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._ro()
-        await self.top.unlink(self.gfid(parent_inode), self._name(name), cred=self.cred(ctx, Proc.UNLINK))
+        parent, n = self.gfid(parent_inode), self._name(name)
+        await self.journal.removal(Proc.UNLINK, parent, n,
+                                   lambda: self.top.unlink(parent, n, cred=self.cred(ctx, Proc.UNLINK)))
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._ro()
-        await self.top.rmdir(self.gfid(parent_inode), self._name(name), cred=self.cred(ctx, Proc.RMDIR))
+        parent, n = self.gfid(parent_inode), self._name(name)
+        await self.journal.removal(Proc.RMDIR, parent, n,
+                                   lambda: self.top.rmdir(parent, n, cred=self.cred(ctx, Proc.RMDIR)))
 
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
@@ -327,14 +340,17 @@ class GlusterOperations(pyfuse3.Operations):
         op, np_ = self.gfid(parent_inode_old), self.gfid(parent_inode_new)
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EINVAL)  # gluster has no atomic exchange
-        if flags & pyfuse3.RENAME_NOREPLACE:
-            try:
-                await self.top.lookup(np_, new, cred=self.cred(ctx))
-                raise pyfuse3.FUSEError(errno.EEXIST)
-            except OSError as e:
-                if e.errno != errno.ENOENT:
-                    raise
-        await self.top.rename(op, old, np_, new, cred=self.cred(ctx, Proc.RENAME))
+
+        async def rename() -> None:
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                try:
+                    await self.top.lookup(np_, new, cred=self.cred(ctx))
+                    raise pyfuse3.FUSEError(errno.EEXIST)
+                except OSError as e:
+                    if e.errno != errno.ENOENT:
+                        raise
+            await self.top.rename(op, old, np_, new, cred=self.cred(ctx, Proc.RENAME))
+        await self.journal.rename(self.top, op, old, np_, new, lambda: self.cred(ctx), rename)
 
     @fuse_errors
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
@@ -382,21 +398,22 @@ class GlusterOperations(pyfuse3.Operations):
             except BaseException:
                 await self.top.release(fd)
                 raise
-        self._opened(inode, fd)
+        self._opened(inode, fd, flags)
         return pyfuse3.FileInfo(fh=fd)
 
-    def _opened(self, inode: int, fh: int) -> None:
+    def _opened(self, inode: int, fh: int, flags: int = 0) -> None:
         self.open_files.setdefault(inode, set()).add(fh)
         self.fh_inode[fh] = inode
+        self.journal.opened(fh, inode, self.gfid(inode), flags)
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         r = await self._create_entry(Proc.CREATE, parent_inode, name, ctx, lambda p, n, g, c: self.top.create(
-            p, n, (flags & ~os.O_NOCTTY) | os.O_CREAT, (mode & 0o7777) | st.S_IFREG, g, ctx.umask, cred=c))
+            p, n, (flags & ~os.O_NOCTTY) | os.O_CREAT, (mode & 0o7777) | st.S_IFREG, g, ctx.umask, cred=c), flags)
         entry = self._entry(r.need_stat())
         fd = r.need_fd()
-        self._opened(entry.st_ino, fd)
+        self._opened(entry.st_ino, fd, flags)
         self._no_caps[entry.st_ino] = time.monotonic()  # a new file has no file capabilities to kill
         return pyfuse3.FileInfo(fh=fd), entry
 
@@ -464,6 +481,7 @@ class GlusterOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def release(self, fh: int) -> None:
+        self.journal.released(fh)
         inode = self.fh_inode.pop(fh, None)
         fhs = self.open_files.get(inode) if inode is not None else None
         if inode is not None and fhs is not None:
@@ -481,6 +499,7 @@ class GlusterOperations(pyfuse3.Operations):
         self._dir_handles += 1
         h = self._dir_handles
         self.dirs[h] = _DirHandle(r.need_fd(), gfid)
+        self.journal.opendir(h, gfid)
         return h
 
     @fuse_errors
@@ -504,6 +523,7 @@ class GlusterOperations(pyfuse3.Operations):
                 d.next_id += 1
                 nid = d.next_id
                 d.cookies[nid] = e.off
+                self.journal.cookie(fh, nid, e.off)
                 attrs = self.attrs(e.stat)
                 if not pyfuse3.readdir_reply(token, e.name.encode("utf-8", "surrogateescape"), attrs, nid):
                     return
@@ -511,6 +531,7 @@ class GlusterOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:
+        self.journal.releasedir(fh)
         d = self.dirs.pop(fh, None)
         if d is not None:
             await self.top.release(d.fd)

@@ -147,6 +147,23 @@ def _pyfuse3_addresses() -> tuple[int, int, int]:
             base + sym["__pyx_f_7pyfuse3_fuse_lookup"])
 
 
+def pyfuse3_session() -> int:
+    """The ``struct fuse_session *`` pyfuse3.init() made (for gfuse.takeover: INIT is fed to it by hand)."""
+    session = ctypes.c_void_p.from_address(_pyfuse3_addresses()[0]).value
+    if not session:
+        raise Unsupported("pyfuse3.init() has not been called")
+    return session
+
+
+def pyfuse3_session_fd() -> int:
+    """The session's /dev/fuse fd (libfuse's public ``fuse_session_fd``)."""
+    lib = libfuse()
+    lib.fuse_session_fd.argtypes = [ctypes.c_void_p]
+    lib.fuse_session_fd.restype = ctypes.c_int
+    fd: int = lib.fuse_session_fd(pyfuse3_session())
+    return fd
+
+
 def session_ops_table() -> int:
     """Address of the ``fuse_lowlevel_ops`` copy inside pyfuse3's live libfuse session."""
     session_var, ops_addr, lookup_fn = _pyfuse3_addresses()

@@ -13,7 +13,7 @@ import os
 import signal
 import stat as st
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pyfuse3
 import trio
@@ -31,6 +31,9 @@ from .volfile import Graph, VolfileError
 from .fuse import GlusterOperations
 from .fuse_lowlevel import LowLevelHandlers
 from .xlators.switch import GraphSwitch
+
+if TYPE_CHECKING:
+    from .takeover import Restart
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +66,16 @@ async def resolve_subdir(top: Any, subdir: str) -> bytes:
 
 
 class MountedVolume:
-    def __init__(self, spec_text: str, mountpoint: str, opts: MountOptions) -> None:
+    def __init__(self, spec_text: str, mountpoint: str, opts: MountOptions, restart: Restart | None = None) -> None:
         try:
             self.spec = parse_volume_spec(spec_text)
         except ValueError as e:
             raise MountError(str(e)) from None
         self.spec_text = spec_text
-        self.mountpoint = os.path.realpath(mountpoint)
+        # -o restartable / --takeover (gfuse.takeover): a takeover never touches the mount it serves
+        self.restart = restart
+        self._stopping = self._handover = self._ended = self._live = False
+        self.mountpoint = restart.mountpoint if restart is not None else os.path.realpath(mountpoint)
         # computed before mounting: touching our own mount point from the serving thread would deadlock
         self.socket_path = status_socket_path(self.mountpoint)
         self.opts = opts
@@ -91,7 +97,10 @@ class MountedVolume:
 
     async def serve(self, ready: Callable[[str | None], None], timeout: float = 15.0) -> None:
         """Mount and serve until unmounted or signalled. ``ready(None)`` once live, ``ready(msg)`` on failure."""
-        self.check_mountpoint()
+        if self.restart is not None and self.restart.takeover:
+            self.restart.take()  # the held FUSE fd (refused while another process serves the mount)
+        else:
+            self.check_mountpoint()
         servers = [self.spec.server, *self.opts.backup_servers]
         try:
             server, graph = await fetch_graph(servers, self.spec.volume, timeout, tls=self.tls)
@@ -120,6 +129,8 @@ class MountedVolume:
                 raise MountError(f"volume {self.spec.volume!r} did not answer within {timeout:g}s") from None
             except OSError as e:
                 raise MountError(f"volume {self.spec.volume!r} cannot be read: {e}") from None
+            if self.restart is not None:
+                root = self.restart.root_gfid(root)
             self.switch = GraphSwitch(cg.top)
             self.ops = ops = GlusterOperations(self.switch, root, read_only=self.opts.read_only,
                                                attr_timeout=self.opts.attr_timeout,
@@ -134,7 +145,7 @@ class MountedVolume:
                 fuse_opts.add("allow_other")
             fuse_opts.update(self.opts.libfuse_kernel_options())  # context= etc.: libfuse hands them to mount(2)
             try:
-                pyfuse3.init(ops, self.mountpoint, fuse_opts)
+                pyfuse3.init(ops, self.restart.fuse_target() if self.restart else self.mountpoint, fuse_opts)
             except RuntimeError as e:
                 raise MountError(f"FUSE mount on {self.mountpoint} failed: {e}") from None
             try:
@@ -147,18 +158,27 @@ class MountedVolume:
                 # pyfuse3 lacks lock/fallocate handlers: add them; their tasks end before the session does
                 lowlevel = LowLevelHandlers(ops)
                 extended = lowlevel.install()
+                if self.restart is not None:  # INIT, restored state, journal, resend, the holder's copy
+                    await self.restart.start(ops, self.switch, nursery)
                 ready(None)
+                self._live = True
                 async with trio.open_nursery() as requests:
                     if extended:
                         await requests.start(lowlevel.run)
                     await pyfuse3.main(min_tasks=4, max_tasks=64)
+                    self._ended = True
                     requests.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True):
                     with trio.move_on_after(10):
                         for g in list(self._graphs):
                             await g.flush()
-                    pyfuse3.close(unmount=True)
+                    # a restartable mount stays for a successor unless it ends on purpose
+                    keep = self.restart is not None and not self._stopping and (
+                        self._handover or not self._ended) and (self._live or self.restart.takeover)
+                    pyfuse3.close(unmount=not keep)
+                    if self.restart is not None:
+                        self.restart.finish(stopping=not keep)
                     try:
                         os.unlink(self.socket_path)
                     except OSError:
@@ -201,10 +221,12 @@ class MountedVolume:
                  "files already open stay on the previous one until closed", self.spec.volume, shape)
 
     async def _signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2) as sigs:
             async for s in sigs:
-                if s == signal.SIGHUP:
+                if s == signal.SIGHUP or (s == signal.SIGUSR2 and self.restart is None):
                     continue
+                # SIGUSR2: hand over — finish the requests read, leave the mount to a successor (gfuse.takeover)
+                self._handover, self._stopping = s == signal.SIGUSR2, s != signal.SIGUSR2
                 log.info("signal %d: unmounting %s", s, self.mountpoint)
                 pyfuse3.terminate()
                 return
@@ -222,16 +244,17 @@ class MountedVolume:
                 "shape": cg.graph.shape() if cg else "", "pid": os.getpid(), "since": self.started,
                 "bricks": bricks, "pending_brick_calls": pending,
                 "fuse_requests_in_flight": self.ops.inflight if self.ops else 0,
-                "inodes": len(self.ops.inodes) if self.ops else 0, "read_only": self.opts.read_only}
+                "inodes": len(self.ops.inodes) if self.ops else 0, "read_only": self.opts.read_only,
+                "restart": self.restart.mode if self.restart is not None else "off"}
 
     async def _status_server(self) -> None:
         await serve_status(self.socket_path, self.status)
 
 
 def run_foreground(spec_text: str, mountpoint: str, opts: MountOptions,
-                   ready: Callable[[str | None], None]) -> int:
+                   ready: Callable[[str | None], None], restart: Restart | None = None) -> int:
     """Run a mount until it ends; returns the exit status. Errors are reported through ``ready``."""
-    mv = MountedVolume(spec_text, mountpoint, opts)
+    mv = MountedVolume(spec_text, mountpoint, opts, restart)
     reported = False
 
     def report(msg: str | None) -> None:

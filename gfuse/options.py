@@ -78,6 +78,9 @@ class MountOptions:
     log_file: str | None = None
     log_level: str = "INFO"
     allow_other: bool = False
+    #: hand the FUSE fd to the node's holder and keep a takeover journal: a successor process serves the same
+    #: connection when this one dies (gfuse/takeover.py, issue 12)
+    restartable: bool = False
     subdir: str = ""
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
@@ -97,6 +100,9 @@ class MountOptions:
     def libfuse_kernel_options(self) -> list[str]:
         """:attr:`kernel_options` as libfuse's ``-o`` parser needs them (a comma is escaped, or it splits)."""
         return [o.replace("\\", "\\\\").replace(",", "\\,") for o in self.kernel_options]
+
+
+KNOWN_OPTIONS.add("restartable")
 
 
 def parse_options(text: str | None) -> MountOptions:
@@ -124,6 +130,8 @@ def parse_options(text: str | None) -> MountOptions:
                 o.log_level = {"TRACE": "DEBUG", "NONE": "CRITICAL"}.get(lv, lv)
             elif key == "allow_other":
                 o.allow_other = True
+            elif key == "restartable":
+                o.restartable = parse_bool(value or "yes")
             elif key == "subdir":
                 o.subdir = value.strip("/")
                 check_subdir(o.subdir)

@@ -43,6 +43,17 @@ class Handles(Generic[T]):
         except KeyError:
             raise OSError(errno.EBADF, f"{self.owner}: unknown {self.what} {handle}") from None
 
+    def put(self, handle: int, state: T) -> None:
+        """Give ``state`` a chosen handle (a successor process reopening what the kernel holds, gfuse.takeover);
+        later handles are numbered above it."""
+        self._items[handle] = state
+        self.skip_to(handle)
+
+    def skip_to(self, handle: int) -> None:
+        """Number every later handle above ``handle``."""
+        nxt = next(self._numbers)
+        self._numbers = itertools.count(max(nxt, handle + 1))
+
     def find(self, handle: int) -> T | None:
         return self._items.get(handle)
 

@@ -145,6 +145,22 @@ class GraphSwitch(Fops):
             raise
         return self._adopt(gen, r)
 
+    async def reopen_as(self, handle: int, gfid: bytes, flags: int, cred: Credential | None = None) -> None:
+        """Open ``gfid`` on the current graph as ``handle`` (gfuse.takeover: the number the kernel holds)."""
+        gen = self._reserve()
+        try:
+            with _Call(self, gen) as top:
+                r = await top.open(gfid, flags, None, cred)
+        except BaseException:
+            self._unreserve(gen)
+            raise
+        assert r.fd is not None
+        self._handles.put(handle, (gen, r.fd))
+
+    def reserve_handles(self, upto: int) -> None:
+        """Number new handles above ``upto`` (handles a previous process gave the kernel)."""
+        self._handles.skip_to(upto)
+
     async def release(self, fd: int) -> None:
         entry = self._handles.pop(fd)
         if entry is None:
