@@ -279,6 +279,12 @@ class Agent:
         dropped: list[str] = []
         try:
             self.table = load_state(self.state_path, dropped)
+            for target, rec in list(self.table.items()):
+                why = self._record_problem(rec)
+                if why:  # e.g. written by an agent that accepted more, or with another --kubelet-dir
+                    del self.table[target]
+                    dropped.append(f"entry for {target} that this agent would refuse ({why}; a mount there "
+                                   f"keeps serving)")
             if dropped:
                 # the good entries are kept; a copy of the file as it was is kept for the admin
                 aside = f"{self.state_path}.dropped-{int(time.time())}"
@@ -298,6 +304,27 @@ class Agent:
             log.error("%s; moved to %s, starting with an empty mount table (existing gfuse mounts keep "
                       "serving; unmount requests for them still work)", e, aside)
             self.table = {}
+
+    def _record_problem(self, rec: MountRecord) -> str | None:
+        """Why a mount request for ``rec`` would be refused (the checks of :meth:`op_mount`), or None."""
+        from gfuse.mgmt import parse_volume_spec
+        from gfuse.options import MountError, parse_options
+        from gfuse.untrusted import check_options
+
+        if not self._under_roots(rec.target):
+            return f"outside the kubelet directory {self.mount_roots[0]}"
+        try:
+            spec = parse_volume_spec(rec.source)
+            check_options(rec.options, "the state file")
+            parsed = parse_options(",".join(rec.options))
+        except (ValueError, MountError) as e:
+            return str(e)
+        if spec.subdir and parsed.subdir and spec.subdir != parsed.subdir:
+            return "two subdirectories"
+        return None
+
+    def _under_roots(self, target: str) -> bool:
+        return any(target.startswith(root.rstrip("/") + "/") for root in self.mount_roots)
 
     def _save(self) -> None:
         try:
@@ -426,7 +453,7 @@ class Agent:
         target = canonical_target(t)
         if target in self.table and req.get("op") != "mount":
             return target
-        if not any(target.startswith(root.rstrip("/") + "/") for root in self.mount_roots):
+        if not self._under_roots(target):
             raise OpError(f"{req.get('op')}: target {target} is outside the kubelet directory "
                           f"{self.mount_roots[0]} (gfuse-agent --kubelet-dir, --allow-dir)", "invalid")
         return target

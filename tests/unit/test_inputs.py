@@ -424,7 +424,7 @@ def test_one_bad_state_record_keeps_the_others(tmp_path: Path, caplog: pytest.Lo
     assert [table[f"/k/pods/{i}"].pid for i in range(3)] == [100, 101, 102]
     assert len(dropped) == len(bad) and dropped[0].startswith("entry 1: ") and "/k/y" in dropped[4], dropped
     # the agent starts with the good ones, logs each one dropped and keeps the file as it was
-    a = Agent(str(tmp_path / "a.sock"), str(path), kubelet_dir=str(tmp_path))
+    a = Agent(str(tmp_path / "a.sock"), str(path), kubelet_dir="/k")
     with caplog.at_level(logging.ERROR, "gfuse.agent"):
         a._load()
     assert sorted(a.table) == sorted(table)
@@ -434,6 +434,28 @@ def test_one_bad_state_record_keeps_the_others(tmp_path: Path, caplog: pytest.Lo
     assert msgpack.unpackb(copy.read_bytes())["mounts"] == mounts
     save_state(str(path), a.table)
     assert sorted(load_state(str(path))) == sorted(table)
+
+
+def test_state_records_the_agent_would_refuse_are_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Entries an earlier agent accepted (log-file= from a PV, another kubelet dir, a comma in the source) are
+    not mounted again at start: each is dropped and named, the others kept."""
+    kubelet = tmp_path / "kubelet"
+    good = MountRecord("h:/v", f"{kubelet}/pods/a/volumes/d/data", ["allow_other"])
+    bad = [MountRecord("h:/v", "/etc/cron.d", []),
+           MountRecord("h:/v", f"{kubelet}/pods/b/volumes/d/data", ["log-file=/etc/passwd"]),
+           MountRecord("h:/v/x,suid", f"{kubelet}/pods/c/volumes/d/data", []),
+           MountRecord("h:/v/a", f"{kubelet}/pods/d/volumes/d/data", ["subdir=../b"])]
+    path = tmp_path / "state" / "agent-state.msgpack"
+    path.parent.mkdir()
+    save_state(str(path), {r.target: r for r in [good, *bad]})
+    a = _agent(tmp_path)
+    with caplog.at_level(logging.ERROR, "gfuse.agent"):
+        a._load()
+    assert list(a.table) == [good.target]
+    lines = [r.getMessage() for r in caplog.records if "that this agent would refuse" in r.getMessage()]
+    assert len(lines) == 4 and any("outside the kubelet directory" in ln for ln in lines), lines
+    for why in ("'..'", "names a file on the node", "comma"):
+        assert any(why in ln for ln in lines), (why, lines)
 
 
 def test_unreadable_state_file_is_still_an_error(tmp_path: Path) -> None:
