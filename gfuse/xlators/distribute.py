@@ -55,6 +55,8 @@ LAYOUT_TTL = 1.0
 #: the volume's commit hash (root xattr, written when a rebalance completes), re-read after this long
 COMMIT_TTL = 10.0
 COMMITHASH_XATTR = "trusted.glusterfs.dht.commithash"
+#: the commit hash of a self-healed layout (gluster's DHT_LAYOUT_HASH_INVALID): never a volume's
+LAYOUT_HASH_INVALID = 1
 
 
 def is_linkto(stat: Iatt | None, xdata: Dict | None) -> bool:
@@ -216,7 +218,10 @@ class Distribute(Fops):
                     await trio.sleep(0.1 + random.random() * 0.2)
             ranges, res = await self._read_layout(dir_gfid)
             if all(x is None for x in ranges):
-                layout = self._layout_for(dir_gfid, "")
+                # a directory that existed without a layout (a volume's root, a directory made while the volume
+                # had one brick) may hold names anywhere: as gluster's self-heal, the layout gets a commit hash
+                # that matches no volume's, so lookup-optimize never trusts a miss in it
+                layout = self._layout_for(dir_gfid, "", LAYOUT_HASH_INVALID)
                 out = await each(lambda i: self._set_layout(i, dir_gfid, layout[i]), range(len(self.children)))
                 ranges = [layout[i] if isinstance(r, Result) else None for i, r in enumerate(out)]
                 log.info("%s: wrote a layout for directory %s", self.name, gfid_str(dir_gfid))
@@ -265,9 +270,9 @@ class Distribute(Fops):
         ranges = await self.layout(pargfid)
         return vch is not None and all(r is not None and r.commit_hash == vch for r in ranges)
 
-    def _layout_for(self, gfid: bytes, path_hint: str) -> list[Range]:
+    def _layout_for(self, gfid: bytes, path_hint: str, commit_hash: int | None = None) -> list[Range]:
         start = name_hash(path_hint or gfid_str(gfid)) % len(self.children)
-        return new_layout(len(self.children), start, self.commit_hash)
+        return new_layout(len(self.children), start, self.commit_hash if commit_hash is None else commit_hash)
 
     # ------------------------------------------------------------ lookup
 
@@ -1065,6 +1070,9 @@ class Distribute(Fops):
                     return None  # the sticky and setgid bits are the user's own
                 dst = t
             h = await self._open_on(fd, dst)
+            if fd.mig != (src, dst):
+                log.info("%s: %s is being migrated from %s to %s (rebalance): its changes go to both",
+                         self.name, gfid_str(fd.gfid), self.children[src].name, self.children[dst].name)
             fd.mig = (src, dst)
             return dst, h
 
@@ -1102,8 +1110,9 @@ class Distribute(Fops):
     async def fsync(self, handle: int, datasync: bool = False, xdata: Dict | None = None,
                     cred: Credential | None = None) -> Result:
         fd = self._fd(handle)
-        if fd.is_dir:
-            return Result(0, 0)
+        if fd.is_dir:  # fsyncdir: every subvolume has the directory
+            return _first_ok(await each(lambda ih: self.children[ih[0]].fsync(ih[1], datasync, xdata, cred=cred),
+                                        [(i, h) for i, h in enumerate(fd.handles) if h is not None]))
         r = await self._every_handle(handle, lambda c, h: c.fsync(h, datasync, xdata, cred=cred))
         strip_phase1(r.pre, r.post)
         return r

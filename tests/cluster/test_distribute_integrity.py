@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gfuse.dhthash import LAYOUT_XATTR, LINKTO_XATTR, Range, pick
+from gfuse.dhthash import LAYOUT_XATTR, LINKTO_XATTR, Range, name_hash, pick
 from testkit import cluster as tc
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
@@ -235,3 +235,177 @@ def test_concurrent_renames_from_two_clients_keep_each_file_once(vol_distrep: tc
         model[names[0]] = files[f"x{i}"]
     assert_placed(vol_distrep, rel, model)
     check_clients([a.path / rel, b.path / rel, native.path / rel], model, set())
+
+
+# ------------------------------------------------------------------------------------------ item 12
+
+FILE_MIB = 4
+BLOCK = 4096
+
+
+class Writer:
+    """Writes 4 KiB blocks of fresh random bytes at random places of random open files, ``pause`` seconds
+    apart, with an fsync now and then, and keeps what each file must hold (every acknowledged write)."""
+
+    def __init__(self, paths: list[Path], models: list[bytearray], pause: float = 0.02) -> None:
+        self.fds = [os.open(p, os.O_RDWR) for p in paths]
+        self.models = models
+        self.pause = pause
+        self.rng = random.Random(12)
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.writes = 0
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                k = self.rng.randrange(len(self.fds))
+                off = self.rng.randrange(len(self.models[k]) // BLOCK) * BLOCK
+                data = os.urandom(BLOCK)
+                assert os.pwrite(self.fds[k], data, off) == BLOCK
+                self.models[k][off:off + BLOCK] = data
+                self.writes += 1
+                if self.writes % 16 == 0:
+                    os.fsync(self.fds[k])
+                self.stop.wait(self.pause)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            self.errors.append(e)
+
+    def __enter__(self) -> Writer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(120)
+        for fd in self.fds:
+            os.close(fd)
+
+    def still_writing(self) -> None:
+        before = self.writes
+        time.sleep(0.5)
+        assert self.writes > before or self.errors, "the writer is stuck"
+
+
+def _bytes_on(brick: Path, rel: str) -> int:
+    """Size of the data file ``rel`` on a brick (0 for a linkto file or none)."""
+    p = brick / rel
+    if not p.exists():
+        return 0
+    s = os.lstat(p)
+    return 0 if stat.S_IMODE(s.st_mode) == stat.S_ISVTX else s.st_size
+
+
+def spread_names(prefix: str, n: int) -> list[str]:
+    """``n`` names, half hashing to each end of the hash space (so each half of any 2-way layout, however
+    its ranges are assigned, gets some)."""
+    low = [f"{prefix}{i}" for i in range(1000) if name_hash(f"{prefix}{i}") < 0x40000000][:n // 2]
+    high = [f"{prefix}{i}" for i in range(1000) if name_hash(f"{prefix}{i}") >= 0xC0000000][:n - n // 2]
+    return sorted(low + high)
+
+
+def _wait_status(vol: tc.Volume, *words: str, timeout: float = 300) -> None:
+    def done() -> bool:
+        try:
+            return "completed" in tc.gluster("volume", *words, "status")
+        except tc.GlusterError:  # glusterd asks the rebalance process, which may be just starting or ending
+            return False
+    tc.wait_until(done, timeout, " ".join(words))
+
+
+def _same_bytes(base: Path, names: list[str], models: list[bytearray]) -> None:
+    for name, model in zip(names, models):
+        got = (base / name).read_bytes()
+        assert len(got) == len(model), f"{base}/{name}: size {len(got)}, written {len(model)}"
+        if got != model:
+            bad = [i for i in range(0, len(model), BLOCK) if got[i:i + BLOCK] != model[i:i + BLOCK]]
+            raise AssertionError(f"{base}/{name}: {len(bad)} acknowledged 4 KiB blocks lost, first at {bad[0]}")
+
+
+def test_writes_to_files_that_rebalance_moves_are_kept(make_volume, gfuse_mount, native_mount, tmp_path) -> None:
+    """Files open for writing through gfuse while `rebalance start` (after add-brick) moves them: every
+    acknowledged write is in the file the native client reads afterwards. Gluster's DHT reads the
+    migration phase from each write's reply: in phase 1 (sticky+setgid on the source: being copied) it
+    repeats the write on the destination, marked so that rebalance gives up on the file rather than
+    overwrite it (the file moves in a later run, between writes); in phase 2 (the source is a linkto)
+    or once the source is gone, the fd moves to the destination. The files are opened after the
+    add-brick, on the graph that knows the new brick. Before the fix the writes went on to the old
+    copy, which rebalance then removed (and phase-1 writes raced its copy)."""
+    vol = make_volume("dist1")
+    native = native_mount(vol)
+    names = spread_names("big", 8)
+    models = []
+    for name in names:
+        data = os.urandom(FILE_MIB << 20)
+        (native.path / name).write_bytes(data)
+        models.append(bytearray(data))
+    log = tmp_path / "gfuse.log"
+    g = gfuse_mount(vol, options=[f"log-file={log}"])
+    new_brick = vol.brick_root / "b-added"
+    tc.gluster("volume", "add-brick", vol.name, f"{vol.host}:{new_brick}", "force")
+    vol.brick_dirs.append(new_brick)
+    from gfuse.status import query_status
+    tc.wait_until(lambda: len(query_status(str(g.path))["bricks"]) == 2, 60, "gfuse to connect the added brick")
+    time.sleep(1)
+    with Writer([g.path / n for n in names], models) as w:
+        time.sleep(0.5)
+        for _run in range(6):  # a file written while it is copied stays where it is; the next run moves it
+            tc.gluster("volume", "rebalance", vol.name, "start", "force")
+            _wait_status(vol, "rebalance", vol.name)
+            w.still_writing()
+            ranges = layout(vol, "")
+            if all(_bytes_on(vol.brick_dirs[pick(ranges, n) or 0], n) for n in names):
+                break
+        w.still_writing()
+    assert not w.errors, w.errors
+    moved = [n for n in names if _bytes_on(new_brick, n)]
+    assert moved, "rebalance moved nothing"
+    assert all(_bytes_on(vol.brick_dir(0), n) == 0 for n in moved), "a moved file still has data on brick 0"
+    for n, m in zip(names, models):
+        _same_bytes(new_brick if n in moved else vol.brick_dir(0), [n], [m])
+    # a fresh native mount: the first one keeps in its page cache what it wrote (it is not told of
+    # gfuse's writes, and they change no size)
+    _same_bytes(native_mount(vol).path, names, models)
+    _same_bytes(g.path, names, models)
+    assert "(rebalance): its fd follows" in log.read_text(), "no open fd followed a migration"
+
+
+def test_writes_to_files_that_remove_brick_moves_are_kept(make_volume, gfuse_mount, native_mount,
+                                                          tmp_path) -> None:
+    """`remove-brick start` moves every file off a brick while gfuse writes to them through fds opened
+    before (they stay on the graph they were opened on, which knows both bricks): no acknowledged
+    write is lost, as the native client reads the files afterwards."""
+    vol = make_volume("dist1")
+    new_brick = vol.brick_root / "b-added"
+    tc.gluster("volume", "add-brick", vol.name, f"{vol.host}:{new_brick}", "force")
+    vol.brick_dirs.append(new_brick)
+    native = native_mount(vol)
+    log = tmp_path / "gfuse.log"
+    g = gfuse_mount(vol, options=[f"log-file={log}"])
+    names = spread_names("rb", 12)
+    models = []
+    for name in names:
+        data = os.urandom((FILE_MIB // 2) << 20)
+        (native.path / name).write_bytes(data)
+        models.append(bytearray(data))
+    leaving = [n for n in names if _bytes_on(new_brick, n)]
+    assert leaving, "nothing on the brick to remove"
+    time.sleep(CACHE_S)
+    with Writer([g.path / n for n in names], models) as w:
+        time.sleep(0.5)
+        for _run in range(6):  # files written while they are copied stay; the next run moves them
+            tc.gluster("volume", "remove-brick", vol.name, f"{vol.host}:{new_brick}", "start")
+            _wait_status(vol, "remove-brick", vol.name, f"{vol.host}:{new_brick}")
+            w.still_writing()
+            if not any(_bytes_on(new_brick, n) for n in names):
+                break
+            tc.gluster("volume", "remove-brick", vol.name, f"{vol.host}:{new_brick}", "stop")
+        w.still_writing()
+    assert not w.errors, w.errors
+    assert all(_bytes_on(new_brick, n) == 0 for n in names), "remove-brick left data behind"
+    _same_bytes(vol.brick_dir(0), names, models)
+    # a fresh native mount: the first one keeps in its page cache what it wrote (it is not told of
+    # gfuse's writes, and they change no size)
+    _same_bytes(native_mount(vol).path, names, models)
+    assert "(rebalance): its fd follows" in log.read_text(), "no open fd followed a migration"
