@@ -209,8 +209,12 @@ class Agent:
         lock_wait: float = 10.0,
         kubelet_dir: str = DEFAULT_KUBELET_DIR,
         allowed_dirs: list[str] | None = None,
+        node_options: list[str] | None = None,
     ) -> None:
         self.socket_path = os.path.abspath(socket_path)
+        #: ``-o`` options the node's admin gives every mount and probe (TLS files, secure-mgmt, log level):
+        #: what a PV or StorageClass may not ask for (gfuse.untrusted) but a node may need
+        self.node_options = list(node_options or [])
         #: mount targets are accepted only below these (kubelet's directory, then --allow-dir ones), each
         #: as given and with its symlinks resolved (targets are compared with their parents resolved)
         self.mount_roots: list[str] = []
@@ -557,7 +561,7 @@ class Agent:
 
     async def _spawn_mount(self, rec: MountRecord, budget: float) -> int | None:
         """``gfuse mount`` (it daemonizes and returns once live); the serving process's pid."""
-        opts = list(rec.options) + (["ro"] if rec.readonly else [])
+        opts = [*self.node_options, *rec.options] + (["ro"] if rec.readonly else [])
         cmd = [*self.mount_wrapper, *self.gfuse_command, "mount", rec.source, rec.target,
                "--timeout", f"{max(1.0, budget - 6):g}"]
         if opts:
@@ -847,6 +851,8 @@ class Agent:
         cmd = [*self.gfuse_command, "probe", f"{spec.server}:/{spec.volume}", "--timeout", f"{timeout:g}"]
         if backups:
             cmd += ["--backup-volfile-servers", ",".join(str(b) for b in backups)]
+        if self.node_options:
+            cmd += ["-o", ",".join(self.node_options)]
         res = await run_bounded(cmd, 3 * timeout + 10)
         if res.rc == 0:
             return
@@ -882,18 +888,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
                    help="another directory below which mount targets are accepted (repeatable), e.g. the CSI "
                         "controller's --state-dir with --pool-mounter agent")
+    p.add_argument("--node-option", action="append", default=[], metavar="OPT",
+                   help="a gfuse -o option given to every mount and probe of this node, e.g. ssl-dir=/etc/gfuse/tls "
+                        "or secure-mgmt=yes (repeatable); the options a PV may not ask for (node files, TLS) "
+                        "are set here")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
     for d in [args.kubelet_dir, *args.allow_dir]:
         if not os.path.isabs(d) or os.path.normpath(d) == "/":
             p.error(f"{d!r}: mount roots must be absolute directories other than /")
+    node_options = [o.strip() for item in args.node_option for o in item.split(",") if o.strip()]
+    try:
+        from gfuse.options import MountError, parse_options
+
+        parse_options(",".join(node_options))
+    except MountError as bad:
+        p.error(f"--node-option: {bad}")
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     agent = Agent(args.socket, args.state, health_interval=args.health_interval, probe_timeout=args.probe_timeout,
                   mount_timeout=args.mount_timeout,
                   gfuse_command=shlex.split(args.gfuse_command) if args.gfuse_command else None,
                   mount_wrapper=shlex.split(args.mount_wrapper), lock_wait=args.lock_wait,
-                  kubelet_dir=args.kubelet_dir, allowed_dirs=args.allow_dir)
+                  kubelet_dir=args.kubelet_dir, allowed_dirs=args.allow_dir, node_options=node_options)
     try:
         trio.run(agent.run)
     except KeyboardInterrupt:

@@ -588,3 +588,39 @@ def test_a_bad_state_record_does_not_empty_the_table(vol_replica3, tmp_path: Pat
     finally:
         a.close()
         cleanup_mounts_under(tmp_path)
+
+
+def test_node_options_reach_every_mount_and_probe(vol_replica3, tmp_path: Path) -> None:
+    """What a PV may not ask for (node files, TLS, log settings) the node's admin gives the agent with
+    --node-option: every mount gets it (here read-ahead-kb, visible in the kernel's bdi; the repair probe
+    is given the same), it is not recorded as the PV's, and a PV asking for a node option is still refused."""
+    from gfuse.mounttable import mount_at
+
+    a = AgentProcess(tmp_path / "agent", extra_args=("--node-option", "read-ahead-kb=2048,log-level=DEBUG"))
+    a.start()
+    try:
+        c = a.client()
+        target = tmp_path / "pods" / "p1" / "vol"
+        resp = c.mount(vol_replica3.source, str(target))
+        m = mount_at(str(target))
+        assert m is not None and m.fstype == "fuse.gfuse"
+        assert Path(f"/sys/class/bdi/{m.dev}/read_ahead_kb").read_text().strip() == "2048"
+        cmdline = Path(f"/proc/{resp['pid']}/cmdline").read_bytes().split(b"\0")
+        assert any(b"read-ahead-kb=2048" in arg for arg in cmdline), cmdline
+        (entry,) = c.list()
+        assert entry["options"] == [], "node options are the node's, not recorded as the PV's"
+        with pytest.raises(AgentError) as ei:
+            c.mount(vol_replica3.source, str(tmp_path / "pods" / "p2" / "vol"), options=["log-file=/etc/x"])
+        assert ei.value.code == "invalid"
+        assert c.unmount(str(target))["was_mounted"] is True
+    finally:
+        a.close()
+        cleanup_mounts_under(tmp_path)
+
+
+def test_bad_node_options_stop_the_agent_with_one_line(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "flexvolume.agent", "--socket", str(tmp_path / "a.sock"),
+                        "--state", str(tmp_path / "state"), "--node-option", "no-such-option=1"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2
+    assert "--node-option: unknown mount option 'no-such-option'" in p.stderr.strip().splitlines()[-1]
