@@ -1020,7 +1020,8 @@ class MemClient(Fops):
     async def _inodelk(self, fop: str, conn: int, gfid: bytes, domain: str, cmd: int, flock: Flock,
                        cred: Credential | None) -> Result:
         b = self.brick
-        b._inode(gfid)
+        if not (flock.type == F.UNLCK and (gfid, domain) in b.inodelks):
+            b._inode(gfid)  # a granted lock keeps its inode reachable by gfid, even once unlinked (as posix)
         if cmd == F.GETLK:
             raise OSError(errno.ENOTSUP, f"{self.name}: GETLK is not supported for {fop}")
         req = _Lock(conn, self._owner(cred), flock.type, flock.start, _end(flock.start, flock.len), pid=flock.pid)

@@ -824,8 +824,6 @@ class Distribute(Fops):
             raise OSError(errno.EISDIR, f"{newname}: is a directory")
         dg = attrs(dst).gfid if dst is not None else None
         D = self._where.get(dg) if dg is not None else None
-        if dg == sg:  # two names of one file: rename does nothing (POSIX); the brick's rename neither
-            return await self.children[C].rename(oldpar, oldname, newpar, newname, xdata, cred=cred)
         owner = os.urandom(8)
         lcred = now_cred(lk_owner=owner)
         locks = [_Lk(C, sg, FILE_MIGRATE_DOMAIN)]
@@ -855,6 +853,11 @@ class Distribute(Fops):
                 raise OSError(errno.EISDIR, f"{newname}: is a directory")
             dg = attrs(dst).gfid if dst is not None else None
             D = self._where.get(dg) if dg is not None else None
+            if dg == sg:
+                # two names of one file: POSIX says rename does nothing. Decided under the locks: outside
+                # them, another client's rename between the two names shows both for a moment
+                strip_phase1(chk.stat)
+                return Result(0, 0, stat=chk.stat)
             with trio.CancelScope(shield=True):  # no half-done rename when the caller gives up
                 r = await self._rename_steps(sg, S, C, H, D, dg, oldpar, oldname, newpar, newname, xdata, cred)
             if r.stat is not None and r.stat.gfid != sg:

@@ -248,3 +248,320 @@ async def test_distributed_replicated_files_are_on_every_brick_of_their_set(auto
                     assert j != k or b.pending(f"dir/{name}") == {}
         assert await listing(d, dg) == names
         nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------------------------------ hard links, renames
+# (issue 14 items 14 and 11: the real-brick counterparts are in tests/cluster/test_distribute_integrity.py)
+
+
+def entries_of(bricks: list[MemBrick], path: str) -> list[dict[str, tuple[bytes, int, bytes, object]]]:
+    """What each subvolume holds in directory ``path``: name → (gfid, mode, data, linkto xattr)."""
+    out = []
+    for b in bricks:
+        d = b.inode(path)
+        assert d is not None
+        row = {}
+        for name, g in d.entries.items():
+            ino = b.inodes[g]
+            row[name] = (g, ino.mode, bytes(ino.data), ino.xattrs.get(LINKTO_XATTR))
+        out.append(row)
+    return out
+
+
+def assert_placed(bricks: list[MemBrick], path: str, model: dict[str, bytes]) -> None:
+    """Exactly the names of ``model``, each as data on one subvolume, plus a linkto of the same inode on
+    its hashed subvolume when that is another; nothing else."""
+    ranges = layout_on(bricks, path)
+    rows = entries_of(bricks, path)
+    assert set().union(*rows) == set(model), f"names {sorted(set().union(*rows) ^ set(model))}"
+    for name, data in model.items():
+        where = {k: row[name] for k, row in enumerate(rows) if name in row}
+        linked = {k for k, e in where.items() if st.S_IMODE(e[1]) == st.S_ISVTX and e[3] is not None}
+        held = set(where) - linked
+        assert len(held) == 1, f"{name}: data on {sorted(held)}, linkto on {sorted(linked)}"
+        k = held.pop()
+        assert where[k][2] == data, f"{name}: wrong bytes on {k}"
+        h = pick(list(ranges), name)
+        assert linked == (set() if h == k else {h}), f"{name}: data on {k}, hashed {h}, linkto on {linked}"
+        if h != k:
+            assert where[h][0] == where[k][0], f"{name}: the linkto names another inode"
+            assert where[h][3] == bricks[k].name.encode() + b"\0", f"{name}: the linkto points elsewhere"
+
+
+async def assert_found(bricks: list[MemBrick], dg: bytes, model: dict[str, bytes], gone: set[str] = frozenset()
+                       ) -> None:
+    """A fresh client (lookup-optimize, as the layouts carry the volume's commit hash) finds every name of
+    ``model`` with its bytes and none of ``gone``, and lists exactly the names of ``model``."""
+    fresh = Distribute(f"{VOL}-dht", [b.client() for b in bricks])
+    for name, data in model.items():
+        r = await fresh.lookup(dg, name)
+        assert r.stat is not None, name
+        o = await fresh.open(r.stat.gfid, os.O_RDONLY)
+        assert o.fd is not None
+        assert (await fresh.read(o.fd, 0, 1 << 16)).data == data, name
+        await fresh.release(o.fd)
+    for name in gone - set(model):
+        with pytest.raises(OSError) as e:
+            await fresh.lookup(dg, name)
+        assert e.value.errno == errno.ENOENT, name
+    assert await listing(fresh, dg) == sorted(model)
+
+
+async def a_dir(d: Distribute) -> bytes:
+    dg = new_gfid()
+    await d.mkdir(ROOT_GFID, "dir", 0o755, dg)
+    return dg
+
+
+async def test_hard_links_leave_a_linkto_on_each_hashed_subvolume_and_unlink_cleanly(
+        autojump_clock: trio.abc.Clock) -> None:
+    """`touch a; ln a b; … ln a h; rm a … h` (issue 14 item 14): every name has its linkto (the second
+    one on a subvolume is a hard link of the first: posix links it to the inode its gfid names there),
+    a fresh lookup-optimized client finds each, and removing all leaves nothing behind."""
+    bricks, _, d = dht()
+    dg = await a_dir(d)
+    g = (await make_files(d, dg, ["a"]))["a"]
+    names = list("abcdefgh")
+    for n in names[1:]:
+        r = await d.link(g, dg, n)
+        assert r.stat is not None and r.stat.nlink == names.index(n) + 1
+    assert_placed(bricks, "dir", {n: b"a" for n in names})
+    ranges = layout_on(bricks, "dir")
+    assert len({pick(list(ranges), n) for n in names}) == 3, "choose names hashing to every subvolume"
+    await assert_found(bricks, dg, {n: b"a" for n in names})
+    for n in names:
+        await d.unlink(dg, n)
+    assert entries_of(bricks, "dir") == [{}, {}, {}]
+    await d.rmdir(ROOT_GFID, "dir")
+
+
+@pytest.mark.parametrize("fail_on", ["mknod", "link"])
+async def test_a_link_whose_linkto_or_link_fails_leaves_nothing(autojump_clock: trio.abc.Clock, fail_on: str) -> None:
+    bricks, _, d = dht()
+    dg = await a_dir(d)
+    g = (await make_files(d, dg, ["a"]))["a"]
+    ranges = layout_on(bricks, "dir")
+    c = pick(list(ranges), "a")
+    assert c is not None
+    new = _name_not_on(ranges, c, "b")
+    h = pick(list(ranges), new)
+    assert h is not None
+    before = entries_of(bricks, "dir")
+    bricks[h if fail_on == "mknod" else c].fail(fail_on, errno.EIO)
+    with pytest.raises(OSError) as e:
+        await d.link(g, dg, new)
+    assert e.value.errno == errno.EIO
+    assert entries_of(bricks, "dir") == before, "a failed link left something behind"
+    await assert_found(bricks, dg, {"a": b"a"}, {new})
+
+
+def _pool(ranges: list[Range], tag: str) -> dict[int, list[str]]:
+    """Fresh names starting with ``tag``, by the subvolume they hash to."""
+    out: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    for i in range(300):
+        k = pick(list(ranges), f"{tag}{i}")
+        assert k is not None
+        out[k].append(f"{tag}{i}")
+    assert min(len(v) for v in out.values()) > 10
+    return out
+
+
+async def _file_at(d: Distribute, dg: bytes, pool: dict[int, list[str]], data_on_: int, hashed: int
+                   ) -> tuple[str, bytes]:
+    """A file whose data is on subvolume ``data_on_`` and whose name hashes to ``hashed`` (made on its
+    hashed subvolume, then renamed if it must be misplaced): (name, bytes)."""
+    first = pool[data_on_].pop(0)
+    await make_files(d, dg, [first])
+    if data_on_ == hashed:
+        return first, first.encode()
+    name = pool[hashed].pop(0)
+    await d.rename(dg, first, dg, name)
+    return name, first.encode()
+
+
+# every (C, S, H, D) a file rename meets on 3 subvolumes, up to renumbering: the data on C, the old name
+# hashed to S, the new one to H, an existing target's data on D (None: no target)
+RENAME_CASES = [(0, 0, 0, None), (0, 0, 1, None), (0, 1, 0, None), (0, 1, 1, None), (0, 1, 2, None),
+                (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 0, 1, 1), (0, 0, 1, 2), (0, 1, 0, 0),
+                (0, 1, 0, 2), (0, 1, 1, 0), (0, 1, 1, 2), (0, 1, 2, 0), (0, 1, 2, 1), (0, 1, 2, 2)]
+
+
+async def _rename_case(case: tuple[int, int, int, int | None]
+                       ) -> tuple[list[MemBrick], Distribute, bytes, str, str, dict[str, bytes]]:
+    c, s, h, dk = case
+    bricks, _, d = dht()
+    dg = await a_dir(d)
+    pool = _pool(layout_on(bricks, "dir"), "n")
+    src, data = await _file_at(d, dg, pool, c, s)
+    model = {src: data}
+    if dk is None:
+        dst = pool[h].pop(0)
+    else:
+        dst, ddata = await _file_at(d, dg, pool, dk, h)
+        model[dst] = ddata
+    assert_placed(bricks, "dir", model)
+    return bricks, d, dg, src, dst, model
+
+
+@pytest.mark.parametrize("case", RENAME_CASES, ids=[f"C{c}S{s}H{h}D{dk}" for c, s, h, dk in RENAME_CASES])
+async def test_a_file_rename_leaves_the_names_where_gluster_looks(autojump_clock: trio.abc.Clock,
+                                                                   case: tuple[int, int, int, int | None]) -> None:
+    """After the rename: the new name's data on the subvolume the data was on, a linkto on its hashed
+    subvolume if that is another, nothing left of the old name or of a replaced target, no DHT lock
+    held; a fresh lookup-optimized client sees exactly that."""
+    bricks, d, dg, src, dst, model = await _rename_case(case)
+    await d.rename(dg, src, dg, dst)
+    model[dst] = model.pop(src)
+    assert_placed(bricks, "dir", model)
+    await assert_found(bricks, dg, model, {src})
+    assert all(b.locks_held() == 0 for b in bricks), [b.locks_held() for b in bricks]
+
+
+# each step of each kind of rename, failing: (case, brick role, fop)
+RENAME_FAULTS = [((0, 0, 1, None), "H", "mknod"), ((0, 0, 1, None), "C", "link"), ((0, 0, 1, None), "H", "rename"),
+                 ((0, 1, 1, None), "C", "link"), ((0, 1, 1, None), "H", "rename"),
+                 ((0, 1, 2, None), "H", "mknod"), ((0, 1, 2, None), "C", "link"), ((0, 1, 2, None), "H", "rename"),
+                 ((0, 0, 1, 0), "H", "mknod"), ((0, 0, 1, 0), "C", "rename"),
+                 ((0, 1, 2, 0), "H", "mknod"), ((0, 1, 2, 0), "C", "rename"),
+                 ((0, 0, 1, 1), "H", "mknod"), ((0, 0, 1, 1), "C", "link"), ((0, 0, 1, 1), "H", "rename"),
+                 ((0, 0, 1, 2), "H", "mknod"), ((0, 0, 1, 2), "C", "link"), ((0, 0, 1, 2), "H", "rename"),
+                 ((0, 1, 0, 2), "C", "rename"), ((0, 0, 0, 1), "C", "rename"),
+                 ((0, 0, 1, None), "H", "entrylk"), ((0, 0, 1, None), "C", "inodelk")]
+
+
+@pytest.mark.parametrize("case,role,fop", RENAME_FAULTS,
+                         ids=[f"C{c}S{s}H{h}D{dk}-{fop}@{role}" for (c, s, h, dk), role, fop in RENAME_FAULTS])
+async def test_a_rename_whose_step_fails_changes_nothing(autojump_clock: trio.abc.Clock,
+                                                         case: tuple[int, int, int, int | None], role: str,
+                                                         fop: str) -> None:
+    """A failure of any step before the new name is in place (the linkto on H, the hard link on C, the
+    rename on H or C, a lock) is returned, and every subvolume holds what it held before."""
+    bricks, d, dg, src, dst, model = await _rename_case(case)
+    c, _, h, _ = case
+    before = entries_of(bricks, "dir")
+    bricks[h if role == "H" else c].fail(fop, errno.EIO)
+    with pytest.raises(OSError) as e:
+        await d.rename(dg, src, dg, dst)
+    assert e.value.errno == errno.EIO
+    assert entries_of(bricks, "dir") == before, "a failed rename left the subvolumes changed"
+    assert_placed(bricks, "dir", model)
+    await assert_found(bricks, dg, model, set() if dst in model else {dst})
+    assert all(b.locks_held() == 0 for b in bricks), "a failed rename kept a lock"
+
+
+async def test_a_rename_waits_for_the_migration_lock_of_the_file(autojump_clock: trio.abc.Clock) -> None:
+    """Rebalance holds `dht.file.migrate` on a file's data inode while it moves it: a rename waits (and
+    holds the names' entry locks in `dht.entry.sync` while it works, as rebalance takes them too)."""
+    from gfuse import fops as F
+    from gfuse.fops import Flock
+    from gfuse.xlators.distribute import ENTRY_SYNC_DOMAIN, FILE_MIGRATE_DOMAIN
+    bricks, d, dg, src, dst, model = await _rename_case((0, 0, 1, None))
+    g = (await d.lookup(dg, src)).stat
+    assert g is not None
+    rebal = bricks[0].client("rebalance")
+    lock = Flock(type=F.WRLCK, owner=b"rebal")
+    await rebal.inodelk(g.gfid, FILE_MIGRATE_DOMAIN, F.SETLK, lock)
+    seen: list[int] = []
+    bricks[1].fail("rename", when=lambda fop, gfid: bool(seen.append(bricks[1].locks_held(ENTRY_SYNC_DOMAIN))))
+    done = trio.Event()
+
+    async def rename() -> None:
+        await d.rename(dg, src, dg, dst)
+        done.set()
+    async with trio.open_nursery() as n:
+        n.start_soon(rename)
+        await trio.sleep(30)
+        assert not done.is_set(), "the rename did not wait for the migration lock"
+        assert entries_of(bricks, "dir")[1] == {}, "the rename began without the lock"
+        await rebal.inodelk(g.gfid, FILE_MIGRATE_DOMAIN, F.SETLK, Flock(type=F.UNLCK, owner=b"rebal"))
+        with trio.fail_after(5):
+            await done.wait()
+    assert seen == [1], f"entry locks held on the new name's subvolume during its rename: {seen}"
+    model[dst] = model.pop(src)
+    assert_placed(bricks, "dir", model)
+
+
+async def test_renames_racing_from_three_clients_keep_each_file_once(autojump_clock: trio.abc.Clock) -> None:
+    """Three clients rename the same files back and forth (x→y, y→x) with random brick latencies: the
+    DHT locks serialize the renames, so at the end each file has one of its names, once, in place."""
+    import random
+
+    async def worker(d: Distribute, dg: bytes, pairs: list[tuple[str, str]], forward: bool) -> None:
+        for _ in range(6):
+            for x, y in pairs:
+                a, b = (x, y) if forward else (y, x)
+                try:
+                    await d.rename(dg, a, dg, b)
+                except OSError as e:
+                    assert e.errno == errno.ENOENT, e
+
+    for seed in range(12):
+        rng = random.Random(seed)
+        bricks, _ = replica_set(VOL, 3, latency=lambda fop, rng=rng: rng.random() * 0.004)
+        clients = [Distribute(f"{VOL}-dht", [b.client() for b in bricks]) for _ in range(3)]
+        dg = await a_dir(clients[0])
+        pool = _pool(layout_on(bricks, "dir"), "p")
+        pairs = [(pool[k].pop(0), pool[(k + 1 + j) % 3].pop(0)) for k in range(3) for j in range(2)]
+        await make_files(clients[0], dg, [x for x, _ in pairs])
+        async with trio.open_nursery() as n:
+            for d, fwd in zip(clients, (True, False, True)):
+                n.start_soon(worker, d, dg, pairs, fwd)
+        rows = entries_of(bricks, "dir")
+        model = {}
+        for x, y in pairs:
+            held = [nm for nm in (x, y) if any(nm in r for r in rows)]
+            assert len(held) == 1, f"seed {seed}: {x}/{y}: names {held}"
+            model[held[0]] = x.encode()
+        assert_placed(bricks, "dir", model)
+        assert all(b.locks_held() == 0 for b in bricks)
+
+
+async def test_random_links_renames_and_unlinks_keep_every_name_in_place(autojump_clock: trio.abc.Clock) -> None:
+    """400 random creates, hard links, renames (new names, over existing ones, over other links of the
+    same file) and unlinks: after every one the subvolumes hold exactly the names, each where gluster
+    looks for it; every 40, a fresh client finds them all."""
+    import random
+    rng = random.Random(14)
+    bricks, _, d = dht()
+    dg = await a_dir(d)
+    ino: dict[str, int] = {}
+    content: dict[int, bytes] = {}
+    gfids: dict[int, bytes] = {}
+    gone: set[str] = set()
+    names = [f"r{i}" for i in range(30)]
+    for step in range(400):
+        op = rng.choice(["create", "link", "rename", "rename", "unlink"])
+        free = [n for n in names if n not in ino]
+        if op == "create" and free or not ino:
+            n = rng.choice(free)
+            k = len(content)
+            content[k] = f"#{k}".encode()
+            gfids[k] = new_gfid()
+            r = await d.create(dg, n, os.O_RDWR, 0o644, gfids[k])
+            assert r.fd is not None
+            await d.write(r.fd, 0, content[k])
+            await d.release(r.fd)
+            ino[n] = k
+        elif op == "link" and free:
+            src = rng.choice(sorted(ino))
+            n = rng.choice(free)
+            await d.link(gfids[ino[src]], dg, n)
+            ino[n] = ino[src]
+        elif op == "rename":
+            src = rng.choice(sorted(ino))
+            n = rng.choice([x for x in names if x != src])
+            await d.rename(dg, src, dg, n)
+            if not (n in ino and ino[n] == ino[src]):
+                ino[n] = ino.pop(src)
+                gone.add(src)
+        elif op == "unlink":
+            n = rng.choice(sorted(ino))
+            await d.unlink(dg, n)
+            del ino[n]
+            gone.add(n)
+        gone -= set(ino)
+        model = {n: content[k] for n, k in ino.items()}
+        assert_placed(bricks, "dir", model)
+        if step % 40 == 39:
+            await assert_found(bricks, dg, model, gone)
+    assert all(b.locks_held() == 0 for b in bricks)
