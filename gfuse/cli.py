@@ -406,7 +406,9 @@ def status(mountpoint: str | None, as_json: bool) -> None:
             continue
         ups = sum(b["up"] for b in s["bricks"])
         click.echo(f"{s['source']} on {s['mountpoint']} ({s['shape']}, pid {s['pid']}"
-                   f"{', read-only' if s['read_only'] else ''}): {ups}/{len(s['bricks'])} bricks up, "
+                   f"{', read-only' if s['read_only'] else ''}"
+                   f"{', ' + s['restart'] if s.get('restart', 'off') != 'off' else ''}): {ups}/{len(s['bricks'])} "
+                   f"bricks up, "
                    f"{s['pending_brick_calls']} brick calls pending, {s['fuse_requests_in_flight']} FUSE requests "
                    f"in flight")
         for b in s["bricks"]:

@@ -55,7 +55,7 @@ log = logging.getLogger("gfuse.holder")
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 #: a standby is started this long after its mount is served (not to slow the takeover it follows)
-STANDBY_DELAY = 3.0
+STANDBY_DELAY = 1.0
 NO_REPLY: dict[str, Any] = {}
 
 

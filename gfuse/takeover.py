@@ -427,62 +427,75 @@ class Journal:
             self._mm.close()
             self._mm = None
 
-    def _put(self, rec: bytes) -> None:
+    def _room(self, n: int) -> mmap.mmap | None:
         mm = self._mm
-        if mm is None:
-            return
-        n = len(rec)
-        if self._off + n >= len(mm):
+        if mm is not None and self._off + n >= len(mm):
             self.compactions += 1
             self._rewrite()
             mm = self._mm
-            assert mm is not None
+        return mm
+
+    def _put(self, s: struct.Struct, kind: int, *fields: Any) -> None:
+        """One fixed-size record, packed in place; the type byte last: a record cut by a kill is never read."""
+        mm = self._room(s.size)
+        if mm is None:
+            return
+        o = self._off
+        s.pack_into(mm, o, 0, *fields)
+        mm[o] = kind
+        self._off = o + s.size
+
+    def _put_bytes(self, rec: bytes) -> None:
+        n = len(rec)
+        mm = self._room(n)
+        if mm is None:
+            return
         o = self._off
         mm[o + 1:o + n] = rec[1:]
-        mm[o] = rec[0]  # the type byte last: a record cut by a kill is never read
+        mm[o] = rec[0]
         self._off = o + n
 
     # --- what the bridge calls (gfuse.fuse.GlusterOperations) ---------------------------------------
 
     def lookup(self, ino: int, gfid: bytes) -> None:
-        self._put(_LOOKUP.pack(R_LOOKUP, ino, gfid, 1))
+        self._put(_LOOKUP, R_LOOKUP, ino, gfid, 1)
 
     def forget(self, ino: int, n: int) -> None:
-        self._put(_FORGET.pack(R_FORGET, ino, n))
+        self._put(_FORGET, R_FORGET, ino, n)
 
     def opened(self, fh: int, ino: int, gfid: bytes, flags: int) -> None:
         self.files[fh] = (ino, gfid, flags)
-        self._put(_OPEN.pack(R_OPEN, fh, ino, gfid, flags & 0xFFFFFFFF))
+        self._put(_OPEN, R_OPEN, fh, ino, gfid, flags & 0xFFFFFFFF)
 
     def released(self, fh: int) -> None:
         if self.files.pop(fh, None) is not None:
-            self._put(_HANDLE.pack(R_RELEASE, fh))
+            self._put(_HANDLE, R_RELEASE, fh)
 
     def opendir(self, dh: int, gfid: bytes) -> None:
         self.dirs[dh] = DirRecord(gfid)
-        self._put(_OPENDIR.pack(R_OPENDIR, dh, gfid))
+        self._put(_OPENDIR, R_OPENDIR, dh, gfid)
 
     def releasedir(self, dh: int) -> None:
         if self.dirs.pop(dh, None) is not None:
-            self._put(_HANDLE.pack(R_RELEASEDIR, dh))
+            self._put(_HANDLE, R_RELEASEDIR, dh)
 
     def cookie(self, dh: int, cid: int, off: int) -> None:
         d = self.dirs.get(dh)
         if d is not None:
             d.cookies[cid] = off
-            self._put(_COOKIE.pack(R_COOKIE, dh, cid, off & 0xFFFFFFFFFFFFFFFF))
+            self._put(_COOKIE, R_COOKIE, dh, cid, off & 0xFFFFFFFFFFFFFFFF)
 
     def _begin(self, op: int, parent: bytes, name: str, gfid: bytes = b"\0" * 16, new_parent: bytes = b"",
                new_name: str = "") -> Intent:
         i = Intent(self._next_intent, op, parent, name, gfid, new_parent, new_name)
         self._next_intent += 1
         self.intents[i.id] = i
-        self._put(_encode_intent(i))
+        self._put_bytes(_encode_intent(i))
         return i
 
     def _end(self, i: Intent) -> None:
         self.intents.pop(i.id, None)
-        self._put(_DONE.pack(R_DONE, i.id))
+        self._put(_DONE, R_DONE, i.id)
 
     def _crash_point(self, op: Proc) -> None:
         """Fault injection for tests: with ``GFUSE_TAKEOVER_CRASH_AFTER=MKDIR,CREATE,…`` the process SIGKILLs
@@ -586,7 +599,10 @@ class NoJournal(Journal):
     def __init__(self) -> None:
         super().__init__(Path("/nonexistent"), lambda: ())
 
-    def _put(self, rec: bytes) -> None:
+    def _put(self, s: struct.Struct, kind: int, *fields: Any) -> None:
+        return None
+
+    def _put_bytes(self, rec: bytes) -> None:
         return None
 
     def opened(self, fh: int, ino: int, gfid: bytes, flags: int) -> None:
