@@ -155,7 +155,9 @@ def main() -> int:
             holder = subprocess.Popen([sys.executable, "-m", "gfuse.holder", "--socket", env["GFUSE_HOLDER_SOCKET"],
                                        "--no-standby"], env=env, cwd=REPO, stdout=open(tmp / "holder.log", "ab"),
                                       stderr=subprocess.STDOUT, start_new_session=True)
-            takeover.connect_holder(spawn=False).close()
+            deadline = time.monotonic() + 30
+            while not (tmp / "holder.sock").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
         p = subprocess.run([sys.executable, "-m", "gfuse.cli", "mount", source, str(mnt), "-o",
                             f"restartable,log-file={tmp / 'mount.log'}"], env=env, cwd=REPO, capture_output=True,
                            text=True, timeout=120)
