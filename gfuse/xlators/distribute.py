@@ -580,10 +580,15 @@ class Distribute(Fops):
         d = await self.lookup(pargfid, name, cred=cred)
         if not attrs(d).is_dir:
             raise OSError(errno.ENOTDIR, name)
-        # refuse before removing anything if any copy holds real entries
-        for c in self.children:
-            if await self._has_entries(c, attrs(d).gfid):
-                raise OSError(errno.ENOTEMPTY, f"{name}: directory not empty")
+        # refuse before removing anything if any copy holds real entries; linkto files left in it are
+        # stale then (their data would be an entry somewhere) and go first, as gluster's dht_rmdir does
+        dg = attrs(d).gfid
+        listed = [await self._dir_entries(c, dg) for c in self.children]
+        if any(real for real, _ in listed):
+            raise OSError(errno.ENOTEMPTY, f"{name}: directory not empty")
+        for i, (_, links) in enumerate(listed):
+            for ln in links:
+                await self._drop(i, dg, ln, None, "stale linkto")
         h = await self.hashed(pargfid, name)
         others = [i for i in range(len(self.children)) if i != h]
         res = await each(lambda i: self.children[i].rmdir(pargfid, name, flags, xdata, cred=cred), others)
@@ -594,20 +599,33 @@ class Distribute(Fops):
         self._layouts.pop(attrs(d).gfid, None)
         return r
 
-    async def _has_entries(self, child: Subvolume, gfid: bytes) -> bool:
+    async def _dir_entries(self, child: Subvolume, gfid: bytes) -> tuple[list[str], list[str]]:
+        """(names of real entries, names of linkto files) in ``child``'s copy of directory ``gfid``."""
         try:
             o = await child.opendir(gfid)
         except OSError as e:
             if e.errno == errno.ENOENT:
-                return False
+                return [], []
             raise
-        fd = o.fd
-        assert fd is not None
+        fd = o.need_fd()
+        real: list[str] = []
+        links: list[str] = []
         try:
-            r = await child.readdirp(fd, 0, 4096, self._xdata(None))
-            return any(e.name not in (".", "..") and not is_linkto(e.stat, e.xdata) for e in r.entries)
+            off = 0
+            while True:
+                r = await child.readdirp(fd, off, READDIR_SIZE, self._xdata(None))
+                if not r.entries:
+                    return real, links
+                for ent in r.entries:
+                    if ent.name in (".", ".."):
+                        continue
+                    (links if is_linkto(ent.stat, ent.xdata) else real).append(ent.name)
+                off = r.entries[-1].off
         finally:
             await child.release(fd)
+
+    async def _has_entries(self, child: Subvolume, gfid: bytes) -> bool:
+        return bool((await self._dir_entries(child, gfid))[0])
 
     async def link(self, gfid: bytes, newpar: bytes, newname: str, xdata: Dict | None = None,
                    cred: Credential | None = None) -> Result:
@@ -779,12 +797,7 @@ class Distribute(Fops):
         self._recent.pop((newpar, newname), None)
         src = await self.lookup(oldpar, oldname, cred=cred)
         if attrs(src).is_dir:
-            h = await self.hashed(newpar, newname)
-            r = await self.children[h].rename(oldpar, oldname, newpar, newname, xdata, cred=cred)
-            others = [i for i in range(len(self.children)) if i != h]
-            await each(lambda i: self.children[i].rename(oldpar, oldname, newpar, newname, xdata, cred=cred),
-                       others)
-            return r
+            return await self._rename_dir(attrs(src).gfid, oldpar, oldname, newpar, newname, xdata, cred)
         for _ in range(3):
             done = await self._rename_file(attrs(src).gfid, oldpar, oldname, newpar, newname, xdata, cred)
             if done is not None:
@@ -795,6 +808,60 @@ class Distribute(Fops):
             if attrs(src).is_dir:
                 raise OSError(errno.ENOENT, f"{oldname}: replaced by a directory during the rename")
         raise OSError(errno.ENOENT, f"{oldname}: keeps moving between subvolumes")
+
+    def _namespace_locks(self, names: Sequence[tuple[int, bytes, str]]) -> list[_Lk]:
+        """DHT's ``dht_protect_namespace`` for each (hashed subvolume, parent, name): a read lock on the
+        parent in ``dht.layout.heal`` and an entry lock on the name in ``dht.entry.sync``, in gluster's
+        order (subvolume name, then parent gfid and name)."""
+        locks: list[_Lk] = []
+        for _, _, sub, par, nm in sorted((self.children[sub].name, gfid_str(par) + nm, sub, par, nm)
+                                         for sub, par, nm in names):
+            lk = _Lk(sub, par, LAYOUT_HEAL_DOMAIN, type=F.RDLCK)
+            if lk not in locks:
+                locks.append(lk)
+            locks.append(_Lk(sub, par, ENTRY_SYNC_DOMAIN, nm, F.ENTRYLK_WRLCK))
+        return locks
+
+    async def _rename_dir(self, sg: bytes, oldpar: bytes, oldname: str, newpar: bytes, newname: str,
+                          xdata: Dict | None, cred: Credential | None) -> Result:
+        """As ``dht_rename_dir``: under the namespace locks of both names, refused if an existing target
+        has an entry on any subvolume (each brick sees only its own copy of it), then on the new name's
+        hashed subvolume, then on every other one; a failure there is undone where it succeeded."""
+        S = await self.hashed(oldpar, oldname)
+        H = await self.hashed(newpar, newname)
+        lcred = now_cred(lk_owner=os.urandom(8))
+        held = await self._take(self._namespace_locks([(S, oldpar, oldname), (H, newpar, newname)]), lcred,
+                                RENAME_LOCK_TIMEOUT)
+        try:
+            dst = await self._lookup_or_none(newpar, newname, cred)
+            if dst is not None:
+                dg = attrs(dst).gfid
+                if not attrs(dst).is_dir:
+                    raise OSError(errno.ENOTDIR, f"{newname}: not a directory")
+                if dg == sg:
+                    return Result(0, 0, stat=dst.stat)
+                for c in self.children:
+                    if await self._has_entries(c, dg):
+                        raise OSError(errno.ENOTEMPTY, f"{newname}: directory not empty")
+            with trio.CancelScope(shield=True):
+                r = await self.children[H].rename(oldpar, oldname, newpar, newname, xdata, cred=cred)
+                others = [i for i in range(len(self.children)) if i != H]
+                res = await each(lambda i: self.children[i].rename(oldpar, oldname, newpar, newname, xdata,
+                                                                   cred=cred), others)
+                bad = [(i, x) for i, x in zip(others, res) if isinstance(x, OSError) and x.errno != errno.ENOENT]
+                if bad:
+                    done = [H] + [i for i, x in zip(others, res) if isinstance(x, Result)]
+                    log.warning("%s: rename of directory %r failed on %s (%s): undone on %s", self.name, oldname,
+                                self.children[bad[0][0]].name, bad[0][1], [self.children[i].name for i in done])
+                    await each(lambda i: self.children[i].rename(newpar, newname, oldpar, oldname, cred=cred), done)
+                    raise bad[0][1]
+                for i, x in zip(others, res):
+                    if isinstance(x, OSError):
+                        log.info("%s: directory %r is not on %s: not renamed there", self.name, oldname,
+                                 self.children[i].name)
+            return r
+        finally:
+            await self._release(held, lcred)
 
     async def _lookup_or_none(self, pargfid: bytes, name: str, cred: Credential | None) -> Result | None:
         try:
@@ -829,13 +896,7 @@ class Distribute(Fops):
         locks = [_Lk(C, sg, FILE_MIGRATE_DOMAIN)]
         if dg is not None and D is not None and dg != sg:
             locks.append(_Lk(D, dg, FILE_MIGRATE_DOMAIN, optional=True))
-        names = sorted([(self.children[S].name, gfid_str(oldpar) + oldname, S, oldpar, oldname),
-                        (self.children[H].name, gfid_str(newpar) + newname, H, newpar, newname)])
-        for _, _, sub, par, nm in names:
-            lk = _Lk(sub, par, LAYOUT_HEAL_DOMAIN, type=F.RDLCK)
-            if lk not in locks:
-                locks.append(lk)
-            locks.append(_Lk(sub, par, ENTRY_SYNC_DOMAIN, nm, F.ENTRYLK_WRLCK))
+        locks += self._namespace_locks([(S, oldpar, oldname), (H, newpar, newname)])
         held = await self._take(locks, lcred, RENAME_LOCK_TIMEOUT)
         try:
             # under the locks: the data is still on C by that name (else rebalance or a rename moved it)

@@ -565,3 +565,42 @@ async def test_random_links_renames_and_unlinks_keep_every_name_in_place(autojum
         if step % 40 == 39:
             await assert_found(bricks, dg, model, gone)
     assert all(b.locks_held() == 0 for b in bricks)
+
+
+async def test_a_directory_renamed_over_one_with_an_entry_on_any_subvolume_is_refused(
+        autojump_clock: trio.abc.Clock) -> None:
+    """pjdfstest rename/20.t on 2x3: each brick sees only its own copy of the target, so the rename on the
+    new name's hashed subvolume alone succeeded over a directory whose only file was elsewhere (measured:
+    rmdir ENOTEMPTY afterwards). DHT checks every copy first and changes nothing when one has an entry."""
+    bricks, _, d = dht()
+    a, b = new_gfid(), new_gfid()
+    await d.mkdir(ROOT_GFID, "a", 0o755, a)
+    await d.mkdir(ROOT_GFID, "b", 0o755, b)
+    hb = pick(list(layout_on(bricks, "")), "b")
+    ranges = layout_on(bricks, "b")
+    inner = _name_not_on(ranges, hb if hb is not None else 0, "x")
+    await make_files(d, b, [inner])
+    before = [b_.names("") for b_ in bricks]
+    with pytest.raises(OSError) as e:
+        await d.rename(ROOT_GFID, "a", ROOT_GFID, "b")
+    assert e.value.errno == errno.ENOTEMPTY
+    assert [b_.names("") for b_ in bricks] == before
+    assert all(b_.locks_held() == 0 for b_ in bricks)
+    await d.unlink(b, inner)
+    await d.rename(ROOT_GFID, "a", ROOT_GFID, "b")  # empty now: replaced on every subvolume
+    assert all(b_.names("") == ["b"] and b_.inode("b").gfid == a for b_ in bricks)  # type: ignore[union-attr]
+    await d.rmdir(ROOT_GFID, "b")
+    assert all(b_.names("") == [] for b_ in bricks)
+
+
+async def test_rmdir_removes_stale_linkto_files_left_in_an_empty_directory(autojump_clock: trio.abc.Clock) -> None:
+    bricks, clients, d = dht()
+    dg = await a_dir(d)
+    ranges = layout_on(bricks, "dir")
+    name = _name_not_on(ranges, 0, "s")
+    h = pick(list(ranges), name)
+    assert h is not None
+    await clients[h].mknod(dg, name, st.S_IFREG | st.S_ISVTX, 0, new_gfid(), 0, {LINKTO_XATTR: b"v-client-0\0"})
+    assert await listing(d, dg) == []
+    await d.rmdir(ROOT_GFID, "dir")
+    assert not any(b.exists("dir") for b in bricks)
