@@ -316,6 +316,12 @@ class Holder:
             h.standby.conn = c
             log.info("pid %d stands by to take over %s", pid, mp)
             return NO_REPLY, None
+        s = h.standby
+        if s is not None and s.pid == pid:  # our standby, arriving after the death
+            if h.child is not None and h.child.ready_fd >= 0:
+                os.close(h.child.ready_fd)  # a successor started meanwhile will be refused: not ours to watch
+            h.standby, h.child, s.conn = None, s, None
+            h.restarts += 1
         return self._give(h, c, pid), h.fd
 
     def _give(self, h: Held, c: Conn, pid: int) -> dict[str, Any]:
@@ -404,8 +410,10 @@ class Holder:
             h.failures = h.standby_failures = 0
             h.standby_due = time.monotonic() + STANDBY_DELAY
             log.info("pid %d serves %s again", s.pid, h.mountpoint)
-        else:
+        elif h.owner is None or h.pid == s.pid:
             self._failed(h, answer.removeprefix("ERR ") or f"pid {s.pid} exited before serving")
+        else:  # another process (a standby, a manual --takeover) serves: ours was refused
+            log.info("pid %d did not take over %s: %s", s.pid, h.mountpoint, answer or "exited")
 
     def _failed(self, h: Held, why: str) -> None:
         h.failures += 1
