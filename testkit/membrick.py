@@ -26,7 +26,13 @@ What it models, because the translators depend on it:
   calls hang, and a client drops the session after its ping-timeout), per-call latency, and a fault
   plan: :meth:`~MemBrick.fail` (a call fails with an errno), :meth:`~MemBrick.crash_on` (the brick dies
   when a call arrives, before or after applying it), :meth:`~MemBrick.short_write`, and
-  ``capacity``/``quota`` (ENOSPC/EDQUOT for writes past them).
+  ``capacity``/``quota`` (ENOSPC/EDQUOT for writes past them);
+- the upcall translator, with ``cache_invalidation=True``: a session is registered on an inode by every
+  fop on it (a LOOKUP on the inode it finds, READDIRP on every entry), and a change notifies the other
+  sessions registered within ``cache_invalidation_timeout`` with a ``CACHE_INVALIDATION`` callback, as
+  10.3 does (flags and iatts per fop as in shared/CACHING.md §1: entry fops notify the *victim*, a create
+  its parent; xattr changes only for keys matching a pattern some session registered with ``ipc``; FORGET
+  to everyone registered when an inode is reaped); registrations and patterns die with a crash.
 
 Inspection helpers (:meth:`~MemBrick.data`, :meth:`~MemBrick.changelog`, :meth:`~MemBrick.pending`,
 :meth:`~MemBrick.names`, …) read the store by path, as a test reads a real brick's directory.
@@ -35,6 +41,7 @@ Inspection helpers (:meth:`~MemBrick.data`, :meth:`~MemBrick.changelog`, :meth:`
 from __future__ import annotations
 
 import errno
+import fnmatch
 import itertools
 import logging
 import os
@@ -53,6 +60,8 @@ from gfuse.iatt import NULL_GFID, ROOT_GFID, SET_ATIME, SET_GID, SET_MODE, SET_M
 from gfuse.rpc import Credential
 from gfuse.xlators.api import READDIR_SIZE, BrickEvent, Fops
 from gfuse.xlators.handles import Handles
+from gfuse.xlators.mdcache import (IPC_UPCALL, UP_FORGET, UP_MODE, UP_NLINK, UP_OWN, UP_PARENT_TIMES, UP_PERM,
+                                   UP_RENAME, UP_SIZE, UP_TIMES, UP_XATTR, UP_XATTR_RM)
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +177,17 @@ class MemBrick:
     """One brick process and its store. Make sessions with :meth:`client`."""
 
     def __init__(self, name: str = "brick", *, capacity: int | None = None, quota: int | None = None,
-                 latency: float | Callable[[str], float] = 0.0) -> None:
+                 latency: float | Callable[[str], float] = 0.0, cache_invalidation: bool = False,
+                 cache_invalidation_timeout: float = 60.0, upcall_delay: float = 0.0) -> None:
         self.name = name
+        #: features.cache-invalidation / -timeout; upcalls reach their client ``upcall_delay`` s after the change
+        self.cache_invalidation = cache_invalidation
+        self.cache_invalidation_timeout = cache_invalidation_timeout
+        self.upcall_delay = upcall_delay
+        #: gfid → session → when its last fop on the inode arrived; xattr key patterns registered by ipc
+        self.up_clients: dict[bytes, dict[int, float]] = {}
+        self.up_patterns: set[str] = set()
+        self.upcalls_sent = 0
         self.capacity = capacity
         self.quota = quota
         #: seconds each call spends on its way (half before it is applied, half for the reply)
@@ -226,6 +244,8 @@ class MemBrick:
         self.inodelks.clear()
         self.entrylks.clear()
         self.posix_locks.clear()
+        self.up_clients.clear()
+        self.up_patterns.clear()
         self._wake()
         self._reap_all()
 
@@ -320,6 +340,8 @@ class MemBrick:
                 table[key] = [lk for lk in locks if lk.conn != conn_id]
         for gfid, plocks in list(self.posix_locks.items()):
             self.posix_locks[gfid] = [lk for lk in plocks if lk.conn != conn_id]
+        for clients in self.up_clients.values():
+            clients.pop(conn_id, None)
         self._wake()
         self._reap_all()
         if self.stopped:
@@ -399,6 +421,8 @@ class MemBrick:
                 not any(fd.gfid == gfid for fd in self.fds.values()):
             del self.inodes[gfid]
             self.posix_locks.pop(gfid, None)
+            self.upcall(None, gfid, UP_FORGET)
+            self.up_clients.pop(gfid, None)
 
     def _reap_all(self) -> None:
         for gfid in [g for g, i in self.inodes.items() if i.nlink <= 0]:
@@ -423,6 +447,51 @@ class MemBrick:
         self.inodes[gfid] = ino
         self._link_entry(parent, name, ino, now)
         return ino
+
+    # ------------------------------------------------------------------ upcall (features/upcall)
+
+    def up_touch(self, conn: int, *gfids: bytes) -> None:
+        """Session ``conn`` did a fop on these inodes: it hears of other sessions' changes from now on."""
+        if not self.cache_invalidation:
+            return
+        now = trio.current_time()
+        for g in gfids:
+            if g != NULL_GFID:
+                self.up_clients.setdefault(g, {})[conn] = now
+
+    def upcall(self, origin: int | None, gfid: bytes, flags: int, stat: Iatt | None = None,
+               parent: Iatt | None = None, oldparent: Iatt | None = None,
+               xattrs: dict[str, bytes] | None = None) -> None:
+        """``origin`` changed ``gfid``: tell every other session registered on it in time."""
+        if not self.cache_invalidation:
+            return
+        if xattrs is not None:
+            xattrs = {k: v for k, v in xattrs.items() if any(fnmatch.fnmatchcase(k, p) for p in self.up_patterns)}
+            if not xattrs:
+                return  # no registered key: gluster sends nothing at all
+        if origin is not None:
+            self.up_touch(origin, gfid)
+        now = trio.current_time()
+        clients = self.up_clients.get(gfid, {})
+        for conn, t in list(clients.items()):
+            c = self._conns.get(conn)
+            if c is None or now - t > self.cache_invalidation_timeout:
+                del clients[conn]
+                continue
+            if conn == origin:
+                continue
+            msg = F.CacheInvalidation(gfid, 1, flags, int(self.cache_invalidation_timeout), stat or Iatt(),
+                                      parent or Iatt(), oldparent or Iatt(), dict(xattrs or {}))
+            self.upcalls_sent += 1
+            if self.upcall_delay:
+                trio.lowlevel.spawn_system_task(self._late_upcall, conn, c.client, msg)
+            else:
+                c.client._deliver(F.Cbk.CACHE_INVALIDATION, msg)
+
+    async def _late_upcall(self, conn: int, client: MemClient, msg: F.CacheInvalidation) -> None:
+        await trio.sleep(self.upcall_delay)
+        if conn in self._conns:
+            client._deliver(F.Cbk.CACHE_INVALIDATION, msg)
 
     # ------------------------------------------------------------------ locks
 
@@ -711,6 +780,8 @@ class MemClient(Fops):
             await b._resumed.wait()  # a ping-timeout drops the session meanwhile
         self._check_conn(conn)
         b.calls[fop] += 1
+        if fop != "lookup":
+            b.up_touch(conn, gfid)
         fault = b._take_fault(fop, gfid)
         if fault is not None and fault.action == "fail":
             raise OSError(fault.errno, f"{os.strerror(fault.errno)} ({self.name} {fop.upper()}, injected)")
@@ -767,6 +838,7 @@ class MemClient(Fops):
             if g is None:
                 raise OSError(errno.ENOENT, f"{self.name}: {name!r}: no such file or directory")
             ino = b.inodes[g]
+        b.up_touch(conn, ino.gfid)
         r = Result(0, 0, b._reply_xattrs(ino, xdata), stat=ino.iatt(),
                    postparent=parent.iatt() if parent is not None else None)
         await self._leave("lookup", conn, fault)
@@ -822,10 +894,15 @@ class MemClient(Fops):
         ino.ctime = self.brick._now(cred)
         return Result(0, 0, pre=pre, post=ino.iatt())
 
+    def _up_setattr(self, conn: int, gfid: bytes, valid: int, r: Result) -> None:
+        flags = UP_SIZE | UP_TIMES | UP_OWN | UP_MODE | UP_PERM | (UP_XATTR if valid & SET_MODE else 0)
+        self.brick.upcall(conn, gfid, flags, r.post)
+
     async def setattr(self, gfid: bytes, stbuf: Iatt, valid: int, xdata: Dict | None = None,
                       cred: Credential | None = None) -> Result:
         conn, fault = await self._enter("setattr", gfid)
         r = self._setattr(self.brick._inode(gfid), stbuf, valid, cred)
+        self._up_setattr(conn, gfid, valid, r)
         await self._leave("setattr", conn, fault)
         return r
 
@@ -844,6 +921,7 @@ class MemClient(Fops):
                        cred: Credential | None = None) -> Result:
         conn, fault = await self._enter("truncate", gfid)
         r = self._truncate(self.brick._inode(gfid), size, cred)
+        self.brick.upcall(conn, gfid, UP_SIZE | UP_TIMES, r.post)
         await self._leave("truncate", conn, fault)
         return r
 
@@ -894,6 +972,21 @@ class MemClient(Fops):
             self.brick.entry_index.setdefault(ino.gfid, set()).add(entry)
         return Result(0, 0, dict=out)
 
+    def _up_xattr(self, conn: int, gfid: bytes, d: Dict, removed: bool) -> None:
+        ino = self.brick.inodes.get(gfid)
+        values = {k: (v if isinstance(v, bytes) else str(v).encode()) for k, v in d.items()}
+        self.brick.upcall(conn, gfid, UP_TIMES | (UP_XATTR_RM if removed else UP_XATTR),
+                          ino.iatt() if ino is not None else None, xattrs=values)
+
+    async def ipc(self, op: int, xdata: Dict | None = None) -> Result:
+        """IPC: op 2 registers xattr key patterns with the upcall translator (per brick, until it dies)."""
+        conn, fault = await self._enter("ipc", NULL_GFID)
+        if op != IPC_UPCALL:
+            raise OSError(errno.EOPNOTSUPP, f"{self.name}: ipc op {op}")
+        self.brick.up_patterns.update(xdata or {})
+        await self._leave("ipc", conn, fault)
+        return Result(0, 0)
+
     async def getxattr(self, gfid: bytes, name: str = "", xdata: Dict | None = None,
                        cred: Credential | None = None) -> Result:
         conn, fault = await self._enter("getxattr", gfid)
@@ -905,6 +998,7 @@ class MemClient(Fops):
                        cred: Credential | None = None) -> Result:
         conn, fault = await self._enter("setxattr", gfid)
         r = self._setxattr(self.brick._inode(gfid), d, flags, cred)
+        self._up_xattr(conn, gfid, d, False)
         await self._leave("setxattr", conn, fault)
         return r
 
@@ -912,6 +1006,7 @@ class MemClient(Fops):
                           cred: Credential | None = None) -> Result:
         conn, fault = await self._enter("removexattr", gfid)
         r = self._removexattr(self.brick._inode(gfid), name, cred)
+        self._up_xattr(conn, gfid, {name: b"\0"}, True)
         await self._leave("removexattr", conn, fault)
         return r
 
@@ -986,6 +1081,8 @@ class MemClient(Fops):
                                xdata)
             ino.rdev = rdev
         r = Result(0, 0, stat=ino.iatt(), preparent=pre, postparent=parent.iatt())
+        b.up_touch(conn, ino.gfid)
+        b.upcall(conn, pargfid, UP_TIMES, r.postparent)
         await self._leave("mknod", conn, fault)
         return r
 
@@ -999,6 +1096,8 @@ class MemClient(Fops):
         ino.nlink = 2
         parent.nlink += 1
         r = Result(0, 0, stat=ino.iatt(), preparent=pre, postparent=parent.iatt())
+        b.up_touch(conn, ino.gfid)
+        b.upcall(conn, pargfid, UP_TIMES, r.postparent)
         await self._leave("mkdir", conn, fault)
         return r
 
@@ -1011,6 +1110,8 @@ class MemClient(Fops):
         ino = b._new_inode(parent, name, gfid, st.S_IFLNK | 0o777, cred, xdata)
         ino.target = target
         r = Result(0, 0, stat=ino.iatt(), preparent=pre, postparent=parent.iatt())
+        b.up_touch(conn, ino.gfid)
+        b.upcall(conn, pargfid, UP_TIMES, r.postparent)
         await self._leave("symlink", conn, fault)
         return r
 
@@ -1023,6 +1124,8 @@ class MemClient(Fops):
         ino = b._new_inode(parent, name, gfid, st.S_IFREG | (mode & 0o7777 & ~umask), cred, xdata)
         rfd = self._new_remote(conn, gfid, flags, False)
         r = Result(0, 0, stat=ino.iatt(), preparent=pre, postparent=parent.iatt())
+        b.up_touch(conn, ino.gfid)
+        b.upcall(conn, pargfid, UP_TIMES, r.postparent)
         await self._leave("create", conn, fault)
         return self._fds.adopt(r, _ClientFd(gfid, flags, False, rfd, self.generation))
 
@@ -1042,6 +1145,7 @@ class MemClient(Fops):
         ino.nlink += 1
         ino.ctime = now
         r = Result(0, 0, stat=ino.iatt(), preparent=pre, postparent=parent.iatt())
+        b.upcall(conn, gfid, UP_NLINK | UP_TIMES | UP_PARENT_TIMES, parent=r.postparent)
         await self._leave("link", conn, fault)
         return r
 
@@ -1061,6 +1165,7 @@ class MemClient(Fops):
         b._unlink_entry(parent, name, now)
         ino.nlink -= 1
         ino.ctime = now
+        b.upcall(conn, g, UP_NLINK | UP_TIMES | UP_PARENT_TIMES, parent=parent.iatt())
         b._reap(g)
         r = Result(0, 0, preparent=pre, postparent=parent.iatt())
         await self._leave("unlink", conn, fault)
@@ -1083,6 +1188,7 @@ class MemClient(Fops):
         b._unlink_entry(parent, name, b._now(cred))
         parent.nlink -= 1
         ino.nlink = 0
+        b.upcall(conn, g, UP_NLINK | UP_TIMES | UP_PARENT_TIMES, parent=parent.iatt())
         b._reap(g)
         r = Result(0, 0, preparent=pre, postparent=parent.iatt())
         await self._leave("rmdir", conn, fault)
@@ -1138,6 +1244,7 @@ class MemClient(Fops):
         src.ctime = now
         r = Result(0, 0, stat=src.iatt(), preoldparent=pre_op, postoldparent=op.iatt(), preparent=pre_np,
                    postparent=np_.iatt())
+        b.upcall(conn, g, UP_RENAME | UP_PARENT_TIMES, r.stat, r.postparent, r.postoldparent)
         await self._leave("rename", conn, fault)
         return r
 
@@ -1219,6 +1326,7 @@ class MemClient(Fops):
         ino.data[offset:offset + len(payload)] = payload
         ino.mtime = ino.ctime = b._now(cred)
         r = Result(len(payload), 0, pre=pre, post=ino.iatt())
+        b.upcall(conn, ino.gfid, UP_SIZE | UP_TIMES, r.post)
         await self._leave("write", conn, fault)
         return r
 
@@ -1248,6 +1356,7 @@ class MemClient(Fops):
                         cred: Credential | None = None) -> Result:
         conn, fault, ino, _ = await self._fd_op("ftruncate", fd)
         r = self._truncate(ino, size, cred)
+        self.brick.upcall(conn, ino.gfid, UP_SIZE | UP_TIMES, r.post)
         await self._leave("ftruncate", conn, fault)
         return r
 
@@ -1255,6 +1364,7 @@ class MemClient(Fops):
                        cred: Credential | None = None) -> Result:
         conn, fault, ino, _ = await self._fd_op("fsetattr", fd)
         r = self._setattr(ino, stbuf, valid, cred)
+        self._up_setattr(conn, ino.gfid, valid, r)
         await self._leave("fsetattr", conn, fault)
         return r
 
@@ -1269,6 +1379,7 @@ class MemClient(Fops):
                         cred: Credential | None = None) -> Result:
         conn, fault, ino, _ = await self._fd_op("fsetxattr", fd)
         r = self._setxattr(ino, d, flags, cred)
+        self._up_xattr(conn, ino.gfid, d, False)
         await self._leave("fsetxattr", conn, fault)
         return r
 
@@ -1276,6 +1387,7 @@ class MemClient(Fops):
                            cred: Credential | None = None) -> Result:
         conn, fault, ino, _ = await self._fd_op("fremovexattr", fd)
         r = self._removexattr(ino, name, cred)
+        self._up_xattr(conn, ino.gfid, {name: b"\0"}, True)
         await self._leave("fremovexattr", conn, fault)
         return r
 
@@ -1350,6 +1462,7 @@ class MemClient(Fops):
                 ino.data.extend(bytes(end - len(ino.data)))
             ino.ctime = self.brick._now(cred)
             r = Result(0, 0, pre=pre, post=ino.iatt())
+        self.brick.upcall(conn, ino.gfid, UP_SIZE | UP_TIMES, r.post)
         await self._leave("fallocate", conn, fault)
         return r
 
@@ -1357,6 +1470,7 @@ class MemClient(Fops):
                       cred: Credential | None = None) -> Result:
         conn, fault, ino, _ = await self._fd_op("discard", fd)
         r = self._zero(ino, offset, size, False, cred)
+        self.brick.upcall(conn, ino.gfid, UP_SIZE | UP_TIMES, r.post)
         await self._leave("discard", conn, fault)
         return r
 
@@ -1364,6 +1478,7 @@ class MemClient(Fops):
                        cred: Credential | None = None) -> Result:
         conn, fault, ino, _ = await self._fd_op("zerofill", fd)
         r = self._zero(ino, offset, size, True, cred)
+        self.brick.upcall(conn, ino.gfid, UP_SIZE | UP_TIMES, r.post)
         await self._leave("zerofill", conn, fault)
         return r
 
@@ -1384,6 +1499,8 @@ class MemClient(Fops):
                 break
             used += cost
             a = ino.iatt()
+            if plus:
+                b.up_touch(conn, ino.gfid)
             out.append(DirEntry(a.ino, cookie, _dtype(ino.mode), name, a if plus else None,
                                 b._reply_xattrs(ino, xdata) if plus else None))
         r = Result(0, 0, entries=out)

@@ -11,14 +11,18 @@ import os
 import stat as st
 from collections.abc import Awaitable, Callable
 
+import hypothesis as hyp
+import hypothesis.strategies as st_
 import pytest
 import trio
+import trio.testing
 
+from gfuse import fops as F
 from gfuse.cred import new_gfid
 from gfuse.dicts import UInt
 from gfuse.fops import Result
 from gfuse.iatt import ROOT_GFID, SET_MODE, Iatt
-from gfuse.xlators.mdcache import MdCache
+from gfuse.xlators.mdcache import CacheOptions, MdCache
 from testkit.membrick import MemBrick, MemClient
 
 
@@ -153,3 +157,561 @@ async def test_everything_else_passes_through(autojump_clock: trio.abc.Clock) ->
     r = await m.lookup(ROOT_GFID, "f")
     assert r.stat is not None and r.stat.gfid == g and r.stat.size == 5
     assert brick.data("f") == b"hello"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Coherent mode: two clients of one brick whose upcall translator has cache-invalidation on (testkit/membrick.py
+# models features/upcall as 10.3 behaves, shared/CACHING.md §1). Client A reads through md-cache, client B
+# changes things through its own session; A must never answer from before a change the brick told it about.
+
+
+class Sink:
+    """Records what md-cache tells the FUSE bridge to purge (a KernelSink)."""
+
+    def __init__(self) -> None:
+        self.changed: list[tuple[bytes, bool]] = []
+        self.gone: list[bytes] = []
+        self.flushes = 0
+
+    def inode_changed(self, gfid: bytes, data: bool) -> None:
+        self.changed.append((gfid, data))
+
+    def names_gone(self, gfid: bytes) -> None:
+        self.gone.append(gfid)
+
+    def everything(self) -> None:
+        self.flushes += 1
+
+
+def coherent(timeout: float = 600.0, *, brick_timeout: float = 600.0, latency: float = 0.0,
+             upcall_delay: float = 0.0, bricks_on: bool = True,
+             options: CacheOptions | None = None) -> tuple[MemBrick, MdCache, MemClient, Sink]:
+    brick = MemBrick("v-client-0", cache_invalidation=True, cache_invalidation_timeout=brick_timeout,
+                     latency=latency, upcall_delay=upcall_delay)
+    a = brick.client()
+    b = brick.client()
+
+    async def probe() -> tuple[bool, float]:
+        return bricks_on, brick_timeout
+
+    opts = options or CacheOptions(timeout=timeout, invalidation=True, negative_timeout=60)
+    m = MdCache(a, options=opts, bricks=[a], probe=probe)
+    k = Sink()
+    m.kernel = k
+    return brick, m, b, k
+
+
+async def tree(b: MemClient) -> tuple[bytes, bytes]:
+    """d/f (5 bytes, security.capability set) made by B."""
+    dg, fg = new_gfid(), new_gfid()
+    await b.mkdir(ROOT_GFID, "d", 0o755, dg)
+    c = await b.create(dg, "f", os.O_RDWR, 0o644, fg, xdata={"security.capability": b"cap"})
+    assert c.fd is not None
+    await b.write(c.fd, 0, b"hello")
+    await b.release(c.fd)
+    return dg, fg
+
+
+def brick_calls(brick: MemBrick) -> int:
+    return sum(n for fop, n in brick.calls.items() if fop not in ("release", "ipc"))
+
+
+async def test_coherent_lookups_stats_and_security_xattrs_cost_no_brick_call(autojump_clock: trio.abc.Clock,
+                                                                              nursery: trio.Nursery) -> None:
+    brick, m, b, _ = coherent()
+    await nursery.start(m.run)
+    assert m.coherent and m.lifetime > 500
+    dg, fg = await tree(b)
+    await m.lookup(ROOT_GFID, "d")
+    r = await m.lookup(dg, "f")
+    assert r.stat is not None and r.stat.size == 5
+    await trio.sleep(300)  # far past the kernel's 1 s: still ours to answer
+    before = brick_calls(brick)
+    for _ in range(3):
+        assert (await m.lookup(dg, "f")).stat == r.stat
+        assert (await m.stat(fg)).stat == r.stat
+        assert (await m.getxattr(fg, "security.capability")).dict == {"security.capability": b"cap"}
+        with pytest.raises(OSError) as e:
+            await m.getxattr(fg, "security.selinux")
+        assert e.value.errno == errno.ENODATA
+    assert brick_calls(brick) == before, f"brick calls: {brick.calls}"
+    t = m.kernel_timeout(fg, m.ticket())
+    assert t is not None and 250 < t <= m.lifetime - 300 + 1
+
+
+async def test_ls_l_after_readdirp_costs_no_brick_call(autojump_clock: trio.abc.Clock,
+                                                       nursery: trio.Nursery) -> None:
+    """The profile of issue 10: `ls -l` asked a brick for security xattrs of every entry."""
+    brick, m, b, _ = coherent()
+    await nursery.start(m.run)
+    dg = new_gfid()
+    await b.mkdir(ROOT_GFID, "d", 0o755, dg)
+    for i in range(50):
+        await b.mknod(dg, f"n{i}", st.S_IFREG | 0o644, 0, new_gfid())
+    await m.lookup(ROOT_GFID, "d")
+    o = await m.opendir(dg)
+    assert o.fd is not None
+    ents = (await m.readdirp(o.fd)).entries
+    await m.releasedir(o.fd)
+    before = brick_calls(brick)
+    for e in ents:
+        if e.name in (".", ".."):
+            continue
+        assert e.stat is not None
+        assert (await m.lookup(dg, e.name)).stat == e.stat
+        assert (await m.stat(e.stat.gfid)).stat == e.stat
+        for key in ("security.selinux", "security.capability"):
+            with pytest.raises(OSError):
+                await m.getxattr(e.stat.gfid, key)
+    assert brick_calls(brick) == before, f"brick calls: {brick.calls}"
+
+
+async def _b_write(b: MemClient, fg: bytes) -> None:
+    o = await b.open(fg, os.O_RDWR)
+    assert o.fd is not None
+    await b.write(o.fd, 0, b"HELLO, world")
+    await b.release(o.fd)
+
+
+B_CHANGES: dict[str, Callable[[MemClient, bytes, bytes], Awaitable[object]]] = {
+    "write": lambda b, d, f: _b_write(b, f),
+    "truncate": lambda b, d, f: b.truncate(f, 2),
+    "chmod": lambda b, d, f: b.setattr(f, Iatt(mode=0o600), SET_MODE),
+    "setxattr": lambda b, d, f: b.setxattr(f, {"security.capability": b"new"}),
+    "removexattr": lambda b, d, f: b.removexattr(f, "security.capability"),
+    "rename": lambda b, d, f: b.rename(d, "f", d, "g"),
+    "unlink": lambda b, d, f: b.unlink(d, "f"),
+    "create": lambda b, d, f: b.create(d, "new", os.O_RDWR, 0o644, new_gfid()),
+}
+
+
+@pytest.mark.parametrize("change", sorted(B_CHANGES))
+async def test_another_clients_change_is_seen_at_the_next_access(autojump_clock: trio.abc.Clock,
+                                                                  nursery: trio.Nursery, change: str) -> None:
+    brick, m, b, k = coherent()
+    await nursery.start(m.run)
+    dg, fg = await tree(b)
+    await m.lookup(ROOT_GFID, "d")
+    await m.lookup(dg, "f")
+    await m.getxattr(fg, "security.capability")
+    with pytest.raises(OSError):
+        await m.lookup(dg, "new")  # cached as absent
+    o = await m.opendir(dg)
+    assert o.fd is not None
+    await m.readdirp(o.fd)
+    await trio.sleep(10)
+    k.changed.clear()
+    await B_CHANGES[change](b, dg, fg)
+    # the next access from A says what the brick says now
+    fi = brick.inode("d/f")
+    if change in ("rename", "unlink"):
+        with pytest.raises(OSError) as e:
+            await m.lookup(dg, "f")
+        assert e.value.errno == errno.ENOENT
+        assert fg in k.gone, "the kernel was not told to drop the names of the moved/removed file"
+        if change == "rename":
+            r = await m.lookup(dg, "g")
+            assert r.stat is not None and r.stat.gfid == fg
+    else:
+        assert fi is not None
+        r = await m.lookup(dg, "f")
+        assert r.stat is not None and same_attrs(r.stat, fi.iatt()) and r.stat.size == fi.iatt().size
+        assert same_attrs((await m.stat(fg)).stat or Iatt(), fi.iatt())
+        cap = fi.xattrs.get("security.capability")
+        if cap is None:
+            with pytest.raises(OSError):
+                await m.getxattr(fg, "security.capability")
+        else:
+            assert (await m.getxattr(fg, "security.capability")).dict == {"security.capability": cap}
+        if change in ("write", "truncate"):
+            assert (fg, True) in k.changed, "the kernel was not told to drop the file's pages"
+        elif change == "chmod":
+            assert (fg, False) in k.changed, "a chmod dropped the pages (or nothing was said)"
+    if change == "create":
+        assert (await m.lookup(dg, "new")).stat is not None, "a stale negative entry"
+        assert (dg, False) in k.changed
+    d = brick.inode("d")
+    assert d is not None
+    assert same_attrs((await m.stat(dg)).stat or Iatt(), d.iatt()), "the directory's attributes are stale"
+
+
+async def test_negative_entries(autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
+    brick, m, b, _ = coherent(options=CacheOptions(timeout=600, invalidation=True, negative_timeout=60))
+    await nursery.start(m.run)
+    dg, _ = await tree(b)
+    await m.lookup(ROOT_GFID, "d")
+    with pytest.raises(OSError) as e:
+        await m.lookup(dg, "x")
+    n = brick.calls["lookup"]
+    with pytest.raises(OSError) as e:
+        await m.lookup(dg, "x")
+    assert e.value.errno == errno.ENOENT
+    assert brick.calls["lookup"] == n, "the second miss went to the brick"
+    # our own create replaces the negative entry at once
+    await m.create(dg, "x", os.O_RDWR, 0o644, new_gfid())
+    assert (await m.lookup(dg, "x")).stat is not None
+    # another client's create: TIMES on d, every negative entry of d is dropped
+    with pytest.raises(OSError):
+        await m.lookup(dg, "untouched")
+    await b.mknod(dg, "untouched", st.S_IFREG | 0o644, 0, new_gfid())
+    assert (await m.lookup(dg, "untouched")).stat is not None, "a stale negative entry after a create"
+    # a rename of an inode A never touched into a name it cached as absent is not notified by the brick
+    # (seen on 10.3): the negative entry lasts at most negative_timeout
+    with pytest.raises(OSError):
+        await m.lookup(dg, "y")
+    await b.mknod(dg, "untouched2", st.S_IFREG | 0o644, 0, new_gfid())
+    with pytest.raises(OSError):
+        await m.lookup(dg, "y")
+    await b.rename(dg, "untouched2", dg, "y")
+    with pytest.raises(OSError):
+        await m.lookup(dg, "y")  # the documented limit
+    await b.rename(dg, "untouched", dg, "y")
+    await trio.sleep(61)
+    assert (await m.lookup(dg, "y")).stat is not None
+
+
+async def test_kernel_timeout_and_entries_never_outlive_the_bricks_registration(
+        autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
+    """The brick forgets a client that touched nothing for cache-invalidation-timeout: before that, the
+    entry dies and the next access is a brick call that registers again."""
+    brick, m, b, k = coherent(timeout=600, brick_timeout=60)
+    await nursery.start(m.run)
+    dg, fg = await tree(b)
+    await m.lookup(ROOT_GFID, "d")
+    r = await m.lookup(dg, "f")
+    assert r.stat is not None
+    t = m.kernel_timeout(fg, m.ticket())
+    assert t is not None and t <= 60 - 1, f"kernel timeout {t} beyond the brick's 60 s"
+    await trio.sleep(58)
+    n = brick.calls["lookup"]
+    await m.lookup(dg, "f")
+    assert brick.calls["lookup"] == n + 1, "an entry older than the brick's registration was answered"
+    await trio.sleep(30)  # 88 s after the first lookup: the brick knows us from the second one only
+    await _b_write(b, fg)
+    assert (await m.stat(fg)).stat == brick.inode("d/f").iatt()  # type: ignore[union-attr]
+    assert (fg, True) in k.changed
+
+
+async def test_attributes_from_a_reply_that_registers_nothing_die_with_the_registration(
+        autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
+    """A lookup brings the parent's attributes (postparent) but registers only the child: they do not make
+    the parent's entry live longer than the fop that registered the parent."""
+    brick, m, b, _ = coherent(timeout=600, brick_timeout=60)
+    await nursery.start(m.run)
+    dg, _ = await tree(b)
+    await m.lookup(ROOT_GFID, "d")  # registers d at t=0
+    await trio.sleep(50)
+    await m.lookup(dg, "f")  # brings d's attributes at t=50, registers only f
+    await trio.sleep(8)  # 58 s after d's registration, past the 56 s lifetime
+    n = brick.calls["stat"]
+    await m.stat(dg)
+    assert brick.calls["stat"] == n + 1, "d's attributes outlived its registration"
+
+
+async def test_an_older_reply_does_not_overwrite_newer_attributes(autojump_clock: trio.abc.Clock,
+                                                                  nursery: trio.Nursery) -> None:
+    slow = {"stat": 1.0}
+    brick, m, b, _ = coherent()
+    brick.latency = lambda fop: slow.get(fop, 0.1)
+    await nursery.start(m.run)
+    dg, fg = await tree(b)
+    await m.lookup(ROOT_GFID, "d")
+    await m.lookup(dg, "f")
+    o = await m.open(fg, os.O_RDWR)
+    assert o.fd is not None
+    m._drop(fg)
+
+    async def stat() -> None:
+        await m.stat(fg)  # applied at +0.5 s, answered at +1 s
+
+    nursery.start_soon(stat)
+    await trio.sleep(0.6)
+    await m.write(o.fd, 0, b"newer")  # applied at +0.65 s, answered at +0.7 s
+    await trio.sleep(1)
+    cached = m.cached(fg)
+    assert cached is not None and same_attrs(cached, brick.inode("d/f").iatt()), \
+        "the slow stat's older attributes replaced the write's"  # type: ignore[union-attr]
+    await m.release(o.fd)
+
+
+async def test_a_brick_restart_drops_everything(autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
+    brick, m, b, k = coherent()
+    await nursery.start(m.run)
+    dg, fg = await tree(b)
+    await m.lookup(ROOT_GFID, "d")
+    await m.lookup(dg, "f")
+    assert m.cached(fg) is not None
+    brick.crash()
+    assert m.cached(fg) is None and k.flushes >= 1
+    brick.restart()
+    await trio.sleep(1)
+    assert brick.up_patterns, "xattr keys were not registered again after the restart"
+    await m.lookup(dg, "f")
+    # the restarted brick knows A only from the lookup after the restart, and tells it about B's change
+    b.connect()
+    await _b_write(b, fg)
+    assert (await m.stat(fg)).stat == brick.inode("d/f").iatt()  # type: ignore[union-attr]
+
+
+async def test_not_coherent_keeps_gluster_1s_semantics(autojump_clock: trio.abc.Clock,
+                                                        nursery: trio.Nursery) -> None:
+    brick, m, b, _ = coherent(bricks_on=False)
+    await nursery.start(m.run)
+    assert not m.coherent and m.lifetime == 1.0
+    dg, fg = await tree(b)
+    await m.lookup(ROOT_GFID, "d")
+    await m.lookup(dg, "f")
+    assert m.kernel_timeout(fg, m.ticket()) is None
+    n = brick.calls["lookup"]
+    await m.lookup(dg, "f")
+    assert brick.calls["lookup"] == n + 1, "names are cached without invalidation"
+    s = brick.calls["stat"]
+    await m.stat(fg)
+    assert brick.calls["stat"] == s, "attributes younger than 1 s went to the brick"
+    await trio.sleep(1.01)
+    await m.stat(fg)
+    assert brick.calls["stat"] == s + 1, "attributes outlived 1 s without invalidation"
+
+
+async def test_an_upcall_during_a_lookup_keeps_its_reply_out_of_the_cache(autojump_clock: trio.abc.Clock,
+                                                                          nursery: trio.Nursery) -> None:
+    """The reply of a lookup the brick answered before B's change arrives after the upcall of that change:
+    it is passed on (with kernel timeout 0) but not cached."""
+    brick, m, b, _ = coherent(latency=0.2)
+    await nursery.start(m.run)
+    dg, fg = await tree(b)
+    await m.lookup(ROOT_GFID, "d")
+    await m.lookup(dg, "f")
+    await m.stat(fg)
+    m._drop(fg)  # the next stat goes to the brick
+    ticket = m.ticket()
+    result: list[Result] = []
+
+    async def stat() -> None:
+        result.append(await m.stat(fg))
+
+    nursery.start_soon(stat)
+    await trio.sleep(0.15)  # the stat was applied (0.1 s) and its reply is on its way back
+    await b.truncate(fg, 1)  # the upcall reaches A before the stat's reply
+    await trio.sleep(0.5)
+    assert result and result[0].stat is not None and result[0].stat.size == 5, "the test lost its race"
+    assert m.kernel_timeout(fg, ticket) == 0.0
+    assert (await m.stat(fg)).stat == brick.inode("d/f").iatt()  # type: ignore[union-attr]
+
+
+async def test_asked_for_user_xattrs_are_learned_and_kept_coherent(autojump_clock: trio.abc.Clock,
+                                                                   nursery: trio.Nursery) -> None:
+    brick, m, b, _ = coherent()
+    await nursery.start(m.run)
+    dg, fg = await tree(b)
+    await b.setxattr(fg, {"user.tag": b"1"})
+    await m.lookup(ROOT_GFID, "d")
+    await m.lookup(dg, "f")
+    assert (await m.getxattr(fg, "user.tag")).dict == {"user.tag": b"1"}  # learned here
+    n = brick.calls["getxattr"]
+    assert (await m.getxattr(fg, "user.tag")).dict == {"user.tag": b"1"}
+    assert brick.calls["getxattr"] == n
+    await b.setxattr(fg, {"user.tag": b"2"})
+    assert (await m.getxattr(fg, "user.tag")).dict == {"user.tag": b"2"}
+    await b.removexattr(fg, "user.tag")
+    with pytest.raises(OSError) as e:
+        await m.getxattr(fg, "user.tag")
+    assert e.value.errno == errno.ENODATA
+    # a fresh lookup now asks for the learned key too
+    m.drop_all()
+    await m.lookup(dg, "f")
+    n = brick.calls["getxattr"]
+    with pytest.raises(OSError):
+        await m.getxattr(fg, "user.tag")
+    assert brick.calls["getxattr"] == n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The invariant, over random interleavings: after the brick's invalidation of a change reached A, no answer of A
+# is older than that change. B changes a file's attributes and an xattr and creates/unlinks names while A reads
+# through md-cache; calls take time, upcalls arrive late, the brick may restart. Each answer is checked against
+# what A had been told before the read began.
+
+A_READS = ("stat", "lookup_f", "getxattr", "lookup_n", "readdirp")
+B_OPS = ("write", "truncate", "chmod", "setxattr", "create", "unlink", "restart")
+NAMES = tuple(f"n{i}" for i in range(6))
+
+
+class History:
+    """What happened at the brick and what A was told, in virtual time."""
+
+    def __init__(self, brick: MemBrick, a: MemClient, dg: bytes, fg: bytes) -> None:
+        self.brick, self.dg, self.fg = brick, dg, fg
+        self.f_floor = 0  # ctime (ns) of the latest change of f that A was told about
+        self.x_floor = 0  # index of the latest user.k value A was told about
+        self.created: dict[str, float] = {}  # name → when the create was applied
+        self.unlinked: dict[str, float] = {}  # name → when the unlink was applied
+        self.told_created: dict[str, float] = {}  # name → when A heard of d's change by its create
+        self.told_unlinked: dict[str, float] = {}  # name → when A heard of its inode's unlink
+        self.gfid_name: dict[bytes, str] = {}
+        self._names_at: dict[int, set[str]] = {}  # d's ctime after a create → names it had then
+        orig = brick.upcall
+
+        def upcall(origin: int | None, gfid: bytes, flags: int, stat: Iatt | None = None,
+                   parent: Iatt | None = None, oldparent: Iatt | None = None,
+                   xattrs: dict[str, bytes] | None = None) -> None:
+            if gfid == dg and stat is not None:
+                d = brick.inodes[dg]
+                self._names_at[stat.ctime * 10**9 + stat.ctime_nsec] = set(d.entries)
+            orig(origin, gfid, flags, stat, parent, oldparent, xattrs)
+
+        brick.upcall = upcall  # type: ignore[method-assign]
+        a.subscribe_callbacks(self._told)
+
+    def _told(self, proc: int, msg: object) -> None:
+        if not isinstance(msg, F.CacheInvalidation):
+            return
+        now = trio.current_time()
+        s = msg.stat
+        if msg.gfid == self.fg and s.gfid == self.fg:
+            self.f_floor = max(self.f_floor, s.ctime * 10**9 + s.ctime_nsec)
+            v = msg.xdata.get("user.k")
+            if v and v != b"\0":
+                self.x_floor = max(self.x_floor, int(v[1:]))
+        if msg.gfid == self.dg and s.gfid == self.dg:
+            for n in self._names_at.get(s.ctime * 10**9 + s.ctime_nsec, ()):
+                self.told_created.setdefault(n, now)
+        n = self.gfid_name.get(msg.gfid)
+        if n is not None and msg.flags & 0x1:
+            self.told_unlinked.setdefault(n, now)
+
+
+def ctime_ns(i: Iatt) -> int:
+    return i.ctime * 10**9 + i.ctime_nsec
+
+
+async def a_read(m: MdCache, h: History, what: str, name: str, check: list[str]) -> None:
+    ts = trio.current_time()
+    f_floor, x_floor = h.f_floor, h.x_floor
+    told_c, told_u = h.told_created.get(name, 1e18), h.told_unlinked.get(name, 1e18)
+    try:
+        if what in ("stat", "lookup_f"):
+            r = await (m.stat(h.fg) if what == "stat" else m.lookup(h.dg, "f"))
+            assert r.stat is not None
+            if ctime_ns(r.stat) < f_floor:
+                check.append(f"{what} at {ts:.4f}: ctime {ctime_ns(r.stat)} older than the change A was told of "
+                             f"({f_floor})")
+        elif what == "getxattr":
+            try:
+                v = (await m.getxattr(h.fg, "user.k")).dict or {}
+                idx = int(v["user.k"][1:])
+            except OSError as e:
+                if e.errno != errno.ENODATA:
+                    raise
+                idx = 0
+            if idx < x_floor:
+                check.append(f"getxattr at {ts:.4f}: value {idx} older than the change A was told of ({x_floor})")
+        elif what == "lookup_n":
+            try:
+                r = await m.lookup(h.dg, name)
+                found = True
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                found = False
+            te = trio.current_time()
+            if not found and told_c < ts and h.unlinked.get(name, 1e18) > te:
+                check.append(f"lookup {name} at {ts:.4f}: ENOENT though A was told of its create at {told_c:.4f}")
+            if found and told_u < ts:
+                check.append(f"lookup {name} at {ts:.4f}: found though A was told of its unlink at {told_u:.4f}")
+        else:
+            o = await m.opendir(h.dg)
+            assert o.fd is not None
+            try:
+                await m.readdirp(o.fd)
+            finally:
+                await m.releasedir(o.fd)
+    except OSError as e:
+        if e.errno not in (errno.ENOTCONN, errno.EBADFD, errno.EBADF):
+            raise
+
+
+async def b_change(b: MemClient, brick: MemBrick, h: History, what: str, name: str, n: int) -> None:
+    try:
+        if what == "write":
+            o = await b.open(h.fg, os.O_RDWR)
+            assert o.fd is not None
+            try:
+                await b.write(o.fd, n % 7, b"x" * (n % 5 + 1))
+            finally:
+                await b.release(o.fd)
+        elif what == "truncate":
+            await b.truncate(h.fg, n % 9)
+        elif what == "chmod":
+            await b.setattr(h.fg, Iatt(mode=0o600 | (n % 8)), SET_MODE)
+        elif what == "setxattr":
+            await b.setxattr(h.fg, {"user.k": f"v{n}".encode()})
+        elif what == "create":
+            if name not in h.created:
+                g = new_gfid()
+                h.gfid_name[g] = name
+                h.created[name] = trio.current_time()  # applied within this call
+                await b.mknod(h.dg, name, st.S_IFREG | 0o644, 0, g)
+                h.created[name] = trio.current_time()
+        elif what == "unlink":
+            if name in h.created and name not in h.unlinked:
+                h.unlinked[name] = trio.current_time()  # at the latest at the reply: checks use the earlier time
+                await b.unlink(h.dg, name)
+        elif what == "restart":
+            brick.crash()
+            await trio.sleep(0.01)
+            brick.restart()
+    except OSError as e:
+        if e.errno not in (errno.ENOTCONN, errno.EBADFD, errno.EBADF, errno.ENOENT):
+            raise
+
+
+def run_interleaving(a_steps: list[tuple[str, str, float]], b_steps: list[tuple[str, str, float]],
+                     upcall_delay: float) -> list[str]:
+    problems: list[str] = []
+
+    async def main() -> None:
+        brick, m, b, _ = coherent(latency=0.01, upcall_delay=upcall_delay)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(m.run)
+            dg, fg = await tree(b)
+            await b.setxattr(fg, {"user.k": b"v0"})
+            h = History(brick, m.child, dg, fg)  # type: ignore[arg-type]
+            await m.lookup(ROOT_GFID, "d")
+            await m.lookup(dg, "f")
+
+            async def side_a() -> None:
+                for what, name, delay in a_steps:
+                    await trio.sleep(delay)
+                    await a_read(m, h, what, name, problems)
+
+            async def side_b() -> None:
+                for n, (what, name, delay) in enumerate(b_steps, 1):
+                    await trio.sleep(delay)
+                    if not b.is_up:
+                        b.connect()
+                    await b_change(b, brick, h, what, name, n)
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(side_a)
+                inner.start_soon(side_b)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return problems
+
+
+delays = st_.sampled_from([0.0, 0.001, 0.004, 0.0099, 0.013, 0.05, 0.2])
+
+
+@hyp.settings(max_examples=300, deadline=None, suppress_health_check=list(hyp.HealthCheck))
+@hyp.given(a_steps=st_.lists(st_.tuples(st_.sampled_from(A_READS), st_.sampled_from(NAMES), delays),
+                             min_size=4, max_size=40),
+           b_steps=st_.lists(st_.tuples(st_.sampled_from(B_OPS), st_.sampled_from(NAMES), delays),
+                             min_size=2, max_size=25),
+           upcall_delay=st_.sampled_from([0.0, 0.003, 0.02]))
+def test_no_answer_is_older_than_a_change_the_brick_announced(a_steps: list[tuple[str, str, float]],
+                                                              b_steps: list[tuple[str, str, float]],
+                                                              upcall_delay: float) -> None:
+    problems = run_interleaving(a_steps, b_steps, upcall_delay)
+    assert not problems, "\n".join(problems)
