@@ -26,7 +26,8 @@ What it models, because the translators depend on it:
   calls hang, and a client drops the session after its ping-timeout), per-call latency, and a fault
   plan: :meth:`~MemBrick.fail` (a call fails with an errno), :meth:`~MemBrick.crash_on` (the brick dies
   when a call arrives, before or after applying it), :meth:`~MemBrick.short_write`, and
-  ``capacity``/``quota`` (ENOSPC/EDQUOT for writes past them);
+  ``capacity``/``quota`` (ENOSPC/EDQUOT for writes past them), and ``arbiter`` (the data-less brick of
+  ``replica 3 arbiter 1``);
 - the upcall translator, with ``cache_invalidation=True``: a session is registered on an inode by every
   fop on it (a LOOKUP on the inode it finds, READDIRP on every entry), and a change notifies the other
   sessions registered within ``cache_invalidation_timeout`` with a ``CACHE_INVALIDATION`` callback, as
@@ -178,8 +179,11 @@ class MemBrick:
 
     def __init__(self, name: str = "brick", *, capacity: int | None = None, quota: int | None = None,
                  latency: float | Callable[[str], float] = 0.0, cache_invalidation: bool = False,
-                 cache_invalidation_timeout: float = 60.0, upcall_delay: float = 0.0) -> None:
+                 cache_invalidation_timeout: float = 60.0, upcall_delay: float = 0.0, arbiter: bool = False) -> None:
         self.name = name
+        #: the brick of an arbiter volume that keeps no data (gluster's features/arbiter on it): data fops
+        #: succeed without storing anything (a write's count is what it was sent), reads fail with ENOSYS
+        self.arbiter = arbiter
         #: features.cache-invalidation / -timeout; upcalls reach their client ``upcall_delay`` s after the change
         self.cache_invalidation = cache_invalidation
         self.cache_invalidation_timeout = cache_invalidation_timeout
@@ -910,6 +914,8 @@ class MemClient(Fops):
         if ino.is_dir:
             raise OSError(errno.EISDIR, f"{self.name}: is a directory")
         pre = ino.iatt()
+        if self.brick.arbiter:
+            return Result(0, 0, pre=pre, post=pre)
         if size > len(ino.data):
             ino.data.extend(bytes(size - len(ino.data)))
         else:
@@ -1305,6 +1311,8 @@ class MemClient(Fops):
         conn, fault, ino, _ = await self._fd_op("read", fd)
         if ino.is_dir:
             raise OSError(errno.EISDIR, f"{self.name}: is a directory")
+        if self.brick.arbiter:
+            raise OSError(errno.ENOSYS, f"{self.name}: the arbiter keeps no data")
         data = bytes(ino.data[offset:offset + size])
         r = Result(len(data), 0, stat=ino.iatt(), data=data)
         await self._leave("read", conn, fault)
@@ -1319,6 +1327,10 @@ class MemClient(Fops):
         payload = bytes(data)
         if fault is not None and fault.action == "short":
             payload = payload[:fault.keep]
+        if b.arbiter:
+            r = Result(len(payload), 0, pre=ino.iatt(), post=ino.iatt())
+            await self._leave("write", conn, fault)
+            return r
         b._check_space(offset + len(payload) - len(ino.data))
         pre = ino.iatt()
         if offset > len(ino.data):
@@ -1437,6 +1449,8 @@ class MemClient(Fops):
 
     def _zero(self, ino: Inode, offset: int, size: int, extend: bool, cred: Credential | None) -> Result:
         pre = ino.iatt()
+        if self.brick.arbiter:
+            return Result(0, 0, pre=pre, post=pre)
         end = offset + size
         if end > len(ino.data):
             if extend:
@@ -1454,6 +1468,8 @@ class MemClient(Fops):
         keep = bool(mode & FALLOC_KEEP_SIZE)
         if mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE):
             r = self._zero(ino, offset, size, not keep, cred)
+        elif self.brick.arbiter:
+            r = Result(0, 0, pre=ino.iatt(), post=ino.iatt())
         else:
             pre = ino.iatt()
             end = offset + size
@@ -1516,7 +1532,10 @@ class MemClient(Fops):
         return await self._list("readdir", fd, offset, size, xdata, False)
 
 
-def replica_set(volume: str, n: int, *, first: int = 0, **brick_options: Any) -> tuple[list[MemBrick], list[MemClient]]:
-    """``n`` bricks named as a volfile names their clients (``VOLUME-client-K``), each with a session."""
-    bricks = [MemBrick(f"{volume}-client-{k}", **brick_options) for k in range(first, first + n)]
+def replica_set(volume: str, n: int, *, first: int = 0, arbiter: bool = False,
+                **brick_options: Any) -> tuple[list[MemBrick], list[MemClient]]:
+    """``n`` bricks named as a volfile names their clients (``VOLUME-client-K``), each with a session;
+    with ``arbiter`` the last one is the arbiter (``replica 3 arbiter 1``)."""
+    bricks = [MemBrick(f"{volume}-client-{k}", arbiter=arbiter and k == first + n - 1, **brick_options)
+              for k in range(first, first + n)]
     return bricks, [b.client() for b in bricks]
