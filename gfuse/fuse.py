@@ -9,11 +9,13 @@ for the native client. pyfuse3 kills the whole mount on any exception other than
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import functools
 import logging
 import os
 import stat as st
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Concatenate, Coroutine, ParamSpec, Sequence, TypeVar
@@ -52,6 +54,9 @@ def fuse_errors(
     @functools.wraps(fn)
     async def wrapper(self: Ops, /, *args: P.args, **kwargs: P.kwargs) -> T:
         self.inflight += 1
+        cache = self.kcache.cache
+        if cache is not None:
+            _TICKET.set(cache.ticket())  # answers about inodes changed from now on get no long kernel timeout
         try:
             return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
@@ -122,6 +127,8 @@ class GlusterOperations(pyfuse3.Operations):
         self.initialized = trio.Event()
         #: what a successor process needs to take the mount over (gfuse.takeover; -o restartable)
         self.journal: Journal = NO_JOURNAL
+        #: the kernel's caches of this mount: timeouts handed out and their purging (see KernelCache)
+        self.kcache = KernelCache(self)
 
     def init(self) -> None:
         """The kernel's INIT is being answered (pyfuse3 calls this synchronously, just before the reply)."""
@@ -153,8 +160,7 @@ class GlusterOperations(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino if ino is not None else self.ino(stat.gfid)
         a.generation = 0
-        a.entry_timeout = self.entry_timeout
-        a.attr_timeout = self.attr_timeout
+        a.entry_timeout, a.attr_timeout = self.kcache.timeouts(stat.gfid)
         a.st_mode = stat.mode
         a.st_nlink = stat.nlink
         a.st_uid = stat.uid
@@ -169,8 +175,11 @@ class GlusterOperations(pyfuse3.Operations):
         a.st_ctime_ns = stat.ctime * 1_000_000_000 + stat.ctime_nsec
         return a
 
-    def _entry(self, stat: Iatt) -> pyfuse3.EntryAttributes:
-        return self.attrs(stat, self._remember(stat))
+    def _entry(self, stat: Iatt, parent_inode: int | None = None, name: bytes = b"") -> pyfuse3.EntryAttributes:
+        ino = self._remember(stat)
+        if parent_inode is not None:
+            self.kcache.dentry(parent_inode, name, ino)
+        return self.attrs(stat, ino)
 
     def _groups_of(self, pid: int) -> tuple[int, ...]:
         now = time.monotonic()
@@ -213,7 +222,7 @@ class GlusterOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         r = await self.top.lookup(self.gfid(parent_inode), name.decode("utf-8", "surrogateescape"),
                                   cred=self.cred(ctx))
-        return self._entry(r.need_stat())
+        return self._entry(r.need_stat(), parent_inode, name)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
@@ -224,6 +233,7 @@ class GlusterOperations(pyfuse3.Operations):
             rec.nlookup -= n
             if rec.nlookup <= 0:
                 del self.inodes[ino]
+                self.kcache.forgotten(ino)
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -293,14 +303,14 @@ class GlusterOperations(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         r = await self._create_entry(Proc.MKNOD, parent_inode, name, ctx, lambda p, n, g, c: self.top.mknod(
             p, n, mode, rdev, g, ctx.umask, cred=c))
-        return self._entry(r.need_stat())
+        return self._entry(r.need_stat(), parent_inode, name)
 
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         r = await self._create_entry(Proc.MKDIR, parent_inode, name, ctx, lambda p, n, g, c: self.top.mkdir(
             p, n, mode | st.S_IFDIR, g, ctx.umask, cred=c))
-        return self._entry(r.need_stat())
+        return self._entry(r.need_stat(), parent_inode, name)
 
     @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
@@ -308,7 +318,7 @@ class GlusterOperations(pyfuse3.Operations):
         t = target.decode("utf-8", "surrogateescape")
         r = await self._create_entry(Proc.SYMLINK, parent_inode, name, ctx, lambda p, n, g, c: self.top.symlink(
             p, n, t, g, ctx.umask, cred=c))
-        return self._entry(r.need_stat())
+        return self._entry(r.need_stat(), parent_inode, name)
 
     @fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
@@ -316,7 +326,7 @@ class GlusterOperations(pyfuse3.Operations):
         self._ro()
         r = await self.top.link(self.gfid(inode), self.gfid(new_parent_inode), self._name(new_name),
                                 cred=self.cred(ctx, Proc.LINK))
-        return self._entry(r.need_stat())
+        return self._entry(r.need_stat(), new_parent_inode, new_name)
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -399,7 +409,8 @@ class GlusterOperations(pyfuse3.Operations):
                 await self.top.release(fd)
                 raise
         self._opened(inode, fd, flags)
-        return pyfuse3.FileInfo(fh=fd)
+        # close-to-open: the kernel keeps its pages only if no change of the file can have been missed
+        return pyfuse3.FileInfo(fh=fd, keep_cache=self.kcache.keep_pages(self.gfid(inode)))
 
     def _opened(self, inode: int, fh: int, flags: int = 0) -> None:
         self.open_files.setdefault(inode, set()).add(fh)
@@ -411,7 +422,7 @@ class GlusterOperations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         r = await self._create_entry(Proc.CREATE, parent_inode, name, ctx, lambda p, n, g, c: self.top.create(
             p, n, (flags & ~os.O_NOCTTY) | os.O_CREAT, (mode & 0o7777) | st.S_IFREG, g, ctx.umask, cred=c), flags)
-        entry = self._entry(r.need_stat())
+        entry = self._entry(r.need_stat(), parent_inode, name)
         fd = r.need_fd()
         self._opened(entry.st_ino, fd, flags)
         self._no_caps[entry.st_ino] = time.monotonic()  # a new file has no file capabilities to kill
@@ -525,9 +536,10 @@ class GlusterOperations(pyfuse3.Operations):
                 d.cookies[nid] = e.off
                 self.journal.cookie(fh, nid, e.off)
                 attrs = self.attrs(e.stat)
-                if not pyfuse3.readdir_reply(token, e.name.encode("utf-8", "surrogateescape"), attrs, nid):
+                bname = e.name.encode("utf-8", "surrogateescape")
+                if not pyfuse3.readdir_reply(token, bname, attrs, nid):
                     return
-                self._remember(e.stat)  # readdirplus: the kernel now holds a lookup reference
+                self.kcache.dentry(self.ino(d.gfid), bname, self._remember(e.stat))  # readdirplus: a lookup
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:
@@ -595,3 +607,179 @@ class GlusterOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         await self.top.removexattr(self.gfid(inode), n, cred=self.cred(ctx, Proc.REMOVEXATTR))
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the kernel's caches: how long it may keep what we answer, and purging it when another client changed things
+
+#: md-cache's invalidation sequence when the request being served began (see MdCache.ticket)
+_TICKET: contextvars.ContextVar[int] = contextvars.ContextVar("gfuse_cache_ticket", default=0)
+
+
+class KernelCache:
+    """The kernel side of md-cache (a ``KernelSink``, gfuse/xlators/mdcache.py).
+
+    Timeouts: without a coherent md-cache the mount's entry/attribute timeouts (1 s, as gluster's FUSE
+    bridge); with one, each answer's timeout is what is left of md-cache's entry for that inode (up to
+    md-cache-timeout, and never past the bricks' registration), 0 when the inode changed while the request
+    was served. What the kernel holds for that long must then be purged by us when a brick says another
+    client changed it: attributes with ``invalidate_inode(attr_only)`` at once (it waits for nothing, so the
+    reply of a later request on the same brick connection finds them gone), pages and directory entries
+    (``invalidate_entry`` waits for requests on the parent) from one worker thread, never the trio thread
+    that serves requests (CACHING.md §6). Duplicates (one upcall per replica) are merged in its queue.
+    """
+
+    def __init__(self, ops: GlusterOperations) -> None:
+        self.ops = ops
+        #: the current graph's md-cache (set by the mount; None: the mount's fixed timeouts)
+        self.cache: Any = None
+        #: inode → the directory entries (parent inode, name) the kernel got from us for it
+        self.dentries: dict[int, set[tuple[int, bytes]]] = {}
+        #: set while the FUSE session can take notifications (after pyfuse3.init, before close)
+        self.live = False
+        self._pending: dict[tuple[Any, ...], None] = {}
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.sent = {"attr": 0, "pages": 0, "entry": 0, "all": 0, "missed": 0}
+
+    # ------------------------------------------------------------ the bridge's side (trio thread)
+
+    def timeouts(self, gfid: bytes) -> tuple[float, float]:
+        """(entry, attribute) timeout for an answer about ``gfid``."""
+        c = self.cache
+        if c is not None:
+            t = c.kernel_timeout(gfid, _TICKET.get())
+            if t is not None:
+                return t, t
+        return self.ops.entry_timeout, self.ops.attr_timeout
+
+    def dentry(self, parent_inode: int, name: bytes, ino: int) -> None:
+        names = self.dentries.get(ino)
+        if names is None:
+            names = self.dentries[ino] = set()
+        if len(names) < 64:
+            names.add((parent_inode, name))
+
+    def forgotten(self, ino: int) -> None:
+        self.dentries.pop(ino, None)
+
+    def keep_pages(self, gfid: bytes) -> bool:
+        c = self.cache
+        return True if c is None else bool(c.keep_pages(gfid))
+
+    # ------------------------------------------------------------ md-cache's side (KernelSink, trio thread)
+
+    def _known(self, gfid: bytes) -> int | None:
+        ino = self.ops.ino(gfid)
+        return ino if ino in self.ops.inodes else None
+
+    def inode_changed(self, gfid: bytes, data: bool) -> None:
+        ino = self._known(gfid)
+        if ino is None or not self.live:
+            return
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=True)  # never waits: safe on the trio thread
+            self.sent["attr"] += 1
+        except OSError:
+            self.sent["missed"] += 1
+        if data:
+            self._post(("pages", ino))
+
+    def names_gone(self, gfid: bytes) -> None:
+        ino = self.ops.ino(gfid)
+        names = self.dentries.pop(ino, None)
+        if not names or not self.live:
+            return
+        for parent, name in names:
+            self._post(("entry", parent, name))
+
+    def everything(self) -> None:
+        if not self.live:
+            self.dentries.clear()
+            return
+        inodes = [i for i in self.ops.inodes if i != pyfuse3.ROOT_INODE]
+        entries = [(p, n) for names in self.dentries.values() for p, n in names]
+        self.dentries.clear()
+        for i in [pyfuse3.ROOT_INODE, *inodes]:
+            try:
+                pyfuse3.invalidate_inode(i, attr_only=True)
+            except OSError:
+                pass
+        self._post(("all", tuple(inodes), tuple(entries)))
+
+    # ------------------------------------------------------------ the worker thread
+
+    def start(self) -> None:
+        """The FUSE session is up: notifications may be written from now on."""
+        self.live = True
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._work, name="gfuse-kernel-inval", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Before the session is closed: no notification is written after this returns (or times out)."""
+        self.live = False
+        with self._cond:
+            self._stop = True
+            self._pending.clear()
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _post(self, item: tuple[Any, ...]) -> None:
+        with self._cond:
+            if item not in self._pending:
+                self._pending[item] = None
+                self._cond.notify()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                item = next(iter(self._pending))
+                del self._pending[item]
+            try:
+                self._apply(item)
+            except Exception:  # a notification that fails is logged, never fatal
+                log.exception("kernel invalidation %s failed", item[0])
+
+    def _apply(self, item: tuple[Any, ...]) -> None:
+        kind = item[0]
+        if kind == "pages":
+            self._inval_inode(item[1], False)
+            self.sent["pages"] += 1
+        elif kind == "entry":
+            self._inval_entry(item[1], item[2])
+            self.sent["entry"] += 1
+        elif kind == "all":
+            for parent, name in item[2]:
+                if self._stop:
+                    return
+                self._inval_entry(parent, name)
+            for ino in item[1]:
+                if self._stop:
+                    return
+                self._inval_inode(ino, False)
+            self.sent["all"] += 1
+
+    def _inval_inode(self, ino: int, attr_only: bool) -> None:
+        if not self.live:
+            return
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=attr_only)
+        except OSError:
+            self.sent["missed"] += 1  # the kernel forgot it meanwhile (ENOENT)
+
+    def _inval_entry(self, parent: int, name: bytes) -> None:
+        if not self.live:
+            return
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except OSError:
+            self.sent["missed"] += 1

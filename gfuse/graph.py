@@ -7,6 +7,7 @@ through to their single child and named once in the log.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import trio
@@ -19,7 +20,8 @@ from .volfile_policy import check_graph
 from .xlators.api import Brick, Subvolume
 from .xlators.client import BrickClient
 from .xlators.distribute import Distribute
-from .xlators.mdcache import MdCache
+from .xlators.cachemode import probe_bricks
+from .xlators.mdcache import CacheOptions, MdCache
 from .xlators.replicate import Replicate
 
 log = logging.getLogger(__name__)
@@ -48,8 +50,13 @@ class ClientGraph:
         self.replicas: list[Replicate] = []
         self._stopping = trio.Event()
         check_graph(graph)  # a volume gfuse would serve wrongly (shard, disperse, …) is refused in one line
-        #: directory attributes from entry replies on top of it all (see xlators/mdcache.py)
-        self.top = MdCache(self._build(graph.top))
+        #: md-cache on top of it all, above distribute/replicate (see xlators/mdcache.py)
+        child = self._build(graph.top)
+        mdc = next((x.options for x in graph.xlators.values() if x.type == "performance/md-cache"), None)
+        nlc = next((x.options for x in graph.xlators.values() if x.type == "performance/nl-cache"), None)
+        self.mdcache = MdCache(child, options=CacheOptions.from_xlators(mdc, nlc), bricks=self.bricks,
+                               probe=functools.partial(probe_bricks, self.bricks, volume))
+        self.top = self.mdcache
 
     def _build(self, xl: Xlator) -> Subvolume:
         if xl.name in self._built:
@@ -90,6 +97,7 @@ class ClientGraph:
         with trio.move_on_after(timeout):
             for b in self.bricks:
                 await b.first_attempt_done.wait()
+        await nursery.start(self.mdcache.run)  # reads the bricks' cache-invalidation settings first
 
     async def serve(self, timeout: float = 10.0, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:

@@ -135,6 +135,7 @@ class MountedVolume:
             self.ops = ops = GlusterOperations(self.switch, root, read_only=self.opts.read_only,
                                                attr_timeout=self.opts.attr_timeout,
                                                entry_timeout=self.opts.entry_timeout)
+            self._attach_cache(cg)
             fuse_opts = set(pyfuse3.default_options)
             # the spec is checked (volspec: no comma, backslash or space); escaped all the same, as libfuse
             # splits -o at commas (a comma could turn off nosuid/nodev)
@@ -144,10 +145,13 @@ class MountedVolume:
             if self.opts.allow_other:
                 fuse_opts.add("allow_other")
             fuse_opts.update(self.opts.libfuse_kernel_options())  # context= etc.: libfuse hands them to mount(2)
+            if self.restart is not None:  # a standby waits here, its graph connected, until the server dies
+                await self.restart.wait_turn()
             try:
                 pyfuse3.init(ops, self.restart.fuse_target() if self.restart else self.mountpoint, fuse_opts)
             except RuntimeError as e:
                 raise MountError(f"FUSE mount on {self.mountpoint} failed: {e}") from None
+            ops.kcache.start()  # md-cache may purge the kernel from now on (a worker thread, see fuse.KernelCache)
             try:
                 nursery.start_soon(self._read_ahead_after_init, ops)
                 nursery.start_soon(self._status_server)
@@ -160,6 +164,7 @@ class MountedVolume:
                 extended = lowlevel.install()
                 if self.restart is not None:  # INIT, restored state, journal, resend, the holder's copy
                     await self.restart.start(ops, self.switch, nursery)
+                    ops.kcache.everything()  # what the kernel kept for the previous server is not ours to vouch for
                 ready(None)
                 self._live = True
                 async with trio.open_nursery() as requests:
@@ -170,6 +175,7 @@ class MountedVolume:
                     requests.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True):
+                    ops.kcache.stop()  # no notification after the session is closed
                     with trio.move_on_after(10):
                         for g in list(self._graphs):
                             await g.flush()
@@ -185,6 +191,13 @@ class MountedVolume:
                         pass
                 nursery.cancel_scope.cancel()
             log.info("unmounted %s", self.mountpoint)
+
+    def _attach_cache(self, cg: ClientGraph) -> None:
+        """The kernel's timeouts come from ``cg``'s md-cache, which purges the kernel (gfuse/xlators/mdcache.py)."""
+        assert self.ops is not None
+        cg.mdcache.kernel = self.ops.kcache
+        self.ops.kcache.cache = cg.mdcache
+        log.info("%s: %s", self.spec.volume, cg.mdcache.describe())
 
     async def _read_ahead_after_init(self, ops: GlusterOperations) -> None:
         """The kernel clamps readahead to what INIT's reply says (128 KiB): raise it once INIT is answered
@@ -217,6 +230,9 @@ class MountedVolume:
             old.stop()
             log.info("the previous graph of %s is stopped (no open file left on it)", self.spec.volume)
         self.switch.switch(cg.top, retire)
+        if self.ops is not None:
+            self._attach_cache(cg)
+            self.ops.kcache.everything()  # the old graph's registrations end with it
         log.info("volfile of %s changed: new files and lookups now use the new graph (%s); "
                  "files already open stay on the previous one until closed", self.spec.volume, shape)
 

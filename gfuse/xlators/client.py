@@ -25,7 +25,7 @@ import trio
 from .. import fops as F
 from .. import handshake as hs
 from .. import rpc
-from ..dicts import Dict, old_str
+from ..dicts import Dict, encode_gfx, old_str
 from ..cred import now_cred
 from ..errors import leaf
 from ..fops import Flock, Proc, Result
@@ -34,6 +34,7 @@ from ..mgmt import MgmtError, Server, port_by_brick
 from ..tls import DEFAULT as DEFAULT_TLS, TlsConfig
 from ..transport import RpcConnection, not_connected
 from ..volfile import Xlator
+from ..xdr import Packer
 from .api import BrickEvent, Fops
 from .handles import Handles
 
@@ -374,6 +375,11 @@ class BrickClient(Fops):
     async def xattrop(self, gfid: bytes, op: int, d: Dict, xdata: Dict | None = None,
                       cred: rpc.Credential | None = None) -> Result:
         return await self.call(Proc.XATTROP, F.xattrop_req(gfid, op, d, xdata), cred)
+
+    async def ipc(self, op: int, xdata: Dict | None = None) -> Result:
+        """IPC (``gfx_ipc_req``: op, xdata); op 2 registers xattr key patterns with the brick's upcall
+        translator, whose XATTR callbacks then carry those keys (md-cache sends it on every connect)."""
+        return await self.call(Proc.IPC, Packer().i32(op).raw(encode_gfx(xdata)).bytes())
 
     # ---------------------------------------------------------------- fops: fd
 

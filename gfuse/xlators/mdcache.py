@@ -160,9 +160,10 @@ Probe = Callable[[], Awaitable[tuple[bool, float]]]
 
 
 class _Ino:
-    __slots__ = ("iatt", "t", "reg", "xattrs", "xt", "names", "neg")
+    __slots__ = ("gfid", "iatt", "t", "reg", "xattrs", "xt", "names", "neg")
 
-    def __init__(self) -> None:
+    def __init__(self, gfid: bytes) -> None:
+        self.gfid = gfid
         self.iatt: Iatt | None = None
         #: when the request that brought ``iatt`` was sent
         self.t = 0.0
@@ -171,8 +172,9 @@ class _Ino:
         #: listed xattrs: value, or None for "the inode has none"; ``xt`` as ``t``
         self.xattrs: dict[str, Any] | None = None
         self.xt = 0.0
-        #: directories: names seen (name → gfid) and names found absent (name → when)
-        self.names: dict[str, bytes] | None = None
+        #: directories: names seen (name → the entry of the inode it named then: an inode dropped by an
+        #: upcall and cached again is a new entry, so a name it lost is not answered) and names found absent
+        self.names: dict[str, _Ino] | None = None
         self.neg: dict[str, float] | None = None
 
 
@@ -434,7 +436,7 @@ class MdCache(PassThrough):
     def _ino(self, gfid: bytes) -> _Ino:
         e = self._inodes.get(gfid)
         if e is None:
-            e = self._inodes[gfid] = _Ino()
+            e = self._inodes[gfid] = _Ino(gfid)
         return e
 
     def _store(self, gfid: bytes, iatt: Iatt | None, ticket: int, t0: float, *, register: bool = True) -> _Ino | None:
@@ -483,9 +485,12 @@ class MdCache(PassThrough):
                 p.neg.clear()
             p.neg[name] = trio.current_time()
         else:
+            c = self._inodes.get(gfid)
+            if c is None:
+                return
             if p.names is None:
                 p.names = {}
-            p.names[name] = gfid
+            p.names[name] = c
             if p.neg is not None:
                 p.neg.pop(name, None)
 
@@ -493,7 +498,8 @@ class MdCache(PassThrough):
         p = self._inodes.get(pargfid)
         if p is None or p.names is None:
             return None
-        return p.names.pop(name, None)
+        c = p.names.pop(name, None)
+        return c.gfid if c is not None else None
 
     def _drop(self, gfid: bytes) -> None:
         e = self._inodes.get(gfid)
@@ -543,9 +549,9 @@ class MdCache(PassThrough):
                     if t is not None and now - t < min(self.opts.negative_timeout, self.lifetime):
                         self._hit("lookup-negative")
                         raise OSError(errno.ENOENT, f"{name!r}: no such file or directory (cached)")
-                g = p.names.get(name) if p.names is not None else None
-                if g is not None:
-                    hit = self.cached(g)
+                c = p.names.get(name) if p.names is not None else None
+                if c is not None and self._inodes.get(c.gfid) is c:
+                    hit = self.cached(c.gfid)
                     if hit is not None:
                         self._hit("lookup")
                         return Result(0, 0, stat=hit, postparent=self.cached(pargfid))

@@ -715,3 +715,24 @@ def test_no_answer_is_older_than_a_change_the_brick_announced(a_steps: list[tupl
                                                               upcall_delay: float) -> None:
     problems = run_interleaving(a_steps, b_steps, upcall_delay)
     assert not problems, "\n".join(problems)
+
+
+async def test_a_name_lost_by_a_rename_is_not_answered_after_the_inode_is_cached_again(
+        autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
+    """Found on a live mount: after B's rename f → g, A's `ls` cached the inode again under g, and the old
+    name f still led to it."""
+    brick, m, b, _ = coherent()
+    await nursery.start(m.run)
+    dg, fg = await tree(b)
+    await m.lookup(ROOT_GFID, "d")
+    await m.lookup(dg, "f")
+    await b.rename(dg, "f", dg, "g")
+    o = await m.opendir(dg)
+    assert o.fd is not None
+    await m.readdirp(o.fd)
+    await m.releasedir(o.fd)
+    assert m.cached(fg) is not None
+    with pytest.raises(OSError) as e:
+        await m.lookup(dg, "f")
+    assert e.value.errno == errno.ENOENT
+    assert (await m.lookup(dg, "g")).stat is not None
