@@ -18,7 +18,7 @@ from .errors import leaf
 from .mgmt import MgmtError, Server, fetch_graph, parse_servers, parse_volume_spec
 from .mounttable import gfuse_mounts
 from .tls import TlsConfig, describe as describe_tls
-from .volfile import VolfileError
+from .volfile import Graph, VolfileError
 from .xlators.client import BrickClient, BrickError
 
 EXIT_USAGE = 2
@@ -152,10 +152,27 @@ async def _probe(servers: list[Server], volume: str, timeout: float, tls: TlsCon
     widths = [max(len(r[i]) for r in rows + [("brick", "address", "port", "handshake", "rtt")]) for i in range(5)]
     for r in [("brick", "address", "port", "handshake", "rtt"), *rows]:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    await _probe_cache(graph, bricks, volume)
     down = [r for r in rows if not r[3].startswith("ok")]
     if down:
         click.echo(f"gfuse: {len(down)} of {len(rows)} brick(s) did not answer", err=True)
     return not down
+
+
+async def _probe_cache(graph: Graph, bricks: list[BrickClient], volume: str) -> None:
+    """Whether the volume has cache-invalidation on (client and brick side) and what gfuse makes of it."""
+    from .xlators.cachemode import BrickUpcall, brick_upcall, describe_cache
+
+    ups: list[BrickUpcall] = []
+    errors: list[str] = []
+    for b in bricks:
+        try:
+            with trio.fail_after(10):
+                ups.append(await brick_upcall(b, volume))
+        except (OSError, MgmtError, VolfileError, trio.TooSlowError) as e:
+            errors.append(f"{b.name}: {e or type(e).__name__}")
+    for line in describe_cache(graph, ups, errors):
+        click.echo(line)
 
 
 def _default_log_file(mountpoint: str) -> str:

@@ -82,6 +82,9 @@ DEFAULT_STATE_DIR = "/var/lib/gfuse/provisioner"
 #: (gluster's own quota tests do the same). On volumes first started with the defaults (5 s / 60 s),
 #: directory limits were not enforced in our runs on glusterfs 10.3 (README, Provisioning).
 QUOTA_OPTIONS = {"features.hard-timeout": "0", "features.soft-timeout": "0"}
+#: ``gluster volume set VOL group metadata-cache`` (extras/group-metadata-cache: features.cache-invalidation on,
+#: features.cache-invalidation-timeout 600, performance.cache-invalidation on, md-cache-timeout 600, ...)
+METADATA_CACHE_GROUP = {"group": "metadata-cache"}
 
 #: StorageClass parameters (backend_for checks them; unknown ones are an error the user sees)
 PARAMETERS = {
@@ -740,6 +743,10 @@ class VolumeBackend:
             if info.options.get("user.gfuse.state") == "ready":
                 return self._pv(name, info)
             if "user.gfuse.pv" not in info.options:
+                # the metadata-cache group (cache-invalidation on both sides, 600 s): gfuse's md-cache and the
+                # kernel then keep metadata until a brick says another client changed it (gfuse probe says so);
+                # before the options that mark this step done, and the StorageClass's own options may override it
+                self.glusterd.set_options(volname, METADATA_CACHE_GROUP)
                 self.glusterd.set_options(volname, {**QUOTA_OPTIONS, **options, "user.gfuse.pv": name,
                                                     "user.gfuse.size": str(size)})
             _step(self.kind, "create", "options")

@@ -15,7 +15,7 @@ import trio
 
 from ..mgmt import getspec
 from ..options import parse_bool
-from ..volfile import parse
+from ..volfile import Graph, parse
 from .client import BrickClient
 
 #: features.cache-invalidation-timeout when the brick volfile does not say (gluster's default)
@@ -66,3 +66,33 @@ async def probe_bricks(bricks: Sequence[BrickClient], volume: str) -> tuple[bool
     if not ups:
         return False, DEFAULT_TIMEOUT
     return all(u.invalidation for u in ups), min(u.timeout for u in ups)
+
+
+def describe_cache(graph: Graph, ups: Sequence[BrickUpcall], errors: Sequence[str] = ()) -> list[str]:
+    """What ``gfuse probe`` says about caching: both switches, and what gfuse makes of them."""
+    from .mdcache import INCOHERENT_MAX, CacheOptions
+
+    mdc = next((x.options for x in graph.xlators.values() if x.type == "performance/md-cache"), None)
+    nlc = next((x.options for x in graph.xlators.values() if x.type == "performance/nl-cache"), None)
+    o = CacheOptions.from_xlators(mdc, nlc)
+    on = [u for u in ups if u.invalidation]
+    client = (f"performance.cache-invalidation {'on' if o.invalidation else 'off'}, "
+              f"md-cache-timeout {o.timeout:g} s")
+    if errors:
+        bricks = f"unknown for {len(errors)} brick(s) ({errors[0]})"
+    elif len(on) == len(ups) and ups:
+        bricks = f"on at all {len(ups)} (cache-invalidation-timeout {min(u.timeout for u in ups):g} s)"
+    else:
+        bricks = f"on at {len(on)} of {len(ups)} brick(s)"
+    lines = [f"cache-invalidation: clients {client}; bricks (features.cache-invalidation) {bricks}"]
+    if o.invalidation and ups and len(on) == len(ups) and not errors:
+        t = min(u.timeout for u in ups)
+        life = min(o.timeout, max(0.0, t * 0.95 - 1.0))
+        lines.append(f"  coherent: the bricks tell gfuse of other clients' changes, so it keeps attributes, "
+                     f"security/ACL/user xattrs and names (negative ones up to {min(o.negative_timeout, life):g} s) "
+                     f"for {life:g} s and gives the kernel timeouts as long, purging it on each change")
+    else:
+        hint = "gluster volume set VOLUME group metadata-cache"
+        lines.append(f"  not coherent: nothing tells clients of each other's changes, so gfuse keeps attributes and "
+                     f"xattrs at most {INCOHERENT_MAX:g} s and the kernel its 1 s timeouts; `{hint}` turns both on")
+    return lines
