@@ -30,6 +30,7 @@ from .iatt import NULL_GFID, ROOT_GFID, SET_ATIME, SET_GID, SET_MODE, SET_MTIME,
 from .rpc import Credential
 from .cred import now_cred
 from .takeover import NO_JOURNAL, Journal
+from .xlators.api import ZEROFILL_KEEP_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -482,7 +483,16 @@ class GlusterOperations(pyfuse3.Operations):
                 raise OSError(errno.EOPNOTSUPP, "punching a hole needs FALLOC_FL_KEEP_SIZE")
             await self.top.discard(fh, offset, length, cred=self.cred(caller, Proc.DISCARD))
         elif mode & FALLOC_FL_ZERO_RANGE:
-            await self.top.zerofill(fh, offset, length, cred=self.cred(caller, Proc.ZEROFILL))
+            # gluster's ZEROFILL extends the file: with KEEP_SIZE zero only what is below the end (replicate
+            # clips again under its data lock, where no other writer can move the end meanwhile)
+            xdata = None
+            if mode & FALLOC_FL_KEEP_SIZE:
+                size = (await self.top.fstat(fh)).need_stat().size
+                length = min(offset + length, size) - offset
+                if length <= 0:
+                    return
+                xdata = {ZEROFILL_KEEP_SIZE: "1"}
+            await self.top.zerofill(fh, offset, length, xdata, cred=self.cred(caller, Proc.ZEROFILL))
         else:
             await self.top.fallocate(fh, mode, offset, length, cred=self.cred(caller, Proc.FALLOCATE))
 
@@ -550,7 +560,11 @@ class GlusterOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None
+        """The bricks fsync the directory (its new and removed names): FSYNC on the directory's fd."""
+        d = self.dirs.get(fh)
+        if d is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        await self.top.fsync(d.fd, bool(datasync))
 
     # ------------------------------------------------------------ xattrs
 

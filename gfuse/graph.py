@@ -71,7 +71,7 @@ class ClientGraph:
         elif xl.type == "cluster/replicate":
             pend = xl.options.get("afr-pending-xattr")
             replica = Replicate(xl.name, _bricks(xl, kids), pend.split(",") if pend else None,
-                                quorum=_quorum(xl.options, len(kids)))
+                                quorum=_quorum(xl.options, len(kids)), arbiter=_arbiter(xl, len(kids)))
             self.replicas.append(replica)
             node = replica
         elif xl.type == "cluster/distribute":
@@ -131,6 +131,15 @@ def _bricks(xl: Xlator, kids: list[Subvolume]) -> list[Brick]:
                                f"protocol/client ({k!r})")
         out.append(k)
     return out
+
+
+def _arbiter(xl: Xlator, n: int) -> int:
+    """``arbiter-count`` (replica 3 arbiter 1: the last child keeps no data, and must never be read)."""
+    raw = xl.options.get("arbiter-count", "0").strip() or "0"
+    if raw not in ("0", "1") or (raw == "1" and n != 3):
+        raise VolfileError(f"gfuse cannot serve {xl.name!r}: arbiter-count {raw!r} with {n} children "
+                           f"(only replica 3 arbiter 1)")
+    return int(raw)
 
 
 def _quorum(options: dict[str, str], n: int) -> str | int:

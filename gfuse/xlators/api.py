@@ -35,6 +35,10 @@ from ..rpc import Credential
 
 #: one page of a directory listing by default (what the FUSE bridge asks for)
 READDIR_SIZE = 128 * 1024
+#: xdata key of ``zerofill``: zero only up to the current size (fallocate ZERO_RANGE|KEEP_SIZE; gluster's
+#: ZEROFILL has no keep-size flag). Layers that hold the data lock (replicate) clip the range under it
+#: and do not pass the key on.
+ZEROFILL_KEEP_SIZE = "gfuse.zerofill-keep-size"
 
 
 class Fops(Protocol):
