@@ -158,6 +158,8 @@ class MountedVolume:
                 nursery.start_soon(self._signals)
                 watcher = VolfileWatcher(servers, self.spec.volume, graph, self._volfile_changed, tls=self.tls)
                 nursery.start_soon(watcher.run)
+                if self.restart is not None and self.restart.standby:
+                    nursery.start_soon(watcher._refetch)  # the volfile may have changed while it stood by
                 log.info("mounted %s on %s (%s)", self.spec_text, self.mountpoint, graph.shape())
                 # pyfuse3 lacks lock/fallocate handlers: add them; their tasks end before the session does
                 lowlevel = LowLevelHandlers(ops)

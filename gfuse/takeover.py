@@ -737,9 +737,18 @@ class Restart:
     # --- before libfuse ------------------------------------------------------------------------------
 
     def take(self) -> None:
-        """Takeover: the held fd from the holder (refused while another process serves the mount; a standby
-        waits until that process dies)."""
+        """Takeover: the held fd from the holder (refused while another process serves the mount). A standby
+        only reads the record here: it connects its graph first, then waits in :meth:`wait_turn`."""
         self.record = MountRecord.read(self.mountpoint)
+        if not self.standby:
+            self._take()
+
+    async def wait_turn(self) -> None:
+        """A standby: wait (in a thread, the graph's connections kept alive) until the holder hands the fd."""
+        if self.standby and self._fd is None:
+            await trio.to_thread.run_sync(self._take)
+
+    def _take(self) -> None:
         try:
             sock = connect_holder(spawn=False)
         except TakeoverError as e:
