@@ -338,9 +338,10 @@ class MdCache(PassThrough):
             self._registered[i] = gen
 
     async def _refresh(self, gfid: bytes) -> None:
-        """Touch a directory whose registration ran out, so its names can be answered again."""
+        """Touch a directory whose registration ran out, so its names can be answered again (a stat: it
+        reaches every copy of a directory, where distribute's nameless lookup reaches one)."""
         try:
-            await self.lookup_gfid(gfid)
+            await self.stat(gfid)
         except OSError:
             pass
         finally:
@@ -441,7 +442,8 @@ class MdCache(PassThrough):
 
     def _store(self, gfid: bytes, iatt: Iatt | None, ticket: int, t0: float, *, register: bool = True) -> _Ino | None:
         """Keep ``iatt`` as the attributes of ``gfid`` (the request was sent at ``t0``)."""
-        if iatt is None or iatt.gfid != gfid or gfid == NULL_GFID or not self._trusted(gfid, ticket):
+        if iatt is None or iatt.gfid != gfid or gfid == NULL_GFID or not self._trusted(gfid, ticket) or \
+                _linkto_like(iatt):
             return None
         e = self._ino(gfid)
         if register:
@@ -462,21 +464,26 @@ class MdCache(PassThrough):
             v = x.get(k)
             e.xattrs[k] = bytes(v) if isinstance(v, (bytes, bytearray)) else v
 
-    def _fill(self, iatt: Iatt | None, xdata: Dict | None, asked: Sequence[str], ticket: int, t0: float) -> None:
+    def _fill(self, iatt: Iatt | None, xdata: Dict | None, asked: Sequence[str], ticket: int, t0: float,
+              register: bool = True) -> None:
         if iatt is None:
             return
-        e = self._store(iatt.gfid, iatt, ticket, t0)
+        e = self._store(iatt.gfid, iatt, ticket, t0, register=register)
         if e is not None and asked:
             self._store_xattrs(e, xdata, asked, t0)
 
     def _name(self, pargfid: bytes, name: str, gfid: bytes | None, ticket: int) -> None:
-        """Directory ``pargfid`` has ``name`` → ``gfid`` (None: absent) as of ``ticket``."""
-        if not self.coherent or not self._trusted(pargfid, ticket):
+        """Directory ``pargfid`` has ``name`` → ``gfid`` (None: absent) as of ``ticket``. Names are kept in both
+        modes (our own unlink or rename must find its victim's attributes to drop them), answered only when
+        coherent; negative entries are kept only then."""
+        if not self._trusted(pargfid, ticket) or pargfid == NULL_GFID:
             return
-        p = self._inodes.get(pargfid)
-        if p is None:
-            return
+        p = self._ino(pargfid)
         if gfid is None:
+            if not self.coherent:
+                if p.names is not None:
+                    p.names.pop(name, None)
+                return
             if p.names is not None:
                 p.names.pop(name, None)
             if p.neg is None:
@@ -581,7 +588,8 @@ class MdCache(PassThrough):
                 return Result(0, 0, stat=hit)
         ticket, asked = self._seq, list(self._keys)
         r = await self.child.lookup_gfid(gfid, self._req(xdata), cred)
-        self._fill(r.stat, r.xdata, asked, ticket, now)
+        # distribute sends a directory's nameless lookup to one subvolume: the others did not register us
+        self._fill(r.stat, r.xdata, asked, ticket, now, register=r.stat is not None and not r.stat.is_dir)
         return r
 
     async def stat(self, gfid: bytes, xdata: Dict | None = None, cred: Credential | None = None) -> Result:
@@ -642,7 +650,8 @@ class MdCache(PassThrough):
         for ent in r.entries:
             if ent.stat is None or ent.name in (".", "..") or ent.stat.gfid == NULL_GFID:
                 continue
-            self._fill(ent.stat, ent.xdata, asked, ticket, now)
+            # a directory is listed from one subvolume of distribute: only that one registered us on it
+            self._fill(ent.stat, ent.xdata, asked, ticket, now, register=not ent.stat.is_dir)
             if dg is not None:
                 self._name(dg, ent.name, ent.stat.gfid, ticket)
         return r
@@ -784,7 +793,8 @@ class MdCache(PassThrough):
 
     def _keep_parent(self, pargfid: bytes, iatt: Iatt | None, ticket: int, t0: float) -> None:
         if iatt is not None and iatt.is_dir and iatt.gfid == pargfid:
-            self._store(pargfid, iatt, ticket, t0)
+            # an entry fop reaches the name's subvolume only: it registers us there, not on every copy
+            self._store(pargfid, iatt, ticket, t0, register=False)
         else:
             self._drop(pargfid)
 
@@ -857,7 +867,8 @@ class MdCache(PassThrough):
         self._keep_parent(newpar, r.postparent, ticket, t0)
         self._name(oldpar, oldname, None, ticket)
         if r.stat is not None:
-            self._store(r.stat.gfid, r.stat, ticket, t0)
+            # the reply's attributes are not kept: over distribute they can be those of a linkto (same gfid)
+            self._drop(r.stat.gfid)
             self._name(newpar, newname, r.stat.gfid, ticket)
         return r
 
@@ -877,6 +888,11 @@ class MdCache(PassThrough):
                           cred: Credential | None = None) -> Result:
         self._drop_meta(gfid, (name,))
         return await self.child.removexattr(gfid, name, xdata, cred)
+
+
+def _linkto_like(iatt: Iatt) -> bool:
+    """DHT's linkto files (mode ---------T, empty) carry the gfid of the file they point to: never its attributes."""
+    return st.S_ISREG(iatt.mode) and iatt.mode & 0o7777 == st.S_ISVTX and iatt.size == 0
 
 
 def _is_pattern(key: str) -> bool:

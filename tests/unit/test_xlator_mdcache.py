@@ -736,3 +736,63 @@ async def test_a_name_lost_by_a_rename_is_not_answered_after_the_inode_is_cached
         await m.lookup(dg, "f")
     assert e.value.errno == errno.ENOENT
     assert (await m.lookup(dg, "g")).stat is not None
+
+
+@pytest.mark.parametrize("invalidation", [False, True])
+async def test_our_own_unlink_drops_the_victims_attributes(autojump_clock: trio.abc.Clock, nursery: trio.Nursery,
+                                                           invalidation: bool) -> None:
+    """Found by test_mount_posix: after unlinking one of three hard links, the others said nlink 3."""
+    brick, m, b, _ = coherent(bricks_on=invalidation)
+    await nursery.start(m.run)
+    dg, fg = await tree(b)
+    await m.lookup(ROOT_GFID, "d")
+    await m.lookup(dg, "f")
+    await m.link(fg, dg, "l1")
+    await m.link(fg, dg, "l2")
+    r = await m.lookup(dg, "l1")
+    assert r.stat is not None and r.stat.nlink == 3
+    await m.unlink(dg, "f")
+    assert (await m.stat(fg)).stat == brick.inode("d/l1").iatt()  # type: ignore[union-attr]
+    await m.rename(dg, "l2", dg, "l1")  # over another name of the same inode: nothing changes
+    await m.unlink(dg, "l1")
+    with pytest.raises(OSError):
+        await m.lookup(dg, "l1")
+
+
+async def test_over_distribute_creates_in_a_listed_directory_are_seen(autojump_clock: trio.abc.Clock,
+                                                                       nursery: trio.Nursery) -> None:
+    """A directory's changes come from the subvolume its names hash to (the upcall too): A listed D from its
+    parent (subvolume 0) and missed names on both subvolumes; B's creates on either must drop A's negative
+    entries and D's attributes. (md-cache also counts a directory as registered only after a fop that reached
+    every subvolume: a lookup, stat or opendir of it, never its parent's listing or an entry fop in it.)"""
+    from gfuse.xlators.distribute import Distribute
+
+    bricks = [MemBrick(f"v-client-{i}", cache_invalidation=True, cache_invalidation_timeout=600) for i in range(2)]
+    a = [x.client() for x in bricks]
+    bd = Distribute("v-dht", [x.client() for x in bricks])
+
+    async def probe() -> tuple[bool, float]:
+        return True, 600.0
+
+    m = MdCache(Distribute("v-dht", a), options=CacheOptions(timeout=600, invalidation=True, negative_timeout=60),
+                bricks=a, probe=probe)
+    await nursery.start(m.run)
+    dg = new_gfid()
+    await bd.mkdir(ROOT_GFID, "D", st.S_IFDIR | 0o755, dg)
+    o = await m.opendir(ROOT_GFID)
+    assert o.fd is not None
+    await m.readdirp(o.fd)  # D's attributes from subvolume 0's listing
+    await m.releasedir(o.fd)
+    names = [f"x{i}" for i in range(12)]
+    for n in names:
+        with pytest.raises(OSError):
+            await m.lookup(dg, n)  # misses, on the subvolume each name hashes to
+    await trio.sleep(1)
+    for n in names:
+        await bd.mknod(dg, n, st.S_IFREG | 0o644, 0, new_gfid())
+    for n in names:
+        assert (await m.lookup(dg, n)).stat is not None, f"stale negative entry {n}"
+    want = (await bd.stat(dg)).stat
+    got = (await m.stat(dg)).stat
+    assert want is not None and got is not None
+    assert (got.mtime, got.mtime_nsec) == (want.mtime, want.mtime_nsec), "D's times are from before B's creates"
