@@ -444,6 +444,8 @@ class GlusterOperations(pyfuse3.Operations):
         """With the lock owner (from fuse_lowlevel), bricks also drop that owner's POSIX locks, as close() must."""
         cred = None if lock_owner is None else now_cred(Proc.FLUSH, lk_owner=lk_owner(lock_owner))
         await self.top.flush(fh, cred=cred)
+        if lock_owner is not None:
+            self.journal.unlocked_owner(fh, lock_owner)
 
     # ------------------------------------------------------------ locks and fallocate (see fuse_lowlevel)
 
@@ -469,6 +471,7 @@ class GlusterOperations(pyfuse3.Operations):
     async def setlk(self, fh: int, owner: int, lock: Lock, wait: bool, caller: Caller) -> None:
         await self.top.lk(fh, SETLKW if wait else SETLK, self._flock(lock, owner),
                           cred=self._lock_cred(owner, caller))
+        self.journal.locked(fh, owner, lock)  # a successor takes it again (gfuse.takeover)
 
     @fuse_errors
     async def fallocate(self, fh: int, mode: int, offset: int, length: int, caller: Caller) -> None:

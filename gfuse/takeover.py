@@ -214,7 +214,8 @@ class TakeoverError(MountError):
 # ------------------------------------------------------------------------------------------ the journal
 
 # record types (the first byte; 0 ends the journal)
-R_LOOKUP, R_FORGET, R_OPEN, R_RELEASE, R_OPENDIR, R_RELEASEDIR, R_COOKIE, R_INTENT, R_DONE = range(1, 10)
+(R_LOOKUP, R_FORGET, R_OPEN, R_RELEASE, R_OPENDIR, R_RELEASEDIR, R_COOKIE, R_INTENT, R_DONE, R_LOCK,
+ R_UNLOCK) = range(1, 12)
 _LOOKUP = struct.Struct("<BQ16sQ")  # ino, gfid, count
 _FORGET = struct.Struct("<BQQ")  # ino, count
 _OPEN = struct.Struct("<BQQ16sI")  # fh, ino, gfid, flags
@@ -223,7 +224,10 @@ _OPENDIR = struct.Struct("<BQ16s")  # dh, gfid
 _COOKIE = struct.Struct("<BQQQ")  # dh, id, offset
 _INTENT = struct.Struct("<BQB16s16sHH")  # id, op, parent gfid, gfid, len(name), len(new name); then names (+16s)
 _DONE = struct.Struct("<BQ")  # intent id
+_LOCK = struct.Struct("<BQQhqqi")  # fh, lock owner, type, start, len, pid: a lock granted
+_UNLOCK = struct.Struct("<BQQ")  # fh, lock owner: flush dropped the owner's POSIX locks
 MIN_CAPACITY = 4 << 20
+F_UNLCK = 2
 _CRASH_AFTER = frozenset(filter(None, os.environ.get("GFUSE_TAKEOVER_CRASH_AFTER", "").upper().split(",")))
 #: intents finished before the process died that a successor still recognises (the process may have
 #: died between finishing one and the reply reaching the kernel)
@@ -259,6 +263,8 @@ class State:
     files: dict[int, tuple[int, bytes, int]] = field(default_factory=dict)  # fh → (ino, gfid, flags)
     dirs: dict[int, DirRecord] = field(default_factory=dict)
     intents: OrderedDict[int, Intent] = field(default_factory=OrderedDict)
+    #: fh → the locks granted on it, in order: (owner, type, start, len, pid); replayed they give the same locks
+    locks: dict[int, list[tuple[int, int, int, int, int]]] = field(default_factory=dict)
     max_fh: int = 0
     max_dh: int = 0
     max_intent: int = 0
@@ -311,7 +317,16 @@ def parse(data: bytes | mmap.mmap) -> State:
                 _, fh = _HANDLE.unpack_from(data, pos)
                 pos += _HANDLE.size
                 s.files.pop(fh, None)
+                s.locks.pop(fh, None)
                 s.max_fh = max(s.max_fh, fh)
+            elif t == R_LOCK:
+                _, fh, owner, kind, start, length, pid = _LOCK.unpack_from(data, pos)
+                pos += _LOCK.size
+                _add_lock(s.locks, fh, (owner, kind, start, length, pid))
+            elif t == R_UNLOCK:
+                _, fh, owner = _UNLOCK.unpack_from(data, pos)
+                pos += _UNLOCK.size
+                _drop_owner(s.locks, fh, owner)
             elif t == R_OPENDIR:
                 _, dh, gfid = _OPENDIR.unpack_from(data, pos)
                 pos += _OPENDIR.size
@@ -359,6 +374,24 @@ def parse(data: bytes | mmap.mmap) -> State:
     return s
 
 
+def _add_lock(locks: dict[int, list[tuple[int, int, int, int, int]]], fh: int,
+              lk: tuple[int, int, int, int, int]) -> None:
+    """An unlock of the whole file (start 0, len 0) leaves the owner nothing to take again."""
+    owner, kind, start, length, _pid = lk
+    if kind == F_UNLCK and start == 0 and length == 0:
+        _drop_owner(locks, fh, owner)
+    else:
+        locks.setdefault(fh, []).append(lk)
+
+
+def _drop_owner(locks: dict[int, list[tuple[int, int, int, int, int]]], fh: int, owner: int) -> None:
+    held = locks.get(fh)
+    if held is not None:
+        held[:] = [lk for lk in held if lk[0] != owner]
+        if not held:
+            del locks[fh]
+
+
 class Journal:
     """The records of one serving process, in a shared mapping of ``path`` (see the module docstring).
 
@@ -371,6 +404,7 @@ class Journal:
         self.files: dict[int, tuple[int, bytes, int]] = {}
         self.dirs: dict[int, DirRecord] = {}
         self.intents: OrderedDict[int, Intent] = OrderedDict()
+        self.locks: dict[int, list[tuple[int, int, int, int, int]]] = {}
         self._next_intent = 1
         self._mm: mmap.mmap | None = None
         self._off = 0
@@ -386,6 +420,7 @@ class Journal:
             self.files = dict(state.files)
             self.dirs = {dh: DirRecord(d.gfid, dict(d.cookies)) for dh, d in state.dirs.items()}
             self.intents = OrderedDict((k, v) for k, v in state.intents.items() if not v.done)
+            self.locks = {fh: list(held) for fh, held in state.locks.items() if fh in self.files}
             self._next_intent = state.max_intent + 1
         self._rewrite(((ino, rec[0], rec[1]) for ino, rec in state.inodes.items()) if state is not None else None)
 
@@ -396,6 +431,9 @@ class Journal:
                 out += _LOOKUP.pack(R_LOOKUP, ino, gfid, n)
         for fh, (ino, gfid, flags) in self.files.items():
             out += _OPEN.pack(R_OPEN, fh, ino, gfid, flags)
+        for fh, held in self.locks.items():
+            for owner, kind, start, length, pid in held:
+                out += _LOCK.pack(R_LOCK, fh, owner, kind, start, length, pid)
         for dh, d in self.dirs.items():
             out += _OPENDIR.pack(R_OPENDIR, dh, d.gfid)
             for cid, off in d.cookies.items():
@@ -468,8 +506,22 @@ class Journal:
         self._put(_OPEN, R_OPEN, fh, ino, gfid, flags & 0xFFFFFFFF)
 
     def released(self, fh: int) -> None:
+        self.locks.pop(fh, None)
         if self.files.pop(fh, None) is not None:
             self._put(_HANDLE, R_RELEASE, fh)
+
+    def locked(self, fh: int, owner: int, lock: Any) -> None:
+        """A lock (or unlock) the bricks granted: ``lock`` has type, start, len, pid (fuse_lowlevel.Lock)."""
+        if fh in self.files:
+            lk = (owner & 0xFFFFFFFFFFFFFFFF, lock.type, lock.start, lock.len, lock.pid)
+            _add_lock(self.locks, fh, lk)
+            self._put(_LOCK, R_LOCK, fh, *lk)
+
+    def unlocked_owner(self, fh: int, owner: int) -> None:
+        held = self.locks.get(fh)
+        if held is not None and any(lk[0] == owner for lk in held):
+            _drop_owner(self.locks, fh, owner)
+            self._put(_UNLOCK, R_UNLOCK, fh, owner & 0xFFFFFFFFFFFFFFFF)
 
     def opendir(self, dh: int, gfid: bytes) -> None:
         self.dirs[dh] = DirRecord(gfid)
@@ -728,6 +780,7 @@ class Restart:
         self.journal: Journal | None = None
         self.resend = False
         self.restored_files = 0
+        self.restored_locks = 0
         self.took = 0.0
 
     @property
@@ -810,8 +863,8 @@ class Restart:
         if self.takeover:
             if self.resend:
                 notify_resend(fd)
-            log.info("took over %s: %d node ids, %d of %d files and %d directories reopened, %s, in %.0f ms",
-                     self.mountpoint, len(ops.inodes), self.restored_files, len(journal.files), len(journal.dirs),
+            log.info("took over %s: %d node ids, %d files (%d locks) and %d directories reopened, %s, in %.0f ms",
+                     self.mountpoint, len(ops.inodes), self.restored_files, self.restored_locks, len(journal.dirs),
                      "unanswered requests re-queued" if self.resend else "no resend (kernel < 6.9)",
                      (time.monotonic() - self.took) * 1000)
         else:
@@ -839,9 +892,19 @@ class Restart:
                 await switch.reopen_as(fh, gfid, reopen_flags(flags))
             except OSError as e:
                 failed.append(f"{gfid.hex()}: {e}")
+                state.files.pop(fh, None)
+                return
+            try:
+                await self._relock(switch, fh, state.locks.get(fh, []))
+            except OSError as e:  # another client took a lock meanwhile: this descriptor is lost (as strict-locks)
+                failed.append(f"{gfid.hex()}: its POSIX lock could not be taken again ({e})")
+                state.files.pop(fh, None)
+                state.locks.pop(fh, None)
+                await switch.release(fh)
                 return
             ops._opened(ino, fh)
             self.restored_files += 1
+            self.restored_locks += len(state.locks.get(fh, []))
 
         async def reopendir(dh: int, d: DirRecord) -> None:
             try:
@@ -859,6 +922,18 @@ class Restart:
         ops._dir_handles = max(ops._dir_handles, state.max_dh)
         for why in failed:
             log.warning("after takeover this handle answers EBADF: %s", why)
+
+    @staticmethod
+    async def _relock(switch: Any, fh: int, held: list[tuple[int, int, int, int, int]]) -> None:
+        """Take the locks of ``fh`` again, in the order they were granted (non-blocking: one another client
+        holds now is an error)."""
+        from .cred import now_cred
+        from .fops import SETLK, Flock
+        from .fuse import lk_owner
+
+        for owner, kind, start, length, pid in held:
+            cred = now_cred(Proc.LK, lk_owner=lk_owner(owner))
+            await switch.lk(fh, SETLK, Flock(kind, 0, start, length, pid & 0xFFFFFFFF, lk_owner(owner)), cred=cred)
 
     async def _link(self, fd: int) -> None:
         """Keep the holder connection (its end tells the holder we died); if the holder dies, start another

@@ -103,6 +103,25 @@ ENTRY_OPS = textwrap.dedent("""
 """)
 
 
+#: runs inside the container: holds a POSIX write lock on a file across the server's death, then unlocks
+LOCKER = textwrap.dedent("""
+    import fcntl, os, sys, time
+    path, marks = sys.argv[1], sys.argv[2]
+    def wait(name):
+        while not os.path.exists(f"{marks}/{name}"):
+            time.sleep(0.02)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    open(f"{marks}/locked", "w").close()
+    wait("unlock")
+    os.write(fd, b"still mine")
+    fcntl.lockf(fd, fcntl.LOCK_UN)
+    open(f"{marks}/unlocked", "w").close()
+    wait("exit")
+    os.close(fd)
+""")
+
+
 class Node:
     """One test's restartable gfuse mount, its holder and its containers."""
 
@@ -117,6 +136,7 @@ class Node:
                         PYTHONPATH=str(REPO))
         self.pids: set[int] = set()
         self.containers: list[subprocess.Popen[bytes]] = []
+        self.plain: list[Path] = []  # plain (not restartable) gfuse mounts: another client
 
     def holder(self, msg: dict[str, Any]) -> dict[str, Any]:
         old = os.environ.get("GFUSE_HOLDER_SOCKET")
@@ -151,6 +171,16 @@ class Node:
                         "a dying server had read cannot be re-queued, so a takeover is not a pause")
         self.mounted()
 
+    def plain_mount(self, vol: tc.Volume) -> Path:
+        mp = self.tmp / f"plain{len(self.plain)}"
+        mp.mkdir()
+        self.plain.append(mp)
+        p = subprocess.run([sys.executable, "-m", "gfuse.cli", "mount", vol.source, str(mp), "-o",
+                            f"log-file={self.tmp / 'plain.log'}"], capture_output=True, text=True, timeout=90,
+                           cwd=REPO)
+        assert p.returncode == 0, p.stderr
+        return mp
+
     def container(self, script: str, *args: str) -> subprocess.Popen[bytes]:
         """``script`` in a new mount namespace (private propagation) that sees the volume only through its
         own bind at /data (as kubelet binds a volume into a container)."""
@@ -179,6 +209,10 @@ class Node:
                 p.wait(10)
         with contextlib.suppress(Exception):
             self.mounted()
+        for mp in self.plain:
+            if tc.is_mounted(mp):
+                subprocess.run(["umount", "-l", str(mp)], timeout=30, check=False)
+            self.pids.update(_pids_naming(str(mp)))
         if tc.is_mounted(self.mnt):
             subprocess.run(["umount", "-l", str(self.mnt)], timeout=30, check=False)
         with contextlib.suppress(Exception):
@@ -310,3 +344,56 @@ def test_entry_ops_resent_after_the_bricks_did_them(make_volume: Any, node: Node
     assert node.mounted()["restarts"] >= 4
     for d in vol.brick_dirs:
         assert (d / "dir").is_dir() and os.listdir(d / "dir") == []
+
+
+def test_a_posix_lock_is_held_across_a_takeover(make_volume: Any, node: Node) -> None:
+    """A container holds a POSIX write lock when its server is SIGKILLed: the successor takes the lock again
+    before it answers anything, so another client still cannot get it; the container's unlock then frees it."""
+    import errno
+    import fcntl
+
+    vol = make_volume("replica3")
+    node.mount(vol)
+    other = node.plain_mount(vol)
+    marks = node.tmp / "marks"
+    marks.mkdir()
+    time.sleep(2)  # a standby, or not: both are successors
+    c = node.container(LOCKER, "/data/locked.bin", str(marks))
+    try:
+        wait_until(lambda: (marks / "locked").exists() or c.poll() is not None, 60, "the container's lock")
+        assert c.poll() is None, c.communicate()[0].decode(errors="replace")
+
+        def try_lock() -> int:
+            fd = os.open(other / "locked.bin", os.O_RDWR)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(fd, fcntl.LOCK_UN)
+                return 0
+            except OSError as e:
+                return e.errno or -1
+            finally:
+                os.close(fd)
+
+        assert try_lock() in (errno.EAGAIN, errno.EACCES), "another client got the container's lock"
+        pid = node.serving_pid()
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: node.serving_pid() != pid, 60, "a successor")
+        # the mount answers again once the successor has restored everything (locks first)
+        probe = subprocess.run(["stat", "-c", "%s", str(node.mnt / "locked.bin")], capture_output=True, text=True,
+                               timeout=60)
+        assert probe.returncode == 0, probe.stderr
+        assert try_lock() in (errno.EAGAIN, errno.EACCES), f"the lock was lost in the takeover\n{node.logs()}"
+        (marks / "unlock").touch()
+        wait_until(lambda: (marks / "unlocked").exists() or c.poll() is not None, 60, "the container's unlock")
+        assert c.poll() is None, c.communicate()[0].decode(errors="replace")
+        assert try_lock() == 0, "the container's unlock did not free the lock"
+        (marks / "exit").touch()
+        out, _ = c.communicate(timeout=60)
+        assert c.returncode == 0, out.decode(errors="replace")
+        assert (node.mnt / "locked.bin").read_bytes() == b"still mine"
+        for d in vol.brick_dirs:
+            assert (d / "locked.bin").read_bytes() == b"still mine"
+        assert "(1 locks)" in (node.tmp / "mount.log").read_text()
+    finally:
+        (marks / "unlock").touch()
+        (marks / "exit").touch()

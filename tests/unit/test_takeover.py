@@ -180,3 +180,58 @@ async def test_a_resent_rename_finding_its_work_done_succeeds(tmp_path: Path) ->
     await j2.rename(top, ROOT_GFID, "a", ROOT_GFID, "b", lambda: None,
                     lambda: top.rename(ROOT_GFID, "a", ROOT_GFID, "b"))
     assert brick.exists("b") and not brick.exists("a")
+
+
+def test_locks_are_kept_in_order_until_unlocked_flushed_or_released(tmp_path: Path) -> None:
+    from gfuse.fuse_lowlevel import F_UNLCK, F_WRLCK, Lock
+
+    j = journal(tmp_path)
+    g = new_gfid()
+    j.opened(5, 10, g, os.O_RDWR)
+    j.opened(6, 10, g, os.O_RDWR)
+    j.locked(5, 77, Lock(F_WRLCK, 0, 10, 123))
+    j.locked(5, 77, Lock(F_UNLCK, 5, 5, 123))  # a partial unlock is replayed as it came
+    j.locked(5, 88, Lock(F_WRLCK, 100, 0, 124))
+    j.locked(6, 77, Lock(F_WRLCK, 0, 0, 123))
+    j.locked(6, 77, Lock(F_UNLCK, 0, 0, 123))  # the whole file unlocked: nothing left to take again
+    assert parse((tmp_path / "journal").read_bytes()).locks == {
+        5: [(77, F_WRLCK, 0, 10, 123), (77, F_UNLCK, 5, 5, 123), (88, F_WRLCK, 100, 0, 124)]}
+    j.unlocked_owner(5, 77)  # close(): flush drops the owner's POSIX locks
+    assert parse((tmp_path / "journal").read_bytes()).locks == {5: [(88, F_WRLCK, 100, 0, 124)]}
+    j.released(5)
+    s = parse((tmp_path / "journal").read_bytes())
+    assert s.locks == {} and set(s.files) == {6}
+
+
+async def test_a_successor_takes_the_locks_again_or_loses_the_descriptor(tmp_path: Path) -> None:
+    from gfuse.fops import GETLK, SETLK, UNLCK, Flock
+    from gfuse.fuse import lk_owner
+    from gfuse.fuse_lowlevel import F_WRLCK
+
+    brick = MemBrick("b")
+    setup = brick.client()
+    a = await setup.create(ROOT_GFID, "a", os.O_RDWR, 0o644, new_gfid())
+    b = await setup.create(ROOT_GFID, "b", os.O_RDWR, 0o644, new_gfid())
+    assert a.stat is not None and b.stat is not None
+    other = brick.client()  # another client takes b's lock while no process serves the mount
+    ob = await other.open(b.stat.gfid, os.O_RDWR)
+    assert ob.fd is not None
+    await other.lk(ob.fd, SETLK, Flock(F_WRLCK, 0, 0, 0, 9, lk_owner(9)))
+    state = State()
+    state.inodes = {20: [a.stat.gfid, 1], 21: [b.stat.gfid, 1]}
+    state.files = {3: (20, a.stat.gfid, os.O_RDWR), 4: (21, b.stat.gfid, os.O_RDWR)}
+    state.locks = {3: [(77, F_WRLCK, 0, 0, 1)], 4: [(77, F_WRLCK, 0, 0, 1)]}
+    state.max_fh = 4
+    new = GraphSwitch(brick.client())
+    ops = GlusterOperations(new)
+    rs = Restart("/nowhere", "h:/v", "", "/dev/null", takeover=True)
+    await rs._restore(ops, new, state)
+    assert rs.restored_files == 1 and rs.restored_locks == 1 and set(ops.fh_inode) == {3}
+    assert set(state.files) == {3}  # the fresh journal no longer lists the lost descriptor
+    oa = await other.open(a.stat.gfid, os.O_RDWR)
+    assert oa.fd is not None
+    r = await other.lk(oa.fd, GETLK, Flock(F_WRLCK, 0, 0, 0, 9, lk_owner(9)))
+    assert r.flock is not None and r.flock.type != UNLCK  # a's lock is held again
+    with pytest.raises(OSError) as e:
+        await new.write(4, 0, b"x")
+    assert e.value.errno == errno.EBADF
