@@ -721,7 +721,7 @@ async def test_a_name_lost_by_a_rename_is_not_answered_after_the_inode_is_cached
         autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
     """Found on a live mount: after B's rename f → g, A's `ls` cached the inode again under g, and the old
     name f still led to it."""
-    brick, m, b, _ = coherent()
+    _brick, m, b, _ = coherent()
     await nursery.start(m.run)
     dg, fg = await tree(b)
     await m.lookup(ROOT_GFID, "d")
