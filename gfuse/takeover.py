@@ -222,7 +222,8 @@ _OPEN = struct.Struct("<BQQ16sI")  # fh, ino, gfid, flags
 _HANDLE = struct.Struct("<BQ")  # fh/dh (release, releasedir)
 _OPENDIR = struct.Struct("<BQ16s")  # dh, gfid
 _COOKIE = struct.Struct("<BQQQ")  # dh, id, offset
-_INTENT = struct.Struct("<BQB16s16sHH")  # id, op, parent gfid, gfid, len(name), len(new name); then names (+16s)
+#: id, op, parent gfid, gfid, when (wall clock), len(name), len(new name); then the names (the new one after 16s)
+_INTENT = struct.Struct("<BQB16s16sdHH")
 _DONE = struct.Struct("<BQ")  # intent id
 _LOCK = struct.Struct("<BQQhqqi")  # fh, lock owner, type, start, len, pid: a lock granted
 _UNLOCK = struct.Struct("<BQQ")  # fh, lock owner: flush dropped the owner's POSIX locks
@@ -232,6 +233,8 @@ _CRASH_AFTER = frozenset(filter(None, os.environ.get("GFUSE_TAKEOVER_CRASH_AFTER
 #: intents finished before the process died that a successor still recognises (the process may have
 #: died between finishing one and the reply reaching the kernel)
 KEEP_DONE = 64
+#: how long an entry operation begun by a dead process may be re-sent (successors that fail retry with back-off)
+INTENT_TTL = 600.0
 
 
 @dataclass
@@ -245,6 +248,7 @@ class Intent:
     new_parent: bytes = b""
     new_name: str = ""
     done: bool = False
+    when: float = field(default_factory=time.time)
 
     def key(self) -> tuple[int, bytes, str]:
         return (self.op, self.parent, self.name)
@@ -270,18 +274,20 @@ class State:
     max_intent: int = 0
     records: int = 0
 
-    def pending(self) -> dict[tuple[int, bytes, str], Intent]:
-        """Entry operations a re-sent request may repeat: all unfinished ones and the last finished ones."""
-        done = [i for i in self.intents.values() if i.done][-KEEP_DONE:]
-        out = {i.key(): i for i in done}
-        out.update({i.key(): i for i in self.intents.values() if not i.done})
+    def pending(self, now: float | None = None) -> dict[tuple[int, bytes, str], Intent]:
+        """Entry operations a re-sent request may repeat: the unfinished ones and the last finished ones, begun
+        less than INTENT_TTL ago (a request re-sent later than that was not in flight at the death)."""
+        now = time.time() if now is None else now
+        recent = [i for i in self.intents.values() if now - i.when < INTENT_TTL]
+        out = {i.key(): i for i in [i for i in recent if i.done][-KEEP_DONE:]}
+        out.update({i.key(): i for i in recent if not i.done})
         return out
 
 
 def _encode_intent(i: Intent) -> bytes:
     name = i.name.encode("utf-8", "surrogateescape")
     new = i.new_name.encode("utf-8", "surrogateescape")
-    head = _INTENT.pack(R_INTENT, i.id, i.op, i.parent, i.gfid, len(name), len(new))
+    head = _INTENT.pack(R_INTENT, i.id, i.op, i.parent, i.gfid, i.when, len(name), len(new))
     return head + name + ((i.new_parent or b"\0" * 16) + new if new else b"")
 
 
@@ -344,7 +350,7 @@ def parse(data: bytes | mmap.mmap) -> State:
                 if d is not None:
                     d.cookies[cid] = off
             elif t == R_INTENT:
-                _, iid, op, parent, gfid, nlen, newlen = _INTENT.unpack_from(data, pos)
+                _, iid, op, parent, gfid, when, nlen, newlen = _INTENT.unpack_from(data, pos)
                 p = pos + _INTENT.size
                 if p + nlen + (16 + newlen if newlen else 0) > end:
                     break
@@ -356,7 +362,7 @@ def parse(data: bytes | mmap.mmap) -> State:
                     new_name = bytes(data[p + 16:p + 16 + newlen]).decode("utf-8", "surrogateescape")
                     p += 16 + newlen
                 pos = p
-                s.intents[iid] = Intent(iid, op, parent, name, gfid, new_parent, new_name)
+                s.intents[iid] = Intent(iid, op, parent, name, gfid, new_parent, new_name, when=when)
                 s.max_intent = max(s.max_intent, iid)
                 while len(s.intents) > 4 * KEEP_DONE and next(iter(s.intents.values())).done:
                     s.intents.popitem(last=False)
@@ -419,7 +425,8 @@ class Journal:
         if state is not None:
             self.files = dict(state.files)
             self.dirs = {dh: DirRecord(d.gfid, dict(d.cookies)) for dh, d in state.dirs.items()}
-            self.intents = OrderedDict((k, v) for k, v in state.intents.items() if not v.done)
+            # what a re-sent request may still repeat, also if this process dies before it comes
+            self.intents = OrderedDict((i.id, i) for i in sorted(state.pending().values(), key=lambda i: i.id))
             self.locks = {fh: list(held) for fh, held in state.locks.items() if fh in self.files}
             self._next_intent = state.max_intent + 1
         self._rewrite(((ino, rec[0], rec[1]) for ino, rec in state.inodes.items()) if state is not None else None)
@@ -564,7 +571,11 @@ class Journal:
         os.kill(os.getpid(), 9)
 
     def _retry_of(self, op: int, parent: bytes, name: str) -> Intent | None:
-        return self.retried.pop((op, parent, name), None) if self.retried else None
+        """The restored intent a request repeats (recognised once: then it is finished here too)."""
+        first = self.retried.pop((op, parent, name), None) if self.retried else None
+        if first is not None and first.id in self.intents:
+            self._end(first)
+        return first
 
     async def entry(self, op: Proc, top: Any, parent: bytes, name: str, cred_of: Callable[[], Credential],
                     call: Callable[[bytes], Awaitable[Result]], flags: int = 0) -> Result:

@@ -235,3 +235,17 @@ async def test_a_successor_takes_the_locks_again_or_loses_the_descriptor(tmp_pat
     with pytest.raises(OSError) as e:
         await new.write(4, 0, b"x")
     assert e.value.errno == errno.EBADF
+
+
+def test_only_recent_entry_operations_are_recognised(tmp_path: Path) -> None:
+    j = journal(tmp_path)
+    old = j._begin(Proc.UNLINK, ROOT_GFID, "old")
+    old_time = old.when
+    j._begin(Proc.MKDIR, ROOT_GFID, "new", new_gfid())
+    for n in range(100):  # finished ones: only the last KEEP_DONE are kept
+        j._end(j._begin(Proc.UNLINK, ROOT_GFID, f"done{n}"))
+    s = parse((tmp_path / "journal").read_bytes())
+    keys = {k[2] for k in s.pending(now=old_time + 1)}
+    assert {"old", "new"} <= keys and "done99" in keys and "done0" not in keys
+    assert len([k for k in keys if k.startswith("done")]) == takeover.KEEP_DONE
+    assert not s.pending(now=old_time + takeover.INTENT_TTL + 1)
