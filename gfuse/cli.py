@@ -196,7 +196,8 @@ def _setup_file_logging(path: str, level: str) -> None:
 @click.argument("mountpoint", type=click.Path(file_okay=False), required=False)
 @click.option("-o", "options", default="", metavar="OPT[,OPT…]",
               help="backup-volfile-servers=H1:H2, ro, log-file=PATH, log-level=LEVEL, allow_other, subdir=DIR, "
-                   "attribute-timeout=S, entry-timeout=S, ping-timeout=S, read-ahead-kb=N.")
+                   "attribute-timeout=S, entry-timeout=S, ping-timeout=S, read-ahead-kb=N, restartable (survive "
+                   "the death of the serving process: the node's holder keeps the FUSE connection).")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground and log to stderr.")
 @click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(1, 600),
               help="Seconds to wait for the mount to become live.")
