@@ -1090,7 +1090,14 @@ class Distribute(Fops):
             if e.errno in (errno.ENODATA, errno.ENOENT, errno.ESTALE, errno.EOPNOTSUPP):
                 return None
             raise
-        return self._linkto_target(r.dict)
+        t = self._linkto_target(r.dict)
+        if t is None and (r.dict or {}).get(LINKTO_XATTR) is not None:
+            # moving to a subvolume this graph has no client for (a brick added after the fd was opened:
+            # open files stay on the graph they were opened on). A write acknowledged here would be lost
+            # with the old copy: the application is told instead
+            raise OSError(errno.EIO, f"{self.name}: {gfid_str(fd.gfid)} is migrating to a subvolume added after "
+                                     f"it was opened ({(r.dict or {}).get(LINKTO_XATTR)!r}): reopen the file")
+        return t
 
     async def _open_on(self, fd: _DhtFd, sub: int) -> int:
         h = fd.handles[sub]

@@ -11,12 +11,18 @@ import errno
 import os
 import stat as st
 
+from typing import Any, Awaitable, Callable
+
 import pytest
 import trio
 
 from gfuse.cred import new_gfid
 from gfuse.dhthash import LAYOUT_XATTR, LINKTO_XATTR, Range, name_hash, new_layout, pick
+from gfuse.dicts import Dict
+from gfuse.fops import Result
 from gfuse.iatt import ROOT_GFID, SET_MTIME, Iatt
+from gfuse.rpc import Credential
+from gfuse.xlators.api import Fops, PassThrough
 from gfuse.xlators.distribute import LAYOUT_HEAL_DOMAIN, LAYOUT_TTL, Distribute
 from gfuse.xlators.replicate import Replicate
 from testkit.membrick import MemBrick, MemClient, replica_set
@@ -604,3 +610,169 @@ async def test_rmdir_removes_stale_linkto_files_left_in_an_empty_directory(autoj
     assert await listing(d, dg) == []
     await d.rmdir(ROOT_GFID, "dir")
     assert not any(b.exists("dir") for b in bricks)
+
+
+# ------------------------------------------------------------------------------------------ migration
+# (issue 14 item 12: the real-brick counterparts, with gluster's rebalance, are in test_distribute_integrity.py)
+
+AVOID_OVERWRITE_KEY = "glusterfs.avoid.overwrite"
+PROTECT_WRITES_KEY = "trusted.glusterfs.protect.writes"
+
+
+class GuardedBrick(PassThrough):
+    """A brick session with posix's guard against rebalance overwriting a client's newer bytes
+    (``posix_check_internal_writes``): a write carrying protect.writes marks the file, and one carrying
+    avoid.overwrite (rebalance's copy) to a marked file fails with EBUSY."""
+
+    def __init__(self, child: MemClient) -> None:
+        super().__init__(child)
+        self.mem = child
+
+    async def write(self, fd: int, offset: int, data: bytes, xdata: Dict | None = None,
+                    cred: Credential | None = None) -> Result:
+        gfid, _ = self.mem._rfd(fd)
+        ino = self.mem.brick.inodes[gfid]
+        if xdata and PROTECT_WRITES_KEY in xdata:
+            ino.xattrs[PROTECT_WRITES_KEY] = b"1"
+        elif xdata and AVOID_OVERWRITE_KEY in xdata and PROTECT_WRITES_KEY in ino.xattrs:
+            raise OSError(errno.EBUSY, f"{self.name}: possible overwrite from internal client")
+        return await self.mem.write(fd, offset, data, xdata, cred=cred)
+
+
+async def migrate(src: Fops, dst: Fops, src_name: str, dst_name: str, dg: bytes, name: str, g: bytes,
+                  between: Callable[[str], Awaitable[None]] | None = None, chunk: int = 4096) -> bool:
+    """What ``dht_migrate_file`` does to move ``name`` (inode ``g``) from ``src`` to ``dst``, with
+    ``between(step)`` awaited between its steps and between copied chunks. False if the copy was refused
+    (a client wrote to the destination meanwhile) and the file stays where it was."""
+    from gfuse.dicts import UInt
+    from gfuse.iatt import SET_MODE
+
+    async def step(what: str) -> None:
+        if between is not None:
+            await between(what)
+    s0 = (await src.lookup(dg, name)).stat
+    assert s0 is not None
+    try:
+        dfd = (await dst.create(dg, name, os.O_RDWR, st.S_ISVTX, g, 0,
+                                {LINKTO_XATTR: src_name.encode() + b"\0"})).need_fd()
+    except FileExistsError:  # left by an earlier run (a linkto of this inode): opened again
+        dfd = (await dst.open(g, os.O_RDWR)).need_fd()
+    sfd = (await src.open(g, os.O_RDWR)).need_fd()
+    try:
+        await src.setxattr(g, {LINKTO_XATTR: dst_name.encode() + b"\0"})
+        await src.setattr(g, Iatt(mode=s0.mode | st.S_ISVTX | st.S_ISGID), SET_MODE)  # phase 1
+        await step("phase 1")
+        for off in range(0, s0.size, chunk):
+            data = (await src.read(sfd, off, chunk)).data or b""
+            try:
+                await dst.write(dfd, off, data, {AVOID_OVERWRITE_KEY: UInt(1)})
+            except OSError as e:
+                assert e.errno == errno.EBUSY
+                await src.setattr(g, Iatt(mode=s0.mode), SET_MODE)
+                await src.removexattr(g, LINKTO_XATTR)
+                await dst.ftruncate(dfd, 0)
+                return False
+            await step("copied")
+        await dst.fsetattr(dfd, Iatt(mode=s0.mode), SET_MODE)  # phase 2
+        await step("destination is the file")
+        await src.fsetattr(sfd, Iatt(mode=st.S_ISVTX), SET_MODE)
+        await step("source is a linkto")
+        await src.ftruncate(sfd, 0)
+        await step("source truncated")
+        await dst.removexattr(g, LINKTO_XATTR)
+        await src.unlink(dg, name)
+        await step("source removed")
+        return True
+    finally:
+        await src.release(sfd)
+        await dst.release(dfd)
+
+
+Setup = tuple[list[MemBrick], Distribute, bytes, str, bytes, int, int, bytearray, list[GuardedBrick]]
+
+
+async def _migration_setup(n_bricks: int = 3, size: int = 64 * 1024) -> Setup:
+    """A file through a client over guarded bricks, then a fix-layout that hashes its name elsewhere:
+    (bricks, client, dir, name, gfid, old subvolume, new subvolume, its bytes, rebalance's sessions)."""
+    bricks, clients = replica_set(VOL, n_bricks)
+    d = Distribute(f"{VOL}-dht", [GuardedBrick(c) for c in clients])
+    dg = await a_dir(d)
+    g = new_gfid()
+    r = await d.create(dg, "big", os.O_RDWR, 0o644, g)
+    model = bytearray(os.urandom(size))
+    await d.write(r.need_fd(), 0, bytes(model))
+    await d.release(r.need_fd())
+    old = layout_on(bricks, "dir")
+    a = pick(list(old), "big")
+    assert a is not None
+    for shift in (1, 2):
+        new = new_layout(3, (old.index(min(old, key=lambda x: x.start)) + shift) % 3, commit_hash=7)
+        if pick(list(new), "big") != a:
+            break
+    b = pick(list(new), "big")
+    assert b is not None and b != a
+    for c, rng in zip(clients, new):
+        await c.setxattr(dg, {LAYOUT_XATTR: rng.encode()})
+    rebal = [GuardedBrick(br.client(f"{br.name}")) for br in bricks]
+    return bricks, d, dg, "big", g, a, b, model, rebal
+
+
+async def _write(d: Distribute, fd: int, model: bytearray, rng: Any) -> None:
+    off = rng.randrange(len(model) // 512) * 512
+    data = os.urandom(512)
+    r = await d.write(fd, off, data)
+    assert r.ret == len(data)
+    model[off:off + len(data)] = data
+
+
+async def test_writes_through_an_open_fd_follow_a_file_rebalance_moves(autojump_clock: trio.abc.Clock) -> None:
+    """An fd opened before the migration keeps every write: between every two steps of it (phase 1,
+    each copied chunk, phase 2 and after the source is gone) a write through the fd; in phase 1 it is
+    repeated on the destination, so rebalance gives up the file (the next run moves it, writes
+    continuing only after it); in phase 2 and after, the fd moves to the destination."""
+    import random
+    bricks, d, dg, name, g, a, b, model, rebal = await _migration_setup()
+    rng = random.Random(1)
+    fd = (await d.open(g, os.O_RDWR)).need_fd()
+
+    async def write_between(step: str) -> None:
+        await _write(d, fd, model, rng)
+    assert not await migrate(rebal[a], rebal[b], bricks[a].name, bricks[b].name, dg, name, g, write_between)
+    assert bricks[a].data(f"dir/{name}") == model, "the copy refused: the file stays whole where it was"
+    assert bricks[a].inode(f"dir/{name}").mode & 0o7777 == 0o644  # type: ignore[union-attr]
+
+    phase2 = ("destination is the file", "source is a linkto", "source truncated", "source removed")
+
+    async def write_in_phase2(step: str) -> None:
+        if step in phase2:
+            await _write(d, fd, model, rng)
+    bricks[b].inodes[g].xattrs.pop(PROTECT_WRITES_KEY, None)  # rebalance's next run clears it (clean.writexattr)
+    assert await migrate(rebal[a], rebal[b], bricks[a].name, bricks[b].name, dg, name, g, write_in_phase2)
+    for _ in range(20):
+        await _write(d, fd, model, rng)
+    assert (await d.read(fd, 0, len(model))).data == model
+    await d.fsync(fd)
+    await d.release(fd)
+    assert not bricks[a].exists(f"dir/{name}")
+    assert bricks[b].data(f"dir/{name}") == model, "acknowledged writes lost"
+    fresh = Distribute(f"{VOL}-dht", [br.client() for br in bricks])
+    r = await fresh.lookup(dg, name)
+    assert r.stat is not None and r.stat.mode & 0o7777 == 0o644 and r.stat.size == len(model)
+
+
+async def test_writes_to_a_file_moving_to_a_subvolume_the_graph_lacks_fail(autojump_clock: trio.abc.Clock) -> None:
+    """A file opened on a graph without the brick rebalance moves it to (opened before add-brick): its
+    writes cannot reach the new copy, so they fail instead of being acknowledged and lost."""
+    bricks, _, dg, name, g, a, b, _, rebal = await _migration_setup()
+    old_graph = Distribute(f"{VOL}-dht", [GuardedBrick(br.client()) for k, br in enumerate(bricks) if k != b])
+    fd = (await old_graph.open(g, os.O_RDWR)).need_fd()
+    seen: list[int] = []
+
+    async def write(step: str) -> None:
+        if step in ("phase 1", "source is a linkto"):
+            with pytest.raises(OSError) as e:
+                await old_graph.write(fd, 0, b"x" * 512)
+            seen.append(e.value.errno)
+    await migrate(rebal[a], rebal[b], bricks[a].name, bricks[b].name, dg, name, g, write)
+    assert seen == [errno.EIO, errno.EIO], seen
+    await old_graph.release(fd)
