@@ -23,6 +23,13 @@ Rerun (root; a throwaway replica-3 volume on loopback, deleted at the end):
     python3 bench/takeover_pause.py --handover          # planned hand-overs (SIGUSR2)
     python3 bench/takeover_pause.py --kills 5 --interval 6 --volume 127.0.0.2:/VOL   # an existing volume
 
+Measured here (2 shared cores, load ~5, replica-3 volume on loopback, kernel 6.18), stall the writer saw:
+    20 SIGKILLs, standby ready     p50 0.06 s  p99 0.36 s  max 0.36 s   (another run: p99 0.12 s)
+    10 SIGKILLs, --no-standby      p50 1.6 s   p99 2.7 s   max 2.7 s    (Python start-up of the successor)
+    10 SIGUSR2, --handover         p50 0.05 s  p99 0.20 s  max 0.20 s
+    no failed syscall, every record intact on the mount and on all three bricks, in every run;
+    journal: 0.5-1.6 µs per lookup record, 1.2-3.7 µs per open+release pair (varies with the load).
+
 Facts measured on this kernel (6.18) before building it (raw /dev/fuse experiments, no libfuse): a copy
 of the FUSE fd held by another process keeps the mount after the server's SIGKILL (still in
 /proc/mounts, requests queue: a LOOKUP sent meanwhile was read from the copy later); writing the
