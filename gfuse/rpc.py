@@ -63,7 +63,7 @@ class RecordReader:
         self._size = 0
         self._max = max_record
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Add received bytes; return every record completed by them."""
         self._buf += data
         out: list[bytes] = []

@@ -740,6 +740,7 @@ class Distribute(Fops):
                 if e.errno not in (errno.ENOENT, errno.ESTALE):
                     log.warning("%s: could not remove the %s %r on %s: %s", self.name, what, name, c.name, e)
                 return False
+        return False  # not reached: a shielded scope without a deadline is never cancelled
 
     async def _lock_one(self, lk: _Lk, cred: Credential, take: bool) -> None:
         c = self.children[lk.sub]
