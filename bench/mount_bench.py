@@ -21,7 +21,10 @@ Workloads (defaults; ``--quick`` shrinks them about 10x):
   (O_DIRECT if the mount accepts it, else buffered after drop_caches: the output says which)
 * create     10,000 files of 1 KiB (open O_CREAT|O_EXCL, write, close)            files/s
 * stat       stat() of each, after drop_caches                                    files/s
+* stat-warm  the same again 2 s after that client's stat pass ended (no drop_caches:
+             past the kernel's 1 s attribute timeout, so its own caches are measured) files/s
 * ls-l       os.scandir() + lstat() of each entry, after drop_caches              entries/s
+* ls-l-warm  the same again 2 s after that client's ls-l pass ended               entries/s
 * unlink     unlink() of each, after drop_caches                                  files/s
 
 Rerun:
@@ -66,7 +69,10 @@ from testkit import cluster as tc  # noqa: E402 (after the sys.path line)
 MiB = 1 << 20
 BLOCK = 4096
 CLIENTS = ("native", "gfuse")
-WORKLOADS = ("seq-write", "seq-read", "rand-read", "rand-write", "create", "stat", "ls-l", "unlink")
+WORKLOADS = ("seq-write", "seq-read", "rand-read", "rand-write", "create", "stat", "stat-warm", "ls-l", "ls-l-warm",
+             "unlink")
+#: a warm pass starts this long after the end of the same client's cold pass
+WARM_DELAY = 2.0
 FULL = {"seq_mib": 1024, "rand_mib": 256, "rand_seconds": 20.0, "files": 10_000, "timeout": 1800.0}
 QUICK = {"seq_mib": 128, "rand_mib": 32, "rand_seconds": 2.0, "files": 1000, "timeout": 300.0}
 T0 = time.monotonic()
@@ -363,6 +369,9 @@ class Bench:
         self.base = os.urandom(MiB)
         self.stop = threading.Event()
         self.error: BaseException | None = None
+        #: (client, workload) → when its run ended (for the warm passes)
+        self.ended: dict[tuple[str, str], float] = {}
+        self.cache_lines: list[str] = []
 
     def check(self) -> None:
         if self.stop.is_set():
@@ -417,6 +426,7 @@ class Bench:
         finally:
             timer.cancel()
         r.seconds = time.perf_counter() - t0
+        self.ended[(c.name, workload)] = time.monotonic()
         if r.error and c.mount is not None:
             r.error = r.error.replace(str(c.path) + "/", f"{c.name}:").replace(str(c.path), f"{c.name}:.")
         c1 = cpu_seconds(c.pid)
@@ -618,6 +628,19 @@ class Bench:
                 raise DataMismatch(f"{c.name}/files/{n}: size {s.st_size}, wrote {self.cfg.file_size}")
             r.ops += 1
 
+    def _warm(self, cold: str) -> Callable[[Client, Result], None]:
+        """Preparation of a warm pass: no drop_caches; wait until WARM_DELAY after the cold pass ended."""
+        def prep(c: Client, r: Result) -> None:
+            if not self.ok(c.name, cold):
+                self.p_files(c, r)
+                r.notes.append(f"{cold} failed: not warm")
+                return
+            wait = self.ended[(c.name, cold)] + WARM_DELAY - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            r.notes.append(f"{time.monotonic() - self.ended[(c.name, cold)]:.1f} s after {cold}")
+        return prep
+
     def w_ls(self, c: Client, r: Result) -> None:
         with os.scandir(self.files_dir(c)) as it:
             for e in it:
@@ -643,16 +666,28 @@ class Bench:
             ("rand-write", self.w_rand_write, self.p_rand_file),
             ("create", self.w_create, self.p_create),
             ("stat", self.w_stat, self.p_files),
+            ("stat-warm", self.w_stat, self._warm("stat")),
             ("ls-l", self.w_ls, self.p_files),
+            ("ls-l-warm", self.w_ls, self._warm("ls-l")),
             ("unlink", self.w_unlink, self.p_files),
         ]
 
     def run(self, only: list[str]) -> None:
-        for i, (name, fn, prep) in enumerate(w for w in self.plan() if w[0] in only):
+        """Each workload for both clients, alternating who goes first; a warm pass right after the same
+        client's cold one (the other client's drop_caches in between would empty this one's kernel cache)."""
+        plan = {w[0]: w for w in self.plan()}
+        todo = [w for w in self.plan() if w[0] in only and not (w[0].endswith("-warm") and
+                                                                 w[0].removesuffix("-warm") in only)]
+        for i, (name, fn, prep) in enumerate(todo):
             order = CLIENTS if i % 2 == 0 else tuple(reversed(CLIENTS))
             for cname in order:
                 self.check()
                 self.measure(self.clients[cname], name, fn, prep)
+                warm = f"{name}-warm"
+                if warm in only and warm in plan:
+                    self.check()
+                    _, wfn, wprep = plan[warm]
+                    self.measure(self.clients[cname], warm, wfn, wprep)
 
     def run_in_worker(self, only: list[str]) -> None:
         """Thread body. Signals are blocked here so they reach the main thread only: a signal
@@ -690,7 +725,9 @@ LABELS = {
     "rand-write": "rand write 4 KiB, {rand} file",
     "create": "create {files} × {fsize}",
     "stat": "stat {files} (cold)",
+    "stat-warm": "stat {files} (warm: 2 s later)",
     "ls-l": "ls -l {files} (scandir+lstat, cold)",
+    "ls-l-warm": "ls -l {files} (warm: 2 s later)",
     "unlink": "unlink {files}",
 }
 
@@ -713,7 +750,7 @@ def report(bench: Bench, only: list[str], top: int) -> str:
         if n is None or g is None:
             continue
         label = LABELS[w].format(**fields)
-        unit = "MiB/s" if w.startswith("seq-") else ("entries/s" if w == "ls-l" else "ops/s")
+        unit = "MiB/s" if w.startswith("seq-") else ("entries/s" if w.startswith("ls-l") else "ops/s")
         rows = [
             (unit, n.rate(), g.rate(), 1),
             ("client CPU µs/op", scale(n.per_op(n.cpu)), scale(g.per_op(g.cpu)), 0),
@@ -786,6 +823,22 @@ def gfuse_version() -> str:
     return f"git {head}" + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else "")
 
 
+def probe_cache_lines(target: Target) -> list[str]:
+    """What ``gfuse probe`` says about the volume's cache-invalidation (both sides) and gfuse's caching."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "gfuse.cli", "probe", f"{target.server}:/{target.name}"],
+                             check=False, capture_output=True, text=True, timeout=60, cwd=REPO).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    keep = False
+    lines = []
+    for line in out.splitlines():
+        keep = keep or line.startswith("cache-invalidation:")
+        if keep:
+            lines.append(line)
+    return lines
+
+
 def tool_version(cmd: list[str]) -> str:
     try:
         out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=10).stdout
@@ -816,8 +869,10 @@ def header_lines(rerun: str, started: dt.datetime, load0: float, gfuse_state: st
         f"- gfuse: {gfuse_state}",
         (f"- volume: {target.name} ({target.kind}, {'throwaway' if target.volume else 'existing'});"
          f" native client performance xlators: {', '.join(target.client_graph()) or '?'}"),
+        (f"- volume options set: {', '.join(a.volume_set) or 'none (gluster defaults)'}"),
         (f"- mount options: native [{a.native_options}], gfuse [{a.gfuse_options}]"
-         " (both: attribute/entry timeout 1 s)"),
+         " (native: attribute/entry timeout 1 s; gfuse: 1 s, or md-cache's remaining lifetime when coherent)"),
+        *(f"- gfuse probe: {line.strip()}" for line in bench.cache_lines),
         "- random I/O: " + "; ".join(odirect(c) for c in clients.values()),
         (f"- CPU from /proc/PID/stat (utime+stime, {tick_ms} ms ticks): native pid {native.pid},"
          f" gfuse pid {gfuse.pid}; bricks: {bricks}"),
@@ -847,6 +902,11 @@ def main() -> int:
                     help=f"comma-separated subset of {','.join(WORKLOADS)} (default all)")
     ap.add_argument("--timeout", type=float, help="seconds before a hanging workload's client is killed "
                                                   "(default 1800, quick 300)")
+    ap.add_argument("--volume-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="gluster volume set on the throwaway volume before it starts (repeatable), e.g. "
+                         "group=metadata-cache")
+    ap.add_argument("--metadata-cache", action="store_true",
+                    help="shorthand for --volume-set group=metadata-cache (cache-invalidation on, 600 s)")
     ap.add_argument("--gfuse-options", default="", help="-o options for gfuse mount (comma-separated)")
     ap.add_argument("--native-options", default="", help="-o options for mount -t glusterfs (comma-separated)")
     ap.add_argument("--top", type=int, default=8, help="fop types listed per workload and client")
@@ -854,6 +914,14 @@ def main() -> int:
     ap.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     a = ap.parse_args()
 
+    if a.metadata_cache:
+        a.volume_set.insert(0, "group=metadata-cache")
+    vol_options: dict[str, str] = {}
+    for kv in a.volume_set:
+        k, eq, v = kv.partition("=")
+        if not eq or not k:
+            ap.error(f"--volume-set wants KEY=VALUE, not {kv!r}")
+        vol_options[k.strip()] = v.strip()
     only = [w.strip() for w in a.workloads.split(",") if w.strip()]
     bad = [w for w in only if w not in WORKLOADS]
     if bad:
@@ -897,7 +965,7 @@ def main() -> int:
             target = Target(server=host, name=vol, kind=info.type)
         else:
             progress(f"creating a throwaway {a.kind} volume")
-            v = tc.create_volume(a.kind)
+            v = tc.create_volume(a.kind, options=vol_options)
             target = Target(server=v.server, name=v.name, kind=a.kind, volume=v)
         progress(f"volume {target.name}; starting the profile")
         target.start_profile()
@@ -910,6 +978,7 @@ def main() -> int:
         for c in clients.values():
             c.path.mkdir()
         bench = Bench(cfg, target, clients)
+        bench.cache_lines = probe_cache_lines(target)
         worker = threading.Thread(target=bench.run_in_worker, args=(only,), name="workloads", daemon=True)
         worker.start()
         try:

@@ -213,27 +213,36 @@ class MdCache(PassThrough):
         self._fd_gfid: dict[int, bytes] = {}
         self._refreshing: set[bytes] = set()
         self._bg: trio.Nursery | None = None
+        #: open directory → (invalidation sequence when read, the last page read, entry offset → index): the
+        #: kernel asks again from inside a page it could not take whole; answered from it if nothing changed
+        self._pages: dict[int, tuple[int, list[F.DirEntry], dict[int, int]]] = {}
         self.stats = _Stats()
+        self._remode()
         for i, b in enumerate(self.bricks):
             b.subscribe(functools.partial(self._brick_event, i))
             b.subscribe_callbacks(self._on_callback)
 
     # ------------------------------------------------------------ mode and lifetimes
 
+    def _remode(self) -> None:
+        """The mode and lifetimes, computed once per change (they are read for every entry of a listing)."""
+        self._coh = self.opts.invalidation and bool(self._bricks_ci)
+        self._reg_life = max(0.0, self.brick_timeout * 0.95 - 1.0)
+        self._life = min(self.opts.timeout, self._reg_life) if self._coh else min(self.opts.timeout, INCOHERENT_MAX)
+        self._xreg = all(self._registered.get(i) == b.generation for i, b in enumerate(self.bricks) if b.is_up)
+
     @property
     def coherent(self) -> bool:
-        return self.opts.invalidation and bool(self._bricks_ci)
+        return self._coh
 
     @property
     def reg_lifetime(self) -> float:
         """How long after a fop the bricks surely still tell us about changes (a margin before their timeout)."""
-        return max(0.0, self.brick_timeout * 0.95 - 1.0)
+        return self._reg_life
 
     @property
     def lifetime(self) -> float:
-        if self.coherent:
-            return min(self.opts.timeout, self.reg_lifetime)
-        return min(self.opts.timeout, INCOHERENT_MAX)
+        return self._life
 
     def describe(self) -> str:
         if self.coherent:
@@ -252,32 +261,29 @@ class MdCache(PassThrough):
         return ticket >= self._floor and self._changed.get(gfid, -1) <= ticket
 
     def _fresh(self, e: _Ino, t: float, now: float) -> bool:
-        if now - t >= self.lifetime:
+        if now - t >= self._life:
             return False
-        return not self.coherent or now - e.reg < self.reg_lifetime
+        return not self._coh or now - e.reg < self._reg_life
 
     def _fresh_x(self, e: _Ino, now: float) -> bool:
         if e.xattrs is None:
             return False
-        if self.coherent and not self._xattrs_registered():
+        if self._coh and not self._xreg:
             return now - e.xt < min(self.opts.timeout, INCOHERENT_MAX)
         return self._fresh(e, e.xt, now)
-
-    def _xattrs_registered(self) -> bool:
-        return all(self._registered.get(i) == b.generation for i, b in enumerate(self.bricks) if b.is_up)
 
     def kernel_timeout(self, gfid: bytes, ticket: int) -> float | None:
         """Entry/attribute timeout for the kernel for an answer about ``gfid`` asked at ``ticket``: 0 if the
         inode changed meanwhile, the entry's remaining lifetime in coherent mode, None for the default."""
         if not self._trusted(gfid, ticket):
             return 0.0
-        if not self.coherent:
+        if not self._coh:
             return None
         e = self._inodes.get(gfid)
         if e is None or e.iatt is None:
             return None
         now = trio.current_time()
-        left = min(self.lifetime - (now - e.t), self.reg_lifetime - (now - e.reg))
+        left = min(self._life - (now - e.t), self._reg_life - (now - e.reg))
         return left if left > 0 else None
 
     def keep_pages(self, gfid: bytes) -> bool:
@@ -318,6 +324,7 @@ class MdCache(PassThrough):
             return
         before = (self.coherent, self.brick_timeout)
         self._bricks_ci, self.brick_timeout = ci, timeout
+        self._remode()
         if (self.coherent, self.brick_timeout) != before:
             log.info("%s: md-cache %s", self.name, self.describe())
             self.drop_all("cache mode changed")
@@ -336,6 +343,7 @@ class MdCache(PassThrough):
             return
         if b.generation == gen and b.is_up:
             self._registered[i] = gen
+        self._remode()
 
     async def _refresh(self, gfid: bytes) -> None:
         """Touch a directory whose registration ran out, so its names can be answered again (a stat: it
@@ -349,6 +357,7 @@ class MdCache(PassThrough):
 
     def _brick_event(self, i: int, ev: BrickEvent) -> None:
         self._registered.pop(i, None)
+        self._remode()
         self.drop_all(f"brick {ev.client.name} {'up' if ev.up else 'down'}")
         if ev.up and self._bg is not None:
             self._bg.start_soon(self._register, i)
@@ -457,12 +466,11 @@ class MdCache(PassThrough):
 
     def _store_xattrs(self, e: _Ino, xdata: Dict | None, asked: Sequence[str], t0: float) -> None:
         x = xdata or {}
-        now = trio.current_time()
-        if e.xattrs is None or not self._fresh_x(e, now):
-            e.xattrs, e.xt = {}, t0
-        for k in asked:
-            v = x.get(k)
-            e.xattrs[k] = bytes(v) if isinstance(v, (bytes, bytearray)) else v
+        if e.xattrs is None or not self._fresh_x(e, t0):
+            e.xattrs, e.xt = {k: x.get(k) for k in asked}, t0
+        else:
+            for k in asked:
+                e.xattrs[k] = x.get(k)
 
     def _fill(self, iatt: Iatt | None, xdata: Dict | None, asked: Sequence[str], ticket: int, t0: float,
               register: bool = True) -> None:
@@ -642,8 +650,19 @@ class MdCache(PassThrough):
 
     async def readdirp(self, fd: int, offset: int = 0, size: int = 128 * 1024, xdata: Dict | None = None,
                        cred: Credential | None = None) -> Result:
+        if xdata is None and offset:
+            page = self._pages.get(fd)
+            if page is not None and page[0] == self._seq:
+                i = page[2].get(offset)
+                if i is not None and i + 1 < len(page[1]):
+                    self._hit("readdirp")
+                    return Result(0, 0, entries=page[1][i + 1:])
         now, ticket, asked = trio.current_time(), self._seq, list(self._keys)
         r = await self.child.readdirp(fd, offset, size, self._req(xdata), cred)
+        if xdata is None and r.entries:
+            self._pages[fd] = (ticket, r.entries, {e.off: i for i, e in enumerate(r.entries)})
+        else:
+            self._pages.pop(fd, None)
         dg = self._fd_gfid.get(fd)
         if dg is not None:
             self._registered_at(dg, ticket, now)
@@ -684,10 +703,12 @@ class MdCache(PassThrough):
 
     async def release(self, fd: int) -> None:
         self._fd_gfid.pop(fd, None)
+        self._pages.pop(fd, None)
         await self.child.release(fd)
 
     async def releasedir(self, fd: int) -> None:
         self._fd_gfid.pop(fd, None)
+        self._pages.pop(fd, None)
         await self.child.releasedir(fd)
 
     # ------------------------------------------------------------ our own data changes: post-op attributes

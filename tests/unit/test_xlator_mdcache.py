@@ -796,3 +796,27 @@ async def test_over_distribute_creates_in_a_listed_directory_are_seen(autojump_c
     got = (await m.stat(dg)).stat
     assert want is not None and got is not None
     assert (got.mtime, got.mtime_nsec) == (want.mtime, want.mtime_nsec), "D's times are from before B's creates"
+
+
+async def test_the_rest_of_a_listing_page_is_answered_from_it_until_something_changes(
+        autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
+    """The FUSE bridge asks for a page, the kernel takes part of it and asks again from inside it: the rest
+    comes from the page (no brick call, no second fill), unless an invalidation came in between."""
+    brick, m, b, _ = coherent()
+    await nursery.start(m.run)
+    dg = new_gfid()
+    await b.mkdir(ROOT_GFID, "d", 0o755, dg)
+    for i in range(20):
+        await b.mknod(dg, f"n{i:02d}", st.S_IFREG | 0o644, 0, new_gfid())
+    await m.lookup(ROOT_GFID, "d")
+    o = await m.opendir(dg)
+    assert o.fd is not None
+    first = (await m.readdirp(o.fd)).entries
+    n = brick.calls["readdirp"]
+    rest = (await m.readdirp(o.fd, first[5].off)).entries
+    assert brick.calls["readdirp"] == n and [e.name for e in rest] == [e.name for e in first[6:]]
+    await b.unlink(dg, "n10")  # A listed n10: the brick tells it (NLINK on n10, with its parent)
+    rest = (await m.readdirp(o.fd, first[5].off)).entries
+    assert brick.calls["readdirp"] == n + 1, "a page older than an invalidation was answered"
+    assert "n10" not in [e.name for e in rest]
+    await m.releasedir(o.fd)
