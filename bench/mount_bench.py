@@ -823,6 +823,16 @@ def gfuse_version() -> str:
     return f"git {head}" + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else "")
 
 
+def memory(pid: int | None) -> str:
+    try:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":" in line)
+        mib = {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")}
+    except (OSError, KeyError, ValueError):
+        return "n/a"
+    return f"{mib['VmRSS']:.0f} MiB (peak {mib['VmHWM']:.0f} MiB)"
+
+
 def probe_cache_lines(target: Target) -> list[str]:
     """What ``gfuse probe`` says about the volume's cache-invalidation (both sides) and gfuse's caching."""
     try:
@@ -877,6 +887,8 @@ def header_lines(rerun: str, started: dt.datetime, load0: float, gfuse_state: st
         (f"- CPU from /proc/PID/stat (utime+stime, {tick_ms} ms ticks): native pid {native.pid},"
          f" gfuse pid {gfuse.pid}; bricks: {bricks}"),
         f"- remounts after a dead mount: native {native.remounts}, gfuse {gfuse.remounts}",
+        f"- memory of the serving processes at the end (VmRSS, peak VmHWM): native {memory(native.pid)}, "
+        f"gfuse {memory(gfuse.pid)}",
     ]
     if rc == 130:
         lines.append("- INTERRUPTED: the figures are partial")

@@ -718,12 +718,13 @@ class KernelCache:
         inodes = [i for i in self.ops.inodes if i != pyfuse3.ROOT_INODE]
         entries = [(p, n) for names in self.dentries.values() for p, n in names]
         self.dentries.clear()
-        for i in [pyfuse3.ROOT_INODE, *inodes]:
-            try:
-                pyfuse3.invalidate_inode(i, attr_only=True)
-            except OSError:
-                pass
-        self._post(("all", tuple(inodes), tuple(entries)))
+        if len(inodes) <= 20_000:  # attributes at once (cheap syscalls); more would stall the trio thread
+            for i in [pyfuse3.ROOT_INODE, *inodes]:
+                try:
+                    pyfuse3.invalidate_inode(i, attr_only=True)
+                except OSError:
+                    pass
+        self._post(("all", (pyfuse3.ROOT_INODE, *inodes), tuple(entries)))
 
     # ------------------------------------------------------------ the worker thread
 

@@ -102,8 +102,8 @@ class CacheOptions:
     user_xattrs: int = 16
     #: negative entries live at most this long (see the module docstring)
     negative_timeout: float = 1.0
-    #: inodes kept (gluster's network.inode-lru-limit of the metadata-cache group is 200000)
-    limit: int = 200_000
+    #: inodes kept (the bricks' network.inode-lru-limit of the metadata-cache group is 200000; ~1 KiB each here)
+    limit: int = 100_000
 
     @classmethod
     def from_xlators(cls, mdc: dict[str, str] | None, nlc: dict[str, str] | None = None) -> CacheOptions:
@@ -204,6 +204,7 @@ class MdCache(PassThrough):
         #: invalidation sequence: gfid → seq of its last invalidation; replies asked before are not stored
         self._seq = 0
         self._changed: dict[bytes, int] = {}
+        self._remote: dict[bytes, int] = {}
         self._floor = 0
         #: what the bricks said (None: not known yet)
         self._bricks_ci: bool | None = None
@@ -275,9 +276,9 @@ class MdCache(PassThrough):
     def kernel_timeout(self, gfid: bytes, ticket: int) -> float | None:
         """Entry/attribute timeout for the kernel for an answer about ``gfid`` asked at ``ticket``: 0 if the
         inode changed meanwhile, the entry's remaining lifetime in coherent mode, None for the default."""
-        if not self._trusted(gfid, ticket):
+        if ticket < self._floor or self._remote.get(gfid, -1) > ticket:
             return 0.0
-        if not self._coh:
+        if not self._coh or self._changed.get(gfid, -1) > ticket:
             return None
         e = self._inodes.get(gfid)
         if e is None or e.iatt is None:
@@ -364,18 +365,24 @@ class MdCache(PassThrough):
 
     # ------------------------------------------------------------ invalidation
 
-    def _invalidate(self, gfid: bytes) -> None:
+    def _invalidate(self, gfid: bytes, remote: bool = True) -> None:
+        """Answers about ``gfid`` asked before now are not stored; ``remote`` (another client's change): not
+        given to the kernel for long either (our own change's reply describes the state after it)."""
         self._seq += 1
         if len(self._changed) > 65_536:
             self._changed.clear()
+            self._remote.clear()
             self._floor = self._seq
         self._changed[gfid] = self._seq
+        if remote:
+            self._remote[gfid] = self._seq
 
     def drop_all(self, why: str = "") -> None:
         """Drop everything (a brick went down or up, the mode changed); the kernel too."""
         self._seq += 1
         self._floor = self._seq
         self._changed.clear()
+        self._remote.clear()
         had = len(self._inodes)
         self._inodes.clear()
         self.stats.flushes += 1
@@ -792,7 +799,7 @@ class MdCache(PassThrough):
     def _drop_meta(self, gfid: bytes, keys: Iterable[str] | None = None) -> None:
         """A metadata change of our own is on its way: its attributes (and the xattrs named) are not answered
         until a brick says them again (the replies of setattr/setxattr are not stored: gluster's own rule)."""
-        self._invalidate(gfid)
+        self._invalidate(gfid, remote=False)
         e = self._inodes.get(gfid)
         if e is None:
             return
