@@ -1,10 +1,26 @@
 """cluster/replicate: AFR-compatible replication on the client.
 
-Every modification is a transaction that gluster's self-heal daemon understands:
-lock in the replicate translator's domain, pre-op changelog (``trusted.afr.dirty``),
-the fop on every replica *concurrently* with one credential (same gfid, same ctime),
-post-op that clears dirty and blames (``trusted.afr.<client>``) the replicas that
-missed it, unlock. Reads go to one replica that no other replica blames.
+Every modification is a transaction that gluster's self-heal daemon understands: lock in the replicate
+translator's domain, pre-op changelog (``trusted.afr.dirty`` +1; its replies tell what every replica
+thinks of the others), the fop on every replica *concurrently* with one credential (same gfid, same
+ctime), post-op that clears dirty and blames (``trusted.afr.<client>``) the replicas that missed it,
+unlock. The rules, as AFR's (afr-transaction.c, afr-inode-write.c):
+
+- the blame of a replica that missed a change is on the others' disks before the change is acknowledged;
+- with fewer replicas done than the quorum nobody is blamed (the change stays dirty, for heal to judge),
+  and a change that failed alike everywhere (EEXIST, ENOSPC …) blames nobody either;
+- a replica whose write was shorter than the best reply missed the rest;
+- writes to one inode share its data lock (eager locking, :class:`_Session`): they are owners of it,
+  and its delayed post-op and unlock happen only when it is released (idle, fsync/flush/close, another
+  client waiting, a failure, or a replica coming or going since it was taken) and no owner remains;
+- an fd is opened on a replica that is up where it is not open before it is used there (fix-open);
+- every child up/down bumps an event generation: what is known of an inode's replicas is re-learned
+  before its next read, so a replica that missed writes is never read;
+- with ``arbiter-count`` 1 the last replica holds no data: it is never read, and a data change is refused
+  when it would be the only good copy (arbitration), or when no replica taking it has good data;
+- POSIX locks lost on a quorum of replicas make the fd bad (EBADFD).
+
+Reads go to one replica that no other replica blames.
 """
 
 from __future__ import annotations
