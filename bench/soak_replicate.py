@@ -19,6 +19,7 @@ empty, and a read through gfuse equal to it too. Printed: the tally per fault, a
 
 Run (root, glusterd running; throwaway volumes on loopback, deleted at the end):
     python3 bench/soak_replicate.py --rounds 50                      # replica 3 and arbiter, 50 rounds each
+    python3 bench/soak_replicate.py --kinds distrep --rounds 50      # 2 x 3 (a fault on either set)
     python3 bench/soak_replicate.py --kinds arbiter --rounds 10 --faults kill,stop
 """
 
@@ -167,13 +168,25 @@ def heal_done(vol: tc.Volume, timeout: float) -> bool:
     return False
 
 
+def data_set(vol: tc.Volume, name: str) -> list[int]:
+    """The bricks of the replica set that holds ``name``'s data (2 x 3: not a DHT linkto file)."""
+    for first in range(0, len(vol.brick_dirs), 3):
+        p = vol.brick_dir(first) / name
+        if p.exists() and LINKTO not in os.listxattr(p):
+            return [first, first + 1, first + 2]
+    raise AssertionError(f"no replica set holds {name}")
+
+
+LINKTO = "trusted.glusterfs.dht.linkto"
+
+
 def one_round(vol: tc.Volume, mnt: tc.GfuseMount, k: int, fault: str, rng: random.Random, ping: int,
               tally: Counter[str], log: list[str]) -> tc.GfuseMount:
     name = f"soak-{k}.bin"
     w = Writer(mnt.path / name, rng.randrange(1 << 30))
     w.start()
     time.sleep(rng.uniform(1.0, 3.0))
-    brick = rng.randrange(3)
+    brick = rng.randrange(len(vol.brick_dirs))
     if fault == "kill":
         vol.kill_brick(brick)
         time.sleep(rng.uniform(0.5, 3.0))
@@ -201,7 +214,7 @@ def one_round(vol: tc.Volume, mnt: tc.GfuseMount, k: int, fault: str, rng: rando
     if not healed:
         tally[f"{fault}:heal-timeouts"] += 1
         log.append(f"round {k} ({fault}): heal info not empty after 300 s")
-    data_bricks = [i for i in range(3) if not (vol.kind == "arbiter" and i == 2)]
+    data_bricks = [i for i in data_set(vol, name) if not (vol.kind == "arbiter" and i % 3 == 2)]
     # writes reach gfuse synchronously (no writeback cache) and replicate acknowledges only what a quorum has
     # (blame on disk first): even across a gfuse SIGKILL every acknowledged op is owed, not just the fsynced
     # ones; the op the server was doing when killed may be on some bricks and not others (never answered)
