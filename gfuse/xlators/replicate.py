@@ -327,9 +327,15 @@ class Replicate(Fops):
                     k.data_blamers[j].add(i)
         old = self._known.get(gfid)
         if old is not None:
+            kept = _Known(gen, replies, n)
             for j in range(n):
-                k.blamers[j] |= {i for i in old.blamers[j] if i not in replies}
-                k.data_blamers[j] |= {i for i in old.data_blamers[j] if i not in replies}
+                kept.blamers[j] = k.blamers[j] | {i for i in old.blamers[j] if i not in replies}
+                kept.data_blamers[j] = k.data_blamers[j] | {i for i in old.data_blamers[j] if i not in replies}
+            # what a replica that is down now said can only choose among the others, never rule them all out:
+            # self-heal may have cleared it since (we cannot ask), and a false "no good copy" fails the call
+            # with a quorum up — then the replicas that answered decide, as in AFR's refresh
+            if any(i != self.arbiter for i in kept.readable()) or not any(i != self.arbiter for i in k.readable()):
+                k = kept
         self._known[gfid] = k
         return k
 

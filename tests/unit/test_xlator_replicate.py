@@ -978,3 +978,25 @@ def test_random_schedules_keep_every_acknowledged_write(arbiter: bool) -> None:
         trio.run(schedule, program, arbiter, clock=trio.testing.MockClock(autojump_threshold=0))
 
     explore()
+
+
+async def test_blame_known_only_from_a_dead_replica_does_not_rule_out_healed_ones(
+        autojump_clock: trio.abc.Clock) -> None:
+    """Item 15 ("EIO reading a file right after heal finished"): bricks 0 and 1 each missed writes (blamed by
+    brick 2 among others), glustershd healed both, then brick 2 dies before this client re-read the file:
+    what only brick 2 said cannot make both healed replicas unreadable."""
+    async with afr() as a:
+        g, fd = await new_file(a.r, "f")
+        for k in (0, 1):
+            a.bricks[k].crash()
+            await a.r.write(fd, 0, chunk(k))
+            await a.r.fsync(fd)
+            a.bricks[k].restart()
+            await a.r.lookup(ROOT_GFID, "f")
+        await a.r.fsync(fd)
+        shd = [b.client(f"shd-{k}") for k, b in enumerate(a.bricks)]
+        await shd_heal(a.bricks, shd, g, "f", None)
+        a.bricks[2].crash()
+        assert (await a.r.read(fd, 0, 1 << 20)).data == chunk(1)
+        assert (await a.r.write(fd, 0, chunk(5))).ret == 4 * KiB
+        await a.r.release(fd)
