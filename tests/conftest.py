@@ -127,6 +127,17 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 DIR_MARKERS = ("unit", "cluster", "k8s", "podman")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Test modules are imported by their file name (tests/*/ have no __init__.py, and some import each
+    other by name): two files of one name in different directories would stop the whole collection."""
+    seen: dict[str, Path] = {}
+    for path in sorted(Path(__file__).resolve().parent.glob("*/test_*.py")):
+        if path.name in seen:
+            raise pytest.UsageError(f"two test modules named {path.name}: {seen[path.name]} and {path}; "
+                                    f"rename one (modules are imported by file name)")
+        seen[path.name] = path
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     cluster_reason = tc.unavailable_reason()
     native_reason = tc.native_mount_unavailable_reason()
