@@ -247,7 +247,9 @@ def main() -> int:
     tally: Counter[str] = Counter()
     log: list[str] = []
     t0 = time.monotonic()
+    shown = 0
     for kind in args.kinds.split(","):
+        shown = len(log)
         vol = tc.create_volume(kind, options={"network.ping-timeout": args.ping_timeout})
         mnt = tc.GfuseMount(vol, options=[f"ping-timeout={args.ping_timeout}"])
         try:
@@ -256,6 +258,9 @@ def main() -> int:
                 fault = faults[k % len(faults)]
                 mnt = one_round(vol, mnt, k, fault, rng, args.ping_timeout, tally, log)
                 print(f"{kind} round {k + 1}/{args.rounds} ({fault}): {dict(sorted(tally.items()))}", flush=True)
+                for line in log[shown:]:
+                    print("  " + line, flush=True)
+                shown = len(log)
                 if log and args.stop_on_failure:
                     break
         finally:

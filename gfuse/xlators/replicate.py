@@ -189,7 +189,7 @@ class _Session:
 
     __slots__ = ("gfid", "fd", "event_gen", "owner", "unlock", "locked", "preop", "generations", "failed",
                  "blamed", "owners", "release", "leave_dirty", "finishing", "acquired", "drained", "finished",
-                 "error", "last_use", "blame_lock")
+                 "error", "last_use", "blame_lock", "sources")
 
     def __init__(self, gfid: bytes, fd: _AfrFd, event_gen: int) -> None:
         self.gfid = gfid
@@ -206,6 +206,8 @@ class _Session:
         self.failed: set[int] = set()
         #: failed replicas whose blame is on the disks of the others already
         self.blamed: set[int] = set()
+        #: replicas with good data when it was taken (none blamed them), less those that missed a write since
+        self.sources: set[int] = set()
         self.owners = 0
         self.release = False
         #: a write failed for lack of quorum: the post-op must leave dirty and blame nobody (afr_handle_quorum)
@@ -561,21 +563,23 @@ class Replicate(Fops):
         return d
 
     async def _preop(self, what: str, slot: int, gfid: bytes, fd: _AfrFd | None, idx: list[int],
-                     blame: Iterable[int] = (), xdata: Dict | None = None) -> list[int]:
-        """Pre-op on the locked replicas ``idx`` (``blame``: replicas that will miss the change, blamed now);
-        the replicas where it succeeded. For data, AFR's arbitration on the replies: refused (ENOTCONN)
-        if the arbiter is the only good copy, EIO if no replica taking the change holds good data."""
+                     blame: Iterable[int] = (), xdata: Dict | None = None) -> tuple[list[int], set[int]]:
+        """Pre-op on the locked replicas ``idx`` (``blame``: replicas that will miss the change, blamed now):
+        the replicas where it succeeded, and those of them that hold good data (the sources: for data, from
+        the replies; else all). For data, AFR's arbitration on the replies: refused (ENOTCONN) if the
+        arbiter is the only good copy, EIO if no replica taking the change holds good data."""
         blame = list(blame)
         res = await self._changelog(idx, gfid, fd, self._preop_dict(slot, blame), xdata)
         ok = [i for i, r in zip(idx, res) if isinstance(r, Result)]
         if not ok and res and _pick_error(res).errno != errno.ENOTCONN:
             raise _pick_error(res)  # e.g. the inode is gone everywhere: say so, not "quorum"
+        sources = set(ok)
         try:
             self._check_quorum(ok, what)
             if slot == DATA:
                 replies = {i: r.dict for i, r in zip(idx, res) if isinstance(r, Result)}
                 k = self._learn_changelogs(gfid, replies, False, self._event_gen)
-                sources = [i for i in ok if not k.data_blamers[i]]
+                sources = {i for i in ok if not k.data_blamers[i]}
                 if self.arbiter is not None and len(sources) < 2 and self.arbiter in sources:
                     raise OSError(errno.ENOTCONN, f"{self.name}: {what} refused: the arbiter is the only "
                                                   f"replica with good data")
@@ -586,11 +590,24 @@ class Replicate(Fops):
             with trio.CancelScope(shield=True):
                 await self._changelog(ok, gfid, fd, self._preop_dict(slot, blame, -1))
             raise
-        return ok
+        return ok, sources
 
-    def _judge(self, idx: Sequence[int], res: Sequence[Result | OSError], want: int | None = None) -> _Outcome:
+    def _in_flight_split_brain(self, what: str, done: Iterable[int], sources: set[int]) -> OSError | None:
+        """The change reached no replica that held good data before it (the good ones failed it): acknowledged,
+        no replica would have all the data — AFR fails it (in-flight split-brain) and blames nobody."""
+        if not {i for i in sources if i != self.arbiter}.intersection(done):
+            log.warning("%s: %s reached only replicas that miss earlier changes; failed, left for heal", self.name,
+                        what)
+            return OSError(errno.EIO, f"{self.name}: {what} failed on every replica holding good data")
+        return None
+
+    def _judge(self, idx: Sequence[int], res: Sequence[Result | OSError], want: int | None = None,
+               prefer: Iterable[int] = ()) -> _Outcome:
         """Sort the replies of one fop. ``want``: a write of that many bytes — a replica that wrote less
-        than the best reply missed the rest (AFR blames short writes); the arbiter's count is not compared."""
+        than the best reply missed the rest (AFR blames short writes); the arbiter's count is not compared.
+        The answer (its attributes: the size the kernel and md-cache keep) is a reply of a replica in
+        ``prefer`` (those with good data) if one is done: a replica that missed earlier writes tells an
+        older size even when it took this one."""
         ok = {i: r for i, r in zip(idx, res) if isinstance(r, Result)}
         errs = {i: r for i, r in zip(idx, res) if isinstance(r, OSError)}
         gone = {i for i, e in errs.items() if e.errno in GONE}
@@ -609,7 +626,8 @@ class Replicate(Fops):
         if short:
             log.warning("%s: short write on %s; marked for self-heal", self.name,
                         [self.children[i].name for i in sorted(short)])
-        pick = [i for i in done if i != self.arbiter] or done
+        good = set(prefer)
+        pick = [i for i in done if i in good and i != self.arbiter] or [i for i in done if i != self.arbiter] or done
         return _Outcome(done, set(errs) | short, gone, ok[pick[0]], None)
 
     def _drop_lost_handles(self, fd: _AfrFd | None, idx: Sequence[int], res: Sequence[object]) -> None:
@@ -682,6 +700,7 @@ class Replicate(Fops):
             up = [i for i in up if fd.handles[i] is not None]
         self._check_quorum(up, what)
         locked_sets: list[tuple[UnlockFn, list[int]]] = []
+        sources: set[int] = set()
 
         async def log_all(idx: Sequence[int], d: Dict, with_xdata: bool) -> list[Result | OSError]:
             """Changelog on every target; a replica counts as done only if all its targets took it."""
@@ -701,8 +720,9 @@ class Replicate(Fops):
             preop_done: list[int] = []
             if changelog_on:
                 if len(tgts) == 1:
-                    idx = preop_done = await self._preop(what, slot, tgts[0][0], fd if tgts[0][0] == gfid else None,
-                                                         idx, xdata=tgts[0][1])
+                    idx, sources = await self._preop(what, slot, tgts[0][0], fd if tgts[0][0] == gfid else None,
+                                                     idx, xdata=tgts[0][1])
+                    preop_done = idx
                 else:
                     res = await log_all(idx, {DIRTY: changelog(slot, 1)}, True)
                     idx = preop_done = [i for i, r in zip(idx, res) if isinstance(r, Result)]
@@ -721,7 +741,8 @@ class Replicate(Fops):
                     await undo()
                     return answer
             res = await each(op, idx)
-            out = self._judge(idx, res)
+            out = self._judge(idx, res, prefer=sources if changelog_on and slot == DATA
+                              else self._readable_children(gfid))
             self._drop_lost_handles(fd, idx, res)
             if out.result is None:
                 # failed everywhere alike (EEXIST, EACCES, ENOSPC …): consistent, nobody to blame
@@ -730,12 +751,13 @@ class Replicate(Fops):
                 raise out.error
             done = out.done
             failed = [i for i in range(len(self.children)) if i not in done]
-            if not self._has_quorum(done):
+            sb = self._in_flight_split_brain(what, done, sources) if slot == DATA and changelog_on else None
+            if sb is not None or not self._has_quorum(done):
                 # as AFR: too few took it to accuse the others; leave (or mark) it dirty for heal to judge
                 if not changelog_on:
                     with trio.CancelScope(shield=True):
                         await log_all(done, {DIRTY: changelog(slot, 1)}, True)
-                raise _quorum_error(self.name, what, len(done), self.quorum, res)
+                raise sb or _quorum_error(self.name, what, len(done), self.quorum, res)
             if changelog_on or failed:
                 post: Dict = {DIRTY: changelog(slot, -1 if changelog_on else 0)}
                 for j in failed:
@@ -965,7 +987,7 @@ class Replicate(Fops):
             self._check_quorum(got, what)
             never = [j for j in range(len(self.children)) if j not in got]
             # a replica that is down (or not open) now misses every write of the session: blamed at once
-            s.preop = await self._preop(what, DATA, s.gfid, fd, got, blame=never)
+            s.preop, s.sources = await self._preop(what, DATA, s.gfid, fd, got, blame=never)
             s.blamed = set(never)
             s.failed = {j for j in range(len(self.children)) if j not in s.preop}
             if never:
@@ -1014,8 +1036,9 @@ class Replicate(Fops):
             if not self._has_quorum(targets):
                 s.release = True
                 self._check_quorum(targets, what)
+            before = set(s.sources)  # the replicas with good data as this write starts
             res = await each(op, targets)
-            out = self._judge(targets, res, want)
+            out = self._judge(targets, res, want, prefer=before)
             self._drop_lost_handles(fd, targets, res)
             if fsync:
                 out.lost -= out.gone  # an fsync that did not reach a brick that went away missed nothing
@@ -1027,11 +1050,14 @@ class Replicate(Fops):
                 raise out.error  # failed everywhere alike (ENOSPC, EDQUOT …): nothing to blame
             if out.lost:
                 s.failed |= out.lost
+                s.sources -= out.lost
                 s.release = True  # as AFR: a failure ends the delayed post-op
                 self._mark_stale(s.gfid, out.lost, out.done)
-            if not self._has_quorum(out.done):
+            sb = self._in_flight_split_brain(what, out.done, before)
+            if sb is not None or not self._has_quorum(out.done):
                 s.leave_dirty = True
-                raise _quorum_error(self.name, what, len(out.done), self.quorum, res)
+                s.release = True
+                raise sb or _quorum_error(self.name, what, len(out.done), self.quorum, res)
             await self._blame_now(s, what)
             return out.result
         finally:
@@ -1300,7 +1326,7 @@ class Replicate(Fops):
         idx = [i for i in self.up() if fd.handles[i] is not None]
         self._check_quorum(idx, "fsync")
         res = await each(op, idx)
-        out = self._judge(idx, res)
+        out = self._judge(idx, res, prefer=self._readable_children(fd.gfid))
         self._drop_lost_handles(fd, idx, res)
         if out.result is None:
             assert out.error is not None
