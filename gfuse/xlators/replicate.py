@@ -1052,12 +1052,13 @@ class Replicate(Fops):
                 s.failed |= out.lost
                 s.sources -= out.lost
                 s.release = True  # as AFR: a failure ends the delayed post-op
-                self._mark_stale(s.gfid, out.lost, out.done)
             sb = self._in_flight_split_brain(what, out.done, before)
             if sb is not None or not self._has_quorum(out.done):
                 s.leave_dirty = True
                 s.release = True
                 raise sb or _quorum_error(self.name, what, len(out.done), self.quorum, res)
+            if out.lost:
+                self._mark_stale(s.gfid, out.lost, out.done)
             await self._blame_now(s, what)
             return out.result
         finally:

@@ -8,8 +8,9 @@ gluster's self-heal daemon reads them (``trusted.afr.VOL-client-N`` = data/metad
 from __future__ import annotations
 
 import errno
+import functools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
@@ -839,7 +840,9 @@ async def schedule(program: list[Step], arbiter: bool) -> None:
     arb = 2 if arbiter else None
     data_bricks = [k for k in range(3) if k != arb]
     shd = [b.client(f"shd-{k}") for k, b in enumerate(bricks)]
-    expected = bytearray()
+    #: what the file may hold: the acknowledged changes, each with or without every change that failed
+    states: list[bytearray] = [bytearray()]
+    short: list[int | None] = [None]  # the length a planned short write keeps
     async with trio.open_nursery() as nursery:
         async def client() -> tuple[Replicate, trio.CancelScope]:
             r = Replicate(DOMAIN, [b.client() for b in bricks], arbiter=1 if arbiter else 0)
@@ -868,34 +871,35 @@ async def schedule(program: list[Step], arbiter: bool) -> None:
         def fault_pending() -> bool:
             return any(not b.running or b.stopped or b.faults for b in bricks)
 
-        def good_copy_up() -> bool:
-            return any(bricks[k].running and not bricks[k].stopped and not _blamed(bricks, "f", k)
+        def good_copies_up() -> int:
+            return sum(bricks[k].running and not bricks[k].stopped and not _blamed(bricks, "f", k)
                        for k in data_bricks)
 
         for seq, s in enumerate(program):
-            could = good_copy_up()
+            could = good_copies_up() >= 2  # one fault cannot take the last good copy: no call may fail
+            change: Callable[[bytearray], None] | None = None
+            partial: Callable[[bytearray], None] | None = None
+            if not any(f.action == "short" for b in bricks for f in b.faults):
+                short[0] = None
             try:
                 if s.kind == "write":
                     data = bytes((seq * 7 + i) % 251 + 1 for i in range(s.c))
+                    change = functools.partial(_put, s.b, data)
+                    partial = functools.partial(_put, s.b, data[:short[0]]) if short[0] is not None else None
                     n = (await r.write(await fd_of(s.a), s.b, data)).ret
                     assert n == len(data), f"step {seq}: short answer {n}"
-                    if s.b > len(expected):
-                        expected.extend(bytes(s.b - len(expected)))
-                    expected[s.b:s.b + n] = data
                 elif s.kind == "read":
                     got = (await r.read(await fd_of(s.a), 0, 1 << 20)).data or b""
-                    assert got == bytes(expected), f"step {seq}: read {len(got)} bytes, expected {len(expected)}"
+                    assert got in states, f"step {seq}: read {len(got)} bytes, expected one of {len(states)} states"
+                    states[:] = [x for x in states if x == got]  # what was read is what the file holds now
                 elif s.kind == "fsync":
                     await r.fsync(await fd_of(s.a))
                 elif s.kind == "truncate":
+                    change = functools.partial(_truncate, s.b)
                     await r.ftruncate(await fd_of(s.a), s.b)
-                    del expected[s.b:]
-                    expected.extend(bytes(s.b - len(expected)))
                 elif s.kind == "zero":
+                    change = functools.partial(_zero_keep, s.b, s.c)
                     await r.zerofill(await fd_of(s.a), s.b, s.c, {ZEROFILL_KEEP_SIZE: "1"})
-                    end = min(s.b + s.c, len(expected))
-                    if end > s.b:
-                        expected[s.b:end] = bytes(end - s.b)
                 elif s.kind == "close":
                     fd = fds[s.a]
                     if fd is not None:
@@ -914,6 +918,7 @@ async def schedule(program: list[Step], arbiter: bool) -> None:
                     bricks[s.a].fail("write", s.b)
                 elif s.kind == "short_write" and not fault_pending() and s.a != arb:
                     bricks[s.a].short_write(s.b)
+                    short[0] = s.b
                 elif s.kind in ("restart", "heal"):
                     for b in bricks:
                         b.clear_faults()
@@ -932,9 +937,22 @@ async def schedule(program: list[Step], arbiter: bool) -> None:
                     await trio.sleep(0.01)
                     r, scope = await client()
             except OSError as e:
-                if could and good_copy_up():
-                    raise AssertionError(f"step {seq} {s} failed with a good replica up and quorum met: {e!r}") \
+                if could:
+                    raise AssertionError(f"step {seq} {s} failed with two good replicas up and quorum met: {e!r}") \
                         from e
+                if change is not None:  # a failed change may or may not be on the replicas it reached
+                    for x in list(states):
+                        for f in (change, partial):  # (a short write: only its start)
+                            if f is not None:
+                                y = bytearray(x)
+                                f(y)
+                                if y not in states:
+                                    states.append(y)
+                    del states[16:]
+                continue
+            if change is not None:
+                for x in states:
+                    change(x)
 
         for b in bricks:
             b.clear_faults()
@@ -948,8 +966,7 @@ async def schedule(program: list[Step], arbiter: bool) -> None:
         await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
 
-    want = bytes(expected)
-    lacking = [k for k in data_bricks if bricks[k].data("f") != want]
+    lacking = [k for k in data_bricks if bricks[k].data("f") not in states]
     for k in lacking:
         assert len(_blamed(bricks, "f", k)) >= 2, \
             f"replica {k} lacks acknowledged data but only {_blamed(bricks, 'f', k)} blame it: " \
@@ -959,6 +976,23 @@ async def schedule(program: list[Step], arbiter: bool) -> None:
     assert not [k for k in sources if k in lacking], f"heal sources {sources} lack acknowledged data"
     if arbiter:
         assert bricks[2].data("f") == b"", "the arbiter stores no data"
+
+
+def _put(off: int, data: bytes, b: bytearray) -> None:
+    if off > len(b):
+        b.extend(bytes(off - len(b)))
+    b[off:off + len(data)] = data
+
+
+def _truncate(size: int, b: bytearray) -> None:
+    del b[size:]
+    b.extend(bytes(size - len(b)))
+
+
+def _zero_keep(off: int, size: int, b: bytearray) -> None:
+    end = min(off + size, len(b))
+    if end > off:
+        b[off:end] = bytes(end - off)
 
 
 async def _cont_later(b: MemBrick) -> None:
