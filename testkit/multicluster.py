@@ -88,6 +88,8 @@ from . import procs
 __all__ = ["PREFIX", "ROOT", "MultiCluster", "MultiClusterError", "Node", "cleanup_stale", "unavailable_reason"]
 
 ROOT = Path(os.environ.get("GFUSE_MULTICLUSTER_ROOT", "/var/tmp/gfuse-multicluster"))
+#: the option groups of the host's glusterd package, copied into each node's working directory
+HOST_GROUPS = Path("/var/lib/glusterd/groups")
 PREFIX = "127.1.1"
 GLUSTERD_BIN = os.environ.get("GFUSE_GLUSTERD", "/usr/sbin/glusterd")
 
@@ -361,6 +363,9 @@ class MultiCluster:
                              f"mount --bind {shlex.quote(str(src))} {shlex.quote(target)}")
             node.rundir.mkdir(parents=True, exist_ok=True)
             node.bricks.mkdir(parents=True, exist_ok=True)
+            # an installed glusterd ships its option groups there (`volume set V group metadata-cache`)
+            if HOST_GROUPS.is_dir():
+                shutil.copytree(HOST_GROUPS, node.workdir / "groups", dirs_exist_ok=True)
             script = " && ".join(binds) + " && echo ready && exec sleep infinity"
             node.holder = self._holder(
                 ["nsenter", "-t", str(self.net_holder), "--net",
