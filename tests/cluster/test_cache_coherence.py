@@ -219,11 +219,22 @@ def test_no_cache_outlives_a_brick_restart(kind: str, make_volume, gfuse_mount, 
     for g in ("gfuse1", "gfuse2"):
         tc.wait_until(lambda g=g: (mounts[g] / d / "f").exists(), 5, f"{g} sees {d}/f")
         _warm(mounts[g] / d)
+    (w.parent / "restart-probe").mkdir()
     for i in range(len(vol.bricks)):
         vol.kill_brick(i)
     vol.start_force()
     vol.wait_bricks(timeout=60)
-    time.sleep(3)  # the clients reconnect (gfuse's backoff starts at 0.2 s)
+
+    def writable(m: Path) -> bool:  # the client reconnected to enough bricks (each has its own backoff)
+        try:
+            (m / "restart-probe" / m.name).write_bytes(b"x")
+            return True
+        except OSError:
+            return False
+
+    for m in mounts.values():
+        tc.wait_until(lambda m=m: writable(m), 60, f"{m} writable after the restart", interval=0.5)
+    time.sleep(1)  # every brick session back, not just a quorum
     for n, change in enumerate(("write", "chmod", "xattr", "create")):
         _change(change, w)
         time.sleep(SETTLE)
