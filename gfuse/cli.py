@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import click
 import trio
@@ -17,6 +17,7 @@ import trio
 from .errors import leaf
 from .mgmt import MgmtError, Server, fetch_graph, parse_servers, parse_volume_spec
 from .mounttable import gfuse_mounts
+from .options import MountError, MountOptions, parse_options
 from .tls import TlsConfig, describe as describe_tls
 from .volfile import Graph, VolfileError
 from .xlators.client import BrickClient, BrickError
@@ -99,8 +100,6 @@ def probe(volume_spec: str, backup_volfile_servers: str, timeout: float, options
     Example:
         gfuse probe 127.0.0.1:/myvol
     """
-    from .options import MountError, parse_options
-
     try:
         spec = parse_volume_spec(volume_spec)
         backups = parse_servers(backup_volfile_servers) if backup_volfile_servers else []
@@ -219,9 +218,6 @@ def mount(volume_spec: str, mountpoint: str | None, options: str, foreground: bo
         gfuse mount 127.0.0.1:/vol /mnt/vol
         gfuse mount 10.0.0.5:/vol/projects/a /mnt/a -o backup-volfile-servers=10.0.0.6:10.0.0.7,ro
     """
-    from .mount import run_foreground
-    from .options import MountError, parse_options
-
     if takeover or mountpoint is None:
         if not takeover or mountpoint is not None:
             raise click.UsageError("give SERVER:/VOLUME and MOUNTPOINT, or --takeover MOUNTPOINT")
@@ -251,32 +247,11 @@ def mount(volume_spec: str, mountpoint: str | None, options: str, foreground: bo
             logging.getLogger().setLevel(opts.log_level)
             if opts.log_file:
                 logging.getLogger().addHandler(logging.FileHandler(opts.log_file))
-        errors: list[str] = []
-
-        def ready(msg: str | None) -> None:
-            if msg is not None:
-                errors.append(msg)
-            if ready_fd is not None:
-                try:
-                    os.write(ready_fd, (f"ERR {msg}\n" if msg else "OK\n").encode())
-                    os.close(ready_fd)
-                except OSError:
-                    pass
-
-        code = run_foreground(volume_spec, mountpoint, opts, ready, _restart(opts, volume_spec, mountpoint, options,
-                                                                              log_file))
-        if errors and ready_fd is None:
-            raise UserError(errors[0])
-        sys.exit(code)
+        _serve_here(volume_spec, mountpoint, opts, ready_fd,
+                    _restart(opts, volume_spec, mountpoint, options, log_file))
     # daemonize: a detached child serves the mount and tells us when it is live
-    r, w = os.pipe()
-    args = [sys.executable, "-m", "gfuse.cli", "mount", volume_spec, mountpoint, "-o", options,
-            "--ready-fd", str(w), "--timeout", str(timeout)]
-    with open(os.devnull, "rb") as devnull_in, open(os.devnull, "wb") as devnull_out:
-        proc = subprocess.Popen(args, stdin=devnull_in, stdout=devnull_out, stderr=devnull_out,
-                                pass_fds=(w,), start_new_session=True, close_fds=True)
-    os.close(w)
-    answer = _read_ready(r, timeout + 5)
+    proc, answer = _spawn_serving(["mount", volume_spec, mountpoint, "-o", options, "--timeout", str(timeout)],
+                                  timeout)
     if answer == "OK":
         click.echo(f"gfuse: mounted {volume_spec} on {mountpoint} (pid {proc.pid}, log {log_file})")
         return
@@ -288,6 +263,41 @@ def mount(volume_spec: str, mountpoint: str | None, options: str, foreground: bo
         raise UserError(f"the mount process exited with status {exited} before the mount was live (see {log_file})")
     proc.wait(timeout=10)
     raise UserError(answer.removeprefix("ERR ").strip())
+
+
+def _serve_here(spec: str, mountpoint: str, opts: MountOptions, ready_fd: int | None, restart: Any) -> NoReturn:
+    """Serve in this process until the mount ends; a failure before it is live is reported through
+    ``ready_fd`` (the parent waiting in :func:`_spawn_serving`) or, in the foreground, as the error."""
+    from .mount import run_foreground  # pyfuse3: only where a mount is served
+
+    errors: list[str] = []
+
+    def ready(msg: str | None) -> None:
+        if msg is not None:
+            errors.append(msg)
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, (f"ERR {msg}\n" if msg else "OK\n").encode())
+                os.close(ready_fd)
+            except OSError:
+                pass
+
+    code = run_foreground(spec, mountpoint, opts, ready, restart)
+    if errors and ready_fd is None:
+        raise UserError(errors[0])
+    sys.exit(code)
+
+
+def _spawn_serving(args: list[str], timeout: float) -> tuple[subprocess.Popen[bytes], str | None]:
+    """Start ``gfuse ARGS --ready-fd N`` detached and wait (``timeout`` + 5 s) for its first line:
+    "OK", "ERR message", or None when it said nothing in time."""
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "gfuse.cli", *args, "--ready-fd", str(w)]
+    with open(os.devnull, "rb") as devnull_in, open(os.devnull, "wb") as devnull_out:
+        proc = subprocess.Popen(cmd, stdin=devnull_in, stdout=devnull_out, stderr=devnull_out,
+                                pass_fds=(w,), start_new_session=True, close_fds=True)
+    os.close(w)
+    return proc, _read_ready(r, timeout + 5)
 
 
 def _restart(opts: Any, spec: str, mountpoint: str, options: str, log_file: str) -> Any:
@@ -303,8 +313,6 @@ def _mount_takeover(mountpoint: str, foreground: bool, timeout: float, ready_fd:
                     standby: bool = False) -> None:
     """``gfuse mount --takeover MOUNTPOINT``, as ``mount`` without touching the (waiting) mount point;
     ``standby`` (the holder's): loaded and waiting until the serving process dies."""
-    from .mount import run_foreground
-    from .options import MountError, parse_options
     from .takeover import MountRecord, Restart
 
     mountpoint = os.path.abspath(mountpoint)  # never realpath: that would stat the mount, which waits for us
@@ -314,35 +322,13 @@ def _mount_takeover(mountpoint: str, foreground: bool, timeout: float, ready_fd:
     except MountError as e:
         raise UserError(str(e)) from None
     if foreground or ready_fd is not None:
-        errors: list[str] = []
         if ready_fd is not None:
             _setup_file_logging(rec.log_file, opts.log_level)
         else:
             logging.getLogger().setLevel(opts.log_level)
-
-        def ready(msg: str | None) -> None:
-            if msg is not None:
-                errors.append(msg)
-            if ready_fd is not None:
-                try:
-                    os.write(ready_fd, (f"ERR {msg}\n" if msg else "OK\n").encode())
-                    os.close(ready_fd)
-                except OSError:
-                    pass
-
-        code = run_foreground(rec.spec, rec.mountpoint, opts, ready,
-                              Restart(rec.mountpoint, rec.spec, rec.options, rec.log_file, takeover=True,
-                                      standby=standby))
-        if errors and ready_fd is None:
-            raise UserError(errors[0])
-        sys.exit(code)
-    r, w = os.pipe()
-    args = [sys.executable, "-m", "gfuse.cli", "mount", "--takeover", mountpoint, "--ready-fd", str(w)]
-    with open(os.devnull, "rb") as devnull_in, open(os.devnull, "wb") as devnull_out:
-        proc = subprocess.Popen(args, stdin=devnull_in, stdout=devnull_out, stderr=devnull_out,
-                                pass_fds=(w,), start_new_session=True, close_fds=True)
-    os.close(w)
-    answer = _read_ready(r, timeout + 5)
+        _serve_here(rec.spec, rec.mountpoint, opts, ready_fd,
+                    Restart(rec.mountpoint, rec.spec, rec.options, rec.log_file, takeover=True, standby=standby))
+    proc, answer = _spawn_serving(["mount", "--takeover", mountpoint], timeout)
     if answer == "OK":
         click.echo(f"gfuse: took over {mountpoint} (pid {proc.pid}, log {rec.log_file})")
         return
