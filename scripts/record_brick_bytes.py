@@ -52,7 +52,8 @@ from gfuse import handshake as hs
 from gfuse import rpc, transport
 from gfuse.iatt import ROOT_GFID
 from gfuse.mgmt import Server, fetch_graph
-from gfuse.xlators.client import BrickClient, now_cred
+from gfuse.cred import now_cred
+from gfuse.xlators.client import BrickClient
 
 # ------------------------------------------------------------------------- recording
 

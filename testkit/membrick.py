@@ -59,7 +59,7 @@ from gfuse.dicts import Dict
 from gfuse.fops import DirEntry, Flock, Result
 from gfuse.iatt import NULL_GFID, ROOT_GFID, SET_ATIME, SET_GID, SET_MODE, SET_MTIME, SET_UID, Iatt, Statfs
 from gfuse.rpc import Credential
-from gfuse.xlators.api import READDIR_SIZE, BrickEvent, Fops
+from gfuse.xlators.api import READDIR_SIZE, BrickEvents, Fops
 from gfuse.xlators.handles import Handles
 from gfuse.xlators.mdcache import (IPC_UPCALL, UP_FORGET, UP_MODE, UP_NLINK, UP_OWN, UP_PARENT_TIMES, UP_PERM,
                                    UP_RENAME, UP_SIZE, UP_TIMES, UP_XATTR, UP_XATTR_RM)
@@ -662,56 +662,26 @@ class _ClientFd:
     generation: int
 
 
-class MemClient(Fops):
+class MemClient(BrickEvents, Fops):
     """One client's session with a :class:`MemBrick`: the double of ``BrickClient`` for translator tests."""
 
     def __init__(self, brick: MemBrick, name: str, *, ping_timeout: float = 42.0) -> None:
         self.brick = brick
         self.name = name
         self.ping_timeout = ping_timeout
-        self.is_up = False
-        self.up = trio.Event()
+        BrickEvents.__init__(self)
         self.generation = 0
         self.last_error = "not connected yet"
         #: a detached client stays down across brick restarts (its own network is cut)
         self.detached = False
         self.lk_owner = os.urandom(8)
         self._conn: int | None = None
-        self._subscribers: list[Callable[[BrickEvent], None]] = []
-        self._cbk_subscribers: list[Callable[[int, Any], None]] = []
         self._fds: Handles[_ClientFd] = Handles(name)
 
     def __repr__(self) -> str:
         return f"<MemClient {self.name} {'up' if self.is_up else 'down'}>"
 
     # ------------------------------------------------------------------ events (as BrickClient)
-
-    def subscribe(self, fn: Callable[[BrickEvent], None]) -> None:
-        self._subscribers.append(fn)
-
-    def subscribe_callbacks(self, fn: Callable[[int, Any], None]) -> None:
-        self._cbk_subscribers.append(fn)
-
-    def _emit(self, up: bool, reason: str) -> None:
-        if up == self.is_up:
-            return
-        self.is_up = up
-        if up:
-            self.up.set()
-        else:
-            self.up = trio.Event()
-        for fn in list(self._subscribers):
-            try:
-                fn(BrickEvent(self, up, reason))
-            except Exception:
-                log.exception("brick event subscriber failed")
-
-    def _deliver(self, proc: int, msg: object) -> None:
-        for fn in list(self._cbk_subscribers):
-            try:
-                fn(proc, msg)
-            except Exception:
-                log.exception("callback subscriber failed")
 
     async def wait_up(self, timeout: float) -> bool:
         with trio.move_on_after(timeout):

@@ -24,14 +24,19 @@ subclasses it and overrides just those, like a gluster translator that leaves th
 from __future__ import annotations
 
 import errno
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
+
+import trio
 
 from .. import fops as F
 from ..dicts import Dict
 from ..fops import Flock, Result
 from ..iatt import NULL_GFID, ROOT_GFID, Iatt
 from ..rpc import Credential
+
+log = logging.getLogger(__name__)
 
 #: one page of a directory listing by default (what the FUSE bridge asks for)
 READDIR_SIZE = 128 * 1024
@@ -273,6 +278,53 @@ class Brick(Subvolume, Protocol):
 
     def subscribe_callbacks(self, fn: Callable[[int, Any], None]) -> None:
         ...
+
+
+class BrickEvents:
+    """Up/down state and subscribers of one brick session, shared by BrickClient and its test double
+    (testkit.membrick.MemClient), so replicate learns of a brick coming and going the same way from both."""
+
+    name: str
+
+    def __init__(self) -> None:
+        self.is_up = False
+        #: set while up; a new (unset) event after each down
+        self.up = trio.Event()
+        self._subscribers: list[Callable[[BrickEvent], None]] = []
+        self._cbk_subscribers: list[Callable[[int, Any], None]] = []
+
+    def subscribe(self, fn: Callable[[BrickEvent], None]) -> None:
+        """``fn`` is called (synchronously) on every up/down transition."""
+        self._subscribers.append(fn)
+
+    def subscribe_callbacks(self, fn: Callable[[int, Any], None]) -> None:
+        """``fn(proc, decoded)`` for every callback the brick sends (upcalls, lock contention)."""
+        self._cbk_subscribers.append(fn)
+
+    def _label(self) -> str:
+        return self.name
+
+    def _emit(self, up: bool, reason: str) -> None:
+        if up == self.is_up:
+            return
+        self.is_up = up
+        if up:
+            self.up.set()
+        else:
+            self.up = trio.Event()
+        log.info("%s: brick %s%s", self._label(), "up" if up else "down", f" ({reason})" if reason else "")
+        for fn in list(self._subscribers):
+            try:
+                fn(BrickEvent(self, up, reason))  # type: ignore[arg-type]  # every user is a Brick
+            except Exception:
+                log.exception("brick event subscriber failed")
+
+    def _deliver(self, proc: int, decoded: Any) -> None:
+        for fn in list(self._cbk_subscribers):
+            try:
+                fn(proc, decoded)
+            except Exception:
+                log.exception("callback subscriber failed")
 
 
 class PassThrough(Fops):

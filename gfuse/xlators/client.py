@@ -18,7 +18,6 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
 
 import trio
 
@@ -35,7 +34,7 @@ from ..tls import DEFAULT as DEFAULT_TLS, TlsConfig
 from ..transport import RpcConnection, not_connected
 from ..volfile import Xlator
 from ..xdr import Packer
-from .api import BrickEvent, Fops
+from .api import BrickEvents, Fops
 from .handles import Handles
 
 log = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ class _Fd:
     generation: int
 
 
-class BrickClient(Fops):
+class BrickClient(BrickEvents, Fops):
     """One brick of a volume; implements the fop interface of the translator graph."""
 
     def __init__(self, xl: Xlator, mgmt: Server | None = None, *, volfile_key: str = "",
@@ -83,14 +82,11 @@ class BrickClient(Fops):
         self.tls_config = tls or DEFAULT_TLS
         self.tls = self.tls_config.brick(self.options, volfile_key)
         self.conn: RpcConnection | None = None
-        self.up = trio.Event()
-        self.is_up = False
+        BrickEvents.__init__(self)
         self.last_error: str = "not connected yet"
         self.handshake_rtt: float | None = None
         self.generation = 0
         self._instance = next(_instance)
-        self._subscribers: list[Callable[[BrickEvent], None]] = []
-        self._cbk_subscribers: list[Callable[[int, Any], None]] = []
         self._fds: Handles[_Fd] = Handles(self.name)
         self.first_attempt_done = trio.Event()
         #: lock owner for lock fops sent without a credential (bricks refuse a null owner)
@@ -101,29 +97,8 @@ class BrickClient(Fops):
 
     # ---------------------------------------------------------------- events
 
-    def subscribe(self, fn: Callable[[BrickEvent], None]) -> None:
-        """``fn`` is called (synchronously) on every up/down transition."""
-        self._subscribers.append(fn)
-
-    def subscribe_callbacks(self, fn: Callable[[int, Any], None]) -> None:
-        """``fn(proc, decoded)`` for every callback the brick sends (upcalls, lock contention)."""
-        self._cbk_subscribers.append(fn)
-
-    def _emit(self, up: bool, reason: str) -> None:
-        if up == self.is_up:
-            return
-        self.is_up = up
-        if up:
-            self.up.set()
-        else:
-            self.up = trio.Event()
-        log.info("%s (%s:%s): brick %s%s", self.name, self.host, self.brick_path, "up" if up else "down",
-                 f" ({reason})" if reason else "")
-        for fn in list(self._subscribers):
-            try:
-                fn(BrickEvent(self, up, reason))
-            except Exception:
-                log.exception("brick event subscriber failed")
+    def _label(self) -> str:
+        return f"{self.name} ({self.host}:{self.brick_path})"
 
     def _on_callback(self, call: rpc.Call) -> None:
         if call.prog != F.CBK_PROGRAM:
@@ -136,11 +111,7 @@ class BrickClient(Fops):
             return
         if call.proc == F.Cbk.CHILD_DOWN:
             log.warning("%s: brick reports its child down", self.name)
-        for fn in list(self._cbk_subscribers):
-            try:
-                fn(call.proc, decoded)
-            except Exception:
-                log.exception("callback subscriber failed")
+        self._deliver(call.proc, decoded)
 
     # ---------------------------------------------------------------- session
 

@@ -17,7 +17,9 @@ from gfuse import fops as F
 from testkit import cluster as tc
 from gfuse.fops import Flock, Proc
 from gfuse.iatt import ROOT_GFID
-from gfuse.xlators.client import BrickClient, BrickEvent, now_cred
+from gfuse.cred import now_cred
+from gfuse.xlators.api import BrickEvent
+from gfuse.xlators.client import BrickClient
 
 pytestmark = pytest.mark.cluster
 
