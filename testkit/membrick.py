@@ -1056,10 +1056,16 @@ class MemClient(BrickEvents, Fops):
             ino = b._new_inode(parent, name, gfid, (mode & ~0o7777) | (mode & 0o7777 & ~umask), cred,
                                xdata)
             ino.rdev = rdev
+        r = await self._entry_made("mknod", conn, fault, pargfid, parent, pre, ino)
+        return r
+
+    async def _entry_made(self, op: str, conn: int, fault: Fault | None, pargfid: bytes, parent: Inode, pre: Iatt,
+                          ino: Inode) -> Result:
+        """The reply of a fop that made ``ino`` in ``parent``, and the upcalls the brick sends for it."""
         r = Result(0, 0, stat=ino.iatt(), preparent=pre, postparent=parent.iatt())
-        b.up_touch(conn, ino.gfid)
-        b.upcall(conn, pargfid, UP_TIMES, r.postparent)
-        await self._leave("mknod", conn, fault)
+        self.brick.up_touch(conn, ino.gfid)
+        self.brick.upcall(conn, pargfid, UP_TIMES, r.postparent)
+        await self._leave(op, conn, fault)
         return r
 
     async def mkdir(self, pargfid: bytes, name: str, mode: int, gfid: bytes, umask: int = 0,
@@ -1071,10 +1077,7 @@ class MemClient(BrickEvents, Fops):
         ino = b._new_inode(parent, name, gfid, st.S_IFDIR | (mode & 0o7777 & ~umask), cred, xdata)
         ino.nlink = 2
         parent.nlink += 1
-        r = Result(0, 0, stat=ino.iatt(), preparent=pre, postparent=parent.iatt())
-        b.up_touch(conn, ino.gfid)
-        b.upcall(conn, pargfid, UP_TIMES, r.postparent)
-        await self._leave("mkdir", conn, fault)
+        r = await self._entry_made("mkdir", conn, fault, pargfid, parent, pre, ino)
         return r
 
     async def symlink(self, pargfid: bytes, name: str, target: str, gfid: bytes, umask: int = 0,
@@ -1085,10 +1088,7 @@ class MemClient(BrickEvents, Fops):
         pre = parent.iatt()
         ino = b._new_inode(parent, name, gfid, st.S_IFLNK | 0o777, cred, xdata)
         ino.target = target
-        r = Result(0, 0, stat=ino.iatt(), preparent=pre, postparent=parent.iatt())
-        b.up_touch(conn, ino.gfid)
-        b.upcall(conn, pargfid, UP_TIMES, r.postparent)
-        await self._leave("symlink", conn, fault)
+        r = await self._entry_made("symlink", conn, fault, pargfid, parent, pre, ino)
         return r
 
     async def create(self, pargfid: bytes, name: str, flags: int, mode: int, gfid: bytes, umask: int = 0,
@@ -1099,10 +1099,7 @@ class MemClient(BrickEvents, Fops):
         pre = parent.iatt()
         ino = b._new_inode(parent, name, gfid, st.S_IFREG | (mode & 0o7777 & ~umask), cred, xdata)
         rfd = self._new_remote(conn, gfid, flags, False)
-        r = Result(0, 0, stat=ino.iatt(), preparent=pre, postparent=parent.iatt())
-        b.up_touch(conn, ino.gfid)
-        b.upcall(conn, pargfid, UP_TIMES, r.postparent)
-        await self._leave("create", conn, fault)
+        r = await self._entry_made("create", conn, fault, pargfid, parent, pre, ino)
         return self._fds.adopt(r, _ClientFd(gfid, flags, False, rfd, self.generation))
 
     async def link(self, gfid: bytes, newpar: bytes, newname: str, xdata: Dict | None = None,
