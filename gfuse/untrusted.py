@@ -17,17 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from . import options as _options
-from .options import IGNORED_OPTIONS, KNOWN_OPTIONS, SELINUX_OPTIONS, MountError
+from .options import HOST_PATH_OPTIONS, IGNORED_OPTIONS, KNOWN_OPTIONS, SELINUX_OPTIONS, MountError
 
 #: ``-o`` options a Kubernetes object may set
 KUBERNETES_OPTIONS = frozenset({
     "backup-volfile-servers", "backupvolfile-server", "ro", "log-level", "allow_other", "subdir",
     "attribute-timeout", "entry-timeout", "read-ahead-kb", "ping-timeout", *SELINUX_OPTIONS,
 })
-#: options that name a file of the node (gfuse.options keeps its own list as TLS options are added)
-HOST_PATH_OPTIONS = frozenset({"log-file", "ssl-dir", "ssl-cert", "ssl-key", "ssl-ca"}) | frozenset(
-    getattr(_options, "HOST_PATH_OPTIONS", ()))
 #: the node's security settings (whether glusterd is spoken to over TLS): a PV must not turn them off
 NODE_SETTINGS = frozenset({"secure-mgmt"})
 
