@@ -43,8 +43,8 @@ TLS_OPTIONS = ("ssl-dir", "ssl-cert", "ssl-key", "ssl-ca", "secure-mgmt")
 #: options that name files on the host (the node's admin decides them, not a volume's user)
 HOST_PATH_OPTIONS = frozenset({"log-file", "ssl-dir", "ssl-cert", "ssl-key", "ssl-ca"})
 KNOWN_OPTIONS = {"backup-volfile-servers", "backupvolfile-server", "ro", "log-file", "log-level", "allow_other",
-                 "subdir", "attribute-timeout", "entry-timeout", "read-ahead-kb", "ping-timeout", *SELINUX_OPTIONS,
-                 *TLS_OPTIONS}
+                 "subdir", "attribute-timeout", "entry-timeout", "read-ahead-kb", "ping-timeout", "restartable",
+                 *SELINUX_OPTIONS, *TLS_OPTIONS}
 #: an SELinux context (user:role:type[:level]); a level may hold commas (s0:c1,c2) and dots (c0.c1023)
 _SELINUX_CONTEXT = re.compile(r"[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+(:[A-Za-z0-9_.:,-]+)?")
 
@@ -99,10 +99,9 @@ class MountOptions:
 
     def libfuse_kernel_options(self) -> list[str]:
         """:attr:`kernel_options` as libfuse's ``-o`` parser needs them (a comma is escaped, or it splits)."""
-        return [o.replace("\\", "\\\\").replace(",", "\\,") for o in self.kernel_options]
+        from .untrusted import libfuse_escape  # untrusted imports this module
 
-
-KNOWN_OPTIONS.add("restartable")
+        return [libfuse_escape(o) for o in self.kernel_options]
 
 
 def parse_options(text: str | None) -> MountOptions:
