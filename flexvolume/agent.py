@@ -210,8 +210,12 @@ class Agent:
         kubelet_dir: str = DEFAULT_KUBELET_DIR,
         allowed_dirs: list[str] | None = None,
         node_options: list[str] | None = None,
+        metrics_address: tuple[str, int] | None = None,
     ) -> None:
         self.socket_path = os.path.abspath(socket_path)
+        #: (host, port) of the Prometheus endpoint (flexvolume.metrics), None: off; metrics_port: the port bound
+        self.metrics_address = metrics_address
+        self.metrics_port: int | None = None
         #: ``-o`` options the node's admin gives every mount and probe (TLS files, secure-mgmt, log level):
         #: what a PV or StorageClass may not ask for (gfuse.untrusted) but a node may need
         self.node_options = list(node_options or [])
@@ -250,6 +254,16 @@ class Agent:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 nursery.start_soon(self._health_loop)
                 nursery.start_soon(trio.serve_listeners, self._handle_stream, [listener])
+                if self.metrics_address is not None:
+                    from .metrics import MetricsServer
+
+                    metrics = MetricsServer(self, *self.metrics_address, version=agent_version())
+                    try:
+                        listeners = await metrics.listen()
+                    except OSError as e:
+                        raise AgentStartError(f"cannot serve metrics on {metrics.where}: {e.strerror or e}") from None
+                    self.metrics_port = listeners[0].socket.getsockname()[1]
+                    nursery.start_soon(metrics.serve, listeners)
                 task_status.started()
         finally:
             if self._lock_fd is not None:
@@ -892,8 +906,23 @@ def main(argv: list[str] | None = None) -> None:
                    help="a gfuse -o option given to every mount and probe of this node, e.g. ssl-dir=/etc/gfuse/tls "
                         "or secure-mgmt=yes (repeatable); the options a PV may not ask for (node files, TLS) "
                         "are set here")
+    p.add_argument("--metrics-address", default=None, metavar="HOST:PORT",
+                   help="serve Prometheus metrics of every mount on http://HOST:PORT/metrics (':PORT': every "
+                        "interface; default: off)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
+    metrics_address = None
+    if args.metrics_address is not None:
+        try:
+            from .metrics import parse_address
+
+            metrics_address = parse_address(args.metrics_address)
+        except ImportError as missing:
+            print(f"gfuse-agent: --metrics-address needs the prometheus_client package ({missing})", file=sys.stderr)
+            sys.exit(2)
+        except ValueError as bad_address:
+            print(f"gfuse-agent: --metrics-address {bad_address}", file=sys.stderr)
+            sys.exit(2)
     for d in [args.kubelet_dir, *args.allow_dir]:
         if not os.path.isabs(d) or os.path.normpath(d) == "/":
             p.error(f"{d!r}: mount roots must be absolute directories other than /")
@@ -910,7 +939,8 @@ def main(argv: list[str] | None = None) -> None:
                   mount_timeout=args.mount_timeout,
                   gfuse_command=shlex.split(args.gfuse_command) if args.gfuse_command else None,
                   mount_wrapper=shlex.split(args.mount_wrapper), lock_wait=args.lock_wait,
-                  kubelet_dir=args.kubelet_dir, allowed_dirs=args.allow_dir, node_options=node_options)
+                  kubelet_dir=args.kubelet_dir, allowed_dirs=args.allow_dir, node_options=node_options,
+                  metrics_address=metrics_address)
     try:
         trio.run(agent.run)
     except KeyboardInterrupt:

@@ -29,6 +29,7 @@ from .fuse_lowlevel import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_
 from .iatt import NULL_GFID, ROOT_GFID, SET_ATIME, SET_GID, SET_MODE, SET_MTIME, SET_UID, Iatt
 from .rpc import Credential
 from .cred import now_cred
+from .status import FuseStats
 from .takeover import NO_JOURNAL, Journal
 from .xlators.api import ZEROFILL_KEEP_SIZE
 
@@ -52,27 +53,34 @@ def fuse_errors(
     """Map every failure to FUSEError: anything else would abort the whole mount. Keeps the signature
     (pyfuse3.Operations declares the handlers; fuse_lowlevel's LockOps the lock and fallocate ones)."""
 
+    op = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(self: Ops, /, *args: P.args, **kwargs: P.kwargs) -> T:
         self.inflight += 1
+        t0 = time.perf_counter()
         cache = self.kcache.cache
         if cache is not None:
             _TICKET.set(cache.ticket())  # answers about inodes changed from now on get no long kernel timeout
         try:
             return await fn(self, *args, **kwargs)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as e:
+            self.stats.failed(op, e.errno)
             raise
         except OSError as e:
             code = e.errno or errno.EIO
             if code not in (errno.ENOENT, errno.EEXIST, errno.ENODATA, errno.ENOTEMPTY, errno.EACCES,
                             errno.EPERM, errno.ENOTSUP):
                 log.warning("%s: %s", fn.__name__, e)
+            self.stats.failed(op, code)
             raise pyfuse3.FUSEError(code) from None
         except Exception:
             log.exception("%s failed unexpectedly", fn.__name__)
+            self.stats.failed(op, errno.EIO)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             self.inflight -= 1
+            self.stats.done(op, time.perf_counter() - t0)  # counts, time and latency bucket (gfuse.status)
 
     return wrapper
 
@@ -119,6 +127,8 @@ class GlusterOperations(pyfuse3.Operations):
         self._groups: dict[int, tuple[float, tuple[int, ...]]] = {}
         self._acl_unsupported = True
         self.inflight = 0
+        #: requests, errors, latency and bytes by FUSE operation, for the status socket (gfuse.status)
+        self.stats = FuseStats()
         #: open file handles per inode, and back: getattr of an unlinked open file needs a handle
         self.open_files: dict[int, set[int]] = {}
         self.fh_inode: dict[int, int] = {}
@@ -432,11 +442,14 @@ class GlusterOperations(pyfuse3.Operations):
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         r = await self.top.read(fh, off, size)
-        return r.data or b""
+        data = r.data or b""
+        self.stats.bytes_read += len(data)
+        return data
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         r: Result = await self.top.write(fh, off, buf, cred=now_cred(Proc.WRITE))
+        self.stats.bytes_written += r.ret
         return r.ret
 
     @fuse_errors

@@ -24,7 +24,7 @@ from .iatt import ROOT_GFID
 from .mgmt import MgmtError, VolfileWatcher, fetch_graph, parse_volume_spec
 from .mounttable import mount_at
 from .options import MountError, MountOptions
-from .status import serve_status, status_socket_path
+from .status import FuseStats, serve_status, status_socket_path
 from .tls import TlsConfig, TlsError, check_graph as check_tls
 from .untrusted import libfuse_escape
 from .volfile import Graph, VolfileError
@@ -263,7 +263,8 @@ class MountedVolume:
                 "bricks": bricks, "pending_brick_calls": pending,
                 "fuse_requests_in_flight": self.ops.inflight if self.ops else 0,
                 "inodes": len(self.ops.inodes) if self.ops else 0, "read_only": self.opts.read_only,
-                "restart": self.restart.mode if self.restart is not None else "off"}
+                "restart": self.restart.mode if self.restart is not None else "off",
+                "fuse": self.ops.stats.snapshot() if self.ops else FuseStats().snapshot()}
 
     async def _status_server(self) -> None:
         await serve_status(self.socket_path, self.status)
