@@ -14,8 +14,9 @@ request                                                                response 
 ``{"op": "unmount", "target": "/abs", "timeout": s (optional)}``       ``{"ok", "was_mounted": bool}``
 ``{"op": "list"}``                                                     ``{"ok", "mounts": [{"source", "target",
                                                                        "options", "readonly", "pid", "since",
-                                                                       "context", "repairs", "healthy", "state",
-                                                                       "reason", "repair_error"}, …]}``
+                                                                       "context", "repairs", "restartable", "healthy",
+                                                                       "state", "reason", "repair_error", "mode",
+                                                                       "takeovers", "pause"}, …]}``
 ``{"op": "stats", "target": "/abs", "timeout": s (optional)}``         ``{"ok", "bytes_total", "bytes_used",
                                                                        "bytes_available", "inodes_total",
                                                                        "inodes_used", "inodes_available"}``
@@ -27,20 +28,32 @@ agent (even SIGKILL) or replacing it with a new version leaves every mount servi
 its mount table in a msgpack state file (:mod:`flexvolume.state`, written atomically); on start it
 re-adopts the mounts listed there.
 
+Restartable mounts (issue 12; ``--restartable auto``, the default: when the kernel has FUSE_NOTIFY_RESEND,
+Linux >= 6.9, probed once at start): every mount is made with ``-o restartable``, and the per-node holder
+(:mod:`gfuse.holder`, found at ``--holder-socket`` or started by the agent in a session of its own, through
+``--mount-wrapper``) keeps a copy of its ``/dev/fuse`` fd. When the serving process dies the kernel keeps the
+connection and its requests; the holder's standby (or a successor it starts) takes the fd over, replays the
+record the dead process kept and has the kernel re-send what it had read (:mod:`gfuse.takeover`). A running
+container -- its own bind of the volume directory, propagation None -- keeps its open files and sees a pause,
+never an error. The agent reports such a mount as ``restarting``, never dead; if no successor is on its way
+after TAKEOVER_GRACE seconds it runs ``gfuse mount --takeover`` itself. The holder is not part of the agent:
+a SIGKILL of the agent (and of its process group) leaves it holding every fd, and a new agent finds it, and
+the mounts in its state file, again.
+
 Health: every ``--health-interval`` seconds each mount's root is stat()ed *in a subprocess* with a
 timeout (the agent itself never touches a mount, so a dead or stuck one cannot hang it). A mount
 whose serving process died ("Transport endpoint is not connected", and neither the process nor its
-status socket is alive) is repaired: if glusterd and at least one brick of the volume answer
-(``gfuse probe``), the dead mount is lazily unmounted and mounted again at the same target, which
-propagates to pods (their kubelet directory is rshared/rslave). Processes in a pod that held file
-descriptors on the dead mount get errors on those descriptors (ENOTCONN/EIO); new opens go to the
-new mount. If the volume cannot be reached the dead mount is left in place (pods get errors rather
-than writing into the node's directory underneath) and the agent retries on the next pass. Between
-the lazy unmount and the new mount (one gfuse mount time, a few seconds) a pod creating files in the
-directory would write to the node's directory underneath: the repair is for crashes, not a seamless
-failover. A mount that answers too slowly (stuck bricks, SIGSTOPped server) is reported unhealthy,
-not torn down. An entry whose target is not mounted is mounted again (e.g. after a reboot) while its
-directory exists, and dropped once the directory is gone.
+status socket is alive; a repair-only mount, or a restartable one no holder had) is repaired: if glusterd
+and at least one brick of the volume answer (``gfuse probe``), a fresh mount is stacked **over** the dead one
+at the same target (``gfuse mount --stack``; the dead one stays underneath until the target is unmounted),
+which propagates to pods whose kubelet directory is rshared/rslave. It is never detached first, so nothing
+a pod writes can land in the node's directory underneath. Processes that hold file descriptors on the dead
+mount, and containers that got the dead mount with propagation None, get errors (ENOTCONN) until their
+pod restarts; new opens through the host path go to the new mount. If the volume cannot be reached the
+dead mount is left in place and the agent retries on the next pass. A mount that answers too slowly (stuck
+bricks, SIGSTOPped server) is reported unhealthy, not torn down. An entry whose target is not mounted is
+mounted again (e.g. after a reboot: nothing of a FUSE connection survives one, kubelet mounts again) while
+its directory exists, and dropped once the directory is gone.
 
 What a request may ask: its fields come from Kubernetes objects (PVs, StorageClasses, CSI volume contexts),
 so a target must lie below ``--kubelet-dir`` (or an ``--allow-dir``) and not be a symlink, the source must
@@ -60,6 +73,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import reprlib
@@ -104,6 +118,14 @@ C_ENV = {**os.environ, "LC_ALL": "C", "LANG": "C"}
 #: kubelet's root directory: mount targets must lie below it (--kubelet-dir)
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
 _PID_RE = re.compile(r"\(pid (\d+)")
+#: a held mount without a server for this long, and nobody on the way to take it over, is taken over by the
+#: agent itself (the holder starts a successor at once: this is for when it did not, or it keeps failing)
+TAKEOVER_GRACE = 5.0
+#: a holder the agent starts exits after this many seconds holding nothing (the agent starts one again for
+#: the next restartable mount)
+HOLDER_IDLE_EXIT = 60.0
+#: restartable mounts: "auto" (when the kernel has FUSE_NOTIFY_RESEND, Linux >= 6.9), "yes", "no"
+RESTARTABLE_CHOICES = ("auto", "yes", "no")
 #: how request values are shown in answers: bounded in depth and length, whatever a client sends
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 120, 120, 8, 8
@@ -156,12 +178,12 @@ async def _sigkill(proc: trio.Process) -> None:
     proc.kill()
 
 
-async def run_bounded(cmd: list[str], timeout: float) -> RunResult:
+async def run_bounded(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> RunResult:
     """Run a command with a hard time limit (SIGKILL when it is up); never raises for its failure."""
     with trio.move_on_after(timeout):
         try:
             p = await trio.run_process(cmd, stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True,
-                                       check=False, env=C_ENV, deliver_cancel=_sigkill)
+                                       check=False, env=env or C_ENV, deliver_cancel=_sigkill)
         except OSError as e:
             return RunResult(127, "", f"cannot run {cmd[0]}: {e.strerror}", False)
         return RunResult(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"), False)
@@ -207,6 +229,9 @@ class Agent:
         gfuse_command: list[str] | None = None,
         mount_wrapper: list[str] | None = None,
         lock_wait: float = 10.0,
+        restartable: str = "auto",
+        holder_socket: str | None = None,
+        holder_log: str | None = None,
         kubelet_dir: str = DEFAULT_KUBELET_DIR,
         allowed_dirs: list[str] | None = None,
         node_options: list[str] | None = None,
@@ -240,6 +265,20 @@ class Agent:
         self._repair_errors: dict[str, str] = {}
         self._lock_fd: int | None = None
         self._limiter = trio.CapacityLimiter(8)
+        # restartable mounts (issue 12): the per-node holder keeps a copy of each one's FUSE fd, so the death of
+        # its server is a pause; "auto" is resolved at start (the kernel must have FUSE_NOTIFY_RESEND)
+        if restartable not in RESTARTABLE_CHOICES:
+            raise ValueError(f"restartable must be one of {', '.join(RESTARTABLE_CHOICES)}, not {restartable!r}")
+        self.restartable_choice = restartable
+        self.restartable = restartable == "yes"
+        self.holder_socket = os.path.abspath(holder_socket or os.environ.get("GFUSE_HOLDER_SOCKET")
+                                             or "/run/gfuse/holder.sock")
+        self.holder_log = holder_log or os.environ.get("GFUSE_HOLDER_LOG") or "/var/log/gfuse/holder.log"
+        #: what every gfuse command the agent runs gets: the holder it hands fds to (successors ask the same one)
+        self.env = {**C_ENV, "GFUSE_HOLDER_SOCKET": self.holder_socket, "GFUSE_HOLDER_LOG": self.holder_log}
+        self._holder_proc: subprocess.Popen[bytes] | None = None
+        #: the holder's entry of each held mount, as the last probe saw it
+        self._held: dict[str, dict[str, Any]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -250,6 +289,9 @@ class Agent:
             listener = await self._listen()
             log.info("gfuse agent %s on %s, state %s, %d mount(s) to re-adopt", agent_version(), self.socket_path,
                      self.state_path, len(self.table))
+            await self._choose_restartable()
+            if self.restartable or any(r.restartable for r in self.table.values()):
+                await self._ensure_holder()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 nursery.start_soon(self._health_loop)
@@ -546,7 +588,9 @@ class Agent:
             if rec is None:
                 rec = want
                 rec.pid = self._find_pid(rec)
-                log.info("adopting existing gfuse mount of %s on %s (pid %s)", rec.source, target, rec.pid)
+                rec.restartable = target in (await self._holder_list() or {})
+                log.info("adopting existing gfuse mount of %s on %s (pid %s, %s)", rec.source, target, rec.pid,
+                         self._mode(rec, {} if rec.restartable else None))
             elif want.context:
                 rec.context = want.context
             state, reason = await self._probe(rec)
@@ -565,6 +609,9 @@ class Agent:
             raise OpError(f"{target} is a symbolic link; the mount directory must be a directory", "invalid")
         if not stat.S_ISDIR(st.st_mode):
             raise OpError(f"{target} exists and is not a directory", "invalid")
+        want.restartable = self.restartable
+        if want.restartable:
+            await self._ensure_holder()
         want.pid = await self._spawn_mount(want, budget)
         self.table[target] = want
         self._health[target] = ("healthy", "")
@@ -573,22 +620,26 @@ class Agent:
                  f", {', '.join(f'{k}={v}' for k, v in want.context.items())}" if want.context else "")
         return {"ok": True, "already": False, "pid": want.pid}
 
-    async def _spawn_mount(self, rec: MountRecord, budget: float) -> int | None:
-        """``gfuse mount`` (it daemonizes and returns once live); the serving process's pid."""
+    async def _spawn_mount(self, rec: MountRecord, budget: float, stack: bool = False) -> int | None:
+        """``gfuse mount`` (it daemonizes and returns once live); the serving process's pid. ``stack``: over the
+        dead mount at the target (``gfuse mount --stack``)."""
         opts = [*self.node_options, *rec.options] + (["ro"] if rec.readonly else [])
+        if rec.restartable and "restartable" not in opts:
+            opts.append("restartable")
         cmd = [*self.mount_wrapper, *self.gfuse_command, "mount", rec.source, rec.target,
-               "--timeout", f"{max(1.0, budget - 6):g}"]
+               "--timeout", f"{max(1.0, budget - 6):g}", *(["--stack"] if stack else [])]
         if opts:
             cmd += ["-o", ",".join(opts)]
-        res = await run_bounded(cmd, budget)
+        below = mounts_at(rec.target)
+        res = await run_bounded(cmd, budget, self.env)
         if res.timed_out:
-            await self._cleanup_failed(rec.target)
+            await self._cleanup_failed(rec.target, below)
             raise OpError(f"mounting {rec.source} on {rec.target} did not finish within {budget:g}s; the volume's "
                           f"servers are slow or unreachable", "timeout")
         if res.rc != 0:
             msg = res.last_line() or f"gfuse mount exited with status {res.rc}"
             msg = msg.removeprefix("gfuse: ").removeprefix("Error: ")
-            await self._cleanup_failed(rec.target)
+            await self._cleanup_failed(rec.target, below)
             raise OpError(f"cannot mount {rec.source} on {rec.target}: {msg}", "unavailable")
         m = _PID_RE.search(res.stdout)
         pid = int(m.group(1)) if m else None
@@ -597,8 +648,9 @@ class Agent:
                           "internal")
         return pid if is_serving_process(pid, rec.target) else self._find_pid(rec)
 
-    async def _cleanup_failed(self, target: str) -> None:
-        """After a failed or timed-out mount: no half-made mount, no serving process left behind."""
+    async def _cleanup_failed(self, target: str, below: list[Any] | None = None) -> None:
+        """After a failed or timed-out mount: no half-made mount, no serving process left behind (and never
+        the dead mount ``below`` it was to be stacked on: detaching that one would expose the node's directory)."""
         pids = serving_pids(target)
         for pid in pids:
             try:
@@ -606,7 +658,7 @@ class Agent:
             except ProcessLookupError:
                 pass
         stack = mounts_at(target)
-        if stack and stack[-1].is_gfuse and pids:
+        if stack and stack[-1].is_gfuse and pids and stack != (below or []):
             await run_bounded(["umount", "-c", "-l", target], 20)
 
     @staticmethod
@@ -656,6 +708,12 @@ class Agent:
         if killed:
             log.warning("serving process(es) %s of %s did not exit after the unmount; killed", killed, target)
             self._remove_status_socket(target)
+        self._held.pop(target, None)
+        if not mounts_at(target):
+            from gfuse.takeover import state_dir
+
+            # a restartable mount's takeover record (its server removes it when it ends on purpose; not if killed)
+            shutil.rmtree(state_dir(target), ignore_errors=True)
         if was_mounted or rec is not None:
             log.info("unmounted %s%s", target, f" ({rec.source})" if rec else "")
         return {"ok": True, "was_mounted": was_mounted}
@@ -699,11 +757,20 @@ class Agent:
         async with trio.open_nursery() as nursery:
             for rec in records:
                 nursery.start_soon(probe, rec)
+        view = (await self._holder_list() or {}) if any(r.restartable for r in records) else {}
         out = []
         for rec in records:
             state, reason = probes[rec.target]
             d = rec.to_wire()
             d["pid"] = self._find_pid(rec)
+            held = view.get(rec.target)
+            if held is not None and held.get("served"):
+                d["pid"] = held.get("pid") or d["pid"]
+            # mode: restartable/held (a server's death is a pause), restartable/unheld, repair-only; takeovers:
+            # how many times a successor took the held connection; pause: the last one's wait, seconds
+            handoffs = (held or {}).get("handoffs") or []
+            d.update(mode=self._mode(rec, held), takeovers=int((held or {}).get("restarts") or 0),
+                     pause=float(handoffs[-1]) if handoffs else None)
             d.update(healthy=state == "healthy", state=state, reason=reason,
                      repair_error="" if state == "healthy" else self._repair_errors.get(rec.target, ""))
             out.append(d)
@@ -728,6 +795,102 @@ class Agent:
                 "bytes_available": bavail * bsize, "inodes_total": files, "inodes_used": files - ffree,
                 "inodes_available": ffree}
 
+    # -- restartable mounts (the holder) -------------------------------------------------------
+
+    async def _choose_restartable(self) -> None:
+        """``auto``: restartable iff this kernel re-queues the requests a dead server had read (FUSE_NOTIFY_RESEND,
+        Linux >= 6.9), asked once of a throwaway FUSE connection in a private mount namespace."""
+        if self.restartable_choice == "auto":
+            res = await run_bounded([sys.executable, "-m", "gfuse.takeover", "--probe-resend"], 20, self.env)
+            if res.rc in (0, 1):
+                self.restartable = res.rc == 0
+                why = "the kernel has FUSE_NOTIFY_RESEND" if self.restartable else \
+                    "the kernel has no FUSE_NOTIFY_RESEND (Linux < 6.9)"
+            else:
+                from gfuse.takeover import kernel_resend_guess
+
+                self.restartable = kernel_resend_guess()
+                why = (f"could not probe the kernel ({res.last_line() or 'no answer'}); Linux "
+                       f"{os.uname().release} {'>=' if self.restartable else '<'} 6.9")
+        else:
+            why = f"--restartable={self.restartable_choice}"
+        if self.restartable:
+            log.info("new mounts are restartable (%s): the holder at %s keeps their FUSE connections, the death of "
+                     "a server is a pause for the pods", why, self.holder_socket)
+        else:
+            log.info("new mounts are repair-only (%s): a dead server's mount is repaired by a fresh mount stacked "
+                     "over it; running pods keep errors on it unless they mount with HostToContainer", why)
+
+    async def _holder_list(self) -> dict[str, dict[str, Any]] | None:
+        """The holder's mounts by mount point; None when no holder answers."""
+        from gfuse.takeover import TakeoverError, holder_request
+
+        try:
+            reply, fd = await trio.to_thread.run_sync(functools.partial(
+                holder_request, {"op": "list"}, timeout=3.0, path=self.holder_socket))
+        except (OSError, ValueError, TakeoverError):
+            return None
+        if fd is not None:
+            os.close(fd)
+        mounts = reply.get("mounts")
+        if not reply.get("ok") or not isinstance(mounts, list):
+            return None
+        return {str(m.get("mountpoint")): m for m in mounts if isinstance(m, dict)}
+
+    async def _ensure_holder(self) -> bool:
+        """A holder answers at ``holder_socket``: the one found there, or one started now in a session of its
+        own (through --mount-wrapper, so it also leaves the agent's cgroup): a SIGKILL of the agent, even of its
+        process group, leaves it holding every fd. False (logged) if none could be started."""
+        from gfuse.takeover import spawn_holder
+
+        if self._holder_proc is not None and self._holder_proc.poll() is not None:
+            self._holder_proc = None  # reaped: it exited (idle, or killed)
+        if await self._holder_list() is not None:
+            return True
+        try:
+            proc = await trio.to_thread.run_sync(functools.partial(
+                spawn_holder, self.holder_socket, log_file=self.holder_log, wrapper=self.mount_wrapper,
+                idle_exit=HOLDER_IDLE_EXIT, env=self.env))
+            self._holder_proc, pid = proc, proc.pid  # kept to be reaped (poll) once it exits
+        except OSError as e:
+            log.error("cannot start the gfuse holder: %s (restartable mounts start their own)", e.strerror or e)
+            return False
+        with trio.move_on_after(10):
+            while await self._holder_list() is None:
+                await trio.sleep(0.1)
+            log.info("started the gfuse holder on %s (pid %d, log %s)", self.holder_socket, pid, self.holder_log)
+            return True
+        log.error("the gfuse holder started (pid %d) does not answer on %s (see %s)", pid, self.holder_socket,
+                  self.holder_log)
+        return False
+
+    @staticmethod
+    def _mode(rec: MountRecord, held: dict[str, Any] | None) -> str:
+        """As ``gfuse status`` says it (gfuse.takeover.mode_of)."""
+        if not rec.restartable:
+            return "repair-only"
+        return "restartable/held" if held is not None else "restartable/unheld"
+
+    async def _takeover(self, rec: MountRecord, budget: float) -> None:
+        """A held mount without a server: ``gfuse mount --takeover`` serves the same FUSE connection again (the
+        kernel kept the requests; running containers keep their fds and see a pause)."""
+        target = rec.target
+        cmd = [*self.mount_wrapper, *self.gfuse_command, "mount", "--takeover", target,
+               "--timeout", f"{max(1.0, budget - 6):g}"]
+        res = await run_bounded(cmd, budget, self.env)
+        view = await self._holder_list() or {}
+        h = view.get(target)
+        if res.rc != 0 and not (h is not None and h.get("served")):
+            msg = "no answer" if res.timed_out else (res.last_line().removeprefix("gfuse: ").removeprefix("Error: ")
+                                                     or f"status {res.rc}")
+            raise OpError(f"cannot take over {target}: {msg}", "unavailable")
+        m = _PID_RE.search(res.stdout)
+        pid = int(m.group(1)) if m and res.rc == 0 else (int(h["pid"]) if h and h.get("served") else None)
+        rec.pid = pid if pid and is_serving_process(pid, target) else self._find_pid(rec)
+        self._save()
+        log.warning("took over %s (%s) on the connection the holder kept: pid %s serves it again (running pods "
+                    "saw a pause, not an error)", target, rec.source, rec.pid)
+
     # -- health -------------------------------------------------------------------------------
 
     async def _probe(self, rec: MountRecord, timeout: float | None = None) -> tuple[str, str]:
@@ -739,6 +902,16 @@ class Agent:
         top = stack[-1]
         if not top.is_gfuse:
             return "foreign", f"{target} is covered by a {top.fstype} mount from {top.source}"
+        if rec.restartable:
+            # a held connection without a server: the kernel holds the requests (a stat would wait for the
+            # successor); not dead, and never to be unmounted or covered
+            h = (await self._holder_list() or {}).get(target)
+            if h is None:
+                self._held.pop(target, None)
+            else:
+                self._held[target] = h
+                if not h.get("served"):
+                    return "restarting", self._restarting_reason(h)
         timeout = timeout or self.probe_timeout
         res = await run_bounded(["stat", "-c", "%i", "--", target], timeout)
         if res.timed_out:
@@ -754,6 +927,14 @@ class Agent:
         if await self._server_alive(rec):
             return "error", msg
         return "dead", msg
+
+    @staticmethod
+    def _restarting_reason(h: dict[str, Any]) -> str:
+        since = float(h.get("unserved_for") or 0.0)
+        who = (f"pid {h['child']} is taking over" if h.get("child") else
+               f"{h.get('failures')} takeover(s) failed in a row" if h.get("failures") else "no successor yet")
+        return (f"its server died {since:.1f}s ago; {who} (the holder keeps the FUSE connection: requests wait, "
+                f"running pods see a pause, not an error)")
 
     async def _server_alive(self, rec: MountRecord) -> bool:
         """Evidence that the mount's serving process lives: its pid (needs the host's pid namespace), or
@@ -814,11 +995,21 @@ class Agent:
                 self._health.pop(target, None)
                 self._save()
                 return
-            if state in ("dead", "unmounted"):
-                if prev is None or prev[0] != state:
+            if state == "restarting":
+                h = self._held.get(target) or {}
+                if h.get("child") or float(h.get("unserved_for") or 0.0) < TAKEOVER_GRACE:
+                    if prev is None or prev[0] != state:
+                        log.warning("%s (%s): %s", target, rec.source, reason)
+                    return  # the holder's successor is on its way
+                log.warning("%s (%s): %s; taking it over", target, rec.source, reason)
+            if state in ("dead", "unmounted", "restarting"):
+                if state != "restarting" and (prev is None or prev[0] != state):
                     log.warning("%s (%s): %s; repairing", target, rec.source, reason)
                 try:
-                    await self._repair(rec, reason, self.mount_timeout)
+                    if state == "restarting":
+                        await self._takeover(rec, self.mount_timeout)
+                    else:
+                        await self._repair(rec, reason, self.mount_timeout)
                 except OpError as e:
                     if self._repair_errors.get(target) != e.message:
                         log.error("repair of %s failed (retrying every %gs): %s", target, self.health_interval,
@@ -832,23 +1023,28 @@ class Agent:
                 log.warning("%s (%s) is unhealthy: %s", target, rec.source, reason)
 
     async def _repair(self, rec: MountRecord, reason: str, budget: float) -> None:
+        """A dead mount (its FUSE connection ended with its server: not restartable, or no holder had it) gets
+        a fresh mount stacked over it -- never detached first, so nothing written in between can land in the
+        node's directory underneath, and nothing is mounted over it unless the volume can be mounted (pods keep
+        getting errors meanwhile). Processes that got the dead mount keep it: their open files and their view
+        of the directory fail (ENOTCONN) until their pod restarts, unless their volume mount propagates host
+        mounts to them (HostToContainer). An unmounted target is simply mounted again."""
         target = rec.target
         stack = mounts_at(target)
-        if stack and stack[-1].is_gfuse:
-            # fail closed: detach the dead mount only if the volume can be mounted again; otherwise pods
-            # keep getting errors instead of silently writing into the node's directory underneath
+        over = bool(stack) and stack[-1].is_gfuse
+        if over:
             await self._volume_reachable(rec, min(5.0, budget / 4))
-            res = await run_bounded(["umount", "-c", "-l", target], 20)
-            if res.rc != 0 and mounts_at(target) == stack:
-                raise OpError(f"cannot detach the dead mount on {target}: {res.last_line() or 'timed out'}",
-                              "internal")
             old = {p for p in [rec.pid, *serving_pids(target)] if p}
             await self._reap(target, old, 2.0)
-        rec.pid = await self._spawn_mount(rec, budget)
+        rec.restartable = self.restartable
+        if rec.restartable:
+            await self._ensure_holder()
+        rec.pid = await self._spawn_mount(rec, budget, stack=over)
         rec.repairs += 1
         self._save()
-        log.warning("repaired %s: mounted %s again (pid %s, repair #%d; open files on the old mount get errors, "
-                    "new opens work)", target, rec.source, rec.pid, rec.repairs)
+        log.warning("repaired %s: mounted %s %s (pid %s, %s, repair #%d; open files on the dead mount keep "
+                    "failing, new opens work)", target, rec.source, "over the dead mount" if over else "again",
+                    rec.pid, self._mode(rec, {}), rec.repairs)
 
     async def _volume_reachable(self, rec: MountRecord, timeout: float) -> None:
         """Raise OpError unless glusterd gives the volfile and at least one brick answers -- what a
@@ -909,6 +1105,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--metrics-address", default=None, metavar="HOST:PORT",
                    help="serve Prometheus metrics of every mount on http://HOST:PORT/metrics (':PORT': every "
                         "interface; default: off)")
+    p.add_argument("--restartable", default="auto", choices=RESTARTABLE_CHOICES,
+                   help="make mounts restartable: the holder keeps their FUSE connections and a dead server is "
+                        "taken over, a pause for running pods (auto: when the kernel has FUSE_NOTIFY_RESEND, Linux "
+                        ">= 6.9; no: repair-only, a fresh mount stacked over a dead one; default %(default)s)")
+    p.add_argument("--holder-socket", default=None, metavar="PATH",
+                   help="the gfuse holder's socket (default $GFUSE_HOLDER_SOCKET or /run/gfuse/holder.sock); "
+                        "started by the agent when none answers there")
+    p.add_argument("--holder-log", default=None, metavar="FILE",
+                   help="log of a holder the agent starts (default $GFUSE_HOLDER_LOG or /var/log/gfuse/holder.log)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
     metrics_address = None
@@ -939,6 +1144,7 @@ def main(argv: list[str] | None = None) -> None:
                   mount_timeout=args.mount_timeout,
                   gfuse_command=shlex.split(args.gfuse_command) if args.gfuse_command else None,
                   mount_wrapper=shlex.split(args.mount_wrapper), lock_wait=args.lock_wait,
+                  restartable=args.restartable, holder_socket=args.holder_socket, holder_log=args.holder_log,
                   kubelet_dir=args.kubelet_dir, allowed_dirs=args.allow_dir, node_options=node_options,
                   metrics_address=metrics_address)
     try:

@@ -5,7 +5,11 @@ Layout (msgpack map)::
     {"version": 1,
      "mounts": [{"source": "server:/vol[/sub]", "target": "/abs/path", "options": ["opt", …],
                  "readonly": bool, "pid": int | None, "since": float (unix time),
-                 "context": {str: str}, "repairs": int}, …]}
+                 "context": {str: str}, "repairs": int, "restartable": bool}, …]}
+
+``restartable``: mounted with ``-o restartable`` (issue 12): the node's holder keeps a copy of its FUSE fd, and
+the agent takes the connection over when its server dies instead of repairing it with a fresh mount. Absent
+(a file of an older agent): False, the repair of before.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class MountRecord:
     since: float = field(default_factory=time.time)
     context: dict[str, str] = field(default_factory=dict)
     repairs: int = 0
+    restartable: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,6 +77,7 @@ class MountRecord:
             since=float(since) if since else time.time(),
             context={str(k): str(v) for k, v in ctx.items()},
             repairs=repairs,
+            restartable=d.get("restartable", False) is True,
         )
 
 

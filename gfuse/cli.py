@@ -205,8 +205,11 @@ def _setup_file_logging(path: str, level: str) -> None:
               help="gfuse mount --takeover MOUNTPOINT: serve a restartable mount (-o restartable) whose process "
                    "died, on the FUSE connection the node's holder kept (what the holder does by itself).")
 @click.option("--standby", is_flag=True, hidden=True)
+@click.option("--stack", is_flag=True,
+              help="Mount over the dead gfuse mount at MOUNTPOINT (its server died) instead of refusing it: the "
+                   "node's directory is never exposed (what the node agent's repair does).")
 def mount(volume_spec: str, mountpoint: str | None, options: str, foreground: bool, timeout: float,
-          ready_fd: int | None, takeover: bool, standby: bool) -> None:
+          ready_fd: int | None, takeover: bool, standby: bool, stack: bool) -> None:
     """Mount a GlusterFS volume with gfuse.
 
     Returns once the mount is live and serves it from a background process (unless -f),
@@ -230,14 +233,19 @@ def mount(volume_spec: str, mountpoint: str | None, options: str, foreground: bo
         raise UserError(str(e)) from None
     try:
         is_dir = os.path.isdir(mountpoint) if os.stat(mountpoint) else False
+        if stack:
+            raise UserError(f"--stack: {mountpoint} answers: it is not a dead mount")
     except OSError as e:
-        if e.errno == errno.ENOTCONN:
+        if e.errno in (errno.ENOTCONN, errno.ECONNABORTED) and stack:
+            is_dir = True
+        elif e.errno == errno.ENOTCONN:
             raise UserError(f"{mountpoint} is a dead mount (transport endpoint is not connected): "
-                            f"unmount it first with 'umount -l {mountpoint}'") from None
-        is_dir = False
+                            f"unmount it first with 'umount -l {mountpoint}', or mount over it with --stack") from None
+        else:
+            is_dir = False
     if not is_dir:
         raise UserError(f"mount point {mountpoint} does not exist or is not a directory")
-    if os.path.ismount(mountpoint):
+    if not stack and os.path.ismount(mountpoint):
         raise UserError(f"{mountpoint} is already a mount point")
     log_file = opts.log_file or _default_log_file(mountpoint)
     if foreground or ready_fd is not None:
@@ -248,10 +256,10 @@ def mount(volume_spec: str, mountpoint: str | None, options: str, foreground: bo
             if opts.log_file:
                 logging.getLogger().addHandler(logging.FileHandler(opts.log_file))
         _serve_here(volume_spec, mountpoint, opts, ready_fd,
-                    _restart(opts, volume_spec, mountpoint, options, log_file))
+                    _restart(opts, volume_spec, mountpoint, options, log_file, stack), stack)
     # daemonize: a detached child serves the mount and tells us when it is live
-    proc, answer = _spawn_serving(["mount", volume_spec, mountpoint, "-o", options, "--timeout", str(timeout)],
-                                  timeout)
+    proc, answer = _spawn_serving(["mount", volume_spec, mountpoint, "-o", options, "--timeout", str(timeout),
+                                   *(["--stack"] if stack else [])], timeout)
     if answer == "OK":
         click.echo(f"gfuse: mounted {volume_spec} on {mountpoint} (pid {proc.pid}, log {log_file})")
         return
@@ -265,7 +273,8 @@ def mount(volume_spec: str, mountpoint: str | None, options: str, foreground: bo
     raise UserError(answer.removeprefix("ERR ").strip())
 
 
-def _serve_here(spec: str, mountpoint: str, opts: MountOptions, ready_fd: int | None, restart: Any) -> NoReturn:
+def _serve_here(spec: str, mountpoint: str, opts: MountOptions, ready_fd: int | None, restart: Any,
+                stack: bool = False) -> NoReturn:
     """Serve in this process until the mount ends; a failure before it is live is reported through
     ``ready_fd`` (the parent waiting in :func:`_spawn_serving`) or, in the foreground, as the error."""
     from .mount import run_foreground  # pyfuse3: only where a mount is served
@@ -282,7 +291,7 @@ def _serve_here(spec: str, mountpoint: str, opts: MountOptions, ready_fd: int | 
             except OSError:
                 pass
 
-    code = run_foreground(spec, mountpoint, opts, ready, restart)
+    code = run_foreground(spec, mountpoint, opts, ready, restart, stack)
     if errors and ready_fd is None:
         raise UserError(errors[0])
     sys.exit(code)
@@ -300,13 +309,14 @@ def _spawn_serving(args: list[str], timeout: float) -> tuple[subprocess.Popen[by
     return proc, _read_ready(r, timeout + 5)
 
 
-def _restart(opts: Any, spec: str, mountpoint: str, options: str, log_file: str) -> Any:
+def _restart(opts: Any, spec: str, mountpoint: str, options: str, log_file: str, stack: bool = False) -> Any:
     """-o restartable: what hands the FUSE fd to the node's holder and keeps the takeover journal."""
     if not opts.restartable:
         return None
     from .takeover import Restart
 
-    return Restart(os.path.realpath(mountpoint), spec, options, log_file, takeover=False)
+    return Restart(os.path.abspath(mountpoint) if stack else os.path.realpath(mountpoint), spec, options, log_file,
+                   takeover=False)
 
 
 def _mount_takeover(mountpoint: str, foreground: bool, timeout: float, ready_fd: int | None,
@@ -386,7 +396,8 @@ def status(mountpoint: str | None, as_json: bool) -> None:
 
     from .status import query_status
 
-    mounts = [(m.source, m.target) for m in gfuse_mounts()]
+    # one line per mount point: a mount stacked over a dead one (the agent's repair) answers for both
+    mounts = list({m.target: (m.source, m.target) for m in gfuse_mounts()}.values())
     if mountpoint is not None:
         real = os.path.abspath(mountpoint)
         mounts = [m for m in mounts if m[1] == real]
@@ -411,7 +422,8 @@ def status(mountpoint: str | None, as_json: bool) -> None:
         ups = sum(b["up"] for b in s["bricks"])
         click.echo(f"{s['source']} on {s['mountpoint']} ({s['shape']}, pid {s['pid']}"
                    f"{', read-only' if s['read_only'] else ''}"
-                   f"{', ' + s['restart'] if s.get('restart', 'off') != 'off' else ''}): {ups}/{len(s['bricks'])} "
+                   f"{', ' + s['mode'] if s.get('mode') else ''}"
+                   f"{', gfuse ' + s['version'] if s.get('version') else ''}): {ups}/{len(s['bricks'])} "
                    f"bricks up, "
                    f"{s['pending_brick_calls']} brick calls pending, {s['fuse_requests_in_flight']} FUSE requests "
                    f"in flight")

@@ -1,10 +1,11 @@
 """The per-node holder of FUSE connections (issue 12): mounts outlive the process serving them.
 
-A small, long-lived process (started on demand by the first ``gfuse mount -o restartable``, detached
-from it; ``python -m gfuse.holder``) keeps a copy of the ``/dev/fuse`` fd of every restartable mount on
-the node. As long as it holds that copy the kernel keeps the connection when the serving process dies:
-the mount stays, and requests wait in the kernel. The holder then gives the fd to a successor
-(``gfuse mount --takeover MOUNTPOINT``), which answers them (:mod:`gfuse.takeover`).
+A small, long-lived process (started by the node agent, or on demand by the first ``gfuse mount -o
+restartable``; always in a session of its own, detached from its starter; ``python -m gfuse.holder``) keeps a
+copy of the ``/dev/fuse`` fd of every restartable mount on the node. As long as it holds that copy the
+kernel keeps the connection when the serving process dies: the mount stays, and requests wait in the kernel.
+The holder then gives the fd to a successor (``gfuse mount --takeover MOUNTPOINT``), which answers them
+(:mod:`gfuse.takeover`).
 
 To keep the pause short the holder keeps, per mount, a *standby* successor: started a few seconds after
 the mount is served, it has loaded gfuse (about a second of Python start-up on a busy node) and waits in
@@ -13,7 +14,8 @@ ready yet) a successor is started then. A successor that fails is started again 
 
 It never reads from a held fd (that would steal requests); it polls them for POLLERR only, which the
 kernel raises when the connection ends (unmount, or ``/sys/fs/fuse/connections/N/abort``), and then
-drops the copy.
+drops the copy (and the mount's takeover record). With ``--no-restart`` it only holds: successors are
+started by someone else (the node agent takes a held mount over when nobody else does).
 
 Protocol: one JSON object per line on a unix stream socket (0600), answered by one line; an fd travels
 with SCM_RIGHTS.
@@ -94,13 +96,17 @@ class Held:
     died_at: float = 0.0
     #: seconds from a server's death to its successor taking the fd
     handoffs: list[float] = field(default_factory=list)
+    #: when it was given to us (wall clock, as the takeover record's ``started``)
+    since: float = field(default_factory=time.time)
 
 
 class Holder:
-    def __init__(self, path: str, idle_exit: float, standby: bool = True) -> None:
+    def __init__(self, path: str, idle_exit: float, standby: bool = True, restart: bool = True) -> None:
         self.path = path
         self.idle_exit = idle_exit
         self.use_standby = standby
+        #: False: hold only, never start a successor (someone else does: the node agent, an admin, a test)
+        self.restart = restart
         self.held: dict[str, Held] = {}
         self.conns: dict[int, Conn] = {}
         self.running = True
@@ -151,7 +157,7 @@ class Holder:
                         continue
                     if s is None:
                         if ev & (select.POLLERR | select.POLLHUP):
-                            self._drop(h, "the FUSE connection ended (unmounted)")
+                            self._drop(h, "the FUSE connection ended (unmounted)", ended=True)
                     elif s.ready_fd == fd:
                         self._ready(h, s)
             self._timers()
@@ -264,9 +270,12 @@ class Holder:
     def _handle(self, c: Conn, msg: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
         op = msg.get("op")
         if op == "list":
+            now = time.monotonic()
             return {"ok": True, "pid": os.getpid(), "mounts": [
                 {"mountpoint": h.mountpoint, "pid": h.pid, "served": h.owner is not None, "restarts": h.restarts,
                  "failures": h.failures, "standby": h.standby.pid if h.standby and h.standby.conn else 0,
+                 "child": h.child.pid if h.child is not None and h.child.ready_fd >= 0 else 0,
+                 "unserved_for": now - h.died_at if h.owner is None and h.died_at else 0.0,
                  "handoffs": h.handoffs[-100:]} for h in self.held.values()]}, None
         if op == "quit":
             self.running = False
@@ -293,7 +302,7 @@ class Holder:
             return {"ok": False, "error": f"{mp} is served by pid {old.pid}"}
         if old is not None:
             self._drop(old, "a new FUSE connection is mounted there")
-        h = Held(mp, fd, bool(msg.get("restart", True)), int(msg.get("pid", 0)), owner=c)
+        h = Held(mp, fd, self.restart and bool(msg.get("restart", True)), int(msg.get("pid", 0)), owner=c)
         h.standby_due = time.monotonic() + STANDBY_DELAY
         self.held[mp] = h
         c.owns = mp
@@ -336,7 +345,7 @@ class Holder:
 
     def _server_died(self, h: Held) -> None:
         if _connection_ended(h.fd):
-            self._drop(h, "the FUSE connection ended with its server")
+            self._drop(h, "the FUSE connection ended with its server", ended=True)
             return
         h.died_at = time.monotonic()
         if not h.restart:
@@ -422,10 +431,14 @@ class Holder:
         log.warning("taking over %s failed (%d in a row): %s; next try in %.1f s", h.mountpoint, h.failures, why,
                     delay)
 
-    def _drop(self, h: Held, why: str) -> None:
+    def _drop(self, h: Held, why: str, ended: bool = False) -> None:
+        """Close our copy. ``ended``: the connection is gone, so is any use of the mount's takeover record
+        (a server killed, or a successor that failed, left it): removed, unless a newer mount there wrote it."""
         if self.held.get(h.mountpoint) is not h:
             return
         log.info("dropping %s: %s", h.mountpoint, why)
+        if ended:
+            _forget_record(h)
         del self.held[h.mountpoint]
         for s in (h.child, h.standby):
             if s is None:
@@ -442,6 +455,20 @@ class Holder:
             pass
 
 
+def _forget_record(h: Held) -> None:
+    from .takeover import state_dir
+
+    d = state_dir(h.mountpoint)
+    try:
+        started = float(json.loads((d / "mount.json").read_text()).get("started", 0.0))
+    except (OSError, ValueError, AttributeError):
+        return
+    if started <= h.since:  # a mount made there since wrote its own: not ours to remove
+        import shutil
+
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def _connection_ended(fd: int) -> bool:
     p = select.poll()
     p.register(fd, 0)
@@ -456,13 +483,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--idle-exit", type=float, default=300.0,
                     help="exit after this many seconds holding nothing (0: never)")
     ap.add_argument("--no-standby", action="store_true", help="start a successor only when a server dies")
+    ap.add_argument("--no-restart", action="store_true",
+                    help="hold only: never start a successor (the node agent or 'gfuse mount --takeover' does)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # successors are reaped by the kernel
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     os.environ["GFUSE_HOLDER_SOCKET"] = args.socket  # successors talk to this holder
-    Holder(args.socket, args.idle_exit, standby=not args.no_standby).run()
+    Holder(args.socket, args.idle_exit, standby=not args.no_standby, restart=not args.no_restart).run()
 
 
 if __name__ == "__main__":

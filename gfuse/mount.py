@@ -31,11 +31,19 @@ from .volfile import Graph, VolfileError
 from .fuse import GlusterOperations
 from .fuse_lowlevel import LowLevelHandlers
 from .xlators.switch import GraphSwitch
+from .takeover import mode_of
 
 if TYPE_CHECKING:
     from .takeover import Restart
 
 log = logging.getLogger(__name__)
+
+
+def gfuse_version() -> str:
+    """The version serving (``GFUSE_VERSION`` overrides it: a build or test names what it deploys)."""
+    from . import __version__
+
+    return os.environ.get("GFUSE_VERSION") or __version__
 
 def set_read_ahead(mountpoint: str, kb: int) -> None:
     """Let reads arrive as large requests: FUSE bdi read_ahead_kb defaults to 128."""
@@ -66,7 +74,8 @@ async def resolve_subdir(top: Any, subdir: str) -> bytes:
 
 
 class MountedVolume:
-    def __init__(self, spec_text: str, mountpoint: str, opts: MountOptions, restart: Restart | None = None) -> None:
+    def __init__(self, spec_text: str, mountpoint: str, opts: MountOptions, restart: Restart | None = None,
+                 stack: bool = False) -> None:
         try:
             self.spec = parse_volume_spec(spec_text)
         except ValueError as e:
@@ -74,8 +83,12 @@ class MountedVolume:
         self.spec_text = spec_text
         # -o restartable / --takeover (gfuse.takeover): a takeover never touches the mount it serves
         self.restart = restart
+        # --stack: mount over the dead FUSE mount at the mount point (takeover.fuse_mount_fd), never stat it
+        self.stack = stack
+        self._stack_dev: str | None = None
         self._stopping = self._handover = self._ended = self._live = False
-        self.mountpoint = restart.mountpoint if restart is not None else os.path.realpath(mountpoint)
+        self.mountpoint = restart.mountpoint if restart is not None else (
+            os.path.abspath(mountpoint) if stack else os.path.realpath(mountpoint))
         # computed before mounting: touching our own mount point from the serving thread would deadlock
         self.socket_path = status_socket_path(self.mountpoint)
         self.opts = opts
@@ -99,7 +112,7 @@ class MountedVolume:
         """Mount and serve until unmounted or signalled. ``ready(None)`` once live, ``ready(msg)`` on failure."""
         if self.restart is not None and self.restart.takeover:
             self.restart.take()  # the held FUSE fd (refused while another process serves the mount)
-        else:
+        elif not self.stack:
             self.check_mountpoint()
         servers = [self.spec.server, *self.opts.backup_servers]
         try:
@@ -147,8 +160,11 @@ class MountedVolume:
             fuse_opts.update(self.opts.libfuse_kernel_options())  # context= etc.: libfuse hands them to mount(2)
             if self.restart is not None:  # a standby waits here, its graph connected, until the server dies
                 await self.restart.wait_turn()
+            target = self.restart.fuse_target() if self.restart else self.mountpoint
+            if self.stack:
+                target = self._mount_over_dead()
             try:
-                pyfuse3.init(ops, self.restart.fuse_target() if self.restart else self.mountpoint, fuse_opts)
+                pyfuse3.init(ops, target, fuse_opts)
             except RuntimeError as e:
                 raise MountError(f"FUSE mount on {self.mountpoint} failed: {e}") from None
             ops.kcache.start()  # md-cache may purge the kernel from now on (a worker thread, see fuse.KernelCache)
@@ -187,12 +203,46 @@ class MountedVolume:
                     pyfuse3.close(unmount=not keep)
                     if self.restart is not None:
                         self.restart.finish(stopping=not keep)
+                    if self._stack_dev is not None and self._stopping:
+                        self._unmount_stacked()
                     try:
                         os.unlink(self.socket_path)
                     except OSError:
                         pass
                 nursery.cancel_scope.cancel()
             log.info("unmounted %s", self.mountpoint)
+
+    def _mount_over_dead(self) -> str:
+        """--stack: our own mount(2) over the dead mount (libfuse would stat it first and fail); libfuse gets
+        the fd (``/dev/fd/N``) and mounts nothing, as for a takeover."""
+        from .takeover import fuse_mount_fd
+
+        top = mount_at(self.mountpoint)
+        if top is None or not top.fstype.startswith("fuse"):
+            raise MountError(f"--stack: {self.mountpoint} is not a FUSE mount (nothing to stack over)")
+        try:
+            fd = fuse_mount_fd(self.mountpoint, self.spec_text.strip(), "gfuse", read_only=self.opts.read_only,
+                               allow_other=self.opts.allow_other,
+                               default_permissions="default_permissions" in pyfuse3.default_options,
+                               kernel_options=self.opts.kernel_options)
+        except OSError as e:
+            raise MountError(f"FUSE mount over the dead mount on {self.mountpoint} failed: {e.strerror}") from None
+        new = mount_at(self.mountpoint)
+        self._stack_dev = new.dev if new is not None else None
+        log.info("mounted over the dead FUSE mount of %s on %s (it stays underneath until unmounted)", top.source,
+                 self.mountpoint)
+        return f"/dev/fd/{fd}"
+
+    def _unmount_stacked(self) -> None:
+        """Stopped on purpose: libfuse unmounts only what it mounted; ours is unmounted here if it is still the
+        top one (never the dead one underneath)."""
+        import ctypes
+
+        top = mount_at(self.mountpoint)
+        if top is None or top.dev != self._stack_dev:
+            return
+        if ctypes.CDLL(None, use_errno=True).umount2(self.mountpoint.encode(), 2) != 0:  # MNT_DETACH
+            log.warning("unmounting %s: %s", self.mountpoint, os.strerror(ctypes.get_errno()))
 
     def _attach_cache(self, cg: ClientGraph) -> None:
         """The kernel's timeouts come from ``cg``'s md-cache, which purges the kernel (gfuse/xlators/mdcache.py)."""
@@ -260,6 +310,7 @@ class MountedVolume:
                            "error": "" if b.is_up else b.last_error, "outstanding": out, "open_fds": b.open_fds})
         return {"source": self.spec_text, "mountpoint": self.mountpoint, "volume": self.spec.volume,
                 "shape": cg.graph.shape() if cg else "", "pid": os.getpid(), "since": self.started,
+                "version": gfuse_version(), "mode": mode_of(self.restart),
                 "bricks": bricks, "pending_brick_calls": pending,
                 "fuse_requests_in_flight": self.ops.inflight if self.ops else 0,
                 "inodes": len(self.ops.inodes) if self.ops else 0, "read_only": self.opts.read_only,
@@ -271,9 +322,9 @@ class MountedVolume:
 
 
 def run_foreground(spec_text: str, mountpoint: str, opts: MountOptions,
-                   ready: Callable[[str | None], None], restart: Restart | None = None) -> int:
+                   ready: Callable[[str | None], None], restart: Restart | None = None, stack: bool = False) -> int:
     """Run a mount until it ends; returns the exit status. Errors are reported through ``ready``."""
-    mv = MountedVolume(spec_text, mountpoint, opts, restart)
+    mv = MountedVolume(spec_text, mountpoint, opts, restart, stack)
     reported = False
 
     def report(msg: str | None) -> None:

@@ -137,8 +137,8 @@ def _cmdline(pid: int) -> list[str]:
 
 
 def _serves(argv: list[str], target: str) -> bool:
-    if "--ready-fd" not in argv or not any("gfuse" in a for a in argv):
-        return False
+    if "--ready-fd" not in argv or "--standby" in argv or not any("gfuse" in a for a in argv):
+        return False  # a standby (gfuse.holder) waits to take over a restartable mount: it serves nothing yet
     for i, a in enumerate(argv[:-2]):
         if a == "mount" and os.path.normpath(argv[i + 2]) == target:
             return True

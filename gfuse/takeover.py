@@ -35,6 +35,7 @@ that file, an unlink or rename finding its source gone is answered with success.
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -143,6 +144,106 @@ def process_request(data: bytes) -> None:
     lib.fuse_session_process_buf(_session(), ctypes.byref(buf))
 
 
+def mode_of(restart: Restart | None) -> str:
+    """What ``gfuse status`` and the node agent say a mount runs in: ``restartable/held`` (the holder has a copy of
+    its FUSE fd: the death of its server is a pause), ``restartable/unheld`` (restartable, but no holder has the
+    fd right now: the server gives it to a new holder within a second or so), or ``repair-only`` (its server's
+    death ends the connection; the node agent stacks a fresh mount over the dead one)."""
+    if restart is None:
+        return "repair-only"
+    return "restartable/held" if restart.held else "restartable/unheld"
+
+
+# ------------------------------------------------------------------------------------------ kernel probes
+
+MS_NOSUID, MS_NODEV, MS_RDONLY, MS_REC, MS_PRIVATE = 2, 4, 1, 1 << 14, 1 << 18
+CLONE_NEWNS = 0x00020000
+
+
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    libc = _libc()
+    if libc.mount(source.encode() if source else None, target.encode(), fstype.encode() if fstype else None,
+                  ctypes.c_ulong(flags), data.encode() if data is not None else None) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"mount {target}: {os.strerror(code)}")
+
+
+def fuse_mount_fd(mountpoint: str, fsname: str, subtype: str, *, read_only: bool = False,
+                  allow_other: bool = False, default_permissions: bool = True,
+                  kernel_options: Iterable[str] = ()) -> int:
+    """Open ``/dev/fuse`` and mount a new FUSE connection on ``mountpoint`` with mount(2) ourselves; the fd
+    (for ``pyfuse3.init("/dev/fd/N")``: libfuse then uses it and mounts nothing). As libfuse's own mount,
+    with one difference: libfuse stat()s the mount point first, which fails on a dead FUSE mount
+    ("Transport endpoint is not connected"); the kernel itself mounts over one without asking it anything
+    (the path walk stops at the dead mount's root, no request is sent). That is how a repair stacks a fresh
+    mount **over** a dead one instead of detaching it first (the node's directory is never exposed)."""
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.set_inheritable(fd, False)
+        data = [f"fd={fd}", "rootmode=40000", f"user_id={os.getuid()}", f"group_id={os.getgid()}"]
+        if default_permissions:
+            data.append("default_permissions")
+        if allow_other:
+            data.append("allow_other")
+        data += list(kernel_options)
+        flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if read_only else 0)
+        _mount(fsname, mountpoint, f"fuse.{subtype}", flags, ",".join(data))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def probe_resend(timeout: float = 5.0) -> bool:
+    """Whether this kernel re-queues unanswered FUSE requests on FUSE_NOTIFY_RESEND (Linux >= 6.9), from the
+    FUSE_INIT of a throwaway connection mounted in a private mount namespace of its own (call it in a process
+    of its own: ``python -m gfuse.takeover --probe-resend``; it unshares its mount namespace). Root only."""
+    import tempfile
+
+    if _libc().unshare(CLONE_NEWNS) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"unshare(CLONE_NEWNS): {os.strerror(code)}")
+    _mount("none", "/", None, MS_REC | MS_PRIVATE, None)  # nothing done here reaches any other namespace
+    d = tempfile.mkdtemp(prefix="gfuse-probe-")
+    try:
+        fd = fuse_mount_fd(d, "gfuse-probe", "gfuse-probe")
+        try:
+            return kernel_has_resend(read_init(fd, timeout))
+        finally:
+            os.close(fd)  # ends the connection: the mount is dead, and gone with this namespace
+            _libc().umount2(d.encode(), MNT_DETACH)
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+
+
+def kernel_resend_guess() -> bool:
+    """Without probing: Linux >= 6.9 by the release number."""
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= (6, 9)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m gfuse.takeover --probe-resend``: exit 0 if the kernel can resend, 1 if not, 2 if it cannot
+    be told (no /dev/fuse, no privilege: the reason on stderr)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m gfuse.takeover")
+    ap.add_argument("--probe-resend", action="store_true", required=True)
+    ap.parse_args(argv)
+    try:
+        sys.exit(0 if probe_resend() else 1)
+    except (OSError, ValueError) as e:
+        print(f"gfuse: cannot probe FUSE_NOTIFY_RESEND: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 # ------------------------------------------------------------------------------------------ where records live
 
 def run_dir() -> Path:
@@ -180,6 +281,8 @@ class MountRecord:
     log_file: str
     root_gfid: bytes
     started: float = 0.0
+    #: the holder socket the fd was given to: a successor asks that one (``GFUSE_HOLDER_SOCKET`` of the mount)
+    holder: str = ""
 
     def write(self, d: Path) -> None:
         from .jsonfile import write_atomic
@@ -202,7 +305,8 @@ class MountRecord:
             raise TakeoverError(f"{mountpoint} has no takeover record in {d} (not mounted with -o restartable?)")
         try:
             return cls(str(data["mountpoint"]), str(data["spec"]), str(data["options"]), str(data["log_file"]),
-                       bytes.fromhex(str(data["root_gfid"])), float(data.get("started", 0.0)))
+                       bytes.fromhex(str(data["root_gfid"])), float(data.get("started", 0.0)),
+                       str(data.get("holder", "")))
         except (KeyError, ValueError) as e:
             raise TakeoverError(f"the record of {mountpoint} is incomplete: {e}") from None
 
@@ -729,9 +833,10 @@ def _recv(sock: socket.socket) -> tuple[dict[str, Any], int | None]:
     return msg, (fds[0] if fds else None)
 
 
-def connect_holder(spawn: bool = True, timeout: float = 10.0) -> socket.socket:
-    """A connection to this node's holder; started when there is none (``spawn``)."""
-    path = holder_socket()
+def connect_holder(spawn: bool = True, timeout: float = 10.0, path: str | None = None) -> socket.socket:
+    """A connection to the holder at ``path`` (default :func:`holder_socket`); started when there is none
+    (``spawn``)."""
+    path = path or holder_socket()
     deadline = time.monotonic() + timeout
     started = False
     while True:
@@ -749,19 +854,25 @@ def connect_holder(spawn: bool = True, timeout: float = 10.0) -> socket.socket:
         time.sleep(0.05)
 
 
-def spawn_holder(path: str) -> None:
-    """Start a holder for ``path``, detached from us (it outlives every mount process)."""
-    log_file = os.environ.get("GFUSE_HOLDER_LOG", "/var/log/gfuse/holder.log")
+def spawn_holder(path: str, *, log_file: str | None = None, wrapper: list[str] | None = None,
+                 idle_exit: float | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a holder for ``path``, detached from us (its own session: it outlives every mount process and
+    whoever started it, also a SIGKILL of that one's process group). ``wrapper`` prefixes the command (e.g.
+    ``systemd-run --scope --quiet --collect --`` puts it outside the starter's cgroup, and execs it)."""
+    log_file = log_file or os.environ.get("GFUSE_HOLDER_LOG", "/var/log/gfuse/holder.log")
     os.makedirs(os.path.dirname(log_file) or ".", exist_ok=True)
+    cmd = [*(wrapper or []), sys.executable, "-m", "gfuse.holder", "--socket", path]
+    if idle_exit is not None:
+        cmd += ["--idle-exit", f"{idle_exit:g}"]
     with open(os.devnull, "rb") as devnull, open(log_file, "ab") as out:
-        subprocess.Popen([sys.executable, "-m", "gfuse.holder", "--socket", path], stdin=devnull, stdout=out,
-                         stderr=out, start_new_session=True, close_fds=True)
+        return subprocess.Popen(cmd, stdin=devnull, stdout=out, stderr=out, start_new_session=True, close_fds=True,
+                                cwd="/", env=env)
 
 
 def holder_request(msg: dict[str, Any], fd: int | None = None, timeout: float = 10.0,
-                   spawn: bool = False) -> tuple[dict[str, Any], int | None]:
+                   spawn: bool = False, path: str | None = None) -> tuple[dict[str, Any], int | None]:
     """One request and its reply on a new connection."""
-    with connect_holder(spawn=spawn, timeout=timeout) as s:
+    with connect_holder(spawn=spawn, timeout=timeout, path=path) as s:
         s.settimeout(timeout)
         _send(s, msg, fd)
         return _recv(s)
@@ -785,6 +896,8 @@ class Restart:
         self.log_file = log_file
         self.takeover = takeover
         self.dir = state_dir(mountpoint)
+        #: the holder this process talks to: the one named in the record for a takeover
+        self.holder = holder_socket()
         self.record: MountRecord | None = None
         self._sock: socket.socket | None = None
         self._fd: int | None = None
@@ -798,12 +911,18 @@ class Restart:
     def mode(self) -> str:
         return "takeover (serving a connection a previous process made)" if self.takeover else "restartable"
 
+    @property
+    def held(self) -> bool:
+        """Whether the holder has a copy of the FUSE fd now (our connection to it is open)."""
+        return self._sock is not None
+
     # --- before libfuse ------------------------------------------------------------------------------
 
     def take(self) -> None:
         """Takeover: the held fd from the holder (refused while another process serves the mount). A standby
         only reads the record here: it connects its graph first, then waits in :meth:`wait_turn`."""
         self.record = MountRecord.read(self.mountpoint)
+        self.holder = self.record.holder or self.holder
         if not self.standby:
             self._take()
 
@@ -814,7 +933,7 @@ class Restart:
 
     def _take(self) -> None:
         try:
-            sock = connect_holder(spawn=False)
+            sock = connect_holder(spawn=False, path=self.holder)
         except TakeoverError as e:
             raise TakeoverError(f"cannot take over {self.mountpoint}: {e}") from None
         sock.settimeout(None if self.standby else 10)
@@ -847,7 +966,8 @@ class Restart:
         from .fuse_lowlevel import pyfuse3_session_fd
 
         fd = pyfuse3_session_fd()
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.takeover:  # a takeover's is there (gone: the connection ended, and this process fails)
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         journal = Journal(self.dir / "journal", lambda: ((i, r.gfid, r.nlookup) for i, r in list(ops.inodes.items())))
         if not self.takeover:
             init = read_init(fd)
@@ -858,7 +978,7 @@ class Restart:
             self.resend = kernel_has_resend(init)
             journal.start()
             MountRecord(self.mountpoint, self.spec, self.options, self.log_file, ops.root_gfid,
-                        time.time()).write(self.dir)
+                        time.time(), self.holder).write(self.dir)
             if not self.resend:
                 log.warning("this kernel has no FUSE_NOTIFY_RESEND (Linux < 6.9): a successor can take over "
                             "the mount, but requests the dying process had read are lost (they hang)")
@@ -879,7 +999,7 @@ class Restart:
                      "unanswered requests re-queued" if self.resend else "no resend (kernel < 6.9)",
                      (time.monotonic() - self.took) * 1000)
         else:
-            sock = connect_holder(spawn=True)
+            sock = connect_holder(spawn=True, path=self.holder)
             sock.settimeout(10)
             _send(sock, {"op": "put", "mountpoint": self.mountpoint, "pid": os.getpid(), "restart": True}, fd)
             reply, _ = _recv(sock)
@@ -963,7 +1083,7 @@ class Restart:
                 log.warning("the gfuse holder went away; handing the mount's fd to a new one")
             await trio.sleep(1.0)
             try:
-                s = await trio.to_thread.run_sync(connect_holder, True)
+                s = await trio.to_thread.run_sync(connect_holder, True, 10.0, self.holder)
                 s.settimeout(10)
                 _send(s, {"op": "put", "mountpoint": self.mountpoint, "pid": os.getpid(), "restart": True}, fd)
                 reply, _ = _recv(s)
@@ -985,7 +1105,7 @@ class Restart:
         if not stopping:
             return
         try:
-            holder_request({"op": "bye", "mountpoint": self.mountpoint}, timeout=5)
+            holder_request({"op": "bye", "mountpoint": self.mountpoint}, timeout=5, path=self.holder)
         except (OSError, ValueError, TakeoverError) as e:
             log.info("telling the holder %s is unmounted: %s", self.mountpoint, e)
         if self.takeover:
@@ -995,3 +1115,7 @@ class Restart:
                 if code != errno.EINVAL:  # EINVAL: no longer mounted (the kernel's unmount ended us)
                     log.warning("unmounting %s: %s", self.mountpoint, os.strerror(code))
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

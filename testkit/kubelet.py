@@ -336,6 +336,8 @@ class AgentProcess:
         self.kubelet_dir = Path(kubelet_dir) if kubelet_dir is not None else self.workdir.parent
         # unix socket paths are limited to 108 bytes: keep it short, outside the test's tmp dir
         self.socket = f"/tmp/gfa-{secrets.token_hex(4)}.sock"
+        #: this agent's own gfuse holder (restartable mounts), never the node's; ended by :meth:`close`
+        self.holder_socket = self.socket.replace("/gfa-", "/gfh-")
         self.state = self.workdir / "agent-state.msgpack"
         self.log = self.workdir / "agent.log"
         self.health_interval = health_interval
@@ -347,7 +349,8 @@ class AgentProcess:
     def command(self) -> list[str]:
         return [sys.executable, "-m", "flexvolume.agent", "--socket", self.socket, "--state", str(self.state),
                 "--health-interval", str(self.health_interval), "--probe-timeout", str(self.probe_timeout),
-                "--kubelet-dir", str(self.kubelet_dir), "--log-level", "DEBUG", *self.extra_args]
+                "--kubelet-dir", str(self.kubelet_dir), "--holder-socket", self.holder_socket,
+                "--holder-log", str(self.workdir / "holder.log"), "--log-level", "DEBUG", *self.extra_args]
 
     def start(self, timeout: float = 30.0) -> AgentProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -419,6 +422,14 @@ class AgentProcess:
         self.kill(signal.SIGTERM)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)
+        self.stop_holder()
+
+    def stop_holder(self) -> None:
+        """End this agent's holder, if one runs (it outlives the agent on purpose)."""
+        from gfuse.takeover import holder_request
+
+        with contextlib.suppress(Exception):
+            holder_request({"op": "quit"}, timeout=5, path=self.holder_socket)
 
 
 class Node:

@@ -154,12 +154,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def repair_targets(self) -> list[str]:
         """Bind again every published target left on a dead gfuse mount whose staging mount was replaced.
 
-        When a gfuse serving process dies the agent mounts the volume again at the staging path, but
-        the pods' targets are bind mounts of the old, dead mount ("Transport endpoint is not
-        connected") and stay so until the pod restarts. A target whose device differs from the
-        current staging mount of the same source, and which fails with ENOTCONN (or ECONNABORTED)
-        while that staging mount answers, is detached lazily and bound again (read-only if it was).
-        Open files on the old mount keep failing; new opens work. Returns the targets repaired.
+        A restartable staging mount (the agent's default where the kernel has FUSE_NOTIFY_RESEND) never needs
+        this: when its server dies a successor takes over the same FUSE connection, so the targets -- and the
+        containers' binds of them -- stay on a live mount (same device), and nothing is done here.
+
+        A repair-only one: when its serving process dies the agent stacks a fresh mount over the dead one at the
+        staging path, but the pods' targets are bind mounts of the old, dead mount ("Transport endpoint is not
+        connected") and stay so until the pod restarts. A target whose device differs from the current staging
+        mount of the same source, and which fails with ENOTCONN (or ECONNABORTED) while that staging mount
+        answers, gets a bind of the staging mount stacked over it (read-only if it was) -- never detached
+        first, so nothing can be written into the node's directory in between; NodeUnpublishVolume unmounts the
+        whole stack. Open files on the old mount keep failing, as does the directory in a container that got
+        it with propagation None; new opens through the target work. Returns the targets repaired.
         """
         mounts = read_mounts()
         pods = self.kubelet_dir.rstrip("/") + "/pods/"
@@ -205,9 +211,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             break
         if staging is None:
             return False  # the agent has not repaired the staging mount yet
-        log.warning("published target %s is on a dead gfuse mount of %s; binding it again to %s",
+        log.warning("published target %s is on a dead gfuse mount of %s; binding %s over it",
                     t.target, t.source, staging.target)
-        self._run(["umount", "-l", t.target])
         self._run(["mount", "--bind", staging.target, t.target])
         if t.readonly:
             self._run(["mount", "-o", "remount,bind,ro", t.target])

@@ -442,7 +442,18 @@ def test_pod_keeps_writing_while_the_agent_is_killed_and_replaced(node: Node, vo
     assert node.agent.client().list() == [] and load_state(str(node.agent.state)) == {}
 
 
+def _repair_only(agent: AgentProcess) -> None:
+    """The agent restarted with --restartable no: mounts are repair-only, as on a kernel without
+    FUSE_NOTIFY_RESEND (restartable ones are in tests/k8s/test_agent_takeover.py)."""
+    agent.kill(signal.SIGTERM)
+    agent.extra_args = (*agent.extra_args, "--restartable", "no")
+    agent.start()
+
+
 def test_dead_serving_process_is_repaired(node: Node, vol_replica3, native_mount, tmp_path: Path) -> None:
+    """Repair-only: a fresh mount is stacked over the dead one (never detached first); the pod (slave
+    propagation) sees it, its open descriptor keeps failing."""
+    _repair_only(node.agent)
     pod_info = PodInfo(name="writer-1")
     vdir = node.kubelet.pod_volume_dir(pod_info.uid, "data")
     ctl = tmp_path / "ctl"
@@ -462,8 +473,8 @@ def test_dead_serving_process_is_repaired(node: Node, vol_replica3, native_mount
     entry = wait_for(lambda: [m for m in c.list() if m["repairs"] >= 1 and m["healthy"]], 60,
                      "the agent to repair the mount")[0]
     repair_s = time.monotonic() - t0
-    assert entry["pid"] != old and entry["pid"] in gfuse_serving_pids(vdir)
-    assert not pid_alive(old) and len(mounts_at(str(vdir))) == 1
+    assert entry["pid"] != old and entry["pid"] in gfuse_serving_pids(vdir) and entry["mode"] == "repair-only"
+    assert not pid_alive(old) and len(mounts_at(str(vdir))) == 2  # the new one over the dead one
 
     # new opens work, in the pod (through propagation) and on the node
     wait_for(lambda: (ctl / "reopen-ok").exists() or _pod_error(ctl), 60, "the pod to open the volume again")
@@ -492,7 +503,9 @@ def test_bricks_down_is_unhealthy_not_torn_down(agent: AgentProcess, make_volume
     """gfuse answers "Transport endpoint is not connected" itself while every brick is down, like a dead
     FUSE server would: the agent must tell them apart (the serving process lives) and leave the mount
     in place -- unmounting it would expose the node's directory underneath to the pods. And a serving
-    process that dies while no brick answers is not detached until the volume can be mounted again."""
+    process that dies while no brick answers (repair-only) is not covered until the volume can be mounted
+    again."""
+    _repair_only(agent)
     vol = make_volume("replica3")
     c = agent.client()
     target = tmp_path / "m"

@@ -200,7 +200,10 @@ def csi_processes(request: pytest.FixtureRequest, *plugin_args: str, prefix: Seq
             agent = subprocess.Popen([*prefix, sys.executable, "-m", "flexvolume.agent", "--socket", agent_socket,
                                       "--state", str(root / "agent-state.msgpack"), "--health-interval", "2",
                                       "--kubelet-dir", str(kubelet), "--allow-dir", str(root / "state"),
-                                      "--allow-dir", str(root / "agent-ctrl-state"), "--log-level", "DEBUG"],
+                                      "--allow-dir", str(root / "agent-ctrl-state"), "--log-level", "DEBUG",
+                                      # its own holder of restartable mounts, ended below
+                                      "--holder-socket", str(root / "holder.sock"),
+                                      "--holder-log", str(root / "holder.log")],
                                      stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
         _wait(lambda: AgentClient(agent_socket, timeout=2).ping(), 60, "the gfuse agent", agent, agent_log)
         plugin, endpoint, plugin_log = start_plugin(
@@ -218,6 +221,10 @@ def csi_processes(request: pytest.FixtureRequest, *plugin_args: str, prefix: Seq
                     client.unmount(m["target"])
         _stop(agent)
         left = _cleanup_mounts(str(root))
+        with contextlib.suppress(Exception):
+            from gfuse.takeover import holder_request
+
+            holder_request({"op": "quit"}, timeout=5, path=str(root / "holder.sock"))
         keep = os.environ.get("GFUSE_CSI_TEST_KEEP") or request.session.testsfailed > failed_before
         if mounts_under(str(root)):
             warnings.warn(f"mounts remain under {root}; not removing it", stacklevel=1)

@@ -1,0 +1,284 @@
+"""The node agent's mounts outlive their server (issue 12), with containers made as kubelet + runc make them.
+
+A "container" here is what kubelet and runc give a pod: its own mount namespace (``unshare --mount
+--propagation private``) with its own bind of the volume directory, made after the volume is mounted, with
+propagation None -- a mount made on the host later never reaches it. (tests/k8s/test_agent.py's pods are
+slaves of the whole host tree: more permissive than kubelet.) Real agent process, real holder, real FUSE,
+real bricks.
+
+- Restartable (the agent's default where the kernel has FUSE_NOTIFY_RESEND): the gfuse server is SIGKILLed
+  under a container appending checksummed records every 10 ms through one fd: no syscall fails, every
+  record is there; the agent reports the mount ``restartable/held``. Also with a holder that starts no
+  successor (the agent takes the connection over itself).
+
+``GFUSE_AGENT_TAKEOVER_KILLS`` (default 3) sets how many SIGKILLs the first test deals. Every process a test
+starts (containers, agent, holder, servers) is ended and every mount undone, also when it fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flexvolume.state import load_state
+from gfuse.mounttable import mounts_at, pid_alive
+from gfuse.status import query_status
+from testkit.kubelet import AgentProcess, cleanup_mounts_under, gfuse_serving_pids, source_env, wait_for
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root"),
+    pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("unshare") is None,
+                       reason="needs /dev/fuse and unshare"),
+    pytest.mark.timeout(300),
+]
+
+RECORD = 32  # seq (8) + payload (20) + crc32 (4)
+
+#: in the container: a checksummed record every 10 ms through one O_APPEND fd until CTL/stop exists; any
+#: failed syscall ends it, with the error in CTL/writer.json
+WRITER = textwrap.dedent("""
+    import json, os, struct, sys, time, zlib
+    path, ctl = sys.argv[1], sys.argv[2]
+    res = {"records": 0, "error": None, "stalls": []}
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        i = 0
+        while not os.path.exists(f"{ctl}/stop") and i < 100000:
+            rec = struct.pack("<Q", i) + os.urandom(20)
+            rec += struct.pack("<I", zlib.crc32(rec))
+            t = time.monotonic()
+            if os.write(fd, rec) != len(rec):
+                raise OSError(5, "short write")
+            dt = time.monotonic() - t
+            if dt > 0.05:
+                res["stalls"].append(round(dt, 3))
+            i += 1
+            res["records"] = i
+            with open(f"{ctl}/count.tmp", "w") as f:
+                f.write(str(i))
+            os.replace(f"{ctl}/count.tmp", f"{ctl}/count")
+            time.sleep(0.01)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError as e:
+        res["error"] = f"record {res['records']}: {e}"
+    with open(f"{ctl}/writer.json", "w") as f:
+        json.dump(res, f)
+""")
+
+class Setup:
+    """One test's agent (own holder, own takeover records), its volume directory and its containers."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.takeover_dir = f"/dev/shm/gfuse-test-{uuid.uuid4().hex[:12]}"
+        self.agent = AgentProcess(tmp / "agent", health_interval=1.0, probe_timeout=3.0, kubelet_dir=tmp)
+        self.target = tmp / "pods" / "uid-1" / "volumes" / "gfuse.example.org~gfuse" / "data"
+        self.containers: list[subprocess.Popen[bytes]] = []
+        self.holder: subprocess.Popen[bytes] | None = None
+        self._old_env = os.environ.get("GFUSE_TAKEOVER_DIR")
+        os.environ["GFUSE_TAKEOVER_DIR"] = self.takeover_dir  # the agent (source_env) and what it starts
+
+    def start_holder(self, *args: str) -> None:
+        """A holder started before the agent (the agent finds it): e.g. --no-restart, so that only the agent
+        takes a connection over."""
+        with open(self.tmp / "holder.log", "ab") as log:
+            self.holder = subprocess.Popen([sys.executable, "-m", "gfuse.holder", "--socket", self.agent.holder_socket,
+                                            "--idle-exit", "0", *args], stdin=subprocess.DEVNULL, stdout=log,
+                                           stderr=log, start_new_session=True, env=source_env())
+        from gfuse.takeover import holder_request
+
+        wait_for(lambda: _answers(holder_request, self.agent.holder_socket), 20, "the holder to answer")
+
+    def container(self, script: str, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+        """``script`` in a new mount namespace (private propagation) that sees the volume only through its own
+        bind at ROOT/data (a kubelet + runc container); "/data" in ``args`` is replaced by it. Its control
+        directory (outside the volume)."""
+        root = self.tmp / f"ctr{len(self.containers)}"
+        (root / "data").mkdir(parents=True)
+        ctl = root / "ctl"
+        ctl.mkdir()
+        (root / "run.py").write_text(script)
+        sh = f'mount --bind "{self.target}" "{root}/data" && exec {sys.executable} "{root}/run.py" "$@"'
+        p = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", sh, "ctr",
+                              *[a.replace("/data", str(root / "data")) for a in args], str(ctl)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.containers.append(p)
+        return p, ctl
+
+    def server_pid(self) -> int:
+        (entry,) = self.agent.client().list()
+        assert entry["pid"], entry
+        return int(entry["pid"])
+
+    def logs(self) -> str:
+        out = []
+        for p in (self.agent.log, self.agent.workdir / "holder.log", self.tmp / "holder.log"):
+            if p.exists():
+                out.append(f"--- {p.name} (tail)\n" + "\n".join(p.read_text(errors="replace").splitlines()[-40:]))
+        for log in Path("/var/log/gfuse").glob(f"{str(self.target).strip('/').replace('/', '-')}*.log"):
+            out.append(f"--- {log.name} (tail)\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:]))
+        return "\n".join(out)
+
+    def close(self) -> None:
+        for p in self.containers:
+            if p.poll() is None:
+                p.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(10)
+        try:
+            if self.agent.alive():
+                self.agent.close()
+            else:
+                self.agent.stop_holder()
+        finally:
+            cleanup_mounts_under(self.tmp)
+            if self.holder is not None and self.holder.poll() is None:
+                self.holder.kill()
+                self.holder.wait(10)
+            self.agent.stop_holder()
+            shutil.rmtree(self.takeover_dir, ignore_errors=True)
+            if self._old_env is None:
+                os.environ.pop("GFUSE_TAKEOVER_DIR", None)
+            else:
+                os.environ["GFUSE_TAKEOVER_DIR"] = self._old_env
+
+
+def _answers(request: Any, path: str) -> bool:
+    try:
+        return bool(request({"op": "list"}, timeout=2, path=path)[0].get("ok"))
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    s = Setup(tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _restartable_or_skip(s: Setup) -> None:
+    log = s.agent.log.read_text()
+    if "new mounts are restartable" not in log:
+        pytest.skip(f"this kernel ({os.uname().release}) has no FUSE_NOTIFY_RESEND (Linux >= 6.9): the agent makes "
+                    "repair-only mounts")
+
+
+def _count(ctl: Path) -> int:
+    try:
+        return int((ctl / "count").read_text() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _writer_result(s: Setup, p: subprocess.Popen[bytes], ctl: Path) -> dict[str, Any]:
+    (ctl / "stop").touch()
+    try:
+        out, _ = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        pytest.fail(f"the container's writer hung\n{s.logs()}")
+    res: dict[str, Any] = json.loads((ctl / "writer.json").read_text())
+    assert res["error"] is None, f"{res}\n{out.decode(errors='replace')}\n{s.logs()}"
+    return res
+
+
+def check_records(data: bytes, n: int) -> None:
+    assert len(data) == n * RECORD, f"{len(data)} bytes for {n} records of {RECORD}"
+    for i in range(n):
+        rec = data[i * RECORD:(i + 1) * RECORD]
+        seq, = struct.unpack_from("<Q", rec)
+        crc, = struct.unpack_from("<I", rec, 28)
+        assert seq == i and zlib.crc32(rec[:28]) == crc, f"record {i} is damaged (seq {seq})"
+
+
+def test_agent_mounts_are_restartable_a_killed_server_is_a_pause(setup: Setup, vol_replica3: Any) -> None:
+    """The agent mounts restartable by default; its holder keeps the FUSE connection; SIGKILLs of the gfuse
+    server are a pause for a propagation-None container writing through one fd, never an error; the agent
+    never repairs (nothing stacked, no lazy unmount) and says the mount is restartable/held."""
+    s = setup
+    kills = int(os.environ.get("GFUSE_AGENT_TAKEOVER_KILLS", "3"))
+    s.agent.start()
+    _restartable_or_skip(s)
+    c = s.agent.client(timeout=30)
+    c.mount(vol_replica3.source, str(s.target))
+    (entry,) = c.list()
+    assert entry["mode"] == "restartable/held" and entry["restartable"] is True, entry
+    assert load_state(str(s.agent.state))[str(s.target)].restartable is True
+    st = query_status(str(s.target))
+    assert st["mode"] == "restartable/held", st
+    name = f"{s.tmp.name}.bin"
+    writer, ctl = s.container(WRITER, f"/data/{name}")
+    wait_for(lambda: _count(ctl) >= 20 or writer.poll() is not None, 30, "the container to write")
+    killed = []
+    for _ in range(kills):
+        pid = wait_for(lambda: (e := c.list()[0])["healthy"] and e["pid"], 60, "a server serving the mount")
+        time.sleep(2.5)  # its standby loaded (the holder starts one a second after a takeover)
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+        wait_for(lambda pid=pid: not pid_alive(pid), 10, f"pid {pid} to die")
+        n = _count(ctl)
+        wait_for(lambda n=n: _count(ctl) >= n + 20 or writer.poll() is not None, 60, "the writes to go on")
+    res = _writer_result(s, writer, ctl)
+    entry = wait_for(lambda: (e := c.list()[0])["healthy"] and e, 30, "the mount served")
+    assert entry["pid"] not in killed and entry["mode"] == "restartable/held" and entry["repairs"] == 0, entry
+    assert entry["takeovers"] >= kills and entry["pause"] is not None, entry
+    assert len(mounts_at(str(s.target))) == 1  # the same mount: nothing stacked, nothing detached
+    assert query_status(str(s.target))["pid"] == entry["pid"]
+    check_records((s.target / name).read_bytes(), res["records"])
+    for d in vol_replica3.brick_dirs:
+        check_records((d / name).read_bytes(), res["records"])
+    stalls = sorted(res["stalls"])
+    print(f"\n{kills} SIGKILLs of the server under the agent: {res['records']} records, no failed syscall; stalls "
+          f"> 50 ms: {stalls}")
+    assert "repairing" not in s.agent.log.read_text()
+    c.unmount(str(s.target))
+    assert not mounts_at(str(s.target)) and gfuse_serving_pids(s.target) == []
+
+
+def test_the_agent_takes_a_held_connection_over_itself(setup: Setup, vol_replica3: Any) -> None:
+    """A holder that starts no successor (found running by the agent): when the server dies the agent sees the
+    mount restarting (not dead: it never stacks or unmounts it) and, after its grace, runs the takeover
+    itself; the container only waited."""
+    s = setup
+    s.start_holder("--no-restart")
+    s.agent.start()
+    _restartable_or_skip(s)
+    c = s.agent.client(timeout=30)
+    c.mount(vol_replica3.source, str(s.target))
+    name = f"{s.tmp.name}.bin"
+    writer, ctl = s.container(WRITER, f"/data/{name}")
+    wait_for(lambda: _count(ctl) >= 20 or writer.poll() is not None, 30, "the container to write")
+    old = s.server_pid()
+    t0 = time.monotonic()
+    os.kill(old, signal.SIGKILL)
+    seen = wait_for(lambda: [e for e in c.list() if e["state"] == "restarting"], 20, "the agent to see it restart")
+    assert "its server died" in seen[0]["reason"] and seen[0]["mode"] == "restartable/held", seen
+    n = _count(ctl)
+    wait_for(lambda: _count(ctl) > n or writer.poll() is not None, 60, "the writes to go on")
+    took = time.monotonic() - t0
+    res = _writer_result(s, writer, ctl)
+    (entry,) = c.list()
+    assert entry["healthy"] and entry["pid"] not in (old, None) and entry["repairs"] == 0, entry
+    assert "took over" in s.agent.log.read_text() and len(mounts_at(str(s.target))) == 1
+    check_records((s.target / name).read_bytes(), res["records"])
+    print(f"\nthe agent took the connection over {took:.1f}s after the SIGKILL; longest stall "
+          f"{max(res['stalls'], default=0):.2f}s, no failed syscall")
