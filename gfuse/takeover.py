@@ -247,11 +247,13 @@ def main(argv: list[str] | None = None) -> None:
 # ------------------------------------------------------------------------------------------ where records live
 
 def run_dir() -> Path:
-    """tmpfs: /run/gfuse/takeover where /run is tmpfs, else /dev/shm (``GFUSE_TAKEOVER_DIR`` overrides)."""
+    """tmpfs: /run/gfuse/takeover where /run is tmpfs, or /run/gfuse is one (the node pod's hostPath of the host's
+    /run/gfuse: the records then outlive the pod), else /dev/shm (``GFUSE_TAKEOVER_DIR`` overrides)."""
     env = os.environ.get("GFUSE_TAKEOVER_DIR")
     if env:
         return Path(env)
-    return Path("/run/gfuse/takeover") if _is_tmpfs("/run") else Path("/dev/shm/gfuse-takeover")
+    tmpfs = _is_tmpfs("/run") or _is_tmpfs("/run/gfuse")
+    return Path("/run/gfuse/takeover") if tmpfs else Path("/dev/shm/gfuse-takeover")
 
 
 def _is_tmpfs(path: str) -> bool:

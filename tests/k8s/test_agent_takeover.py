@@ -9,7 +9,7 @@ real bricks.
 - Restartable (the agent's default where the kernel has FUSE_NOTIFY_RESEND): the gfuse server is SIGKILLed
   under a container appending checksummed records every 10 ms through one fd: no syscall fails, every
   record is there; the agent reports the mount ``restartable/held``. Also with a holder that starts no
-  successor (the agent takes the connection over itself).
+  successor (the agent takes the connection over itself), and across a SIGKILL of the agent.
 
 ``GFUSE_AGENT_TAKEOVER_KILLS`` (default 3) sets how many SIGKILLs the first test deals. Every process a test
 starts (containers, agent, holder, servers) is ended and every mount undone, also when it fails.
@@ -282,3 +282,42 @@ def test_the_agent_takes_a_held_connection_over_itself(setup: Setup, vol_replica
     check_records((s.target / name).read_bytes(), res["records"])
     print(f"\nthe agent took the connection over {took:.1f}s after the SIGKILL; longest stall "
           f"{max(res['stalls'], default=0):.2f}s, no failed syscall")
+
+
+def test_the_holder_survives_the_agent_a_new_agent_takes_over(setup: Setup, vol_replica3: Any) -> None:
+    """SIGKILL of the agent (its whole process group), then of the gfuse server, with no agent running: the
+    holder the agent started is in a session of its own and lives on, keeps the connection and gives it to a
+    successor; a new agent finds the holder and the mount in its state file and re-adopts it, held. The
+    container's writer saw a pause."""
+    s = setup
+    s.agent.start()
+    _restartable_or_skip(s)
+    c = s.agent.client(timeout=30)
+    c.mount(vol_replica3.source, str(s.target))
+    from gfuse.takeover import holder_request
+
+    assert holder_request({"op": "list"}, timeout=5, path=s.agent.holder_socket)[0]["mounts"], "not held"
+    name = f"{s.tmp.name}.bin"
+    writer, ctl = s.container(WRITER, f"/data/{name}")
+    wait_for(lambda: _count(ctl) >= 20 or writer.poll() is not None, 30, "the container to write")
+    old = s.server_pid()
+    assert s.agent.kill(signal.SIGKILL) == -signal.SIGKILL
+    holder = holder_request({"op": "list"}, timeout=5, path=s.agent.holder_socket)[0]
+    assert pid_alive(holder["pid"]), "the holder died with the agent"
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(old), 10, "the server to die")
+    n = _count(ctl)
+    wait_for(lambda: _count(ctl) > n + 20 or writer.poll() is not None, 90, "the writes to go on")
+    s.agent.start()
+    (entry,) = s.agent.client().list()
+    assert entry["healthy"] and entry["pid"] not in (old, None) and entry["mode"] == "restartable/held", entry
+    assert entry["takeovers"] >= 1 and entry["repairs"] == 0 and entry["restartable"] is True, entry
+    now = holder_request({"op": "list"}, timeout=5, path=s.agent.holder_socket)[0]
+    assert now["pid"] == holder["pid"] and now["mounts"][0]["pid"] == entry["pid"], now
+    s.agent.wait_health_passes(2)
+    n = _count(ctl)
+    wait_for(lambda: _count(ctl) > n + 20 or writer.poll() is not None, 30, "the writes to go on")
+    res = _writer_result(s, writer, ctl)
+    assert s.agent.client().list()[0]["repairs"] == 0 and len(mounts_at(str(s.target))) == 1
+    check_records((s.target / name).read_bytes(), res["records"])
+    print(f"\nagent and server SIGKILLed: longest stall {max(res['stalls'], default=0):.2f}s, no failed syscall")
