@@ -10,6 +10,8 @@ real bricks.
   under a container appending checksummed records every 10 ms through one fd: no syscall fails, every
   record is there; the agent reports the mount ``restartable/held``. Also with a holder that starts no
   successor (the agent takes the connection over itself), and across a SIGKILL of the agent.
+- Repair-only (``--restartable no``, what a kernel < 6.9 gets): what the container sees, exactly, and that
+  the repair stacks a fresh mount over the dead one (nothing lands in the node's directory).
 
 ``GFUSE_AGENT_TAKEOVER_KILLS`` (default 3) sets how many SIGKILLs the first test deals. Every process a test
 starts (containers, agent, holder, servers) is ended and every mount undone, also when it fails.
@@ -18,6 +20,7 @@ starts (containers, agent, holder, servers) is ended and every mount undone, als
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -26,6 +29,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 import zlib
@@ -48,6 +52,12 @@ pytestmark = [
 ]
 
 RECORD = 32  # seq (8) + payload (20) + crc32 (4)
+README = Path(__file__).resolve().parents[2] / "README.md"
+#: what the README says a running container sees on a repair-only mount (asserted below, word for word)
+REPAIR_ONLY_SEES = ("a container that was running when its volume's gfuse server died gets ENOTCONN (\"Transport "
+                    "endpoint is not connected\") on every file it had open, on the volume directory itself and on "
+                    "every new file it opens there, also after the agent's repair, until the pod is restarted (a "
+                    "call in flight at the moment of the crash may get ECONNABORTED instead)")
 
 #: in the container: a checksummed record every 10 ms through one O_APPEND fd until CTL/stop exists; any
 #: failed syscall ends it, with the error in CTL/writer.json
@@ -80,6 +90,36 @@ WRITER = textwrap.dedent("""
     with open(f"{ctl}/writer.json", "w") as f:
         json.dump(res, f)
 """)
+
+#: in the container: holds a file open, then (once CTL/probe-N exists) tries the old fd, the directory, a
+#: new file, and writes what each gave to CTL/seen-N.json (errno names; "ok")
+PROBER = textwrap.dedent("""
+    import errno, json, os, sys, time
+    d, ctl = sys.argv[1], sys.argv[2]
+    fd = os.open(f"{d}/held.txt", os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(fd, b"before")
+    open(f"{ctl}/ready", "w").close()
+    def outcome(fn):
+        try:
+            fn()
+            return "ok"
+        except OSError as e:
+            return errno.errorcode.get(e.errno, str(e.errno))
+    n = 0
+    while n < 2:
+        if not os.path.exists(f"{ctl}/probe-{n}"):
+            time.sleep(0.02)
+            continue
+        seen = {"write old fd": outcome(lambda: os.pwrite(fd, b"after", 0)),
+                "read old fd": outcome(lambda: os.pread(fd, 5, 0)),
+                "stat dir": outcome(lambda: os.stat(d)),
+                "list dir": outcome(lambda: os.listdir(d)),
+                "create new file": outcome(lambda: os.close(os.open(f"{d}/new-{n}", os.O_WRONLY | os.O_CREAT)))}
+        with open(f"{ctl}/seen-{n}.json", "w") as f:
+            json.dump(seen, f)
+        n += 1
+""")
+
 
 class Setup:
     """One test's agent (own holder, own takeover records), its volume directory and its containers."""
@@ -321,3 +361,71 @@ def test_the_holder_survives_the_agent_a_new_agent_takes_over(setup: Setup, vol_
     assert s.agent.client().list()[0]["repairs"] == 0 and len(mounts_at(str(s.target))) == 1
     check_records((s.target / name).read_bytes(), res["records"])
     print(f"\nagent and server SIGKILLed: longest stall {max(res['stalls'], default=0):.2f}s, no failed syscall")
+
+
+def test_repair_only_stacks_over_the_dead_mount_what_a_running_container_sees(setup: Setup,
+                                                                              vol_replica3: Any) -> None:
+    """Repair-only (``--restartable no``, what a kernel without FUSE_NOTIFY_RESEND gets): the server's SIGKILL
+    ends the FUSE connection. A container that got the volume with propagation None keeps the dead mount: its
+    old fd, the directory and new files in it all fail with ENOTCONN, also after the agent's repair -- until
+    the pod restarts (a new container gets the repaired mount). The repair stacks a fresh mount over the dead
+    one: nothing written through the host path meanwhile lands in the node's directory. The README says so in
+    these words (REPAIR_ONLY_SEES)."""
+    assert REPAIR_ONLY_SEES in " ".join(README.read_text().split()), "README: what a repair-only pod sees"
+    s = setup
+    s.agent.extra_args = ("--restartable", "no")
+    s.agent.start()
+    c = s.agent.client(timeout=30)
+    c.mount(vol_replica3.source, str(s.target))
+    assert c.list()[0]["mode"] == "repair-only" and query_status(str(s.target))["mode"] == "repair-only"
+    prober, ctl = s.container(PROBER, "/data")
+    wait_for(lambda: (ctl / "ready").exists() or prober.poll() is not None, 30, "the container's open file")
+    old = s.server_pid()
+
+    gap_errors: set[str] = set()
+    stop = threading.Event()
+
+    def host_writer() -> None:  # a host process creating files in the volume dir through the repair
+        i = 0
+        while not stop.is_set():
+            try:
+                (s.target / f"gap-{i}").write_text("x")
+            except OSError as e:
+                gap_errors.add(errno.errorcode.get(e.errno or 0, str(e.errno)))
+            i += 1
+            time.sleep(0.01)
+
+    t = threading.Thread(target=host_writer, daemon=True)
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(old), 10, "the server to die")
+    t.start()
+    try:
+        time.sleep(1.5)  # past the attribute timeout (1 s): a stat within it is answered from the kernel's cache
+        (ctl / "probe-0").touch()
+        wait_for(lambda: (ctl / "seen-0.json").exists(), 30, "the container's first probe")
+        entry = wait_for(lambda: [e for e in c.list() if e["healthy"] and e["repairs"] == 1], 60, "the repair")[0]
+    finally:
+        stop.set()
+        t.join(10)
+    assert entry["pid"] != old and entry["mode"] == "repair-only"
+    assert len(mounts_at(str(s.target))) == 2, "the fresh mount stacked over the dead one"
+    (ctl / "probe-1").touch()
+    wait_for(lambda: (ctl / "seen-1.json").exists(), 30, "the container's second probe")
+    dead = {k: "ENOTCONN" for k in ("write old fd", "read old fd", "stat dir", "list dir", "create new file")}
+    for n in (0, 1):  # before and after the repair: the same, until the pod restarts
+        assert json.loads((ctl / f"seen-{n}.json").read_text()) == dead, n
+    # the host path: errors until the repair (ECONNABORTED: a create in flight when the server died), then the
+    # stacked mount -- never the node's disk
+    assert "ENOTCONN" in gap_errors and gap_errors <= {"ENOTCONN", "ECONNABORTED"}, gap_errors
+    # a restarted pod (a new container) gets the repaired mount
+    again, ctl2 = s.container(PROBER, "/data")
+    wait_for(lambda: (ctl2 / "ready").exists() or again.poll() is not None, 30, "the new container's open file")
+    (ctl2 / "probe-0").touch()
+    wait_for(lambda: (ctl2 / "seen-0.json").exists(), 30, "the new container's probe")
+    assert set(json.loads((ctl2 / "seen-0.json").read_text()).values()) == {"ok"}
+    written = sorted(p.name for p in s.target.iterdir() if p.name.startswith("gap-"))
+    c.unmount(str(s.target))  # both mounts of the stack
+    assert not mounts_at(str(s.target))
+    assert os.listdir(s.target) == [], "files landed in the node's directory under the mount"
+    print(f"\nrepair-only: the container saw ENOTCONN everywhere; the host path {sorted(gap_errors)} then "
+          f"{len(written)} files on the volume, none on the node")
