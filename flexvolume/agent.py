@@ -236,11 +236,14 @@ class Agent:
         allowed_dirs: list[str] | None = None,
         node_options: list[str] | None = None,
         metrics_address: tuple[str, int] | None = None,
+        events: Any = None,
     ) -> None:
         self.socket_path = os.path.abspath(socket_path)
         #: (host, port) of the Prometheus endpoint (flexvolume.metrics), None: off; metrics_port: the port bound
         self.metrics_address = metrics_address
         self.metrics_port: int | None = None
+        #: posts repairs as Events on the pods (flexvolume.kubeevents.RepairEvents), None: off
+        self.events = events
         #: ``-o`` options the node's admin gives every mount and probe (TLS files, secure-mgmt, log level):
         #: what a PV or StorageClass may not ask for (gfuse.untrusted) but a node may need
         self.node_options = list(node_options or [])
@@ -306,6 +309,8 @@ class Agent:
                         raise AgentStartError(f"cannot serve metrics on {metrics.where}: {e.strerror or e}") from None
                     self.metrics_port = listeners[0].socket.getsockname()[1]
                     nursery.start_soon(metrics.serve, listeners)
+                if self.events is not None:
+                    nursery.start_soon(self.events.run, self)
                 task_status.started()
         finally:
             if self._lock_fd is not None:
@@ -1114,6 +1119,10 @@ def main(argv: list[str] | None = None) -> None:
                         "started by the agent when none answers there")
     p.add_argument("--holder-log", default=None, metavar="FILE",
                    help="log of a holder the agent starts (default $GFUSE_HOLDER_LOG or /var/log/gfuse/holder.log)")
+    p.add_argument("--kubeconfig", default=None, metavar="FILE",
+                   help="API server for Events on the pods of repaired mounts (default: the pod's service account "
+                        "when the agent runs in a cluster; elsewhere no events)")
+    p.add_argument("--no-events", action="store_true", help="post no Events (repairs are in the agent's log)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
     metrics_address = None
@@ -1140,13 +1149,22 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--node-option: {bad}")
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    events = None
+    if not args.no_events:
+        from .kubeevents import agent_events
+
+        try:
+            events = agent_events(args.kubeconfig, os.environ.get("NODE_NAME") or socket.gethostname())
+        except ValueError as bad_events:
+            print(f"gfuse-agent: {bad_events}", file=sys.stderr)
+            sys.exit(2)
     agent = Agent(args.socket, args.state, health_interval=args.health_interval, probe_timeout=args.probe_timeout,
                   mount_timeout=args.mount_timeout,
                   gfuse_command=shlex.split(args.gfuse_command) if args.gfuse_command else None,
                   mount_wrapper=shlex.split(args.mount_wrapper), lock_wait=args.lock_wait,
                   restartable=args.restartable, holder_socket=args.holder_socket, holder_log=args.holder_log,
                   kubelet_dir=args.kubelet_dir, allowed_dirs=args.allow_dir, node_options=node_options,
-                  metrics_address=metrics_address)
+                  metrics_address=metrics_address, events=events)
     try:
         trio.run(agent.run)
     except KeyboardInterrupt:

@@ -103,6 +103,7 @@ from kubernetes.client.rest import ApiException
 
 from gfuse.options import parse_bool, split_options
 
+from ..kubeevents import EventRecorder, api_body
 from ..storage.api import Backend, ProvisionedVolume, StorageError
 
 log = logging.getLogger(__name__)
@@ -173,12 +174,6 @@ def _now() -> str:
 
 def _meta(obj: Mapping[str, Any]) -> dict[str, Any]:
     return obj.get("metadata") or {}
-
-
-def api_body(manifest: Mapping[str, Any]) -> Any:
-    """A manifest as the API client's ``body``: the client sends plain dicts as they are
-    (``sanitize_for_serialization``), though its annotations name its model classes."""
-    return manifest
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,9 +412,7 @@ class Controller:
         self._backends_lock = threading.Lock()
         self._volume_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
         self._volume_locks_lock = threading.Lock()
-        self._events: collections.OrderedDict[tuple[str, str, str, str], tuple[str, str, int]] = \
-            collections.OrderedDict()
-        self._events_lock = threading.Lock()
+        self.recorder = EventRecorder(api_client, provisioner, identity)
         self.claims = Informer("claims", api_client, self.core.list_persistent_volume_claim_for_all_namespaces,
                                lambda o: f"{_meta(o).get('namespace', '')}/{_meta(o)['name']}", self._claim_changed,
                                self._stop, watch_timeout)
@@ -652,50 +645,17 @@ class Controller:
         return self._patch(kind, ns, name, mutate)
 
     def event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-        """Record a core/v1 Event about ``obj`` (repeats of the same one bump its count)."""
+        """Record a core/v1 Event about ``obj`` (repeats of the same one bump its count), as the leader."""
         meta = _meta(obj)
         kind = obj.get("kind") or ("PersistentVolumeClaim" if meta.get("namespace") else "PersistentVolume")
-        ns = meta.get("namespace") or "default"
-        message = message if len(message) <= 1024 else message[:1021] + "..."
-        key = (meta.get("uid", ""), type_, reason, message)
-        now = _now()
         try:
             self._check_leader()
-            with self._events_lock:
-                known = self._events.get(key)
-            if known is not None:
-                ev_ns, ev_name, count = known
-                try:
-                    self.core.patch_namespaced_event(ev_name, ev_ns, {"count": count + 1, "lastTimestamp": now},
-                                                     _content_type=MERGE_PATCH, _request_timeout=30)
-                    with self._events_lock:
-                        self._events[key] = (ev_ns, ev_name, count + 1)
-                    return
-                except ApiException as e:
-                    if e.status != 404:
-                        raise
-            name = f"{meta.get('name', 'object')}.{time.time_ns():x}"
-            body: dict[str, Any] = {
-                "apiVersion": "v1", "kind": "Event",
-                "metadata": {"name": name, "namespace": ns},
-                "involvedObject": {"apiVersion": "v1", "kind": kind, "name": meta.get("name"),
-                                   "namespace": meta.get("namespace") or None, "uid": meta.get("uid"),
-                                   "resourceVersion": meta.get("resourceVersion")},
-                "reason": reason, "message": message, "type": type_,
-                "source": {"component": self.provisioner.replace("/", "_")},
-                "reportingComponent": self.provisioner, "reportingInstance": self.identity[:128],
-                "firstTimestamp": now, "lastTimestamp": now, "count": 1,
-            }
-            body["involvedObject"] = {k: v for k, v in body["involvedObject"].items() if v}
-            self.core.create_namespaced_event(ns, api_body(body), _request_timeout=30)
-            with self._events_lock:
-                self._events[key] = (ns, name, 1)
-                while len(self._events) > 2000:
-                    self._events.popitem(last=False)
         except NotLeader:
             pass
-        except Exception as e:  # noqa: BLE001 - events are best effort
-            log.warning("event %s %s on %s/%s not recorded: %s", type_, reason, ns, meta.get("name"), e)
+        else:
+            self.recorder.record({"kind": kind, "name": meta.get("name"), "namespace": meta.get("namespace"),
+                                  "uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")},
+                                 type_, reason, message)
         if type_ == "Warning":
             log.warning("%s %s/%s: %s", reason, meta.get("namespace", ""), meta.get("name"), message)
         else:

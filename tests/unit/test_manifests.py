@@ -512,6 +512,29 @@ def test_node_paths_agree() -> None:
     assert agent.get("livenessProbe"), "agent liveness probe"
 
 
+def test_agent_metrics_port() -> None:
+    """The agent serves /metrics (--metrics-address) on the port the container declares and the pod's
+    prometheus.io/* annotations name; a node port (hostNetwork) that no other container of the pod uses."""
+    from flexvolume.metrics import parse_address
+
+    ds = one("DaemonSet", "gfuse-node")
+    spec = node_spec()
+    agent = container(spec, "agent")
+    (flag,) = re.findall(r"--metrics-address=(\S+)", " ".join(agent["command"] + agent["args"]))
+    host, port = parse_address(flag)
+    assert host == "" and port == 9840
+    assert [p for p in agent.get("ports", []) if p["name"] == "metrics"] == [
+        {"name": "metrics", "containerPort": port, "protocol": "TCP"}]
+    annotations = ds["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == str(port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+    others = {p["containerPort"] for c in containers(spec) if c["name"] != "agent" for p in c.get("ports", [])}
+    others |= {int(m.group(1)) for c in containers(spec) for a in c.get("args", [])
+               if (m := re.match(r"--(?:health-port=|http-endpoint=[^:]*:)(\d+)$", a))}
+    assert port not in others and spec.get("hostNetwork") is True
+    assert "--metrics-address=:9840" in " ".join(container(podman_pod()["spec"], "agent")["args"])
+
+
 def test_controller_sockets_agree() -> None:
     spec = one("Deployment", "gfuse-controller")["spec"]["template"]["spec"]
     csi = container(spec, "gfuse-csi")
@@ -639,6 +662,8 @@ def test_csi_storage_classes_are_accepted_by_the_controller(tmp_path: Path) -> N
 # ---- the FlexVolume provisioner: its RBAC is what its code calls ------------------------------------------------
 
 PROVISIONER_CODE = ROOT / "flexvolume" / "provisioner"
+#: the Event recorder the provisioner and the node agent share
+EVENTS_CODE = ROOT / "flexvolume" / "kubeevents.py"
 FLEX_PROVISIONER_SA = "gfuse-flexvolume-provisioner"
 FLEX_PROVISIONER_DEPLOYMENT = "gfuse-flexvolume-provisioner"
 
@@ -713,7 +738,7 @@ def provisioner_api_calls() -> frozenset[tuple[str, str, str, bool, bool]]:
     import ast
 
     calls = set()
-    for py in sorted(PROVISIONER_CODE.glob("*.py")):
+    for py in [*sorted(PROVISIONER_CODE.glob("*.py")), EVENTS_CODE]:
         apis, refs, watched = _api_attributes(ast.parse(py.read_text()))
         for attr, method in refs:
             http, path = _request_of(apis[attr], method)
@@ -791,6 +816,22 @@ def test_flexvolume_provisioner_rbac_is_what_its_code_calls() -> None:
                 for v in r["verbs"]:
                     assert (g, res, v) in used, (f"{FLEX_PROVISIONER_SA} is granted {v} {g or 'core'}/{res}"
                                                  f"{' in ' + ns if ns else ''}, which the provisioner never calls")
+
+
+def test_node_rbac_covers_the_agents_events() -> None:
+    """The node agent posts Events on pods of any namespace (repairs: flexvolume/kubeevents.py); its
+    ServiceAccount may create and patch them cluster-wide."""
+    import ast
+
+    apis, refs, _ = _api_attributes(ast.parse(EVENTS_CODE.read_text()))
+    calls = {_rbac_of(*_request_of(apis[attr], method))[:3] for attr, method in refs}
+    assert calls == {("", "events", "create"), ("", "events", "patch")}, calls
+    spec = node_spec()
+    rules = _subject_rules(spec["serviceAccountName"])
+    for group, resource, verb in calls:
+        assert any(ns is None and _grants(r, group, resource, verb, None) for ns, r in rules), (group, resource, verb)
+    env = {e["name"]: e for e in container(spec, "agent").get("env", [])}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
 
 
 def _expand_vars(value: str, env: dict[str, str]) -> str:
