@@ -13,8 +13,9 @@ Crash safety, in one sentence per backend
   ``adopt`` (a directory made before sizes were enforced) goes the same way: record, marker,
   quota, ``ready``.
 * volume: the gluster volume name is derived from the PV name (``gfuse_<name>``): the name *is* the
-  intent record. glusterd's ``volume create`` is atomic; what follows (options, start, quota,
-  ``user.gfuse.state=ready``) is re-applied by a retry. A volume with our prefix and no
+  intent record. glusterd's ``volume create`` is atomic; what follows (options — the size and the
+  root's ownership recorded among them —, start, quota, the root's owner and mode through a mount of
+  the volume, ``user.gfuse.state=ready``) is re-applied by a retry. A volume with our prefix and no
   ``user.gfuse.pv`` option is a create that crashed right after ``volume create`` and is adopted
   (or deleted). Brick directories are named ``<pool>/<volname>-<random>``, so leftovers of a
   deleted volume are found by name.
@@ -57,16 +58,21 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CRASH_ENV",
     "CRASH_EXIT",
+    "DEEM_STATFS_KEY",
+    "MAX_ID",
+    "MODE_BITS",
     "PARAMETERS",
     "VOLUME_PREFIX",
     "BrickPool",
     "BrickPoolRegistry",
     "GfuseMounter",
     "LocalBrickCleaner",
+    "Ownership",
     "SubdirBackend",
     "VolumeBackend",
     "backend_for",
     "dir_name",
+    "parse_mode",
     "volume_name",
 ]
 
@@ -91,10 +97,25 @@ PARAMETERS = {
     "backend": "subdir (default) | volume",
     "pool": "subdir: the pool volume, VOLUME or SERVER:/VOLUME (default: the provisioner's pool)",
     "backupServers": "subdir: other glusterd hosts for the volfile, h2:h3 (default: the pool's other brick hosts)",
-    "dirMode": "subdir: octal mode of a new volume directory (default 0777)",
+    "dirMode": "subdir: octal mode of a new volume directory (default 0777); the older name of mode",
+    "uid": "both: owner of the PV's root, a number 0..4294967294 (default root)",
+    "gid": "both: group of the PV's root, a number 0..4294967294 (default root)",
+    "mode": "both: octal mode of the PV's root, permission bits with setgid/sticky, e.g. 0770 or 2775 "
+            "(default: subdir 0777, volume as gluster makes it, 0755)",
     "replica": "volume: replica count (default 3)",
     "volumeOptions": "volume: gluster volume options, k=v,k=v",
 }
+#: statfs of a directory (or the root) with a quota limit answers the limit as the size: ``df`` in a pod
+#: shows the PV's size. ``volume quota enable`` turns it on (glusterfs >= 3.7); set wherever we set a limit,
+#: in case the pool's admin turned it off.
+DEEM_STATFS_KEY = "features.quota-deem-statfs"
+#: the largest uid/gid a StorageClass may give (``(uid_t)-1`` means "unchanged" to chown)
+MAX_ID = (1 << 32) - 2
+#: the mode bits a PV's root may get: permissions, setgid (new entries inherit the group) and sticky;
+#: never setuid (meaningless on a directory, and never anything a StorageClass should set)
+MODE_BITS = 0o3777
+#: how a PV's ownership is recorded on a volume of the volume backend (JSON of Ownership.to_json)
+OWNER_KEY = "user.gfuse.owner"
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 _SAFE_VOLNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
@@ -131,6 +152,92 @@ def _check_size(size_bytes: int) -> int:
     if size <= 0:
         raise StorageError("invalid-parameters", f"size must be positive, got {size}")
     return size
+
+
+def _shown(value: str) -> str:
+    """A parameter's value for a one-line message: quoted, escapes for control characters, at most 40 chars."""
+    return repr(value if len(value) <= 40 else value[:40] + "...")
+
+
+def _parse_id(key: str, value: str) -> int:
+    if re.fullmatch(r"[0-9]{1,10}", value) is None or int(value) > MAX_ID:
+        what = "user" if key == "uid" else "group"
+        raise StorageError("invalid-parameters",
+                           f"StorageClass parameter {key} {_shown(value)} is not a {what} id: give a decimal number "
+                           f"0..{MAX_ID}, e.g. \"1000\"")
+    return int(value)
+
+
+def parse_mode(key: str, value: str) -> int:
+    """The mode of an octal string (3 or 4 digits, a leading 0 allowed: ``0770``, ``2775``); StorageError
+    ``invalid-parameters`` naming ``key`` for anything else, setuid included."""
+    if re.fullmatch(r"0?[0-7]{3,4}", value) is None:
+        raise StorageError("invalid-parameters",
+                           f"StorageClass parameter {key} {_shown(value)} is not an octal mode: give 3 or 4 octal "
+                           f"digits, e.g. \"0770\" (permission bits, setgid 2000, sticky 1000)")
+    mode = int(value, 8)
+    if mode & ~MODE_BITS:
+        raise StorageError("invalid-parameters",
+                           f"StorageClass parameter {key} {_shown(value)} sets setuid (4000), which a PV's root may "
+                           f"not have: give permission bits with setgid 2000 or sticky 1000, e.g. \"0770\"")
+    return mode
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """Owner, group and mode of a PV's root (StorageClass ``uid``, ``gid``, ``mode``); None: as made.
+
+    Applied at provisioning through the provisioner's own client mount (subdir: the pool's; volume: a
+    mount of the new volume), as root; nothing of it reaches the provisioner's host but through that
+    mount. chown before chmod (a chown may clear setgid)."""
+
+    uid: int | None = None
+    gid: int | None = None
+    mode: int | None = None
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str], *, aliases: Sequence[str] = ()) -> Ownership:
+        """The ownership asked for; StorageError ``invalid-parameters`` (one line naming the parameter) for a
+        bad value. ``aliases``: older names of ``mode`` (subdir's ``dirMode``); two names with different
+        modes are an error."""
+        uid = _parse_id("uid", params["uid"]) if params.get("uid") else None
+        gid = _parse_id("gid", params["gid"]) if params.get("gid") else None
+        modes = {k: parse_mode(k, params[k]) for k in ("mode", *aliases) if params.get(k)}
+        if len(set(modes.values())) > 1:
+            raise StorageError("invalid-parameters",
+                               "StorageClass parameters " + " and ".join(f"{k} {params[k]!r}" for k in modes)
+                               + " disagree: give only mode")
+        return cls(uid, gid, next(iter(modes.values()), None))
+
+    def __bool__(self) -> bool:
+        return not (self.uid is None and self.gid is None and self.mode is None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in (("uid", self.uid), ("gid", self.gid),
+                                  ("mode", None if self.mode is None else f"{self.mode:04o}")) if v is not None}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Ownership:
+        """Ownership.to_json's output read back (a record we wrote); StorageError if it is not one."""
+        try:
+            if not isinstance(data, dict) or set(data) - {"uid", "gid", "mode"}:
+                raise ValueError(data)
+            return cls.from_params({k: str(v) for k, v in data.items()})
+        except (ValueError, StorageError) as e:
+            raise StorageError("gluster-error", f"recorded ownership {data!r} is not one we write ({e}); "
+                                                f"fix or remove it by hand") from None
+
+    def apply(self, fd: int) -> None:
+        """Set it on the directory open as ``fd`` (then checked: a brick that ignored it is an error)."""
+        if self.uid is not None or self.gid is not None:
+            os.fchown(fd, -1 if self.uid is None else self.uid, -1 if self.gid is None else self.gid)
+        if self.mode is not None:
+            os.fchmod(fd, self.mode)
+        st = os.fstat(fd)
+        got = Ownership(st.st_uid if self.uid is not None else None, st.st_gid if self.gid is not None else None,
+                        (st.st_mode & 0o7777) if self.mode is not None else None)
+        if got != self:
+            raise StorageError("gluster-error", f"the PV's root has {got.to_json()} after setting {self.to_json()}")
 
 
 def _human(n: int) -> str:
@@ -174,6 +281,13 @@ class _Locks:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     jsonfile.write_atomic(path, data)
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -252,11 +366,13 @@ class SubdirBackend:
     """Each PV is the directory ``/<dir_name(name)>`` of the pool volume, its size a gluster quota limit.
 
     Layout on the pool: ``/<dir>`` (the PV; mounted by nodes as ``SERVER:/POOL/<dir>``),
-    ``/.gfuse-provisioner/volumes/<dir>.json`` (record: name, size, state creating|ready|deleting),
-    ``/.gfuse-provisioner/staging/`` and ``/trash/`` (directories being made / deleted).
+    ``/.gfuse-provisioner/volumes/<dir>.json`` (record: name, size, owner, state creating|ready|deleting),
+    ``/.gfuse-provisioner/staging/`` and ``/trash/`` (directories being made / deleted). The directory
+    gets the StorageClass's ``uid``/``gid``/``mode`` (``dirMode`` is mode's older name) in staging.
     The pool must have quota enabled (``gfuse cluster init`` does; otherwise it is enabled on first
-    use). Capacity: the sum of the PVs' sizes may not exceed ``capacity_bytes`` (default: the size
-    of the pool's file system) times ``overcommit``; beyond that create/expand fail with ``pool-full``.
+    use) and quota-deem-statfs on (turned on if it is off), so that ``df`` of a PV shows its limit.
+    Capacity: the sum of the PVs' sizes may not exceed ``capacity_bytes`` (default: the size of the
+    pool's file system) times ``overcommit``; beyond that create/expand fail with ``pool-full``.
     """
 
     kind = "subdir"
@@ -298,6 +414,11 @@ class SubdirBackend:
             log.warning("quota is off on the pool %s: enabling it (sizes are enforced with directory quotas)",
                         self.pool)
             self.glusterd.quota_enable(self.pool)
+            info = self.glusterd.volume_info(self.pool) or info
+        if info.options.get(DEEM_STATFS_KEY) != "on":
+            log.warning("pool %s has %s %r: turning it on (df in a pod then shows the PV's size, not the pool's)",
+                        self.pool, DEEM_STATFS_KEY, info.options.get(DEEM_STATFS_KEY))
+            self.glusterd.set_options(self.pool, {DEEM_STATFS_KEY: "on"})
         if any(info.options.get(k) != v for k, v in QUOTA_OPTIONS.items()):
             log.warning("pool %s does not have %s: on glusterfs 10.3 directory quotas may then not be enforced "
                         "(set them and restart the volume)", self.pool,
@@ -379,14 +500,8 @@ class SubdirBackend:
 
     def create(self, name: str, size_bytes: int, params: Mapping[str, str]) -> ProvisionedVolume:
         size = _check_size(size_bytes)
-        mode = self.dir_mode
-        if params.get("dirMode"):
-            try:
-                mode = int(params["dirMode"], 8)
-                assert 0 <= mode <= 0o7777
-            except (ValueError, AssertionError):
-                raise StorageError("invalid-parameters",
-                                   f"dirMode {params['dirMode']!r} is not an octal mode") from None
+        asked = Ownership.from_params(params, aliases=("dirMode",))
+        owner = Ownership(asked.uid, asked.gid, self.dir_mode if asked.mode is None else asked.mode)
         d = dir_name(name)
         with self.locks.hold(d):
             root = self.root()
@@ -401,13 +516,15 @@ class SubdirBackend:
                 if rec.get("state") == "ready":
                     return self._pv(rec)
                 size = int(rec["size_bytes"])  # finish what was started
+                if "owner" in rec:
+                    owner = Ownership.from_json(rec["owner"])
             else:
                 if os.path.lexists(final) and self._marker(final) != name:
                     raise StorageError("name-conflict", f"{self.pool} already has a /{d} that this provisioner did not "
                                                          f"make; it is left alone")
                 self._check_room(root, size)
                 rec = {"name": name, "dir": d, "size_bytes": size, "state": "creating", "created": time.time(),
-                       "pool": self.pool}
+                       "pool": self.pool, "owner": owner.to_json()}
                 _write_json(rec_path, rec)
                 log.info("creating %s as %s:/%s/%s (%s)", name, self.server, self.pool, d, _human(size))
             _step(self.kind, "create", "record")
@@ -416,7 +533,11 @@ class SubdirBackend:
                     staging.mkdir(mode=0o700)
                 _step(self.kind, "create", "mkdir")
                 os.setxattr(staging, MARKER_XATTR, name.encode())
-                os.chmod(staging, mode)
+                fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    owner.apply(fd)
+                finally:
+                    os.close(fd)
                 _step(self.kind, "create", "mark")
                 os.rename(staging, final)
                 _step(self.kind, "create", "rename")
@@ -633,17 +754,20 @@ class VolumeBackend:
     Replica ``r`` (StorageClass ``replica``, default 3) needs ``r`` different nodes with a brick
     pool, else ``insufficient-nodes``; nodes whose pools lack room (``size_bytes`` of the pool minus
     the sizes of the volumes already on it) are skipped, and if too few remain, ``pool-full``.
-    The size is enforced with a quota limit on the volume's root, raised by expand.
+    The size is enforced with a quota limit on the volume's root, raised by expand (with
+    quota-deem-statfs, ``df`` shows it). StorageClass ``uid``/``gid``/``mode`` are given to the root
+    through a gfuse mount of the new volume (``mounter``, under ``state_dir``/volumes), made and
+    unmounted again; without them nothing is mounted.
     """
 
     kind = "volume"
-    CREATE_STEPS = ("create", "options", "start", "quota", "ready")
+    CREATE_STEPS = ("create", "options", "start", "quota", "owner", "ready")
     DELETE_STEPS = ("stop", "delete", "bricks")
     EXPAND_STEPS = ("quota", "record")
 
     def __init__(self, glusterd: Glusterd, registry: BrickPoolRegistry, *, prefix: str = VOLUME_PREFIX,
                  default_replica: int = 3, cleaner: LocalBrickCleaner | None = None,
-                 state_dir: str | Path = DEFAULT_STATE_DIR) -> None:
+                 state_dir: str | Path = DEFAULT_STATE_DIR, mounter: GfuseMounter | None = None) -> None:
         if not _SAFE_VOLNAME.match(prefix):
             raise ValueError(f"bad volume prefix {prefix!r}")
         self.glusterd = glusterd
@@ -651,7 +775,9 @@ class VolumeBackend:
         self.prefix = prefix
         self.default_replica = default_replica
         self.cleaner = cleaner
-        self.locks = _Locks(Path(state_dir) / "locks" / "volume")
+        self.state_dir = Path(state_dir)
+        self.mounter = mounter or GfuseMounter()
+        self.locks = _Locks(self.state_dir / "locks" / "volume")
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -672,6 +798,24 @@ class VolumeBackend:
                                    f"volumeOptions: {item!r} is not KEY=VALUE with a gluster option key")
             options[k] = v
         return replica, options
+
+    def _set_owner(self, volname: str, pv: ProvisionedVolume, owner: Ownership) -> None:
+        """Give the new volume's root ``owner`` through a gfuse mount of it (made, then unmounted)."""
+        mp = self.state_dir / "volumes" / volname
+        self.mounter.ensure(pv.source, mp, pv.backup_servers)
+        try:
+            fd = os.open(mp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                if os.fstat(fd).st_dev == os.stat(mp.parent).st_dev:  # never the node's own directory
+                    raise StorageError("pool-unavailable", f"{pv.source} is not mounted on {mp}")
+                owner.apply(fd)
+            finally:
+                os.close(fd)
+            log.info("root of %s: %s", volname, owner.to_json())
+        finally:
+            self.mounter.unmount(mp)
+            with contextlib.suppress(OSError):
+                mp.rmdir()
 
     def _ours(self, info: VolumeInfo, name: str) -> bool:
         owner = info.options.get("user.gfuse.pv")
@@ -725,6 +869,7 @@ class VolumeBackend:
     def create(self, name: str, size_bytes: int, params: Mapping[str, str]) -> ProvisionedVolume:
         size = _check_size(size_bytes)
         replica, options = self._params(params)
+        owner = Ownership.from_params(params)
         volname = volume_name(name, self.prefix)
         with self.locks.hold(volname):
             info = self.glusterd.volume_info(volname)
@@ -747,8 +892,12 @@ class VolumeBackend:
                 # kernel then keep metadata until a brick says another client changed it (gfuse probe says so);
                 # before the options that mark this step done, and the StorageClass's own options may override it
                 self.glusterd.set_options(volname, METADATA_CACHE_GROUP)
+                # the ownership is recorded with the intent, as the size: a retry finishes what was started
                 self.glusterd.set_options(volname, {**QUOTA_OPTIONS, **options, "user.gfuse.pv": name,
-                                                    "user.gfuse.size": str(size)})
+                                                    "user.gfuse.size": str(size),
+                                                    OWNER_KEY: json.dumps(owner.to_json(), separators=(",", ":"))})
+            elif OWNER_KEY in info.options:
+                owner = Ownership.from_json(_json_or_none(info.options[OWNER_KEY]))
             _step(self.kind, "create", "options")
             if not info.started:
                 self.glusterd.start_volume(volname)
@@ -756,7 +905,13 @@ class VolumeBackend:
             self.glusterd.quota_enable(volname)
             recorded = int(info.options.get("user.gfuse.size") or size)
             self.glusterd.quota_limit(volname, "/", recorded)
+            now = self.glusterd.volume_info(volname)
+            if DEEM_STATFS_KEY not in options and now is not None and now.options.get(DEEM_STATFS_KEY) != "on":
+                self.glusterd.set_options(volname, {DEEM_STATFS_KEY: "on"})
             _step(self.kind, "create", "quota")
+            if owner:
+                self._set_owner(volname, self._pv(name, info), owner)
+            _step(self.kind, "create", "owner")
             self.glusterd.set_options(volname, {"user.gfuse.state": "ready"})
             _step(self.kind, "create", "ready")
             info = self.glusterd.volume_info(volname)
@@ -851,6 +1006,7 @@ def backend_for(params: Mapping[str, str], *, glusterd: Glusterd, pool: str | No
                            f"unknown StorageClass parameter(s) {', '.join(unknown)}; "
                            f"known: {', '.join(sorted(PARAMETERS))}")
     kind = params.get("backend") or "subdir"
+    Ownership.from_params(params, aliases=("dirMode",) if kind == "subdir" else ())  # bad values: before anything
     pool_name = params.get("pool") or pool
     if kind == "subdir":
         if not pool_name:
@@ -871,7 +1027,8 @@ def backend_for(params: Mapping[str, str], *, glusterd: Glusterd, pool: str | No
         key = ("volume", pool)
         if _cache is not None and key in _cache:
             return _cache[key]
-        b = VolumeBackend(glusterd, BrickPoolRegistry(glusterd, pool), cleaner=cleaner, state_dir=state_dir)
+        b = VolumeBackend(glusterd, BrickPoolRegistry(glusterd, pool), cleaner=cleaner, state_dir=state_dir,
+                          mounter=mounter)
     else:
         raise StorageError("invalid-parameters", f"backend {kind!r} is unknown (subdir or volume)")
     if _cache is not None:
