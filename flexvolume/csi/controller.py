@@ -19,7 +19,11 @@ StorageClass parameters (CreateVolume ``parameters``)
 ``backupServers``
     subdir: other glusterd hosts for the volfile, ``h2:h3`` (default: the pool's other brick hosts).
 ``dirMode``
-    subdir: octal mode of a new volume directory (default ``0777``: pods need not run as root).
+    subdir: octal mode of a new volume directory (default ``0777``: pods need not run as root); the
+    older name of ``mode``.
+``uid``, ``gid``, ``mode``
+    both: owner, group (decimal, 0..4294967294) and octal mode (permission bits, setgid, sticky; no
+    setuid) of the PV's root, set by the backend at provisioning (volume backend: default root 0755).
 ``replica``
     volume: replica count (default 3); more than the nodes with brick pools is RESOURCE_EXHAUSTED.
 ``volumeOptions``
