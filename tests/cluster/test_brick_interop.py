@@ -8,9 +8,11 @@ written through a native mount are looked up by name and read through gfuse.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import uuid
+from collections.abc import Iterator
 
 import pytest
 import trio
@@ -24,6 +26,22 @@ from gfuse.cred import new_gfid, now_cred
 pytestmark = [pytest.mark.cluster, pytest.mark.native]
 
 
+@pytest.fixture(scope="module")
+def vol_arbiter(glusterd: tc.GlusterdProcess) -> Iterator[tc.Volume]:
+    """replica 3 arbiter 1, for this module's two tests (the ``volume`` fixture finds it by name)."""
+    vol = tc.create_volume("arbiter")
+    try:
+        yield vol
+    finally:
+        vol.delete()
+
+
+def _data_bricks(volume: tc.Volume, rs: list) -> list:
+    """The bricks that hold file data: on an arbiter volume not the last (its writes keep no data, its
+    reads fail with ENOSYS: gluster's features/arbiter on the brick)."""
+    return rs[:-1] if volume.kind == "arbiter" else rs
+
+
 def _ns(sec: int, nsec: int) -> int:
     return sec * 1_000_000_000 + nsec
 
@@ -34,7 +52,7 @@ def native_gfid(path: os.PathLike | str) -> bytes:
     return uuid.UUID(text).bytes
 
 
-@pytest.mark.parametrize("volume", ["dist1", "replica3"], indirect=True)
+@pytest.mark.parametrize("volume", ["dist1", "replica3", "arbiter"], indirect=True)
 async def test_gfuse_writes_native_reads(volume: tc.Volume, native_mount, request: pytest.FixtureRequest) -> None:
     top = uniq(request)
     payload = os.urandom(200_000) + b"end"
@@ -77,7 +95,8 @@ async def test_gfuse_writes_native_reads(volume: tc.Volume, native_mount, reques
 
         for b in rs:  # what the bricks hold
             assert disk_gfid(b.path(top, "data.bin")) == fgfid
-            assert b.path(top, "data.bin").read_bytes() == payload
+            want = payload if b in _data_bricks(volume, rs) else b""  # the arbiter: the name, no data
+            assert b.path(top, "data.bin").read_bytes() == want
 
         m = await trio.to_thread.run_sync(native_mount, volume)
         base = m.path / top
@@ -118,7 +137,7 @@ async def test_gfuse_writes_native_reads(volume: tc.Volume, native_mount, reques
             assert counts and all(line.split(":")[1].strip() == "0" for line in counts), out
 
 
-@pytest.mark.parametrize("volume", ["dist1", "replica3"], indirect=True)
+@pytest.mark.parametrize("volume", ["dist1", "replica3", "arbiter"], indirect=True)
 async def test_native_writes_gfuse_reads(volume: tc.Volume, native_mount, request: pytest.FixtureRequest) -> None:
     top = uniq(request)
     payload = os.urandom(300_000)
@@ -146,15 +165,20 @@ async def test_native_writes_gfuse_reads(volume: tc.Volume, native_mount, reques
             assert tgfid == native_gfid(base)
 
             res = await all_ok(rs, lambda b: b.client.lookup(tgfid, "from-native.bin"))
+            ds = _data_bricks(volume, rs)
             for b, r in zip(rs, res):
                 assert r.stat.gfid == mgfid["from-native.bin"] == disk_gfid(b.path(top, "from-native.bin"))
-                assert r.stat.size == len(payload) and stat.S_IMODE(r.stat.mode) == 0o604
+                assert r.stat.size == (len(payload) if b in ds else 0) and stat.S_IMODE(r.stat.mode) == 0o604
             fgfid = res[0].stat.gfid
             res = await all_ok(rs, lambda b: b.client.open(fgfid, os.O_RDONLY))
             fds = {b.index: r.fd for b, r in zip(rs, res)}
-            res = await all_ok(rs, lambda b: b.client.read(fds[b.index], 0, len(payload) + 4096))
+            res = await all_ok(ds, lambda b: b.client.read(fds[b.index], 0, len(payload) + 4096))
             for r in res:
                 assert r.data == payload
+            if ds != rs:
+                with pytest.raises(OSError) as exc:
+                    await rs[-1].client.read(fds[rs[-1].index], 0, 4096)
+                assert exc.value.errno == errno.ENOSYS
             # in pieces too
             got = bytearray()
             off = 0

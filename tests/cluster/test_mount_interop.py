@@ -22,7 +22,8 @@ import pytest
 
 from testkit import cluster as tc
 
-KINDS = ["replica3", "distrep"]
+#: arbiter: a private volume (no shared one); its third brick keeps names and xattrs, never data
+KINDS = ["replica3", "distrep", "arbiter"]
 
 
 class Pair:
@@ -44,13 +45,16 @@ class Pair:
 def pair(request: pytest.FixtureRequest, glusterd: tc.GlusterdProcess) -> Iterator[Pair]:
     if tc.native_mount_unavailable_reason():
         pytest.skip(f"native glusterfs mount: {tc.native_mount_unavailable_reason()}")
-    vol = request.getfixturevalue(f"vol_{request.param}")
+    own = request.param == "arbiter"
+    vol = tc.create_volume("arbiter") if own else request.getfixturevalue(f"vol_{request.param}")
     p = Pair(vol)
     try:
         p.start()
         yield p
     finally:
         p.stop()
+        if own:
+            vol.delete()
 
 
 @pytest.fixture
@@ -257,6 +261,11 @@ def check_bricks(vol: tc.Volume, top: str, timeout: float = 20.0) -> None:
             break
         assert time.monotonic() < deadline, "afr changelogs still pending:\n" + "\n".join(pending)
         time.sleep(0.5)
+    if vol.kind == "arbiter":  # the arbiter brick (the last) holds the names, never the data
+        arb = vol.brick_dirs[-1]
+        full = [str(p.relative_to(arb)) for p in (arb / top).rglob("*")
+                if p.is_file() and not p.is_symlink() and p.stat().st_size]
+        assert not full, f"data on the arbiter brick: {full}"
     gfid_texts = {str(uuid.UUID(bytes=g)) for g in gfids.values()}
     while True:
         total, entries = heal_info(vol)
