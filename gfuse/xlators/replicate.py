@@ -466,7 +466,10 @@ class Replicate(Fops):
                                     "getxattr")
 
     async def statfs(self, gfid: bytes = ROOT_GFID, xdata: Dict | None = None) -> Result:
-        up = self.up()
+        # never from the arbiter (AFR's afr_statfs skips it: it is often a small brick with no data)
+        up = [i for i in self.up() if i != self.arbiter]
+        if not up:
+            raise OSError(errno.ENOTCONN, f"{self.name}: statfs: no data brick up")
         res = await each(lambda i: self.children[i].statfs(gfid, xdata), up)
         ok = [r for r in res if isinstance(r, Result) and r.statfs is not None]
         if not ok:

@@ -536,6 +536,25 @@ async def test_arbiter_is_never_read_and_keeps_no_data(autojump_clock: trio.abc.
         nursery.cancel_scope.cancel()
 
 
+async def test_statfs_is_not_served_from_the_arbiter(autojump_clock: trio.abc.Clock) -> None:
+    """df on replica 3 arbiter 1 tells the data bricks' space: an arbiter is usually a small brick (it keeps
+    no data) and AFR never asks it for statfs; with only the arbiter up, statfs is ENOTCONN."""
+    bricks, clients = replica_set(VOL, 3, arbiter=True, capacity=1 << 30)
+    bricks[2].capacity = 1 << 20
+    r = Replicate(DOMAIN, clients, arbiter=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(r.run)
+        sf = (await r.statfs()).statfs
+        assert sf is not None and sf.blocks * sf.frsize == 1 << 30
+        bricks[0].crash()
+        bricks[1].crash()
+        await settle()
+        with pytest.raises(OSError) as exc:
+            await r.statfs()
+        assert exc.value.errno == errno.ENOTCONN
+        nursery.cancel_scope.cancel()
+
+
 async def test_arbiter_refuses_a_write_only_it_and_a_stale_brick_would_take(autojump_clock: trio.abc.Clock) -> None:
     """Item 5, arbitration: brick 1 missed writes (blamed), then brick 0 — the only good data — dies. A write
     to brick 1 and the arbiter would make the arbiter the only witness of good data: refused (ENOTCONN), as
