@@ -119,7 +119,8 @@ C_ENV = {**os.environ, "LC_ALL": "C", "LANG": "C"}
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
 _PID_RE = re.compile(r"\(pid (\d+)")
 #: a held mount without a server for this long, and nobody on the way to take it over, is taken over by the
-#: agent itself (the holder starts a successor at once: this is for when it did not, or it keeps failing)
+#: agent itself (the holder starts a successor at once: this is for when it did not, or it keeps failing; a
+#: holder that only holds, --no-restart, leaves it to the agent at once)
 TAKEOVER_GRACE = 5.0
 #: a holder the agent starts exits after this many seconds holding nothing (the agent starts one again for
 #: the next restartable mount)
@@ -230,6 +231,7 @@ class Agent:
         mount_wrapper: list[str] | None = None,
         lock_wait: float = 10.0,
         restartable: str = "auto",
+        upgrade_mounts: bool = True,
         holder_socket: str | None = None,
         holder_log: str | None = None,
         kubelet_dir: str = DEFAULT_KUBELET_DIR,
@@ -273,6 +275,8 @@ class Agent:
         if restartable not in RESTARTABLE_CHOICES:
             raise ValueError(f"restartable must be one of {', '.join(RESTARTABLE_CHOICES)}, not {restartable!r}")
         self.restartable_choice = restartable
+        #: at start, hand every restartable mount served by another gfuse version over to this one's
+        self.upgrade_mounts = upgrade_mounts
         self.restartable = restartable == "yes"
         self.holder_socket = os.path.abspath(holder_socket or os.environ.get("GFUSE_HOLDER_SOCKET")
                                              or "/run/gfuse/holder.sock")
@@ -297,6 +301,7 @@ class Agent:
                 await self._ensure_holder()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
+                nursery.start_soon(self._upgrade_mounts)
                 nursery.start_soon(self._health_loop)
                 nursery.start_soon(trio.serve_listeners, self._handle_stream, [listener])
                 if self.metrics_address is not None:
@@ -869,6 +874,41 @@ class Agent:
                   self.holder_log)
         return False
 
+    async def _upgrade_mounts(self) -> None:
+        """In-place upgrade (the DaemonSet's rolling update of the node image): every restartable mount whose
+        server runs another version of gfuse than this agent's is handed over to this one, one at a time --
+        ``gfuse mount --takeover --handover``: the new process connects its graph, the holder asks the old
+        one (SIGUSR2) to finish the requests it read and leave; running containers see a pause."""
+        from gfuse.status import query_status
+        from gfuse.takeover import gfuse_version
+
+        mine = gfuse_version()
+        view = await self._holder_list() if self.upgrade_mounts else None
+        for target, rec in list(self.table.items()) if view else []:
+            h = view.get(target) if view else None
+            if not rec.restartable or h is None or not h.get("served"):
+                continue
+            try:
+                st = await trio.to_thread.run_sync(functools.partial(query_status, target, 3.0))
+            except (OSError, ValueError):
+                continue  # not answering: the health check deals with it
+            theirs = str(st.get("version") or "older than 0.1.0")
+            if theirs == mine:
+                continue
+            async with self._lock(target):
+                cmd = [*self.mount_wrapper, *self.gfuse_command, "mount", "--takeover", target, "--handover",
+                       "--timeout", f"{max(1.0, self.mount_timeout - 6):g}"]
+                res = await run_bounded(cmd, self.mount_timeout, self.env)
+                m = _PID_RE.search(res.stdout)
+                if res.rc == 0 and m:
+                    rec.pid = int(m.group(1))
+                    self._save()
+                    log.warning("upgraded %s in place: gfuse %s -> %s (pid %d serves it; running pods saw a pause)",
+                                target, theirs, mine, rec.pid)
+                else:
+                    log.error("in-place upgrade of %s from gfuse %s to %s failed: %s (it goes on serving)", target,
+                              theirs, mine, "no answer" if res.timed_out else res.last_line() or f"status {res.rc}")
+
     @staticmethod
     def _mode(rec: MountRecord, held: dict[str, Any] | None) -> str:
         """As ``gfuse status`` says it (gfuse.takeover.mode_of)."""
@@ -1002,7 +1042,8 @@ class Agent:
                 return
             if state == "restarting":
                 h = self._held.get(target) or {}
-                if h.get("child") or float(h.get("unserved_for") or 0.0) < TAKEOVER_GRACE:
+                # the holder starts a successor itself unless it only holds (--no-restart): then at once
+                if h.get("child") or (h.get("restart", True) and float(h.get("unserved_for") or 0.0) < TAKEOVER_GRACE):
                     if prev is None or prev[0] != state:
                         log.warning("%s (%s): %s", target, rec.source, reason)
                     return  # the holder's successor is on its way
@@ -1114,6 +1155,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="make mounts restartable: the holder keeps their FUSE connections and a dead server is "
                         "taken over, a pause for running pods (auto: when the kernel has FUSE_NOTIFY_RESEND, Linux "
                         ">= 6.9; no: repair-only, a fresh mount stacked over a dead one; default %(default)s)")
+    p.add_argument("--no-upgrade-mounts", action="store_true",
+                   help="leave restartable mounts served by another gfuse version as they are (default: hand each "
+                        "over to this version at start, a pause for running pods)")
     p.add_argument("--holder-socket", default=None, metavar="PATH",
                    help="the gfuse holder's socket (default $GFUSE_HOLDER_SOCKET or /run/gfuse/holder.sock); "
                         "started by the agent when none answers there")
@@ -1162,7 +1206,8 @@ def main(argv: list[str] | None = None) -> None:
                   mount_timeout=args.mount_timeout,
                   gfuse_command=shlex.split(args.gfuse_command) if args.gfuse_command else None,
                   mount_wrapper=shlex.split(args.mount_wrapper), lock_wait=args.lock_wait,
-                  restartable=args.restartable, holder_socket=args.holder_socket, holder_log=args.holder_log,
+                  restartable=args.restartable, upgrade_mounts=not args.no_upgrade_mounts,
+                  holder_socket=args.holder_socket, holder_log=args.holder_log,
                   kubelet_dir=args.kubelet_dir, allowed_dirs=args.allow_dir, node_options=node_options,
                   metrics_address=metrics_address, events=events)
     try:

@@ -205,11 +205,15 @@ def _setup_file_logging(path: str, level: str) -> None:
               help="gfuse mount --takeover MOUNTPOINT: serve a restartable mount (-o restartable) whose process "
                    "died, on the FUSE connection the node's holder kept (what the holder does by itself).")
 @click.option("--standby", is_flag=True, hidden=True)
+@click.option("--handover", is_flag=True,
+              help="With --takeover: an in-place upgrade of a served restartable mount -- this process (this "
+                   "version of gfuse) connects, then the serving process is asked to hand the mount over to it "
+                   "(it finishes the requests it read and exits); running containers see a short pause.")
 @click.option("--stack", is_flag=True,
               help="Mount over the dead gfuse mount at MOUNTPOINT (its server died) instead of refusing it: the "
                    "node's directory is never exposed (what the node agent's repair does).")
 def mount(volume_spec: str, mountpoint: str | None, options: str, foreground: bool, timeout: float,
-          ready_fd: int | None, takeover: bool, standby: bool, stack: bool) -> None:
+          ready_fd: int | None, takeover: bool, standby: bool, handover: bool, stack: bool) -> None:
     """Mount a GlusterFS volume with gfuse.
 
     Returns once the mount is live and serves it from a background process (unless -f),
@@ -224,7 +228,7 @@ def mount(volume_spec: str, mountpoint: str | None, options: str, foreground: bo
     if takeover or mountpoint is None:
         if not takeover or mountpoint is not None:
             raise click.UsageError("give SERVER:/VOLUME and MOUNTPOINT, or --takeover MOUNTPOINT")
-        _mount_takeover(volume_spec, foreground, timeout, ready_fd, standby)
+        _mount_takeover(volume_spec, foreground, timeout, ready_fd, standby, handover)
         return
     try:
         opts = parse_options(options)
@@ -320,7 +324,7 @@ def _restart(opts: Any, spec: str, mountpoint: str, options: str, log_file: str,
 
 
 def _mount_takeover(mountpoint: str, foreground: bool, timeout: float, ready_fd: int | None,
-                    standby: bool = False) -> None:
+                    standby: bool = False, handover: bool = False) -> None:
     """``gfuse mount --takeover MOUNTPOINT``, as ``mount`` without touching the (waiting) mount point;
     ``standby`` (the holder's): loaded and waiting until the serving process dies."""
     from .takeover import MountRecord, Restart
@@ -337,8 +341,10 @@ def _mount_takeover(mountpoint: str, foreground: bool, timeout: float, ready_fd:
         else:
             logging.getLogger().setLevel(opts.log_level)
         _serve_here(rec.spec, rec.mountpoint, opts, ready_fd,
-                    Restart(rec.mountpoint, rec.spec, rec.options, rec.log_file, takeover=True, standby=standby))
-    proc, answer = _spawn_serving(["mount", "--takeover", mountpoint], timeout)
+                    Restart(rec.mountpoint, rec.spec, rec.options, rec.log_file, takeover=True, standby=standby,
+                            handover=handover))
+    proc, answer = _spawn_serving(["mount", "--takeover", mountpoint, *(["--handover"] if handover else [])],
+                                  timeout)
     if answer == "OK":
         click.echo(f"gfuse: took over {mountpoint} (pid {proc.pid}, log {rec.log_file})")
         return

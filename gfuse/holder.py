@@ -24,7 +24,11 @@ with SCM_RIGHTS.
   connection stays open for the life of that process: its end (without ``bye``) means the process died.
 * ``{"op": "take", "mountpoint": M, "pid": P, "wait": false}`` — a successor asks for the fd (refused while
   another process serves M, unless ``wait``: then answered when that process dies); the answer carries
-  the fd, and the connection stays open as above.
+  the fd, and the connection stays open as above. ``"handover": true`` (with ``wait``): a planned hand-over,
+  e.g. to a new version: it replaces the mount's standby, and the server is sent SIGUSR2 (it finishes the
+  requests it read and exits, leaving the connection to this one).
+* ``put`` and ``take`` may say ``"python"`` and ``"path"`` (the interpreter and the directory holding the
+  ``gfuse`` package the process runs): the mount's successors and standbys are started from that code.
 * ``{"op": "bye", "mountpoint": M}`` — the mount ends on purpose: the copy is closed.
 * ``{"op": "list"}`` — the held mounts; ``{"op": "quit"}`` — close every copy and exit.
 
@@ -75,8 +79,9 @@ class Successor:
     pid: int
     ready_fd: int
     buf: bytes = b""
-    #: a standby's ``take`` request, parked until the server dies
+    #: a standby's ``take`` request, parked until the server dies, and what it said
     conn: Conn | None = None
+    msg: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -98,6 +103,10 @@ class Held:
     handoffs: list[float] = field(default_factory=list)
     #: when it was given to us (wall clock, as the takeover record's ``started``)
     since: float = field(default_factory=time.time)
+    #: the code its last server ran (``python``, the directory holding its ``gfuse`` package): successors and
+    #: standbys are started from it, so a mount handed over to a new version stays on it
+    python: str = ""
+    path: str = ""
 
 
 class Holder:
@@ -274,7 +283,7 @@ class Holder:
             return {"ok": True, "pid": os.getpid(), "mounts": [
                 {"mountpoint": h.mountpoint, "pid": h.pid, "served": h.owner is not None, "restarts": h.restarts,
                  "failures": h.failures, "standby": h.standby.pid if h.standby and h.standby.conn else 0,
-                 "child": h.child.pid if h.child is not None and h.child.ready_fd >= 0 else 0,
+                 "child": h.child.pid if h.child is not None and h.child.ready_fd >= 0 else 0, "restart": h.restart,
                  "unserved_for": now - h.died_at if h.owner is None and h.died_at else 0.0,
                  "handoffs": h.handoffs[-100:]} for h in self.held.values()]}, None
         if op == "quit":
@@ -303,6 +312,7 @@ class Holder:
         if old is not None:
             self._drop(old, "a new FUSE connection is mounted there")
         h = Held(mp, fd, self.restart and bool(msg.get("restart", True)), int(msg.get("pid", 0)), owner=c)
+        _note_code(h, msg)
         h.standby_due = time.monotonic() + STANDBY_DELAY
         self.held[mp] = h
         c.owns = mp
@@ -318,13 +328,24 @@ class Holder:
         if h.owner is not None:
             if not msg.get("wait"):
                 return {"ok": False, "error": f"{mp} is still served by pid {h.pid}"}, None
-            if h.standby is not None and h.standby.conn is not None:
-                return {"ok": False, "error": f"{mp} has a standby already (pid {h.standby.pid})"}, None
+            old = h.standby
+            if msg.get("handover") and old is not None and old.pid != pid:
+                self._retire(h, old, f"replaced by pid {pid}, which takes {mp} over (a hand-over)")
+            elif old is not None and old.conn is not None:
+                return {"ok": False, "error": f"{mp} has a standby already (pid {old.pid})"}, None
             if h.standby is None or h.standby.pid != pid:
                 h.standby = Successor(pid, -1)
             h.standby.conn = c
+            h.standby.msg = msg
             log.info("pid %d stands by to take over %s", pid, mp)
+            if msg.get("handover"):  # a planned hand-over (an upgrade): the server finishes what it read and exits
+                log.warning("hand-over of %s: asking its server (pid %d) to leave it to pid %d", mp, h.pid, pid)
+                try:
+                    os.kill(h.pid, signal.SIGUSR2)
+                except OSError as e:
+                    log.warning("cannot signal pid %d: %s", h.pid, e)
             return NO_REPLY, None
+        _note_code(h, msg)
         s = h.standby
         if s is not None and s.pid == pid:  # our standby, arriving after the death
             if h.child is not None and h.child.ready_fd >= 0:
@@ -356,11 +377,15 @@ class Holder:
         if s is not None and s.conn is not None:
             log.warning("the server of %s (pid %d) died: standby pid %d takes over", h.mountpoint, h.pid, s.pid)
             h.standby, h.child = None, s
+            _note_code(h, s.msg)
             self._reply(s.conn, self._give(h, s.conn, s.pid), h.fd)
             s.conn = None
             h.restarts += 1
+            if s.ready_fd < 0:  # not one we started (a hand-over, a manual --standby): no ready pipe to tell us
+                h.child = None
+                h.standby_due = time.monotonic() + STANDBY_DELAY
             return
-        if h.child is not None:
+        if h.child is not None and h.child.ready_fd >= 0:
             return  # ours is on its way (or failing: its ready pipe says so)
         if h.failures:
             h.next_try = max(h.next_try, time.monotonic() + min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** h.failures))
@@ -370,13 +395,16 @@ class Holder:
 
     def _spawn(self, h: Held, standby: bool) -> None:
         r, w = os.pipe2(os.O_CLOEXEC)
-        cmd = [sys.executable, "-m", "gfuse.cli", "mount", "--takeover", h.mountpoint, "--ready-fd", str(w)]
+        cmd = [h.python or sys.executable, "-m", "gfuse.cli", "mount", "--takeover", h.mountpoint, "--ready-fd", str(w)]
         if standby:
             cmd.append("--standby")
+        env = None
+        if h.path:  # the code of the mount's last server first: a successor runs what it ran
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [h.path, os.environ.get("PYTHONPATH")])))
         try:
             with open(os.devnull, "rb") as devnull_in, open(os.devnull, "wb") as devnull_out:
                 p = subprocess.Popen(cmd, stdin=devnull_in, stdout=devnull_out, stderr=devnull_out, pass_fds=(w,),
-                                     start_new_session=True, close_fds=True)
+                                     start_new_session=True, close_fds=True, env=env)
         except OSError as e:
             os.close(r)
             os.close(w)
@@ -431,6 +459,18 @@ class Holder:
         log.warning("taking over %s failed (%d in a row): %s; next try in %.1f s", h.mountpoint, h.failures, why,
                     delay)
 
+    def _retire(self, h: Held, s: Successor, why: str) -> None:
+        """A standby that will not take over: told so (it exits), its ready pipe no longer watched."""
+        if s.ready_fd >= 0:
+            os.close(s.ready_fd)
+            s.ready_fd = -1
+        if s.conn is not None:
+            self._reply(s.conn, {"ok": False, "error": why})
+            s.conn = None
+        if h.standby is s:
+            h.standby = None
+        log.info("standby pid %d of %s: %s", s.pid, h.mountpoint, why)
+
     def _drop(self, h: Held, why: str, ended: bool = False) -> None:
         """Close our copy. ``ended``: the connection is gone, so is any use of the mount's takeover record
         (a server killed, or a successor that failed, left it): removed, unless a newer mount there wrote it."""
@@ -453,6 +493,13 @@ class Holder:
             os.close(h.fd)
         except OSError:
             pass
+
+
+def _note_code(h: Held, msg: dict[str, Any]) -> None:
+    """A server (or a successor taking over) says which code it runs: successors are started from it."""
+    python, path = msg.get("python"), msg.get("path")
+    if isinstance(python, str) and python.startswith("/") and isinstance(path, str):
+        h.python, h.path = python, path
 
 
 def _forget_record(h: Held) -> None:

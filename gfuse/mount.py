@@ -31,19 +31,12 @@ from .volfile import Graph, VolfileError
 from .fuse import GlusterOperations
 from .fuse_lowlevel import LowLevelHandlers
 from .xlators.switch import GraphSwitch
-from .takeover import mode_of
+from .takeover import gfuse_version, mode_of
 
 if TYPE_CHECKING:
     from .takeover import Restart
 
 log = logging.getLogger(__name__)
-
-
-def gfuse_version() -> str:
-    """The version serving (``GFUSE_VERSION`` overrides it: a build or test names what it deploys)."""
-    from . import __version__
-
-    return os.environ.get("GFUSE_VERSION") or __version__
 
 def set_read_ahead(mountpoint: str, kb: int) -> None:
     """Let reads arrive as large requests: FUSE bdi read_ahead_kb defaults to 128."""

@@ -871,6 +871,19 @@ def spawn_holder(path: str, *, log_file: str | None = None, wrapper: list[str] |
                                 cwd="/", env=env)
 
 
+def code_origin() -> dict[str, str]:
+    """Which code this process runs, for the holder to start successors from: the interpreter and the directory
+    holding this ``gfuse`` package."""
+    return {"python": sys.executable, "path": str(Path(__file__).resolve().parent.parent)}
+
+
+def gfuse_version() -> str:
+    """The version this code serves (``GFUSE_VERSION`` overrides it: a build or test names what it deploys)."""
+    from . import __version__
+
+    return os.environ.get("GFUSE_VERSION") or __version__
+
+
 def holder_request(msg: dict[str, Any], fd: int | None = None, timeout: float = 10.0,
                    spawn: bool = False, path: str | None = None) -> tuple[dict[str, Any], int | None]:
     """One request and its reply on a new connection."""
@@ -890,9 +903,11 @@ class Restart:
     """
 
     def __init__(self, mountpoint: str, spec: str, options: str, log_file: str, takeover: bool,
-                 standby: bool = False) -> None:
+                 standby: bool = False, handover: bool = False) -> None:
         self.mountpoint = mountpoint
-        self.standby = standby
+        #: handover: a standby that has the holder ask the serving process to leave (an in-place upgrade)
+        self.standby = standby or handover
+        self.handover = handover
         self.spec = spec
         self.options = options
         self.log_file = log_file
@@ -940,7 +955,8 @@ class Restart:
             raise TakeoverError(f"cannot take over {self.mountpoint}: {e}") from None
         sock.settimeout(None if self.standby else 10)
         try:
-            _send(sock, {"op": "take", "mountpoint": self.mountpoint, "pid": os.getpid(), "wait": self.standby})
+            _send(sock, {"op": "take", "mountpoint": self.mountpoint, "pid": os.getpid(), "wait": self.standby,
+                         "handover": self.handover, **code_origin()})
             reply, fd = _recv(sock)
         except (OSError, ValueError) as e:
             sock.close()
@@ -1003,7 +1019,8 @@ class Restart:
         else:
             sock = connect_holder(spawn=True, path=self.holder)
             sock.settimeout(10)
-            _send(sock, {"op": "put", "mountpoint": self.mountpoint, "pid": os.getpid(), "restart": True}, fd)
+            _send(sock, {"op": "put", "mountpoint": self.mountpoint, "pid": os.getpid(), "restart": True,
+                         **code_origin()}, fd)
             reply, _ = _recv(sock)
             if not reply.get("ok"):
                 raise TakeoverError(f"the holder refused {self.mountpoint}: {reply.get('error')}")
@@ -1087,7 +1104,8 @@ class Restart:
             try:
                 s = await trio.to_thread.run_sync(connect_holder, True, 10.0, self.holder)
                 s.settimeout(10)
-                _send(s, {"op": "put", "mountpoint": self.mountpoint, "pid": os.getpid(), "restart": True}, fd)
+                _send(s, {"op": "put", "mountpoint": self.mountpoint, "pid": os.getpid(), "restart": True,
+                          **code_origin()}, fd)
                 reply, _ = _recv(s)
                 s.settimeout(None)
                 if reply.get("ok"):

@@ -9,7 +9,8 @@ real bricks.
 - Restartable (the agent's default where the kernel has FUSE_NOTIFY_RESEND): the gfuse server is SIGKILLed
   under a container appending checksummed records every 10 ms through one fd: no syscall fails, every
   record is there; the agent reports the mount ``restartable/held``. Also with a holder that starts no
-  successor (the agent takes the connection over itself), and across a SIGKILL of the agent.
+  successor (the agent takes the connection over itself), across a SIGKILL of the agent, and through an
+  in-place upgrade (a new agent from another copy of the code, another version, hands the mount over).
 - Repair-only (``--restartable no``, what a kernel < 6.9 gets): what the container sees, exactly, and that
   the repair stacks a fresh mount over the dead one (nothing lands in the node's directory).
 
@@ -76,7 +77,7 @@ WRITER = textwrap.dedent("""
                 raise OSError(5, "short write")
             dt = time.monotonic() - t
             if dt > 0.05:
-                res["stalls"].append(round(dt, 3))
+                res["stalls"].append([round(t, 3), round(dt, 3)])  # when (CLOCK_MONOTONIC), how long
             i += 1
             res["records"] = i
             with open(f"{ctl}/count.tmp", "w") as f:
@@ -286,7 +287,7 @@ def test_agent_mounts_are_restartable_a_killed_server_is_a_pause(setup: Setup, v
     check_records((s.target / name).read_bytes(), res["records"])
     for d in vol_replica3.brick_dirs:
         check_records((d / name).read_bytes(), res["records"])
-    stalls = sorted(res["stalls"])
+    stalls = sorted(dt for _, dt in res["stalls"])
     print(f"\n{kills} SIGKILLs of the server under the agent: {res['records']} records, no failed syscall; stalls "
           f"> 50 ms: {stalls}")
     assert "repairing" not in s.agent.log.read_text()
@@ -316,12 +317,13 @@ def test_the_agent_takes_a_held_connection_over_itself(setup: Setup, vol_replica
     wait_for(lambda: _count(ctl) > n or writer.poll() is not None, 60, "the writes to go on")
     took = time.monotonic() - t0
     res = _writer_result(s, writer, ctl)
+    wait_for(lambda: "took over" in s.agent.log.read_text(), 30, "the agent's takeover to end")
     (entry,) = c.list()
     assert entry["healthy"] and entry["pid"] not in (old, None) and entry["repairs"] == 0, entry
-    assert "took over" in s.agent.log.read_text() and len(mounts_at(str(s.target))) == 1
+    assert len(mounts_at(str(s.target))) == 1
     check_records((s.target / name).read_bytes(), res["records"])
     print(f"\nthe agent took the connection over {took:.1f}s after the SIGKILL; longest stall "
-          f"{max(res['stalls'], default=0):.2f}s, no failed syscall")
+          f"{max((dt for _, dt in res['stalls']), default=0):.2f}s, no failed syscall")
 
 
 def test_the_holder_survives_the_agent_a_new_agent_takes_over(setup: Setup, vol_replica3: Any) -> None:
@@ -360,7 +362,8 @@ def test_the_holder_survives_the_agent_a_new_agent_takes_over(setup: Setup, vol_
     res = _writer_result(s, writer, ctl)
     assert s.agent.client().list()[0]["repairs"] == 0 and len(mounts_at(str(s.target))) == 1
     check_records((s.target / name).read_bytes(), res["records"])
-    print(f"\nagent and server SIGKILLed: longest stall {max(res['stalls'], default=0):.2f}s, no failed syscall")
+    longest = max((dt for _, dt in res["stalls"]), default=0)
+    print(f"\nagent and server SIGKILLed: longest stall {longest:.2f}s, no failed syscall")
 
 
 def test_repair_only_stacks_over_the_dead_mount_what_a_running_container_sees(setup: Setup,
@@ -429,3 +432,76 @@ def test_repair_only_stacks_over_the_dead_mount_what_a_running_container_sees(se
     assert os.listdir(s.target) == [], "files landed in the node's directory under the mount"
     print(f"\nrepair-only: the container saw ENOTCONN everywhere; the host path {sorted(gap_errors)} then "
           f"{len(written)} files on the volume, none on the node")
+
+
+def test_an_agent_of_another_version_upgrades_mounts_in_place(setup: Setup, vol_replica3: Any, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DaemonSet's rolling update, on one host: a new agent from another copy of the code (the new image:
+    another version string) hands the restartable mount over to its own gfuse at start -- the new process
+    connects, the old one is asked to finish what it read and leave (SIGUSR2) -- under the container's writer:
+    no failed syscall, ``gfuse status`` names the new version, and a successor after a later SIGKILL runs the
+    new code too (the holder starts it from the code of the mount's last server)."""
+    s = setup
+    s.agent.start()
+    _restartable_or_skip(s)
+    c = s.agent.client(timeout=30)
+    c.mount(vol_replica3.source, str(s.target))
+    old_version = query_status(str(s.target))["version"]
+    name = f"{s.tmp.name}.bin"
+    writer, ctl = s.container(WRITER, f"/data/{name}")
+    wait_for(lambda: _count(ctl) >= 20 or writer.poll() is not None, 30, "the container to write")
+    old = s.server_pid()
+
+    new = tmp_path / "new-image"  # the code of the new image: a copy, with another version
+    repo = Path(__file__).resolve().parents[2]
+    for pkg in ("gfuse", "flexvolume"):
+        shutil.copytree(repo / pkg, new / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    new_version = f"{old_version}+upgrade-test"
+    init = new / "gfuse" / "__init__.py"
+    init.write_text(init.read_text().replace(f'__version__ = "{old_version}"', f'__version__ = "{new_version}"'))
+    assert new_version in init.read_text()
+    import testkit.kubelet
+
+    monkeypatch.setattr(testkit.kubelet, "source_env", lambda env=None: dict(os.environ, PYTHONPATH=str(new)))
+    assert s.agent.kill(signal.SIGTERM) == 0
+    t0 = time.monotonic()
+    s.agent.start()
+
+    def upgraded() -> bool:
+        try:
+            return query_status(str(s.target))["version"] == new_version
+        except (OSError, ValueError):
+            return False
+
+    wait_for(upgraded, 60, f"gfuse {new_version} to serve the mount\n{s.logs()}")
+    took = time.monotonic() - t0
+    n = _count(ctl)
+    wait_for(lambda: _count(ctl) > n + 20 or writer.poll() is not None, 30, "the writes to go on")
+    st = query_status(str(s.target))
+    assert st["pid"] != old and st["mode"] == "restartable/held" and not pid_alive(old), st
+    assert f"upgraded {s.target} in place: gfuse {old_version} -> {new_version}" in s.agent.log.read_text()
+    cmdline = Path(f"/proc/{st['pid']}/environ").read_bytes()
+    assert f"PYTHONPATH={new}".encode() in cmdline.split(b"\0")
+
+    from gfuse.takeover import holder_request
+
+    def standby() -> int:
+        m = holder_request({"op": "list"}, timeout=5, path=s.agent.holder_socket)[0]["mounts"][0]
+        return int(m["standby"])
+
+    sb = wait_for(standby, 30, "the holder's standby (started from the new code)")
+    assert f"PYTHONPATH={new}".encode() in Path(f"/proc/{sb}/environ").read_bytes()
+    t_kill = time.monotonic()
+    os.kill(st["pid"], signal.SIGKILL)  # a crash after the upgrade: the successor is of the new version too
+    wait_for(lambda: not pid_alive(st["pid"]), 10, "the upgraded server to die")
+    wait_for(lambda: upgraded() and query_status(str(s.target))["pid"] != st["pid"], 60, "a new-version successor")
+    n = _count(ctl)
+    wait_for(lambda: _count(ctl) > n + 20 or writer.poll() is not None, 30, "the writes to go on")
+    res = _writer_result(s, writer, ctl)
+    check_records((s.target / name).read_bytes(), res["records"])
+    (entry,) = s.agent.client().list()
+    assert entry["healthy"] and entry["mode"] == "restartable/held" and entry["repairs"] == 0, entry
+    handover = [dt for t, dt in res["stalls"] if t < t_kill]
+    after = [dt for t, dt in res["stalls"] if t >= t_kill]
+    print(f"\nin-place upgrade {old_version} -> {new_version} {took:.1f}s after the new agent started: stalls > 50 ms "
+          f"in the hand-over {handover}, at the SIGKILL after it {after}; no failed syscall")
