@@ -106,6 +106,17 @@ def template_to_pod(
         used = {m["name"] for c in _all_containers(spec) for m in c.get("volumeMounts", [])}
         spec["volumes"] = [v for v in spec.get("volumes", []) if v["name"] in used]
 
+    if spec.get("hostNetwork"):
+        # a hostNetwork pod's ports are the node's own (nothing to map); podman 4.3's kube play refuses any
+        # declared port there ("PortMappings can only be used with Bridge or slirp4netns networking")
+        # (probes naming a port get its number first)
+        for c in _all_containers(spec):
+            named = {p.get("name"): p["containerPort"] for p in c.pop("ports", [])}
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                get = (c.get(probe) or {}).get("httpGet") or {}
+                if get.get("port") in named:
+                    get["port"] = named[get["port"]]
+
     if no_systemd:
         spec["volumes"] = [v for v in spec.get("volumes", []) if v["name"] != SYSTEMD_VOLUME]
         for c in _all_containers(spec):
