@@ -182,7 +182,8 @@ def csi(request: pytest.FixtureRequest) -> Iterator[Csi]:
 
 
 @contextlib.contextmanager
-def csi_processes(request: pytest.FixtureRequest, *plugin_args: str, prefix: Sequence[str] = ()) -> Iterator[Csi]:
+def csi_processes(request: pytest.FixtureRequest, *plugin_args: str, prefix: Sequence[str] = (),
+                  agent_args: Sequence[str] = ()) -> Iterator[Csi]:
     """An agent and a plugin (--mode both, then ``plugin_args``), both run with ``prefix``; stopped,
     their mounts undone and their directory removed at the end (kept with the logs after a failure)."""
     failed_before = request.session.testsfailed
@@ -203,7 +204,7 @@ def csi_processes(request: pytest.FixtureRequest, *plugin_args: str, prefix: Seq
                                       "--allow-dir", str(root / "agent-ctrl-state"), "--log-level", "DEBUG",
                                       # its own holder of restartable mounts, ended below
                                       "--holder-socket", str(root / "holder.sock"),
-                                      "--holder-log", str(root / "holder.log")],
+                                      "--holder-log", str(root / "holder.log"), *agent_args],
                                      stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
         _wait(lambda: AgentClient(agent_socket, timeout=2).ping(), 60, "the gfuse agent", agent, agent_log)
         plugin, endpoint, plugin_log = start_plugin(
@@ -688,46 +689,86 @@ def _node_lifecycle_second_half(csi, node, native, name, vid, cap, staging, rw_t
     assert (native.path / name / "from-pod.bin").read_bytes() == data
 
 
-def test_published_target_recovers_when_the_gfuse_server_dies(csi: Csi, stubs, vol_replica3, native_mount) -> None:
-    """The gfuse process serving a staged volume is SIGKILLed: the agent mounts the volume again at the
-    staging path, and the plugin binds the pod's dead target to the new mount (new opens work)."""
-    _, node, _ = stubs
-    vol = vol_replica3
-    native = native_mount(vol)
+def _stage_publish_kill(csi: Csi, node, vol, native, pod: str) -> tuple[str, str, str, str, float]:
+    """Stage and publish a new directory of ``vol``, write a file through the target, SIGKILL the gfuse
+    process serving the staging mount: (volume id, staging, target, name, time of the kill)."""
     name = f"csi-{secrets.token_hex(4)}"
     (native.path / name).mkdir()
     vid = f"{vol.source}/{name}"
     cap = mount_cap()
     staging = csi.staging(name)
-    target = csi.target("pod-crash", name)
+    target = csi.target(pod, name)
     node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=staging,
                                                    volume_capability=cap), timeout=90)
-    try:
-        node.NodePublishVolume(pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=staging,
-                                                           target_path=target, volume_capability=cap), timeout=30)
-        Path(target, "before.txt").write_text("before\n")
-        [rec] = [r for r in csi.agent_client().list() if r["target"] == staging]
-        assert rec["pid"], rec
-        t0 = time.monotonic()
-        os.kill(rec["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while True:
+    node.NodePublishVolume(pb.NodePublishVolumeRequest(volume_id=vid, staging_target_path=staging,
+                                                       target_path=target, volume_capability=cap), timeout=30)
+    Path(target, "before.txt").write_text("before\n")
+    [rec] = [r for r in csi.agent_client().list() if r["target"] == staging]
+    assert rec["pid"], rec
+    t0 = time.monotonic()
+    os.kill(rec["pid"], signal.SIGKILL)
+    return vid, staging, target, name, t0
+
+
+def _unpublish_unstage(node, vid: str, staging: str, target: str) -> None:
+    node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target), timeout=30)
+    node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging), timeout=60)
+
+
+def test_published_target_recovers_when_the_gfuse_server_dies(request: pytest.FixtureRequest, vol_replica3,
+                                                              native_mount) -> None:
+    """Repair-only mounts (an agent with --restartable no, as on a kernel without FUSE_NOTIFY_RESEND): the
+    gfuse process serving a staged volume is SIGKILLed, the agent mounts the volume again over the dead
+    staging mount, and the plugin binds the pod's dead target to the new mount (new opens work)."""
+    native = native_mount(vol_replica3)
+    with csi_processes(request, agent_args=("--restartable", "no")) as csi:
+        ch = csi.channel()
+        try:
+            node = pb_grpc.NodeStub(ch)
+            vid, staging, target, name, t0 = _stage_publish_kill(csi, node, vol_replica3, native, "pod-crash")
             try:
-                os.stat(target)
-            except OSError as e:
-                assert e.errno in (107, 103), e  # ENOTCONN / ECONNABORTED
-                break
-            assert time.monotonic() < deadline, "the target still answers 5 s after its server was killed"
-            time.sleep(0.05)
-        _wait(lambda: Path(target, "before.txt").read_text() == "before\n", 60,
-              "the published target to work again", log=csi.plugin_log)
-        print(f"target repaired {time.monotonic() - t0:.1f}s after the kill")
+                deadline = time.monotonic() + 5
+                while True:
+                    try:
+                        os.stat(target)
+                    except OSError as e:
+                        assert e.errno in (107, 103), e  # ENOTCONN / ECONNABORTED
+                        break
+                    assert time.monotonic() < deadline, "the target still answers 5 s after its server was killed"
+                    time.sleep(0.05)
+                _wait(lambda: Path(target, "before.txt").read_text() == "before\n", 60,
+                      "the published target to work again", log=csi.plugin_log)
+                print(f"target repaired {time.monotonic() - t0:.1f}s after the kill")
+                Path(target, "after.txt").write_text("after\n")
+                eventually(lambda: (native.path / name / "after.txt").read_text() == "after\n")
+            finally:
+                _unpublish_unstage(node, vid, staging, target)
+            assert _node_mounts(csi) == []
+        finally:
+            ch.close()
+
+
+def test_published_target_of_a_restartable_mount_never_fails(csi: Csi, stubs, vol_replica3, native_mount) -> None:
+    """The default where the kernel has FUSE_NOTIFY_RESEND: the staging mount is restartable (its FUSE
+    connection held by the agent's holder), so a SIGKILL of its server is a pause on the pod's target —
+    every call through it succeeds, with the same mount, and the agent reports the mount restartable."""
+    if "new mounts are restartable" not in Path(csi.agent_log).read_text():  # the agent's start-up line
+        pytest.skip(f"this kernel ({os.uname().release}) has no FUSE_NOTIFY_RESEND: the agent makes repair-only "
+                    "mounts")
+    _, node, _ = stubs
+    native = native_mount(vol_replica3)
+    vid, staging, target, name, t0 = _stage_publish_kill(csi, node, vol_replica3, native, "pod-restart")
+    try:
+        before = mounts_at(target)
+        assert Path(target, "before.txt").read_text() == "before\n"  # waits out the pause, never fails
         Path(target, "after.txt").write_text("after\n")
+        print(f"served again {time.monotonic() - t0:.2f}s after the kill")
         eventually(lambda: (native.path / name / "after.txt").read_text() == "after\n")
-        assert len(mounts_at(target)) == 1 and len(mounts_at(staging)) == 1
+        assert mounts_at(target) == before and len(mounts_at(staging)) == 1, "no mount made or stacked"
+        [rec] = [r for r in csi.agent_client().list() if r["target"] == staging]
+        assert rec.get("mode", "").startswith("restartable"), rec
     finally:
-        node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target), timeout=30)
-        node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging), timeout=60)
+        _unpublish_unstage(node, vid, staging, target)
     assert _node_mounts(csi) == []
 
 
