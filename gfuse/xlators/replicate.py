@@ -595,12 +595,22 @@ class Replicate(Fops):
             raise
         return ok, sources
 
-    def _in_flight_split_brain(self, what: str, done: Iterable[int], sources: set[int]) -> OSError | None:
+    def _in_flight_split_brain(self, what: str, done: Iterable[int], sources: set[int], idx: Sequence[int],
+                               res: Sequence[object]) -> OSError | None:
         """The change reached no replica that held good data before it (the good ones failed it): acknowledged,
-        no replica would have all the data — AFR fails it (in-flight split-brain) and blames nobody."""
-        if not {i for i in sources if i != self.arbiter}.intersection(done):
+        no replica would have all the data — AFR fails it (in-flight split-brain) and blames nobody. The
+        error is the one the good replicas gave (``res``, replies of ``idx``): at a quota or a full disk the
+        user must read EDQUOT/ENOSPC, as AFR's afr_final_errno gives, not EIO."""
+        good = {i for i in sources if i != self.arbiter}
+        if not good.intersection(done):
             log.warning("%s: %s reached only replicas that miss earlier changes; failed, left for heal", self.name,
                         what)
+            theirs = [r for i, r in zip(idx, res) if i in good and isinstance(r, OSError)]
+            if theirs:
+                e = _pick_error(theirs)
+                if e.errno and e.errno not in (errno.ENOTCONN, errno.EBADFD):
+                    return OSError(e.errno, f"{self.name}: {what} failed on every replica holding good data: "
+                                            f"{os.strerror(e.errno)}")
             return OSError(errno.EIO, f"{self.name}: {what} failed on every replica holding good data")
         return None
 
@@ -754,7 +764,8 @@ class Replicate(Fops):
                 raise out.error
             done = out.done
             failed = [i for i in range(len(self.children)) if i not in done]
-            sb = self._in_flight_split_brain(what, done, sources) if slot == DATA and changelog_on else None
+            sb = (self._in_flight_split_brain(what, done, sources, idx, res) if slot == DATA and changelog_on
+                  else None)
             if sb is not None or not self._has_quorum(done):
                 # as AFR: too few took it to accuse the others; leave (or mark) it dirty for heal to judge
                 if not changelog_on:
@@ -1055,7 +1066,7 @@ class Replicate(Fops):
                 s.failed |= out.lost
                 s.sources -= out.lost
                 s.release = True  # as AFR: a failure ends the delayed post-op
-            sb = self._in_flight_split_brain(what, out.done, before)
+            sb = self._in_flight_split_brain(what, out.done, before, targets, res)
             if sb is not None or not self._has_quorum(out.done):
                 s.leave_dirty = True
                 s.release = True

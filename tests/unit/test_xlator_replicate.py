@@ -648,6 +648,26 @@ async def test_no_space_on_every_replica_is_the_users_error(autojump_clock: trio
             assert_clean(b, "f")
 
 
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT])
+async def test_no_space_on_the_good_replicas_is_the_users_error(autojump_clock: trio.abc.Clock, err: int) -> None:
+    """Each brick enforces its quota (and has its own free space) alone: at the limit brick 2 refuses one write,
+    then the two good replicas refuse the next while brick 2 takes it. That write reached no replica with good
+    data (AFR's in-flight split-brain: it fails); the user gets the bricks' own errno, as AFR's
+    afr_final_errno gives it, not EIO (seen on real bricks: "expected EDQUOT, got EIO" at a PV's quota)."""
+    async with afr() as a:
+        _, fd = await new_file(a.r, "f")
+        await a.r.write(fd, 0, chunk(0))
+        a.bricks[2].fail("write", err)
+        assert (await a.r.write(fd, 4 * KiB, chunk(1))).ret == 4 * KiB  # brick 2 blamed
+        a.bricks[0].fail("write", err)
+        a.bricks[1].fail("write", err)
+        with pytest.raises(OSError) as e:
+            await a.r.write(fd, 8 * KiB, chunk(2))
+        assert e.value.errno == err, e.value
+        assert (await a.r.read(fd, 0, 1 << 20)).data == chunk(0) + chunk(1)
+        await a.r.release(fd)
+
+
 async def test_fsync_reaches_the_bricks_before_dirty_is_cleared(autojump_clock: trio.abc.Clock) -> None:
     """Item 9: with writes under the held lock, the bricks fsync while the file is still dirty (a crash in
     between leaves it for heal), and dirty is cleared after."""
