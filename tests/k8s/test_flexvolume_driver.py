@@ -11,6 +11,7 @@ mounts are real.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -374,7 +376,32 @@ def _serving_gone(pids: list[int]) -> bool:
                for p in pids)
 
 
-def test_unmount_while_the_agent_is_down(node: Node, vol_replica3) -> None:
+def _assert_dead(d: Path) -> None:
+    """The mount at ``d`` answers "Transport endpoint is not connected" (its server is gone for good)."""
+    with pytest.raises(OSError) as e:
+        os.stat(d / "x")
+    assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED), e.value
+
+
+@pytest.fixture
+def repair_only(node: Node) -> Iterator[None]:
+    """The module's agent restarted with --restartable no for one test, as on a kernel without
+    FUSE_NOTIFY_RESEND: a SIGKILLed server leaves a dead mount (restartable mounts would be taken over by the
+    holder instead; tests/k8s/test_agent_takeover.py), then the agent as it was."""
+    agent = node.agent
+    saved = agent.extra_args
+    agent.kill(signal.SIGTERM)
+    agent.extra_args = (*saved, "--restartable", "no")
+    agent.start()
+    try:
+        yield
+    finally:
+        agent.kill(signal.SIGTERM)
+        agent.extra_args = saved
+        agent.start()
+
+
+def test_unmount_while_the_agent_is_down(node: Node, repair_only: None, vol_replica3) -> None:
     """kubelet's ``TearDownAt`` (pkg/volume/flexvolume/unmounter.go) calls the driver's ``unmount`` and, after a
     Success, removes the volume directory; while unmount fails it retries and the pod stays Terminating. With
     the agent down (here stopped with SIGTERM, which leaves its mounts serving) the driver unmounts by itself:
@@ -393,6 +420,7 @@ def test_unmount_while_the_agent_is_down(node: Node, vol_replica3) -> None:
     for p in pids["dead"]:
         os.kill(p, signal.SIGKILL)
     wait_for(lambda: _serving_gone(pids["dead"]), 10, "the dead mount's server to die")
+    _assert_dead(dirs["dead"])
     node.agent.kill(signal.SIGTERM)
     try:
         for d in dirs.values():
@@ -416,7 +444,7 @@ def test_unmount_while_the_agent_is_down(node: Node, vol_replica3) -> None:
     assert not any(mounts_at(str(d)) for d in dirs.values()) and not any(d.exists() for d in dirs.values())
 
 
-def test_shim_unmounts_without_an_agent(node: Node, vol_replica3, tmp_path: Path) -> None:
+def test_shim_unmounts_without_an_agent(node: Node, repair_only: None, vol_replica3, tmp_path: Path) -> None:
     """The host shim (daemonset/image/flexvolume-shim.sh) as kubelet runs it when the agent's container is gone
     (no live pid in the pid file): it cannot run the Python driver, so ``unmount`` (kubelet's ``TearDownAt``)
     is done by the shim — a gfuse mount, live or dead, is unmounted and its directory removed; anything else
@@ -431,6 +459,7 @@ def test_shim_unmounts_without_an_agent(node: Node, vol_replica3, tmp_path: Path
     for p in pids[dead]:
         os.kill(p, signal.SIGKILL)
     wait_for(lambda: _serving_gone(pids[dead]), 10, "the dead mount's server to die")
+    _assert_dead(dead)
     for d in (live, dead):
         r = call_driver(shim, "unmount", str(d))
         assert r.stderr == "" and len(r.stdout.splitlines()) == 1, r  # one JSON line, nothing on stderr
