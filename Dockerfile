@@ -30,7 +30,7 @@ ENV GFUSE_CSI_STUBS_DIR=/opt/gfuse/csi-stubs
 RUN python3 -m venv /opt/gfuse \
     && if ls /src/wheelhouse/*.whl > /dev/null 2>&1; then set -- --no-index --find-links=/src/wheelhouse; fi \
     && /opt/gfuse/bin/pip install --no-cache-dir --disable-pip-version-check "$@" "/src[${GFUSE_EXTRAS}]" \
-    && /opt/gfuse/bin/python3 -c "import gfuse.cli, flexvolume, pyfuse3, msgpack, trio"
+    && /opt/gfuse/bin/python3 -c "import gfuse.cli, flexvolume, flexvolume.metrics, pyfuse3, msgpack, trio, prometheus_client"
 # Generate the CSI stubs into $GFUSE_CSI_STUBS_DIR at build time (importing flexvolume.csi never generates or
 # downloads anything: without them gfuse-csi refuses to start). The spec's descriptor comes from the ember-csi
 # wheel (extended to spec v1.9: flexvolume/csi/genstubs.py): from the wheelhouse when there is one, else pip
