@@ -21,13 +21,11 @@ import os
 import random
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,13 +34,13 @@ import pytest
 
 from gfuse import takeover
 from gfuse.status import query_status
+from testkit.records import check_records
 from testkit import cluster as tc
 from testkit.cluster import wait_until
 
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
-RECORD = 32  # seq (8) + payload (20) + crc32 (4)
 
 #: runs inside the container: appends a checksummed record every 10 ms to a file it holds open; any failed
 #: syscall ends it with the error in its JSON summary (and exit status 1)
@@ -267,15 +265,6 @@ def node(tmp_path: Path, glusterd: tc.GlusterdProcess) -> Iterator[Node]:
         yield n
     finally:
         n.cleanup()
-
-
-def check_records(data: bytes, n: int) -> None:
-    assert len(data) == n * RECORD, f"{len(data)} bytes for {n} records of {RECORD}"
-    for i in range(n):
-        rec = data[i * RECORD:(i + 1) * RECORD]
-        seq, = struct.unpack_from("<Q", rec)
-        crc, = struct.unpack_from("<I", rec, 28)
-        assert seq == i and zlib.crc32(rec[:28]) == crc, f"record {i} is damaged (seq {seq})"
 
 
 def test_sigkilled_server_is_a_pause_for_a_container(make_volume: Any, node: Node) -> None:

@@ -26,14 +26,12 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +41,7 @@ import pytest
 from flexvolume.state import load_state
 from gfuse.mounttable import mounts_at, pid_alive
 from gfuse.status import query_status
+from testkit.records import check_records
 from testkit.kubelet import AgentProcess, cleanup_mounts_under, gfuse_serving_pids, source_env, wait_for
 
 pytestmark = [
@@ -52,7 +51,6 @@ pytestmark = [
     pytest.mark.timeout(300),
 ]
 
-RECORD = 32  # seq (8) + payload (20) + crc32 (4)
 README = Path(__file__).resolve().parents[2] / "README.md"
 #: what the README says a running container sees on a repair-only mount (asserted below, word for word)
 REPAIR_ONLY_SEES = ("a container that was running when its volume's gfuse server died gets ENOTCONN (\"Transport "
@@ -240,15 +238,6 @@ def _writer_result(s: Setup, p: subprocess.Popen[bytes], ctl: Path) -> dict[str,
     res: dict[str, Any] = json.loads((ctl / "writer.json").read_text())
     assert res["error"] is None, f"{res}\n{out.decode(errors='replace')}\n{s.logs()}"
     return res
-
-
-def check_records(data: bytes, n: int) -> None:
-    assert len(data) == n * RECORD, f"{len(data)} bytes for {n} records of {RECORD}"
-    for i in range(n):
-        rec = data[i * RECORD:(i + 1) * RECORD]
-        seq, = struct.unpack_from("<Q", rec)
-        crc, = struct.unpack_from("<I", rec, 28)
-        assert seq == i and zlib.crc32(rec[:28]) == crc, f"record {i} is damaged (seq {seq})"
 
 
 def test_agent_mounts_are_restartable_a_killed_server_is_a_pause(setup: Setup, vol_replica3: Any) -> None:
