@@ -31,6 +31,8 @@ a machine where a default glusterd already runs (measured here, glusterfs 10.3):
    ``/var/log/glusterfs`` are bind mounts of that node's working, run and log directories --
    exactly what a real separate machine would have. Each is the same directory under both names,
    so the cluster.rc options and the hard-coded paths agree.
+   One more is not covered by these binds: glfsheal, behind ``volume heal VOL info``, fetches the
+   volfile from ``/var/run/glusterd.socket`` (the host's glusterd): use :meth:`MultiCluster.heal_info`.
 
 The namespaces are held by small ``sleep`` processes (``holders``); every gluster process of the
 cluster is started with ``nsenter`` into them. Unix sockets live in the file system, so a glusterd
@@ -92,6 +94,9 @@ ROOT = Path(os.environ.get("GFUSE_MULTICLUSTER_ROOT", "/var/tmp/gfuse-multiclust
 HOST_GROUPS = Path("/var/lib/glusterd/groups")
 PREFIX = "127.1.1"
 GLUSTERD_BIN = os.environ.get("GFUSE_GLUSTERD", "/usr/sbin/glusterd")
+#: where packages put glfsheal (the program behind ``volume heal VOL info``): Debian, upstream, Fedora
+GLFSHEAL_CANDIDATES = ("/usr/lib/x86_64-linux-gnu/glusterfs/glfsheal", "/usr/sbin/glfsheal",
+                       "/usr/libexec/glusterfs/glfsheal")
 
 
 class MultiClusterError(RuntimeError):
@@ -433,6 +438,35 @@ class MultiCluster:
             return self.cli(i, timeout).xml(*args)
         except StorageError as e:
             raise MultiClusterError(str(e)) from None
+
+    def heal_info(self, i: int, volume: str, timeout: float = 120.0) -> list[tuple[str, str, int | None]]:
+        """``heal info`` of ``volume`` as node ``i`` sees it: (brick, status, pending entries or None) per brick.
+
+        Not ``gluster volume heal VOL info``: the CLI runs glfsheal, which fetches the volfile from the
+        compiled-in ``/var/run/glusterd.socket`` -- the *host's* glusterd (the node's mount namespace binds
+        only /var/lib/glusterd, /run/gluster and /var/log/glusterfs), so it answers "Volume VOL does not
+        exist", or with another volume of that name. glfsheal is run here directly with its own
+        ``glusterd-sock FILE`` argument (which takes no ``xml``: the text answer is parsed).
+        """
+        prog = next((p for p in GLFSHEAL_CANDIDATES if Path(p).is_file()), None)
+        if prog is None:
+            raise MultiClusterError(f"glfsheal not found (looked at {', '.join(GLFSHEAL_CANDIDATES)})")
+        proc = _run([*self.node_prefix(i), prog, volume, "glusterd-sock", str(self.node(i).socket)],
+                    timeout=timeout, check=False)
+        out: list[tuple[str, str, int | None]] = []
+        for line in proc.stdout.splitlines():
+            key, _, value = line.partition(":")
+            if line.startswith("Brick "):
+                out.append((line[len("Brick "):].strip(), "", None))
+            elif out and key == "Status":
+                out[-1] = (out[-1][0], value.strip(), out[-1][2])
+            elif out and key == "Number of entries":
+                n = value.strip()
+                out[-1] = (out[-1][0], out[-1][1], int(n) if n.isdigit() else None)
+        if proc.returncode != 0 or not out:
+            raise MultiClusterError(f"heal info {volume} on {self.node(i).host} failed (exit {proc.returncode}): "
+                                    f"{(proc.stdout + proc.stderr).strip()[-500:]}")
+        return out
 
     def start_glusterd(self, i: int, wait: bool = True) -> None:
         node = self.node(i)

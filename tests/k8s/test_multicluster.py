@@ -204,3 +204,24 @@ def test_leftovers_of_a_killed_run_are_removed():
     assert not mcl.is_mounted(mp)
     assert not _procs_naming(cdir), _procs_naming(cdir)
     assert not Path(cdir).exists()
+
+
+def test_heal_info_asks_the_nodes_glusterd():
+    """heal info of a cluster volume: the gluster CLI's glfsheal would ask the host's glusterd (compiled-in
+    socket path); MultiCluster.heal_info runs it with the node's socket and reads pending entries per brick."""
+    with mcl.MultiCluster(1) as mc:
+        n = mc.node(1)
+        (n.bricks / "h").mkdir()
+        dirs = [n.bricks / "h" / f"b{i}" for i in range(3)]
+        mc.gluster(1, "volume", "create", "healv", "replica", "3", *(f"{n.host}:{d}" for d in dirs), "force")
+        mc.gluster(1, "volume", "start", "healv")
+        assert mc.heal_info(1, "healv") == [(f"{n.host}:{d}", "Connected", 0) for d in dirs]
+        root = mc.gluster_xml(1, "volume", "status", "healv")
+        pid = next(int(node.findtext("pid")) for node in root.iter("node") if node.findtext("path") == str(dirs[2]))
+        os.kill(pid, signal.SIGKILL)
+        with mc.gfuse_mount(f"{n.host}:/healv") as mp:
+            (mp / "f").write_text("missed by brick 2")
+            info = mc.heal_info(1, "healv")
+        assert [b for b, _s, _n in info] == [f"{n.host}:{d}" for d in dirs]
+        assert all(s == "Connected" and e and e >= 1 for _b, s, e in info[:2]), info
+        assert info[2][1] != "Connected" and info[2][2] is None, info
