@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import itertools
 import logging
 import os
@@ -85,6 +86,12 @@ def _end(start: int, length: int) -> int:
     return EOF_ if length == 0 else start + length - 1
 
 
+@functools.cache
+def _array(n: int, fmt: str) -> struct.Struct:
+    """The codec of an xattrop array of ``n`` big-endian ints (``fmt`` "i": int32, "q": int64)."""
+    return struct.Struct(f">{n}{fmt}")
+
+
 def triple(value: object) -> tuple[int, int, int]:
     """An AFR changelog value as (data, metadata, entry) counts; zeros if absent or malformed."""
     if isinstance(value, (bytes, bytearray)) and len(value) >= 12:
@@ -120,12 +127,14 @@ class Inode:
         return st.S_ISDIR(self.mode)
 
     def iatt(self) -> Iatt:
-        size = len(self.target) if st.S_ISLNK(self.mode) else (4096 if self.is_dir else len(self.data))
+        fmt = self.mode & 0o170000
+        size = len(self.target) if fmt == st.S_IFLNK else 4096 if fmt == st.S_IFDIR else len(self.data)
+        a, a_ns = divmod(self.atime, 1_000_000_000)
+        m, m_ns = divmod(self.mtime, 1_000_000_000)
+        c, c_ns = divmod(self.ctime, 1_000_000_000)
         return Iatt(gfid=self.gfid, ino=int.from_bytes(self.gfid[8:], "big") or 1, rdev=self.rdev, size=size,
                     blocks=(size + 511) // 512, blksize=4096, nlink=self.nlink, uid=self.uid, gid=self.gid,
-                    mode=self.mode, atime=self.atime // 10**9, atime_nsec=self.atime % 10**9,
-                    mtime=self.mtime // 10**9, mtime_nsec=self.mtime % 10**9, ctime=self.ctime // 10**9,
-                    ctime_nsec=self.ctime % 10**9)
+                    mode=self.mode, atime=a, atime_nsec=a_ns, mtime=m, mtime_nsec=m_ns, ctime=c, ctime_nsec=c_ns)
 
 
 @dataclass
@@ -747,16 +756,18 @@ class MemClient(BrickEvents, Fops):
             raise OSError(errno.ENOTCONN, f"{self.name}: Transport endpoint is not connected ({self.last_error})")
         conn = self._conn
         b = self.brick
-        delay = b._latency(fop)
-        if delay:
-            await trio.sleep(delay / 2)
+        if b.latency:
+            delay = b._latency(fop)
+            if delay:
+                await trio.sleep(delay / 2)
         while b.stopped and self._conn == conn:
             await b._resumed.wait()  # a ping-timeout drops the session meanwhile
-        self._check_conn(conn)
+        if self._conn != conn or not b.running:
+            self._check_conn(conn)
         b.calls[fop] += 1
-        if fop != "lookup":
+        if b.cache_invalidation and fop != "lookup":
             b.up_touch(conn, gfid)
-        fault = b._take_fault(fop, gfid)
+        fault = b._take_fault(fop, gfid) if b.faults else None
         if fault is not None and fault.action == "fail":
             raise OSError(fault.errno, f"{os.strerror(fault.errno)} ({self.name} {fop.upper()}, injected)")
         if fault is not None and fault.action == "crash":
@@ -769,12 +780,14 @@ class MemClient(BrickEvents, Fops):
         b = self.brick
         if fault is not None and fault.action == "crash_after":
             b.crash()
-        delay = b._latency(fop)
-        if delay:
-            await trio.sleep(delay / 2)
+        if b.latency:
+            delay = b._latency(fop)
+            if delay:
+                await trio.sleep(delay / 2)
         while b.stopped and self._conn == conn:
             await b._resumed.wait()
-        self._check_conn(conn)
+        if self._conn != conn or not b.running:
+            self._check_conn(conn)
 
     def _rfd(self, handle: int) -> tuple[bytes, int]:
         fd = self._fds.get(handle)
@@ -929,19 +942,21 @@ class MemClient(BrickEvents, Fops):
         if op not in (F.XATTROP_ADD_ARRAY, F.XATTROP_ADD_ARRAY64):
             raise OSError(errno.EINVAL, f"{self.name}: xattrop {op} is not supported")
         width, fmt, bits = (4, "i", 32) if op == F.XATTROP_ADD_ARRAY else (8, "q", 64)
+        half, full = 1 << (bits - 1), 1 << bits
         out: Dict = {}
         new: dict[str, bytes] = {}
         for k, v in d.items():
             if not isinstance(v, (bytes, bytearray)) or len(v) % width:
                 raise OSError(errno.EINVAL, f"{self.name}: xattrop value of {k} is not an array")
-            n = len(v) // width
+            codec = _array(len(v) // width, fmt)
             old = ino.xattrs.get(k)
-            base = bytes(old) if isinstance(old, (bytes, bytearray)) and len(old) == len(v) else bytes(len(v))
-            a = struct.unpack(f">{n}{fmt}", base)
-            delta = struct.unpack(f">{n}{fmt}", bytes(v))
-            half, full = 1 << (bits - 1), 1 << bits
-            total = [((x + y + half) % full) - half for x, y in zip(a, delta)]  # wraps as the brick's int math
-            new[k] = out[k] = struct.pack(f">{n}{fmt}", *total)
+            delta = codec.unpack(v)
+            if isinstance(old, (bytes, bytearray)) and len(old) == len(v):
+                # wraps as the brick's int math
+                total = [((x + y + half) % full) - half for x, y in zip(codec.unpack(old), delta)]
+                new[k] = out[k] = codec.pack(*total)
+            else:
+                new[k] = out[k] = bytes(v)  # added to zeros
         ino.xattrs.update(new)
         entry = (xdata or {}).get(ENTRY_INDEX_KEY)
         if isinstance(entry, str) and entry:
