@@ -8,6 +8,7 @@ brick), no ``trusted.afr.*`` changelog left pending after a quiet write, ``heal 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -342,3 +343,20 @@ def test_statvfs_matches_native(pair: Pair) -> None:
         b.f_bsize, b.f_frsize, b.f_blocks, b.f_files, b.f_namemax)
     assert a.f_bfree == pytest.approx(b.f_bfree, rel=0.01)
     assert a.f_ffree == pytest.approx(b.f_ffree, rel=0.01)
+
+
+def test_truncate_past_the_brick_limit_fails_alike(pair: Pair, top: str) -> None:
+    """pjdfstest truncate/12.t and ftruncate/12.t: a length past the bricks' maximum file size is EFBIG on
+    both clients and changes nothing. On arbiter the arbiter brick takes any truncate (it keeps no data) while
+    the data bricks refuse it: AFR answers the data bricks' errno, gfuse answered EIO."""
+    errs = {}
+    for who, base in (("gfuse", pair.gfuse.path), ("native", pair.native.path)):
+        os.makedirs(base / top, exist_ok=True)
+        f = base / top / f"big-{who}"
+        f.write_bytes(b"12345")
+        with pytest.raises(OSError) as exc:
+            os.truncate(f, 999_999_999_999_999)
+        with open(f, "r+b") as fh, pytest.raises(OSError) as fexc:
+            os.ftruncate(fh.fileno(), 999_999_999_999_999)
+        errs[who] = (exc.value.errno, fexc.value.errno, os.stat(f).st_size, f.read_bytes())
+    assert errs["gfuse"] == errs["native"] == (errno.EFBIG, errno.EFBIG, 5, b"12345"), errs
