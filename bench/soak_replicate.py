@@ -22,16 +22,19 @@ fsyncs, reads checked against its model — while one fault is injected:
   brick up (the next round, a brick kill, needs the restarted glusterd's portmap for the same mount);
 - ``gfuse``: the gfuse server is SIGKILLed (the writer's next calls fail) and the volume is mounted again.
   The issue owes only what was fsynced; the check is stricter: gfuse has no writeback cache, so every op
-  the writer was acknowledged is owed; the op in progress at the kill may be on some bricks only.
+  the writer was acknowledged is owed (a write the kill cut short: its acknowledged part); the op in
+  progress at the kill may be there too, or, for a write the kernel sent as several requests, a prefix of
+  it ending at a page boundary (see ``Writer.owed``).
 
 Two bricks of each replica set are up all along, so (except after a gfuse kill) no call may fail. Each
 round starts with the mount seeing every brick up and ends with the self-heal daemon done (``heal info``
 empty on every brick) and every data brick's copy equal to what the writer was acknowledged (after a gfuse
-kill: that, or that plus the op in progress), the arbiter's copy empty, and a read through gfuse equal to
-it too. Printed: a table per volume kind and fault (rounds; in how many kill and stop rounds another brick
-of the set held a pending changelog blaming the faulted one as it came back, i.e. the fault bit; ops
-acknowledged, bytes checked, errors, mismatches, heal time: from the writer's end, every brick up, until
-``heal info`` is empty), and every failure with its round seed (``--round-seed`` replays its choices).
+kill: that, or that plus the op in progress or a part of it as above), all copies equal, the arbiter's copy
+empty, and a read through gfuse equal to them too. Printed: a table per volume kind and fault (rounds; in
+how many kill and stop rounds another brick of the set held a pending changelog blaming the faulted one as
+it came back, i.e. the fault bit; ops acknowledged, bytes checked, errors, mismatches, heal time: from the
+writer's end, every brick up, until ``heal info`` is empty), and every failure with its round seed
+(``--round-seed`` replays its choices; the writer's ops and model do not depend on timing).
 
 Run (root; a private cluster under /var/tmp/gfuse-multicluster, removed at the end, also on Ctrl-C/SIGTERM;
 a run killed with SIGKILL leaves it to the next run's :func:`testkit.multicluster.cleanup_stale`):
