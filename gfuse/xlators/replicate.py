@@ -1408,7 +1408,16 @@ class Replicate(Fops):
                     [i for i in idx if i != self.arbiter]
             if not cands:
                 raise OSError(errno.EIO, f"{self.name}: zerofill: no replica with data takes part")
-            st = await self.children[cands[0]].fstat(_h(fd, cands[0]))
+            # as a read: a replica that goes away meanwhile (it then misses the zerofill too) gives way to the next
+            st: Result | None = None
+            for i in cands:
+                try:
+                    st = await self.children[i].fstat(_h(fd, i))
+                    break
+                except OSError as e:
+                    if e.errno not in GONE or i == cands[-1]:
+                        raise
+            assert st is not None
             cur = attrs(st).size
             span[1] = max(0, min(offset + size, cur) - offset)
             return st if span[1] == 0 else None

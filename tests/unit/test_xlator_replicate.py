@@ -762,6 +762,28 @@ async def test_zero_range_keep_size_is_clipped_under_the_lock(autojump_clock: tr
             assert_clean(b, "f")
 
 
+async def test_zero_range_keep_size_survives_the_replica_it_reads_the_size_from_going_away(
+        autojump_clock: trio.abc.Clock) -> None:
+    """The clip of a ZERO_RANGE|KEEP_SIZE reads the size from one replica under the data lock; when that replica
+    goes away right then (the fault soak: a brick SIGSTOPped after the lock and pre-op, dropped at the
+    ping-timeout) the size comes from another one, and the zerofill goes on to the two replicas left, blaming
+    the gone one, as any change with quorum met. It failed with the gone replica's ENOTCONN."""
+    async with afr() as a:
+        _, fd = await new_file(a.r, "f")
+        await a.r.write(fd, 0, b"a" * 4096)
+        await a.r.release(fd)  # no eager lock left: the zerofill is a transaction of its own
+        await settle()
+        fd = (await a.r.open(a.bricks[0].inode("f").gfid, os.O_RDWR)).need_fd()
+        a.bricks[0].crash_on("fstat")
+        await a.r.zerofill(fd, 2048, 8192, {ZEROFILL_KEEP_SIZE: "1"})
+        await a.r.release(fd)
+        await settle()
+        for b in a.bricks[1:]:
+            assert b.data("f") == b"a" * 2048 + bytes(2048)
+            assert b.changelog("f", blame(0))[0] > 0, f"{b.name} does not blame client-0: {b.pending('f')}"
+        assert a.bricks[0].data("f") == b"a" * 4096
+
+
 async def test_no_write_fails_with_quorum_met_as_bricks_come_and_go(autojump_clock: trio.abc.Clock) -> None:
     """Item 15: a writer that never pauses holds its eager lock while brick 0 dies and returns, then brick 1
     dies: with two bricks up all along, no write may fail (the lock taken before brick 0 came back must be
