@@ -107,6 +107,9 @@ class Held:
     #: standbys are started from it, so a mount handed over to a new version stays on it
     python: str = ""
     path: str = ""
+    #: standbys replaced by a hand-over: one still starting when replaced must not stand by later (it runs
+    #: the old code, and would be the successor after the upgrade)
+    retired: set[int] = field(default_factory=set)
 
 
 class Holder:
@@ -325,6 +328,8 @@ class Holder:
             return {"ok": False, "error": f"no FUSE connection of {mp} is held"}, None
         pid = int(msg.get("pid", 0))
         c.owns = mp
+        if pid in h.retired:
+            return {"ok": False, "error": f"pid {pid} was replaced as the standby of {mp} (a hand-over)"}, None
         if h.owner is not None:
             if not msg.get("wait"):
                 return {"ok": False, "error": f"{mp} is still served by pid {h.pid}"}, None
@@ -460,7 +465,9 @@ class Holder:
                     delay)
 
     def _retire(self, h: Held, s: Successor, why: str) -> None:
-        """A standby that will not take over: told so (it exits), its ready pipe no longer watched."""
+        """A standby that will not take over: told so (it exits), its ready pipe no longer watched; one still
+        starting (not connected yet) is refused when it asks (no signal: its pid may be reused by then)."""
+        h.retired.add(s.pid)
         if s.ready_fd >= 0:
             os.close(s.ready_fd)
             s.ready_fd = -1
