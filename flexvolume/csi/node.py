@@ -233,13 +233,17 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, f"gfuse agent: {e}") from None
 
     def published_targets(self, staged: MountEntry, exclude: str = "") -> list[str]:
-        """Pod targets (under ``<kubelet-dir>/pods/``) where the staged mount ``staged`` is bound now."""
-        pods = self.kubelet_dir.rstrip("/") + "/pods/"
+        """Targets where the staged mount ``staged`` is bound now: any mount of it below ``--kubelet-dir`` but
+        the staging path itself and what is below ``<kubelet-dir>/plugins/`` (staging paths). Not only below
+        ``pods/``: csi-sanity's targets are ``<--csi.mountdir>/target`` and ``…/other_target``."""
+        root = self.kubelet_dir.rstrip("/") + "/"
+        plugins = root + "plugins/"
         top: dict[str, MountEntry] = {}
         for m in read_mounts():
             top[m.target] = m  # later mounts cover earlier ones
         return sorted(t for t, m in top.items()
-                      if t.startswith(pods) and t != exclude and m.dev == staged.dev and m.root == staged.root)
+                      if t.startswith(root) and not t.startswith(plugins) and t not in (exclude, staged.target)
+                      and m.dev == staged.dev and m.root == staged.root)
 
     # -- stage ---------------------------------------------------------------------------------
 

@@ -929,3 +929,237 @@ def test_injections_refused_and_mounts_keep_nosuid_nodev(csi: Csi, stubs, vol_re
         node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target), timeout=30)
         node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging), timeout=60)
     assert not mounts_at(staging) and not log_target.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# csi-sanity's cases (kubernetes-csi/csi-test pkg/sanity; flexvolume/csi/SANITY.md maps every one to a test)
+#
+# csi-sanity cannot be built here (no Go module proxy): these send its requests, field for field, with its
+# directories: a target *parent* (--csi.mountdir, os.Mkdir'd by csi-sanity before each case; the target is
+# "<it>/target", made by the plugin) and a staging directory (--csi.stagingdir, os.Mkdir'd too), removed by it
+# with os.Remove after each case. Under the plugin's --kubelet-dir here, as a real run needs
+# (``gfuse-csi --kubelet-dir /tmp/sanity`` with ``--csi.mountdir /tmp/sanity/csi-mount``).
+
+SANITY_SIZE = 4 << 20  #: --csi.testvolumesize (its default, 10 GiB, is larger than the test pools)
+SANITY_EXPAND_SIZE = 8 << 20  #: --csi.testvolumeexpandsize
+SANITY_IDEMPOTENT_COUNT = 10  #: csi-sanity's default Config.IdempotentCount
+#: what csi-sanity's switch statements accept
+SANITY_PLUGIN_SERVICES = {"CONTROLLER_SERVICE", "VOLUME_ACCESSIBILITY_CONSTRAINTS", "GROUP_CONTROLLER_SERVICE",
+                          "SNAPSHOT_METADATA_SERVICE"}
+SANITY_NODE_CAPS = {"UNKNOWN", "STAGE_UNSTAGE_VOLUME", "GET_VOLUME_STATS", "EXPAND_VOLUME", "VOLUME_CONDITION",
+                    "SINGLE_NODE_MULTI_WRITER", "VOLUME_MOUNT_GROUP"}
+SANITY_CONTROLLER_CAPS = {"CREATE_DELETE_VOLUME", "PUBLISH_UNPUBLISH_VOLUME", "LIST_VOLUMES", "GET_CAPACITY",
+                          "CREATE_DELETE_SNAPSHOT", "LIST_SNAPSHOTS", "PUBLISH_READONLY", "CLONE_VOLUME",
+                          "EXPAND_VOLUME", "MODIFY_VOLUME", "LIST_VOLUMES_PUBLISHED_NODES", "GET_VOLUME",
+                          "VOLUME_CONDITION", "SINGLE_NODE_MULTI_WRITER", "GET_SNAPSHOT"}
+
+
+def sanity_cap(mode: int = AccessMode.SINGLE_NODE_WRITER) -> pb.VolumeCapability:
+    """TestVolumeCapabilityWithAccessType: a mount volume, no flags, no fs type."""
+    return pb.VolumeCapability(mount=pb.VolumeCapability.MountVolume(), access_mode=AccessMode(mode=mode))
+
+
+def sanity_volume_id() -> str:
+    """DefaultIDGenerator.GenerateUniqueValidVolumeID"""
+    return f"fake-vol-id-{secrets.token_hex(5)}"
+
+
+@dataclass
+class SanityDirs:
+    mount: str    # sc.TargetPath: the parent of the targets
+    staging: str  # sc.StagingPath
+
+    @property
+    def target(self) -> str:
+        return self.mount + "/target"
+
+
+@contextlib.contextmanager
+def sanity_dirs(kubelet: Path) -> Iterator[SanityDirs]:
+    """csi-sanity's Setup (os.Mkdir of both, an error if they exist) and Teardown (os.Remove, errors ignored)."""
+    tag = secrets.token_hex(3)
+    d = SanityDirs(str(kubelet / f"csi-mount-{tag}"), str(kubelet / f"csi-staging-{tag}"))
+    os.mkdir(d.mount, 0o755)
+    os.mkdir(d.staging, 0o755)
+    try:
+        yield d
+    finally:
+        for p in (d.mount, d.staging):
+            with contextlib.suppress(OSError):
+                os.rmdir(p)
+
+
+def sanity_cleanup(node, ctrl, dirs: SanityDirs, volume_ids: Sequence[str]) -> None:
+    """Resources.Cleanup: for each volume made (last first) NodeUnpublishVolume of <mountdir>/target and
+    NodeUnstageVolume of the staging dir -- also for volumes never staged -- where any code but NOT_FOUND fails
+    (isRelevantError), then DeleteVolume, which must succeed."""
+    errors = []
+    for vid in reversed(volume_ids):
+        for call, request in ((node.NodeUnpublishVolume, pb.NodeUnpublishVolumeRequest(volume_id=vid,
+                                                                                       target_path=dirs.target)),
+                              (node.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(volume_id=vid,
+                                                                                   staging_target_path=dirs.staging))):
+            try:
+                call(request, timeout=60)
+            except grpc.RpcError as e:
+                if e.code() != Code.NOT_FOUND:
+                    errors.append(f"{type(request).__name__} of {vid}: {e.code().name} {e.details()}")
+        if ctrl is not None:
+            try:
+                ctrl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vid), timeout=120)
+            except grpc.RpcError as e:
+                errors.append(f"DeleteVolume of {vid}: {e.code().name} {e.details()}")
+    assert not errors, errors
+
+
+def test_sanity_identity_and_capabilities(csi: Csi, stubs) -> None:
+    """Identity: GetPluginCapabilities, Probe, GetPluginInfo; NodeGetCapabilities, NodeGetInfo,
+    ControllerGetCapabilities "should return appropriate capabilities/values" -- what csi-sanity checks, on the
+    plugin's default driver name too."""
+    import re
+
+    from flexvolume.csi import DEFAULT_DRIVER_NAME
+
+    ident, node, ctrl = stubs
+    for c in ident.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest(), timeout=10).capabilities:
+        kind = c.WhichOneof("type")
+        assert kind in ("service", "volume_expansion"), c
+        if kind == "service":
+            assert pb.PluginCapability.Service.Type.Name(c.service.type) in SANITY_PLUGIN_SERVICES, c
+        else:
+            assert c.volume_expansion.type in (pb.PluginCapability.VolumeExpansion.ONLINE,
+                                               pb.PluginCapability.VolumeExpansion.OFFLINE), c
+    try:  # OK or FAILED_PRECONDITION; ready, when set, any value
+        ident.Probe(pb.ProbeRequest(), timeout=10)
+    except grpc.RpcError as e:
+        assert e.code() == Code.FAILED_PRECONDITION, e
+    # the Go regexp `^[a-zA-Z][A-Za-z0-9-\\.\\_]{0,61}[a-zA-Z]$` (in a raw string: the class has '\' too)
+    name_re = re.compile(r"^[a-zA-Z][A-Za-z0-9\-\\._]{0,61}[a-zA-Z]$")
+    name = ident.GetPluginInfo(pb.GetPluginInfoRequest(), timeout=10).name
+    for n in (name, DEFAULT_DRIVER_NAME):
+        assert 0 < len(n) <= 63 and name_re.match(n), n
+    ncaps = node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest(), timeout=10).capabilities
+    assert ncaps and all(c.HasField("rpc") and pb.NodeServiceCapability.RPC.Type.Name(c.rpc.type) in SANITY_NODE_CAPS
+                         for c in ncaps), ncaps
+    info = node.NodeGetInfo(pb.NodeGetInfoRequest(), timeout=10)
+    assert info.node_id and info.max_volumes_per_node >= 0, info
+    # no VOLUME_ACCESSIBILITY_CONSTRAINTS, so no accessible_topology is required
+    ccaps = ctrl.ControllerGetCapabilities(pb.ControllerGetCapabilitiesRequest(), timeout=10).capabilities
+    assert ccaps and all(c.HasField("rpc") and pb.ControllerServiceCapability.RPC.Type.Name(c.rpc.type)
+                         in SANITY_CONTROLLER_CAPS for c in ccaps), ccaps
+
+
+def _sanity_requests() -> list[tuple[str, str, object, grpc.StatusCode | None]]:
+    """(csi-sanity's case, method, request builder (dirs) , expected code; None: success)."""
+    IA, NF = Code.INVALID_ARGUMENT, Code.NOT_FOUND
+    device = {"device": "/dev/mock"}
+    params = {"pool": "127.0.0.2:/somepool"}  # --csi.testvolumeparameters
+    expand = pb.CapacityRange(required_bytes=SANITY_EXPAND_SIZE)
+    return [
+        ("NodePublishVolume should fail when no volume id is provided", "node.NodePublishVolume",
+         lambda d: pb.NodePublishVolumeRequest(), IA),
+        ("NodePublishVolume should fail when no target path is provided", "node.NodePublishVolume",
+         lambda d: pb.NodePublishVolumeRequest(volume_id=sanity_volume_id()), IA),
+        ("NodePublishVolume should fail when no volume capability is provided", "node.NodePublishVolume",
+         lambda d: pb.NodePublishVolumeRequest(volume_id=sanity_volume_id(), target_path=d.target), IA),
+        ("NodeUnpublishVolume should fail when no volume id is provided", "node.NodeUnpublishVolume",
+         lambda d: pb.NodeUnpublishVolumeRequest(), IA),
+        ("NodeUnpublishVolume should fail when no target path is provided", "node.NodeUnpublishVolume",
+         lambda d: pb.NodeUnpublishVolumeRequest(volume_id=sanity_volume_id()), IA),
+        ("NodeStageVolume should fail when no volume id is provided", "node.NodeStageVolume",
+         lambda d: pb.NodeStageVolumeRequest(staging_target_path=d.staging, volume_capability=sanity_cap(),
+                                             publish_context=device), IA),
+        ("NodeStageVolume should fail when no staging target path is provided", "node.NodeStageVolume",
+         lambda d: pb.NodeStageVolumeRequest(volume_id=sanity_volume_id(), volume_capability=sanity_cap(),
+                                             publish_context=device), IA),
+        # csi-sanity creates the volume first; the request is refused before the id is looked at
+        ("NodeStageVolume should fail when no volume capability is provided", "node.NodeStageVolume",
+         lambda d: pb.NodeStageVolumeRequest(volume_id="127.0.0.2:/somevolume", staging_target_path=d.staging,
+                                             publish_context=device), IA),
+        ("NodeUnstageVolume should fail when no volume id is provided", "node.NodeUnstageVolume",
+         lambda d: pb.NodeUnstageVolumeRequest(staging_target_path=d.staging), IA),
+        ("NodeUnstageVolume should fail when no staging target path is provided", "node.NodeUnstageVolume",
+         lambda d: pb.NodeUnstageVolumeRequest(volume_id=sanity_volume_id()), IA),
+        ("NodeGetVolumeStats should fail when no volume id is provided", "node.NodeGetVolumeStats",
+         lambda d: pb.NodeGetVolumeStatsRequest(volume_path="some/path"), IA),
+        ("NodeGetVolumeStats should fail when no volume path is provided", "node.NodeGetVolumeStats",
+         lambda d: pb.NodeGetVolumeStatsRequest(volume_id=sanity_volume_id()), IA),
+        ("NodeGetVolumeStats should fail when volume is not found", "node.NodeGetVolumeStats",
+         lambda d: pb.NodeGetVolumeStatsRequest(volume_id=sanity_volume_id(), volume_path="some/path"), NF),
+        ("CreateVolume should fail when no name is provided", "ctrl.CreateVolume",
+         lambda d: pb.CreateVolumeRequest(parameters=params), IA),
+        ("CreateVolume should fail when no volume capabilities are provided", "ctrl.CreateVolume",
+         lambda d: pb.CreateVolumeRequest(name=f"sanity-controller-create-no-volume-capabilities-"
+                                               f"{secrets.token_hex(4)}", parameters=params), IA),
+        ("DeleteVolume should fail when no volume id is provided", "ctrl.DeleteVolume",
+         lambda d: pb.DeleteVolumeRequest(), IA),
+        ("DeleteVolume should succeed when an invalid volume id is used", "ctrl.DeleteVolume",
+         lambda d: pb.DeleteVolumeRequest(volume_id="fake-vol-id"), None),
+        ("ValidateVolumeCapabilities should fail when no volume id is provided", "ctrl.ValidateVolumeCapabilities",
+         lambda d: pb.ValidateVolumeCapabilitiesRequest(), IA),
+        ("ValidateVolumeCapabilities should fail when the requested volume does not exist",
+         "ctrl.ValidateVolumeCapabilities",
+         lambda d: pb.ValidateVolumeCapabilitiesRequest(volume_id=sanity_volume_id(),
+                                                        volume_capabilities=[sanity_cap()]), NF),
+        ("ExpandVolume should fail if no volume id is given", "ctrl.ControllerExpandVolume",
+         lambda d: pb.ControllerExpandVolumeRequest(capacity_range=expand, volume_capability=sanity_cap()), IA),
+        # sic: csi-sanity sends VolumeId "" here too
+        ("ExpandVolume should fail if no capacity range is given", "ctrl.ControllerExpandVolume",
+         lambda d: pb.ControllerExpandVolumeRequest(volume_id=""), IA),
+    ]
+
+
+@pytest.mark.parametrize("case,method,build,code", _sanity_requests(), ids=[c[0] for c in _sanity_requests()])
+def test_sanity_request_validation(csi: Csi, stubs, case: str, method: str, build, code) -> None:
+    """csi-sanity's cases that need no volume (a request with a field missing, an unknown id): the same
+    request, the same code; nothing is mounted or left in the directories."""
+    _, node, ctrl = stubs
+    svc, _, name = method.partition(".")
+    call = getattr(node if svc == "node" else ctrl, name)
+    with sanity_dirs(csi.kubelet) as d:
+        request = build(d)
+        if code is None:
+            call(request, timeout=30)
+        else:
+            details = expect(code, call, request, timeout=30)
+            assert details, f"{code.name} without a message"
+        assert not mounts_under(str(csi.kubelet)) and os.listdir(d.mount) == [] and os.listdir(d.staging) == []
+
+
+def test_sanity_node_cases_on_a_static_volume(csi: Csi, stubs, vol_replica3) -> None:
+    """csi-sanity's Node cases that need a staged volume, with its directories (a static volume here stands in
+    for the one it creates; test_csi_backends has them with CreateVolume): NodeUnpublishVolume "should remove
+    target path"; NodeGetVolumeStats "should fail when volume does not exist on the specified path" (some/path:
+    NOT_FOUND); NodePublishVolume "should fail when volume with single node single writer access mode is already
+    mounted at a different target path" (<mountdir>/other_target: FAILED_PRECONDITION); and its Cleanup's
+    unpublish/unstage of what is no longer there."""
+    _, node, _ = stubs
+    vid = vol_replica3.source
+    for mode in (AccessMode.SINGLE_NODE_WRITER, AccessMode.SINGLE_NODE_SINGLE_WRITER):
+        cap = sanity_cap(mode)
+        with sanity_dirs(csi.kubelet) as d:
+            try:
+                node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vid, volume_capability=cap,
+                                                               staging_target_path=d.staging), timeout=90)
+                publish = pb.NodePublishVolumeRequest(volume_id=vid, target_path=d.target, volume_capability=cap,
+                                                      staging_target_path=d.staging)
+                node.NodePublishVolume(publish, timeout=30)
+                assert os.path.isdir(d.target) and mounts_at(d.target)
+                if mode == AccessMode.SINGLE_NODE_WRITER:
+                    stats = _stats(node, vid, d.target)
+                    assert stats.usage and not stats.volume_condition.abnormal, stats
+                    expect(Code.NOT_FOUND, node.NodeGetVolumeStats,
+                           pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path="some/path"))
+                    node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=d.target),
+                                             timeout=30)
+                    assert not os.path.exists(d.target), "NodeUnpublishVolume must remove the target"
+                else:
+                    other = pb.NodePublishVolumeRequest(volume_id=vid, target_path=d.mount + "/other_target",
+                                                        volume_capability=cap, staging_target_path=d.staging)
+                    details = expect(Code.FAILED_PRECONDITION, node.NodePublishVolume, other)
+                    assert d.target in details, details
+                    assert not os.path.exists(d.mount + "/other_target")
+            finally:
+                sanity_cleanup(node, None, d, [vid])
+            assert not mounts_under(str(csi.kubelet)) and os.listdir(d.mount) == []
+    assert csi.agent_client().list() == []
