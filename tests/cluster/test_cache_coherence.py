@@ -171,8 +171,9 @@ def test_changes_are_seen_within_the_1s_timeouts_without_cache_invalidation(make
                                                                             native_mount) -> None:
     vol = make_volume("replica3", options=NO_INVALIDATION)
     mounts = _mounts(vol, gfuse_mount, native_mount)
-    results = [_run(mounts, c, w, o, OFF_BOUND + 1.0) for c in CHANGES for w in mounts
-               for o in mounts if o != w and o != "native"]
+    # one gfuse observer, told by the other gfuse client and by the native one: the 1 s rule is the
+    # observer's (its md-cache and kernel timeouts), so a second observer would repeat the same check
+    results = [_run(mounts, c, w, "gfuse1", OFF_BOUND + 1.0) for c in CHANGES for w in ("gfuse2", "native")]
     report = "\n".join(map(str, results))
     print(report)
     late = [r for r in results if r.after is None or r.after > OFF_BOUND]

@@ -271,7 +271,7 @@ def test_sigkilled_server_is_a_pause_for_a_container(make_volume: Any, node: Nod
     """A container appends a checksummed record every 10 ms to a file it holds open while the gfuse
     server of its volume is SIGKILLed at random moments (also while a successor is still taking over):
     no syscall fails, every record is there, through the mount and on every brick, in order."""
-    kills = int(os.environ.get("GFUSE_TAKEOVER_KILLS", "8"))
+    kills = int(os.environ.get("GFUSE_TAKEOVER_KILLS", "5"))  # a soak: GFUSE_TAKEOVER_KILLS=100
     vol = make_volume("replica3")
     node.mount(vol)
     first = node.serving_pid()
