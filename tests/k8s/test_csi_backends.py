@@ -27,6 +27,9 @@ import grpc
 import pytest
 import test_storage_backends
 from test_csi import (
+    SANITY_EXPAND_SIZE,
+    SANITY_IDEMPOTENT_COUNT,
+    SANITY_SIZE,
     Code,
     Csi,
     _stop,
@@ -36,6 +39,9 @@ from test_csi import (
     mount_cap,
     pb,
     pb_grpc,
+    sanity_cap,
+    sanity_cleanup,
+    sanity_dirs,
     start_plugin,
 )
 from test_storage_backends import POOL, _write_until_edquot
@@ -461,3 +467,94 @@ def test_pool_mounts_by_the_agent(mc, plugin) -> None:
     assert proc.returncode == 0, _tail(log)
     assert not [r for r in plugin.agent_client().list() if r["target"].startswith(str(ctrl_state))]
     assert not mounts_under(str(ctrl_state))
+
+
+# ------------------------------------------------------------------------------------------------
+# csi-sanity's cases that need CreateVolume (flexvolume/csi/SANITY.md)
+
+
+def test_sanity_controller_and_node_cases(plugin, stubs, gd, pool) -> None:
+    """csi-sanity's Controller cases (CreateVolume, DeleteVolume, ValidateVolumeCapabilities, ExpandVolume) and
+    the Node suite's "should work" and "should be idempotent" (runControllerTest: NodeStageVolume and
+    NodePublishVolume IdempotentCount times each, then NodeGetVolumeStats of the target), with its requests
+    (MakeCreateVolumeReq: a SINGLE_NODE_WRITER mount capability, required_bytes the test volume size,
+    --csi.testvolumeparameters ``pool``) and directories, and its Cleanup (unpublish, unstage, delete, for every
+    volume made). Names from UniqueString: ``<prefix>-<hex>``."""
+    node, ctrl = stubs
+    made: list[str] = []
+
+    def create(prefix: str, *, name: str = "", limit: int = 0, size: int = SANITY_SIZE) -> pb.Volume:
+        req = pb.CreateVolumeRequest(name=name or f"{prefix}-{secrets.token_hex(4)}",
+                                     volume_capabilities=[sanity_cap()], parameters={"pool": SOURCE},
+                                     capacity_range=pb.CapacityRange(required_bytes=size, limit_bytes=limit))
+        v = ctrl.CreateVolume(req, timeout=90).volume
+        assert v.volume_id, v
+        if v.volume_id not in made:
+            made.append(v.volume_id)
+        return v
+
+    t0 = time.monotonic()
+    with sanity_dirs(plugin.kubelet) as d:
+        try:
+            # CreateVolume "should return appropriate values SingleNodeWriter NoCapacity" / "WithCapacity 1Gi"
+            create("sanity-controller-create-single-no-capacity")
+            v = create("sanity-controller-create-single-with-capacity")
+            assert v.capacity_bytes >= SANITY_SIZE or v.capacity_bytes == 0, v
+            # "should not fail when requesting to create a volume with already existing name and same capacity"
+            name = f"sanity-controller-create-twice-{secrets.token_hex(4)}"
+            assert create("", name=name).volume_id == create("", name=name).volume_id
+            # "should fail when requesting to create a volume with already existing name and different capacity"
+            name = f"sanity-controller-create-twice-different-{secrets.token_hex(4)}"
+            assert create("", name=name, limit=SANITY_SIZE).capacity_bytes == SANITY_SIZE
+            expect(Code.ALREADY_EXISTS, ctrl.CreateVolume, pb.CreateVolumeRequest(
+                name=name, volume_capabilities=[sanity_cap()], parameters={"pool": SOURCE},
+                capacity_range=pb.CapacityRange(required_bytes=2 * SANITY_SIZE, limit_bytes=2 * SANITY_SIZE)))
+            # "should not fail when creating volume with maximum-length name" (UniqueStringWithLength, 128)
+            prefix = "sanity-controller-create-maxlen-"
+            long = create("", name=prefix + secrets.token_hex(64)[:128 - len(prefix)])
+            assert long.capacity_bytes >= SANITY_SIZE and len(long.volume_id.encode()) <= 128, long
+            # ValidateVolumeCapabilities "should fail when no volume capabilities are provided" and
+            # "should return appropriate values (no optional values added)"
+            v = create("sanity-controller-validate")
+            expect(Code.INVALID_ARGUMENT, ctrl.ValidateVolumeCapabilities,
+                   pb.ValidateVolumeCapabilitiesRequest(volume_id=v.volume_id))
+            ok = ctrl.ValidateVolumeCapabilities(pb.ValidateVolumeCapabilitiesRequest(
+                volume_id=v.volume_id, volume_capabilities=[sanity_cap()]), timeout=30)
+            assert not ok.HasField("confirmed") or ok.confirmed.volume_capabilities, ok
+            assert ok.HasField("confirmed"), ok
+            # ExpandVolume "should work" (MakeExpandVolumeReq: the capability too)
+            v = create("sanity-expand-volume")
+            r = ctrl.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+                volume_id=v.volume_id, capacity_range=pb.CapacityRange(required_bytes=SANITY_EXPAND_SIZE),
+                volume_capability=sanity_cap()), timeout=60)
+            assert r.capacity_bytes == SANITY_EXPAND_SIZE, r
+            # DeleteVolume "should return appropriate values (no optional values added)"
+            v = create("sanity-controller-create-appropriate")
+            ctrl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id), timeout=120)
+            assert not (pool / v.volume_id.rpartition("/")[2]).exists()
+            # Node Service "should work" (count 1) and "should be idempotent" (count IdempotentCount)
+            for i, count in enumerate((1, SANITY_IDEMPOTENT_COUNT)):
+                v = create(f"sanity-node-full-{i}")
+                for _ in range(count):
+                    node.NodeStageVolume(pb.NodeStageVolumeRequest(
+                        volume_id=v.volume_id, volume_capability=sanity_cap(), staging_target_path=d.staging,
+                        volume_context=v.volume_context), timeout=90)
+                for _ in range(count):
+                    node.NodePublishVolume(pb.NodePublishVolumeRequest(
+                        volume_id=v.volume_id, target_path=d.target, staging_target_path=d.staging,
+                        volume_capability=sanity_cap(), volume_context=v.volume_context), timeout=30)
+                assert len(mounts_under(d.mount)) == 1 and len(mounts_under(d.staging)) == 1
+                stats = node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(volume_id=v.volume_id,
+                                                                             volume_path=d.target), timeout=30)
+                assert stats.usage, stats
+                sanity_cleanup(node, ctrl, d, [v.volume_id])  # the AfterEach of this case
+                made.remove(v.volume_id)
+                assert not mounts_under(str(plugin.kubelet)) and not os.path.exists(d.target)
+                os.makedirs(d.staging, exist_ok=True)  # the next case's Setup (unstage removed it)
+        finally:
+            sanity_cleanup(node, ctrl, d, made)
+    print(f"csi-sanity's controller and node cases took {time.monotonic() - t0:.1f}s")
+    assert not mounts_under(str(plugin.kubelet))
+    left = [n for n in os.listdir(pool) if n.startswith(("sanity-", "csi-sha-"))]
+    assert not left, left
+    assert not [p for p in _limits(gd) if p.lstrip("/").startswith(("sanity-", "csi-sha-"))], _limits(gd)
