@@ -60,6 +60,7 @@ class Holder:
     """A process that takes a lock on ``path`` and keeps it until told otherwise."""
 
     def __init__(self, path: Path, kind: str = "fcntl", start: int = 0, length: int = 0, wait: bool = False):
+        self.path = path
         self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), kind, str(start), str(length),
                                       "w" if wait else "n"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
@@ -70,8 +71,19 @@ class Holder:
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
         if not sel.select(timeout):
-            raise TimeoutError("lock holder did not answer")
+            raise TimeoutError(f"lock holder did not answer in {timeout:g} s: {self.state()}")
         return self.proc.stdout.readline().strip()
+
+    def state(self) -> str:
+        """What the mount was doing (a flake under load 5-9 is not root-caused: this says where it waits)."""
+        try:
+            wchan = Path(f"/proc/{self.proc.pid}/wchan").read_text()
+            st = query_status(str(self.path.parent))
+            bricks = [b.get("up") for b in st.get("bricks", [])]
+            return (f"holder in {wchan or '?'}; gfuse pid {st.get('pid')}: {st.get('fuse_requests_in_flight')} FUSE "
+                    f"requests in flight, {st.get('pending_brick_calls')} brick calls pending, bricks up {bricks}")
+        except (OSError, ValueError) as e:
+            return f"(no status: {e})"
 
     def tell(self, cmd: str) -> str:
         self.proc.stdin.write(cmd + "\n")
