@@ -239,6 +239,8 @@ class Agent:
         node_options: list[str] | None = None,
         metrics_address: tuple[str, int] | None = None,
         events: Any = None,
+        pool_subdirs: bool = False,
+        pool_dir: str | None = None,
     ) -> None:
         self.socket_path = os.path.abspath(socket_path)
         #: (host, port) of the Prometheus endpoint (flexvolume.metrics), None: off; metrics_port: the port bound
@@ -286,6 +288,11 @@ class Agent:
         self._holder_proc: subprocess.Popen[bytes] | None = None
         #: the holder's entry of each held mount, as the last probe saw it
         self._held: dict[str, dict[str, Any]] = {}
+        #: subdir PVs share one gfuse mount of their pool volume (flexvolume.pools; --pool-subdirs)
+        from .pools import POOL_DIR_NAME, Pools
+
+        self.pool_subdirs = pool_subdirs
+        self.pools = Pools(self, pool_dir or os.path.join(kubelet_dir, POOL_DIR_NAME))
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -348,7 +355,12 @@ class Agent:
                     os.unlink(os.path.join(directory, name))
         dropped: list[str] = []
         try:
-            self.table = load_state(self.state_path, dropped)
+            self.table = load_state(self.state_path, dropped, self.pools.table)
+            for pool_dir, rec in list(self.pools.table.items()):
+                why = self.pools.record_problem(rec)
+                if why:
+                    del self.pools.table[pool_dir]
+                    dropped.append(f"{why} (a mount there keeps serving)")
             for target, rec in list(self.table.items()):
                 why = self._record_problem(rec)
                 if why:  # e.g. written by an agent that accepted more, or with another --kubelet-dir
@@ -391,6 +403,8 @@ class Agent:
             return str(e)
         if spec.subdir and parsed.subdir and spec.subdir != parsed.subdir:
             return "two subdirectories"
+        if rec.pool and os.path.dirname(rec.pool) != self.pools.root:
+            return f"its pool mount {rec.pool} is outside the pool directory {self.pools.root}"
         return None
 
     def _under_roots(self, target: str) -> bool:
@@ -398,7 +412,7 @@ class Agent:
 
     def _save(self) -> None:
         try:
-            save_state(self.state_path, self.table)
+            save_state(self.state_path, self.table, self.pools.table)
         except OSError as e:
             log.error("cannot write state file %s: %s — mounts made now will not be re-adopted after an agent "
                       "restart", self.state_path, e.strerror or e)
@@ -576,24 +590,48 @@ class Agent:
                           f"{parsed.subdir!r}", "invalid")
         want = MountRecord(source=source, target=target, options=options, readonly=readonly,
                            context={str(k): str(v) for k, v in ctx.items()})
+        pooled = self.pools.pool_for(want) if self.pool_subdirs else None
         async with self._lock(target):
+            if pooled is not None:  # a subdir PV: a bind of its directory of the pool's one gfuse mount
+                return await self.pools.mount(want, *pooled, budget)
             return await self._mount_locked(want, budget)
+
+    @staticmethod
+    def _check_existing(top: Any, want: MountRecord) -> None:
+        """Refuse a mount request on a target where something else than what it asks is mounted."""
+        from .pools import effective_source
+
+        if not top.is_gfuse:
+            raise OpError(f"{want.target} is already mounted ({top.fstype} from {top.source}); unmount it first or "
+                          f"use another directory", "conflict")
+        have = effective_source(top.source, top.root)
+        if not same_source(have, want.source):
+            raise OpError(f"{want.target} is already mounted by gfuse from {have}, not {want.source}; "
+                          f"unmount it first", "conflict")
+        if top.readonly != want.readonly:
+            asked = ("read-only", "read-write") if top.readonly else ("read-write", "read-only")
+            raise OpError(f"{want.target} is already mounted {asked[0]} from {have}, asked {asked[1]}; unmount it "
+                          f"first", "conflict")
+
+    @staticmethod
+    def _prepare_dir(target: str) -> None:
+        """The mount directory exists, and is a directory, not a symbolic link (nothing is mounted there)."""
+        try:
+            os.makedirs(target, mode=0o750, exist_ok=True)
+            st = os.lstat(target)  # nothing is mounted there: it cannot hang
+        except OSError as e:
+            raise OpError(f"cannot create the mount directory {target}: {e.strerror}", "invalid") from None
+        if stat.S_ISLNK(st.st_mode):  # a mount follows it: the volume would cover wherever it points
+            raise OpError(f"{target} is a symbolic link; the mount directory must be a directory", "invalid")
+        if not stat.S_ISDIR(st.st_mode):
+            raise OpError(f"{target} exists and is not a directory", "invalid")
 
     async def _mount_locked(self, want: MountRecord, budget: float) -> dict[str, Any]:
         target = want.target
         stack = mounts_at(target)
         if stack:
             top = stack[-1]
-            if not top.is_gfuse:
-                raise OpError(f"{target} is already mounted ({top.fstype} from {top.source}); unmount it first or "
-                              f"use another directory", "conflict")
-            if not same_source(top.source, want.source):
-                raise OpError(f"{target} is already mounted by gfuse from {top.source}, not {want.source}; "
-                              f"unmount it first", "conflict")
-            if top.readonly != want.readonly:
-                have, asked = ("read-only", "read-write") if top.readonly else ("read-write", "read-only")
-                raise OpError(f"{target} is already mounted {have} from {top.source}, asked {asked}; unmount it "
-                              f"first", "conflict")
+            self._check_existing(top, want)
             rec = self.table.get(target)
             if rec is None:
                 rec = want
@@ -610,15 +648,7 @@ class Agent:
             self.table[target] = rec
             self._save()
             return {"ok": True, "already": True, "pid": rec.pid}
-        try:
-            os.makedirs(target, mode=0o750, exist_ok=True)
-            st = os.lstat(target)  # nothing is mounted there: it cannot hang
-        except OSError as e:
-            raise OpError(f"cannot create the mount directory {target}: {e.strerror}", "invalid") from None
-        if stat.S_ISLNK(st.st_mode):  # a mount follows it: the volume would cover wherever it points
-            raise OpError(f"{target} is a symbolic link; the mount directory must be a directory", "invalid")
-        if not stat.S_ISDIR(st.st_mode):
-            raise OpError(f"{target} exists and is not a directory", "invalid")
+        self._prepare_dir(target)
         want.restartable = self.restartable
         if want.restartable:
             await self._ensure_holder()
@@ -726,6 +756,8 @@ class Agent:
             shutil.rmtree(state_dir(target), ignore_errors=True)
         if was_mounted or rec is not None:
             log.info("unmounted %s%s", target, f" ({rec.source})" if rec else "")
+        if rec is not None and rec.pool:
+            await self.pools.release(rec.pool, budget)  # the last PV of its pool: the pool goes too
         return {"ok": True, "was_mounted": was_mounted}
 
     @staticmethod
@@ -767,24 +799,30 @@ class Agent:
         async with trio.open_nursery() as nursery:
             for rec in records:
                 nursery.start_soon(probe, rec)
-        view = (await self._holder_list() or {}) if any(r.restartable for r in records) else {}
+        pools = list(self.pools.table.values())
+        view = (await self._holder_list() or {}) if any(r.restartable for r in records + pools) else {}
         out = []
         for rec in records:
             state, reason = probes[rec.target]
             d = rec.to_wire()
-            d["pid"] = self._find_pid(rec)
-            held = view.get(rec.target)
+            srv = self._server_rec(rec)  # a subdir PV's server is its pool's (d["pool"] names the pool mount)
+            d["pid"] = self._find_pid(srv)
+            held = view.get(srv.target)
             if held is not None and held.get("served"):
                 d["pid"] = held.get("pid") or d["pid"]
             # mode: restartable/held (a server's death is a pause), restartable/unheld, repair-only; takeovers:
             # how many times a successor took the held connection; pause: the last one's wait, seconds
             handoffs = (held or {}).get("handoffs") or []
-            d.update(mode=self._mode(rec, held), takeovers=int((held or {}).get("restarts") or 0),
+            d.update(mode=self._mode(srv, held), takeovers=int((held or {}).get("restarts") or 0),
                      pause=float(handoffs[-1]) if handoffs else None)
             d.update(healthy=state == "healthy", state=state, reason=reason,
                      repair_error="" if state == "healthy" else self._repair_errors.get(rec.target, ""))
             out.append(d)
-        return {"ok": True, "mounts": out}
+        return {"ok": True, "mounts": out, "pools": self.pools.view(view)}
+
+    def _server_rec(self, rec: MountRecord) -> MountRecord:
+        """The record of the gfuse mount whose server serves ``rec``: its pool's for a subdir PV."""
+        return self.pools.table.get(rec.pool, rec) if rec.pool else rec
 
     async def op_stats(self, req: dict[str, Any]) -> dict[str, Any]:
         target = self._target(req)
@@ -884,7 +922,7 @@ class Agent:
 
         mine = gfuse_version()
         view = await self._holder_list() if self.upgrade_mounts else None
-        for target, rec in list(self.table.items()) if view else []:
+        for target, rec in [*self.table.items(), *self.pools.table.items()] if view else []:
             h = view.get(target) if view else None
             if not rec.restartable or h is None or not h.get("served"):
                 continue
@@ -947,20 +985,21 @@ class Agent:
         top = stack[-1]
         if not top.is_gfuse:
             return "foreign", f"{target} is covered by a {top.fstype} mount from {top.source}"
-        if rec.restartable:
+        srv = self._server_rec(rec)
+        if srv.restartable:
             # a held connection without a server: the kernel holds the requests (a stat would wait for the
             # successor); not dead, and never to be unmounted or covered
-            h = (await self._holder_list() or {}).get(target)
+            h = (await self._holder_list() or {}).get(srv.target)
             if h is None:
-                self._held.pop(target, None)
+                self._held.pop(srv.target, None)
             else:
-                self._held[target] = h
+                self._held[srv.target] = h
                 if not h.get("served"):
                     return "restarting", self._restarting_reason(h)
         timeout = timeout or self.probe_timeout
         res = await run_bounded(["stat", "-c", "%i", "--", target], timeout)
         if res.timed_out:
-            pid = self._find_pid(rec)
+            pid = self._find_pid(srv)
             return "hung", (f"{target} did not answer within {timeout:g}s (serving process "
                             f"{pid if pid else 'not found'}; bricks unreachable or the server is stuck)")
         if res.rc == 0:
@@ -969,7 +1008,7 @@ class Agent:
         # "Transport endpoint is not connected" is what the kernel answers once the serving process is
         # gone -- and also what gfuse itself answers while every brick is down. Only a serving process
         # that is really gone makes the mount dead (and repaired); otherwise it is unhealthy and left alone.
-        if await self._server_alive(rec):
+        if await self._server_alive(srv):
             return "error", msg
         return "dead", msg
 
@@ -1005,6 +1044,7 @@ class Agent:
             await trio.sleep(self.health_interval)
 
     async def check_all(self) -> None:
+        await self.pools.check_pools()  # first: a pool repaired now has its PVs bound again below
         async with trio.open_nursery() as nursery:
             for target in list(self.table):
                 nursery.start_soon(self._check_one_safely, target)
@@ -1020,8 +1060,11 @@ class Agent:
         if lock.locked():
             return  # a request is working on it
         async with self._limiter, lock:
-            rec = self.table.get(target)
+            rec = self.table.get(target) or self.pools.table.get(target)
             if rec is None:
+                return
+            if rec.pool:
+                await self.pools.check(rec)
                 return
             state, reason = await self._probe(rec)
             prev = self._health.get(target)
@@ -1151,6 +1194,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--metrics-address", default=None, metavar="HOST:PORT",
                    help="serve Prometheus metrics of every mount on http://HOST:PORT/metrics (':PORT': every "
                         "interface; default: off)")
+    p.add_argument("--pool-subdirs", default="no", choices=("yes", "no"),
+                   help="serve every subdir PV (a source or subdir= naming a subdirectory) of one pool volume from "
+                        "one gfuse mount of the pool, each PV a bind of its subdirectory (flexvolume.pools; "
+                        "default %(default)s: a gfuse mount per PV, whose df shows the PV's quota)")
+    p.add_argument("--pool-dir", default=None, metavar="DIR",
+                   help="where pool mounts live, root only (default: <kubelet-dir>/gfuse-pools)")
     p.add_argument("--restartable", default="auto", choices=RESTARTABLE_CHOICES,
                    help="make mounts restartable: the holder keeps their FUSE connections and a dead server is "
                         "taken over, a pause for running pods (auto: when the kernel has FUSE_NOTIFY_RESEND, Linux "
@@ -1209,7 +1258,8 @@ def main(argv: list[str] | None = None) -> None:
                   restartable=args.restartable, upgrade_mounts=not args.no_upgrade_mounts,
                   holder_socket=args.holder_socket, holder_log=args.holder_log,
                   kubelet_dir=args.kubelet_dir, allowed_dirs=args.allow_dir, node_options=node_options,
-                  metrics_address=metrics_address, events=events)
+                  metrics_address=metrics_address, events=events, pool_subdirs=args.pool_subdirs == "yes",
+                  pool_dir=args.pool_dir)
     try:
         trio.run(agent.run)
     except KeyboardInterrupt:

@@ -5,11 +5,17 @@ Layout (msgpack map)::
     {"version": 1,
      "mounts": [{"source": "server:/vol[/sub]", "target": "/abs/path", "options": ["opt", …],
                  "readonly": bool, "pid": int | None, "since": float (unix time),
-                 "context": {str: str}, "repairs": int, "restartable": bool}, …]}
+                 "context": {str: str}, "repairs": int, "restartable": bool,
+                 "pool": "/pool/dir", "subdir": "sub"}, …],
+     "pools": [{…the same fields, for the pool mounts…}, …]}
 
 ``restartable``: mounted with ``-o restartable`` (issue 12): the node's holder keeps a copy of its FUSE fd, and
 the agent takes the connection over when its server dies instead of repairing it with a fresh mount. Absent
 (a file of an older agent): False, the repair of before.
+
+``pool``/``subdir`` (issue 13, :mod:`flexvolume.pools`): the mount is a bind of ``subdir`` of the agent's gfuse
+mount of the whole pool volume at ``pool``; ``pools`` lists those pool mounts (their reference counts are the
+entries naming them). Absent (an older agent's file): "" -- a mount of its own.
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ class MountRecord:
     context: dict[str, str] = field(default_factory=dict)
     repairs: int = 0
     restartable: bool = False
+    #: a PV served by a pool mount: the pool's mount directory and the PV's subdirectory of it ("" otherwise)
+    pool: str = ""
+    subdir: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,15 +87,27 @@ class MountRecord:
             context={str(k): str(v) for k, v in ctx.items()},
             repairs=repairs,
             restartable=d.get("restartable", False) is True,
+            pool=_path_or_empty(d.get("pool")),
+            subdir=_str_or_empty(d.get("subdir")),
         )
+
+
+def _str_or_empty(v: Any) -> str:
+    return v if isinstance(v, str) and "\0" not in v else ""
+
+
+def _path_or_empty(v: Any) -> str:
+    return v if isinstance(v, str) and v.startswith("/") and "\0" not in v else ""
 
 
 def _short(v: Any) -> str:
     return f"{v!r:.200}"
 
 
-def load_state(path: str, dropped: list[str] | None = None) -> dict[str, MountRecord]:
-    """The mount table by target; an absent file is an empty table.
+def load_state(path: str, dropped: list[str] | None = None,
+               pools: dict[str, MountRecord] | None = None) -> dict[str, MountRecord]:
+    """The mount table by target; an absent file is an empty table. ``pools`` (when given) gets the pool
+    mounts by directory.
 
     A file that cannot be read as a whole (not msgpack, not this layout, another version) is a
     :class:`StateError`. A single record that is not valid is left out, and the others are kept: each
@@ -119,17 +140,28 @@ def load_state(path: str, dropped: list[str] | None = None) -> dict[str, MountRe
                 dropped.append(f"entry {i}: {e}")
             continue
         table[r.target] = r
+    pool_list = obj.get("pools") or []
+    if pools is not None and isinstance(pool_list, list):
+        for i, m in enumerate(pool_list):
+            try:
+                r = MountRecord.from_wire(m)
+            except (ValueError, TypeError, OverflowError) as e:
+                if dropped is not None:
+                    dropped.append(f"pool entry {i}: {e}")
+                continue
+            pools[r.target] = r
     return table
 
 
-def save_state(path: str, records: dict[str, MountRecord]) -> None:
+def save_state(path: str, records: dict[str, MountRecord], pools: dict[str, MountRecord] | None = None) -> None:
     """Write the table atomically: a crash leaves either the old or the new file, never a torn one."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    body = msgpack.packb(
-        {"version": STATE_VERSION, "mounts": [r.to_wire() for r in sorted(records.values(), key=lambda r: r.target)]},
-        use_bin_type=True,
-    )
+    obj: dict[str, Any] = {"version": STATE_VERSION,
+                           "mounts": [r.to_wire() for r in sorted(records.values(), key=lambda r: r.target)]}
+    if pools:
+        obj["pools"] = [r.to_wire() for r in sorted(pools.values(), key=lambda r: r.target)]
+    body = msgpack.packb(obj, use_bin_type=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
