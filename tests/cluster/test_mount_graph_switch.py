@@ -82,7 +82,8 @@ def test_files_found_after_add_brick_and_fix_layout(make_volume, gfuse_mount, na
         assert (g.path / "d" / name).read_text() == name
     assert sorted(os.listdir(g.path / "d")) == names
     # a fresh client too (no cached layouts), and the reference client agrees
-    assert all((gfuse_mount(vol).path / "d" / name).read_text() == name for name in names)
+    fresh = gfuse_mount(vol).path / "d"
+    assert all((fresh / name).read_text() == name for name in names)
     assert sorted(os.listdir(n.path / "d")) == names
 
 
