@@ -513,7 +513,8 @@ def test_selinux_context_reaches_the_kernel_mount(vol_replica3, tmp_path: Path) 
     here) the kernel refuses it (EINVAL) and the Failure says the FUSE mount failed; with SELinux it mounts."""
     selinux = os.path.exists("/sys/fs/selinux/enforce")
     n = Node(tmp_path / "node", health_interval=30.0)
-    n.agent = _TracedAgent(tmp_path / "node" / "agent", health_interval=30.0)
+    # no holder (--restartable no): strace -f would wait for it to exit on its own (15 s idle) after the agent
+    n.agent = _TracedAgent(tmp_path / "node" / "agent", health_interval=30.0, extra_args=("--restartable", "no"))
     with n:
         vdir = n.kubelet.pod_volume_dir(POD.uid, "labelled")
         r = n.mount(vdir, kubelet_mount_options(vol_replica3.source, POD, pv_options={
