@@ -531,13 +531,32 @@ class GlusterOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        """pyfuse3's OPENDIR (when fuse_lowlevel could not take it over): the kernel caches no listing."""
+        return await self._opendir(inode, self.cred(ctx))
+
+    async def _opendir(self, inode: int, cred: Credential) -> int:
         gfid = self.gfid(inode)
-        r = await self.top.opendir(gfid, cred=self.cred(ctx))
+        r = await self.top.opendir(gfid, cred=cred)
         self._dir_handles += 1
         h = self._dir_handles
         self.dirs[h] = _DirHandle(r.need_fd(), gfid)
         self.journal.opendir(h, gfid)
         return h
+
+    @fuse_errors
+    async def opendir_ll(self, inode: int, caller: Caller) -> tuple[int, bool, bool]:
+        """OPENDIR through fuse_lowlevel: (handle, cache_readdir, keep_cache). With a coherent md-cache the
+        kernel keeps each listing in the directory's page cache (FOPEN_CACHE_DIR) and answers the next
+        ``ls`` from it; it is kept at this open (FOPEN_KEEP_CACHE) only if md-cache vouches that the
+        directory did not change since that listing was read (see MdCache.listing_unchanged: no upcall, no
+        entry fop of ours, and the bricks' mtime/ctime of the directory, asked now, as they were then).
+        Without coherence (gluster's 1 s semantics) nothing is cached: pyfuse3's behaviour."""
+        h = await self._opendir(inode, self.cred(caller))
+        c = self.kcache.cache
+        if c is None or not c.coherent:
+            return h, False, False
+        keep = await c.listing_unchanged(self.dirs[h].gfid)
+        return h, True, keep
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:

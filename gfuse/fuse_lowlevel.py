@@ -1,4 +1,5 @@
-"""FUSE requests pyfuse3 has no handler for: POSIX/BSD locks, fallocate, and flush's lock owner.
+"""FUSE requests pyfuse3 has no handler for: POSIX/BSD locks, fallocate, flush's lock owner, and opendir's
+cache flags.
 
 pyfuse3 3.x registers no ``getlk``/``setlk``/``flock``/``fallocate`` with libfuse, so the kernel
 would keep locks local to one node and refuse fallocate. Without them a database on two nodes
@@ -18,6 +19,9 @@ could both "hold" a lock. This module adds them to the libfuse session pyfuse3 c
   task replies exactly once (``fuse_reply_*``), also when cancelled.
 * ``flush`` is taken over as well, because only libfuse's flush carries the lock owner: closing
   any descriptor drops the process's POSIX locks, which bricks do when FLUSH carries that owner.
+* ``opendir`` is taken over because pyfuse3 answers it with a zeroed ``fuse_file_info`` but the handle:
+  the kernel's readdir cache needs ``cache_readdir`` (FOPEN_CACHE_DIR: keep the listing in the directory's
+  page cache) and ``keep_cache`` (FOPEN_KEEP_CACHE: do not drop what an earlier open cached) in the reply.
 """
 
 from __future__ import annotations
@@ -36,17 +40,20 @@ import trio
 log = logging.getLogger(__name__)
 
 # slots of struct fuse_lowlevel_ops (libfuse 3.x keeps this order stable: fields are only appended)
-SLOT_LOOKUP, SLOT_FLUSH, SLOT_GETLK, SLOT_SETLK, SLOT_FLOCK, SLOT_FALLOCATE = 2, 17, 31, 32, 39, 40
+SLOT_LOOKUP, SLOT_FLUSH, SLOT_OPENDIR, SLOT_GETLK, SLOT_SETLK, SLOT_FLOCK, SLOT_FALLOCATE = 2, 17, 20, 31, 32, 39, 40
 N_SLOTS = 44
 PTR = ctypes.sizeof(ctypes.c_void_p)
 
 LOCK_SH, LOCK_EX, LOCK_NB, LOCK_UN = 1, 2, 4, 8
 F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+#: bits of fuse_file_info after ``flags`` (writepage, direct_io, keep_cache, flush, nonseekable,
+#: flock_release, cache_readdir, noflush: libfuse 3's fuse_common.h, little-endian bit fields)
+FI_KEEP_CACHE, FI_CACHE_READDIR = 1 << 2, 1 << 6
 
 
 class FileInfo(ctypes.Structure):
-    """struct fuse_file_info (libfuse 3): only fh and lock_owner are read."""
+    """struct fuse_file_info (libfuse 3): flags, fh and lock_owner are read; bits and fh written for opendir."""
     _fields_ = [("flags", ctypes.c_int), ("bits", ctypes.c_uint), ("padding2", ctypes.c_uint),
                 ("fh", ctypes.c_uint64), ("lock_owner", ctypes.c_uint64), ("poll_events", ctypes.c_uint32)]
 
@@ -68,6 +75,7 @@ SETLK = ctypes.CFUNCTYPE(None, REQ, INO, ctypes.POINTER(FileInfo), ctypes.POINTE
 FLOCK = ctypes.CFUNCTYPE(None, REQ, INO, ctypes.POINTER(FileInfo), ctypes.c_int)
 FALLOCATE = ctypes.CFUNCTYPE(None, REQ, INO, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(FileInfo))
 FLUSH = ctypes.CFUNCTYPE(None, REQ, INO, ctypes.POINTER(FileInfo))
+OPENDIR = ctypes.CFUNCTYPE(None, REQ, INO, ctypes.POINTER(FileInfo))
 INTERRUPT = ctypes.CFUNCTYPE(None, REQ, ctypes.c_void_p)
 
 
@@ -97,6 +105,12 @@ class LockOps(Protocol):
     async def fallocate(self, fh: int, mode: int, offset: int, length: int, caller: Caller) -> None: ...
 
     async def flush(self, fh: int, lock_owner: int | None = None) -> None: ...
+
+    async def opendir_ll(self, inode: int, caller: Caller) -> tuple[int, bool, bool]:
+        """(handle, cache_readdir, keep_cache) for an OPENDIR."""
+        ...
+
+    async def releasedir(self, fh: int) -> None: ...
 
 
 class Unsupported(Exception):
@@ -191,6 +205,7 @@ def libfuse() -> ctypes.CDLL:
         lib = ctypes.CDLL("libfuse3.so.3")
         lib.fuse_reply_err.argtypes = [REQ, ctypes.c_int]
         lib.fuse_reply_lock.argtypes = [REQ, ctypes.POINTER(CFlock)]
+        lib.fuse_reply_open.argtypes = [REQ, ctypes.POINTER(FileInfo)]
         lib.fuse_req_ctx.argtypes = [REQ]
         lib.fuse_req_ctx.restype = ctypes.POINTER(FuseCtx)
         lib.fuse_req_interrupt_func.argtypes = [REQ, INTERRUPT, ctypes.c_void_p]
@@ -218,6 +233,7 @@ class LowLevelHandlers:
         self._callbacks = {
             SLOT_GETLK: GETLK(g(self._getlk)), SLOT_SETLK: SETLK(g(self._setlk)), SLOT_FLOCK: FLOCK(g(self._flock)),
             SLOT_FALLOCATE: FALLOCATE(g(self._fallocate)), SLOT_FLUSH: FLUSH(g(self._flush)),
+            SLOT_OPENDIR: OPENDIR(g(self._opendir)),
         }
         self._on_interrupt = INTERRUPT(self._interrupted)
         _keep_alive.append(self)
@@ -238,7 +254,7 @@ class LowLevelHandlers:
         for slot, cb in self._callbacks.items():
             table[slot] = ctypes.cast(cb, ctypes.c_void_p).value
         self._lib = lib
-        log.debug("FUSE lock, flock, fallocate and flush handlers installed")
+        log.debug("FUSE lock, flock, fallocate, flush and opendir handlers installed")
         return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -304,7 +320,8 @@ class LowLevelHandlers:
         except Exception as e:
             if not isinstance(e, OSError) and not hasattr(e, "errno"):
                 log.exception("%s failed unexpectedly", name)
-            elif _errno_of(e) not in (errno.EAGAIN, errno.EINTR, errno.EBADF, errno.EOPNOTSUPP):
+            elif _errno_of(e) not in (errno.EAGAIN, errno.EINTR, errno.EBADF, errno.EOPNOTSUPP, errno.ENOENT,
+                                      errno.EACCES, errno.EPERM, errno.ESTALE, errno.ENOTDIR):
                 log.warning("%s: %s", name, e)
             answer_err(_errno_of(e))
         else:
@@ -394,6 +411,20 @@ class LowLevelHandlers:
     def _flush(self, req: int, ino: int, fi: Any) -> None:
         fh, owner = fi.contents.fh, fi.contents.lock_owner
         self._spawn(req, "flush", lambda: self.ops.flush(fh, owner))
+
+    def _opendir(self, req: int, ino: int, fi: Any) -> None:
+        flags = fi.contents.flags
+        caller = self._caller(req)
+
+        def reply(answer: tuple[int, bool, bool]) -> int:
+            fh, cache, keep = answer
+            out = FileInfo(flags=flags, bits=(FI_CACHE_READDIR if cache else 0) | (FI_KEEP_CACHE if keep else 0),
+                           fh=fh)
+            rc: int = self._lib.fuse_reply_open(req, ctypes.byref(out))
+            if rc != 0 and self._nursery is not None:  # the caller is gone: no RELEASEDIR will come for it
+                self._nursery.start_soon(self.ops.releasedir, fh)
+            return rc
+        self._spawn(req, "opendir", lambda: self.ops.opendir_ll(ino, caller), reply)
 
 
 _keep_alive: list[LowLevelHandlers] = []

@@ -43,6 +43,7 @@ import fnmatch
 import functools
 import logging
 import stat as st
+import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, Protocol, Sequence
 
@@ -85,6 +86,9 @@ INCOHERENT_MAX = 1.0
 #: how often the bricks' volfiles are read again (an admin may switch cache-invalidation off)
 PROBE_INTERVAL = 30.0
 NEGATIVE_PER_DIR = 4096
+#: a directory whose bricks' ctime is younger than this (by our clock) when a listing begins cannot vouch
+#: for it: a later change within the same timestamp tick would leave mtime and ctime as they are
+STAMP_SETTLE = 2.0
 
 
 @dataclass
@@ -217,6 +221,11 @@ class MdCache(PassThrough):
         #: open directory → (invalidation sequence when read, the last page read, entry offset → index): the
         #: kernel asks again from inside a page it could not take whole; answered from it if nothing changed
         self._pages: dict[int, tuple[int, list[F.DirEntry], dict[int, int]]] = {}
+        #: directory → (the bricks' (mtime, mtime_nsec, ctime, ctime_nsec) of it when its last listing began,
+        #: the invalidation sequence then, too young to vouch for): see listing_unchanged
+        self._stamps: BoundedDict[bytes, tuple[tuple[int, int, int, int], int, bool]] = BoundedDict(10_000)
+        #: the clock the bricks' times are compared with (the unit tests' bricks run on the virtual clock)
+        self.wall: Callable[[], float] = time.time
         self.stats = _Stats()
         self._remode()
         for i, b in enumerate(self.bricks):
@@ -385,6 +394,7 @@ class MdCache(PassThrough):
         self._remote.clear()
         had = len(self._inodes)
         self._inodes.clear()
+        self._stamps.clear()
         self.stats.flushes += 1
         if why:
             log.debug("%s: md-cache dropped %d inodes: %s", self.name, had, why)
@@ -416,7 +426,9 @@ class MdCache(PassThrough):
                     (old.mtime, old.mtime_nsec) == (msg.stat.mtime, msg.stat.mtime_nsec):
                 data = False  # a chmod or chown: the pages are still right
             if (old is not None and old.is_dir) or st.S_ISDIR(msg.stat.mode):
-                data = False
+                # a directory's "pages" are the listing the kernel caches (FOPEN_CACHE_DIR, coherent mode only)
+                data = self._coh and bool(f & (UP_TIMES | UP_PARENT_TIMES))
+                self._stamps.pop(g, None)
             if e is not None:
                 if f & UP_IATT:
                     e.iatt = None
@@ -433,8 +445,9 @@ class MdCache(PassThrough):
                 if pe is not None:
                     pe.iatt = None
                     pe.neg = None
+                self._stamps.pop(p, None)
                 if kernel is not None:
-                    kernel.inode_changed(p, False)
+                    kernel.inode_changed(p, self._coh)  # its names changed: the kernel's cached listing too
 
     def _merge_xattrs(self, e: _Ino, xdata: dict[str, bytes], removed: bool) -> None:
         if e.xattrs is None:
@@ -682,6 +695,40 @@ class MdCache(PassThrough):
                 self._name(dg, ent.name, ent.stat.gfid, ticket)
         return r
 
+    async def listing_unchanged(self, gfid: bytes) -> bool:
+        """At an opendir of directory ``gfid``: may the kernel keep the listing it cached at an earlier open?
+
+        Yes only in coherent mode, when no upcall and no entry fop of ours touched the directory since that
+        listing began, and the bricks' mtime and ctime of it, asked now (distribute: the latest of every
+        copy), are what they were then. The bricks tell a client of a rename or hard link into a directory
+        only if it touched the inode moved, so the upcalls alone would miss those; the times do not. A stamp
+        taken within STAMP_SETTLE of the directory's last change vouches for nothing (two changes in one
+        timestamp tick look alike). Every answer but yes starts a new stamp: the listing read next."""
+        if not self.coherent:
+            self._stamps.pop(gfid, None)
+            return False
+        now, ticket = trio.current_time(), self._seq
+        try:
+            r = await self.child.stat(gfid)
+        except OSError:
+            self._stamps.pop(gfid, None)
+            return False
+        s = r.stat
+        if s is None or s.gfid != gfid or not s.is_dir:
+            self._stamps.pop(gfid, None)
+            return False
+        self._store(gfid, s, ticket, now)
+        stamp = (s.mtime, s.mtime_nsec, s.ctime, s.ctime_nsec)
+        prev = self._stamps.get(gfid)
+        if prev is not None and prev[0] == stamp and not prev[2] and prev[1] >= self._floor and \
+                self._changed.get(gfid, -1) <= prev[1] and self.coherent:
+            self._hit("listing")
+            return True
+        changed = max((s.mtime, s.mtime_nsec), (s.ctime, s.ctime_nsec))
+        young = self.wall() - (changed[0] + changed[1] / 1e9) < STAMP_SETTLE
+        self._stamps[gfid] = (stamp, ticket, young)
+        return False
+
     # ------------------------------------------------------------ handles (to know the gfid of an fd)
 
     async def open(self, gfid: bytes, flags: int, xdata: Dict | None = None,
@@ -817,6 +864,7 @@ class MdCache(PassThrough):
     def _before_entry(self, *dirs: bytes) -> tuple[int, float]:
         for d in dirs:
             self._drop(d)
+            self._stamps.pop(d, None)
         return self._seq, trio.current_time()
 
     def _keep_parent(self, pargfid: bytes, iatt: Iatt | None, ticket: int, t0: float) -> None:

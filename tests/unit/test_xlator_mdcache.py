@@ -329,7 +329,7 @@ async def test_another_clients_change_is_seen_at_the_next_access(autojump_clock:
             assert (fg, False) in k.changed, "a chmod dropped the pages (or nothing was said)"
     if change == "create":
         assert (await m.lookup(dg, "new")).stat is not None, "a stale negative entry"
-        assert (dg, False) in k.changed
+        assert (dg, True) in k.changed, "the kernel was not told to drop its cached listing of the directory"
     d = brick.inode("d")
     assert d is not None
     assert same_attrs((await m.stat(dg)).stat or Iatt(), d.iatt()), "the directory's attributes are stale"
@@ -820,3 +820,102 @@ async def test_the_rest_of_a_listing_page_is_answered_from_it_until_something_ch
     assert brick.calls["readdirp"] == n + 1, "a page older than an invalidation was answered"
     assert "n10" not in [e.name for e in rest]
     await m.releasedir(o.fd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The kernel's readdir cache (FOPEN_CACHE_DIR): at each opendir md-cache says whether the listing the kernel
+# cached may be kept (listing_unchanged). In-memory brick, virtual time; m.wall is the virtual clock too (the
+# brick's times come from it).
+
+async def _listed(m: MdCache, dg: bytes) -> bool:
+    """An opendir + full listing as the FUSE bridge does it; what listing_unchanged said at the open."""
+    o = await m.opendir(dg)
+    assert o.fd is not None
+    keep = await m.listing_unchanged(dg)
+    off = 0
+    while True:
+        ents = (await m.readdirp(o.fd, off)).entries
+        if not ents:
+            break
+        off = ents[-1].off
+    await m.releasedir(o.fd)
+    return keep
+
+
+async def _listing_tree(b: MemClient) -> tuple[bytes, bytes, bytes]:
+    """d with f0..f4 and e (never touched by A) with x, y; made by B."""
+    dg, eg, xg = new_gfid(), new_gfid(), new_gfid()
+    await b.mkdir(ROOT_GFID, "d", 0o755, dg)
+    await b.mkdir(ROOT_GFID, "e", 0o755, eg)
+    for i in range(5):
+        await b.mknod(dg, f"f{i}", st.S_IFREG | 0o644, 0, new_gfid())
+    await b.mknod(eg, "x", st.S_IFREG | 0o644, 0, xg)
+    return dg, eg, xg
+
+
+LISTING_CHANGES: dict[str, Callable[[MemClient, bytes, bytes, bytes], Awaitable[object]]] = {
+    "create": lambda b, d, e, x: b.create(d, "new", os.O_RDWR, 0o644, new_gfid()),
+    "mkdir": lambda b, d, e, x: b.mkdir(d, "sub", 0o755, new_gfid()),
+    "unlink": lambda b, d, e, x: b.unlink(d, "f1"),
+    "rename-within": lambda b, d, e, x: b.rename(d, "f1", d, "g1"),
+    "rename-out": lambda b, d, e, x: b.rename(d, "f1", e, "f1"),
+    # the bricks tell nobody of these but clients registered on x, and A never touched x (CACHING.md §1)
+    "rename-in-untouched": lambda b, d, e, x: b.rename(e, "x", d, "x"),
+    "link-in-untouched": lambda b, d, e, x: b.link(x, d, "x"),
+}
+
+
+@pytest.mark.parametrize("change", sorted(LISTING_CHANGES))
+async def test_a_cached_listing_is_kept_until_another_client_changes_the_directory(
+        autojump_clock: trio.abc.Clock, nursery: trio.Nursery, change: str) -> None:
+    _, m, b, k = coherent()
+    m.wall = trio.current_time
+    await nursery.start(m.run)
+    dg, eg, xg = await _listing_tree(b)
+    await m.lookup(ROOT_GFID, "d")
+    await trio.sleep(10)
+    assert not await _listed(m, dg), "no listing was cached yet"
+    for _ in range(3):
+        await trio.sleep(5)
+        assert await _listed(m, dg), "an unchanged directory's listing was not kept"
+    k.changed.clear()
+    await LISTING_CHANGES[change](b, dg, eg, xg)
+    await trio.sleep(0.01)
+    assert not await _listed(m, dg), f"after B's {change} the kernel kept its old listing of d"
+    if not change.endswith("untouched"):
+        assert (dg, True) in k.changed, "the upcall did not drop the kernel's cached listing of d"
+    await trio.sleep(5)
+    assert not await _listed(m, dg), "a stamp taken right after a change vouched for the next listing"
+    assert await _listed(m, dg), "the listing was not kept again once the directory had settled"
+
+
+async def test_our_own_entry_ops_and_a_brick_restart_drop_the_vouching(autojump_clock: trio.abc.Clock,
+                                                                        nursery: trio.Nursery) -> None:
+    _, m, b, _ = coherent()
+    m.wall = trio.current_time
+    await nursery.start(m.run)
+    dg, _, _ = await _listing_tree(b)
+    await m.lookup(ROOT_GFID, "d")
+    await trio.sleep(10)
+    await _listed(m, dg)
+    assert await _listed(m, dg)
+    await m.mknod(dg, "ours", st.S_IFREG | 0o644, 0, new_gfid())
+    assert not await _listed(m, dg), "our own mknod in d kept the listing"
+    await trio.sleep(10)
+    await _listed(m, dg)
+    assert await _listed(m, dg)
+    m.drop_all("a brick restarted")
+    assert not await _listed(m, dg), "a listing outlived a brick restart"
+
+
+async def test_no_listing_is_vouched_for_without_coherence(autojump_clock: trio.abc.Clock,
+                                                           nursery: trio.Nursery) -> None:
+    _, m, b, _ = coherent(bricks_on=False)
+    m.wall = trio.current_time
+    await nursery.start(m.run)
+    assert not m.coherent
+    dg, _, _ = await _listing_tree(b)
+    await trio.sleep(10)
+    for _ in range(3):
+        assert not await _listed(m, dg)
+        await trio.sleep(5)
