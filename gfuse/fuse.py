@@ -555,7 +555,8 @@ class GlusterOperations(pyfuse3.Operations):
         c = self.kcache.cache
         if c is None or not c.coherent:
             return h, False, False
-        keep = await c.listing_unchanged(self.dirs[h].gfid)
+        d = self.dirs[h]
+        keep = await c.listing_unchanged(d.gfid, d.fd)
         return h, True, keep
 
     @fuse_errors

@@ -89,6 +89,8 @@ NEGATIVE_PER_DIR = 4096
 #: a directory whose bricks' ctime is younger than this (by our clock) when a listing begins cannot vouch
 #: for it: a later change within the same timestamp tick would leave mtime and ctime as they are
 STAMP_SETTLE = 2.0
+#: whole listings kept (directories, entries per directory) and entries answered per READDIRP from one
+LISTINGS, LISTING_MAX, LISTING_PAGE = 64, 100_000, 256
 
 
 @dataclass
@@ -224,6 +226,12 @@ class MdCache(PassThrough):
         #: directory → (the bricks' (mtime, mtime_nsec, ctime, ctime_nsec) of it when its last listing began,
         #: the invalidation sequence then, too young to vouch for): see listing_unchanged
         self._stamps: BoundedDict[bytes, tuple[tuple[int, int, int, int], int, bool]] = BoundedDict(10_000)
+        #: open directory → the stamp's sequence it was opened under (listing_unchanged); while one is read
+        #: from offset 0 on: (the offset the next brick page starts after, its entries so far); directory →
+        #: (the stamp's sequence, its whole listing as the bricks gave it, offset → index of the next entry)
+        self._fd_stamp: dict[int, int] = {}
+        self._reading: dict[int, tuple[int, list[F.DirEntry]]] = {}
+        self._listings: BoundedDict[bytes, tuple[int, list[F.DirEntry], dict[int, int]]] = BoundedDict(LISTINGS)
         #: the clock the bricks' times are compared with (the unit tests' bricks run on the virtual clock)
         self.wall: Callable[[], float] = time.time
         self.stats = _Stats()
@@ -395,6 +403,8 @@ class MdCache(PassThrough):
         had = len(self._inodes)
         self._inodes.clear()
         self._stamps.clear()
+        self._listings.clear()
+        self._reading.clear()
         self.stats.flushes += 1
         if why:
             log.debug("%s: md-cache dropped %d inodes: %s", self.name, had, why)
@@ -429,6 +439,7 @@ class MdCache(PassThrough):
                 # a directory's "pages" are the listing the kernel caches (FOPEN_CACHE_DIR, coherent mode only)
                 data = self._coh and bool(f & (UP_TIMES | UP_PARENT_TIMES))
                 self._stamps.pop(g, None)
+                self._listings.pop(g, None)
             if e is not None:
                 if f & UP_IATT:
                     e.iatt = None
@@ -446,6 +457,7 @@ class MdCache(PassThrough):
                     pe.iatt = None
                     pe.neg = None
                 self._stamps.pop(p, None)
+                self._listings.pop(p, None)
                 if kernel is not None:
                     kernel.inode_changed(p, self._coh)  # its names changed: the kernel's cached listing too
 
@@ -670,6 +682,15 @@ class MdCache(PassThrough):
 
     async def readdirp(self, fd: int, offset: int = 0, size: int = 128 * 1024, xdata: Dict | None = None,
                        cred: Credential | None = None) -> Result:
+        seq = self._fd_stamp.get(fd) if xdata is None else None
+        if seq is not None:
+            dg0 = self._fd_gfid.get(fd)
+            if dg0 is not None:
+                kept = self._from_listing(dg0, seq, offset)
+                if kept is not None:
+                    self._hit("readdirp")
+                    return Result(0, 0, entries=kept)
+                self._listings.pop(dg0, None)
         if xdata is None and offset:
             page = self._pages.get(fd)
             if page is not None and page[0] == self._seq:
@@ -686,6 +707,8 @@ class MdCache(PassThrough):
         dg = self._fd_gfid.get(fd)
         if dg is not None:
             self._registered_at(dg, ticket, now)
+        if seq is not None and dg is not None:
+            self._record(fd, dg, seq, offset, r.entries)
         for ent in r.entries:
             if ent.stat is None or ent.name in (".", "..") or ent.stat.gfid == NULL_GFID:
                 continue
@@ -695,7 +718,7 @@ class MdCache(PassThrough):
                 self._name(dg, ent.name, ent.stat.gfid, ticket)
         return r
 
-    async def listing_unchanged(self, gfid: bytes) -> bool:
+    async def listing_unchanged(self, gfid: bytes, fd: int | None = None) -> bool:
         """At an opendir of directory ``gfid``: may the kernel keep the listing it cached at an earlier open?
 
         Yes only in coherent mode, when no upcall and no entry fop of ours touched the directory since that
@@ -703,9 +726,15 @@ class MdCache(PassThrough):
         copy), are what they were then. The bricks tell a client of a rename or hard link into a directory
         only if it touched the inode moved, so the upcalls alone would miss those; the times do not. A stamp
         taken within STAMP_SETTLE of the directory's last change vouches for nothing (two changes in one
-        timestamp tick look alike). Every answer but yes starts a new stamp: the listing read next."""
+        timestamp tick look alike). Every answer but yes starts a new stamp: the listing read next.
+
+        ``fd`` (the directory just opened): when the answer is yes, READDIRPs on it are answered from the
+        whole listing kept under the same stamp, if there is one and every entry's attributes are fresh here
+        (the kernel's own copy is gone after drop_caches or memory pressure); else its listing, read whole
+        from the bricks, is kept under the new stamp."""
         if not self.coherent:
             self._stamps.pop(gfid, None)
+            self._listings.pop(gfid, None)
             return False
         now, ticket = trio.current_time(), self._seq
         try:
@@ -723,11 +752,63 @@ class MdCache(PassThrough):
         if prev is not None and prev[0] == stamp and not prev[2] and prev[1] >= self._floor and \
                 self._changed.get(gfid, -1) <= prev[1] and self.coherent:
             self._hit("listing")
+            if fd is not None:
+                self._fd_stamp[fd] = prev[1]
             return True
         changed = max((s.mtime, s.mtime_nsec), (s.ctime, s.ctime_nsec))
         young = self.wall() - (changed[0] + changed[1] / 1e9) < STAMP_SETTLE
         self._stamps[gfid] = (stamp, ticket, young)
+        self._listings.pop(gfid, None)
+        if fd is not None:
+            self._fd_stamp[fd] = ticket
         return False
+
+    def _stamp_holds(self, dg: bytes, seq: int) -> bool:
+        """Is the stamp taken at ``seq`` still the directory's, with nothing invalidated since?"""
+        cur = self._stamps.get(dg)
+        return self._coh and cur is not None and cur[1] == seq and seq >= self._floor and \
+            self._changed.get(dg, -1) <= seq
+
+    def _from_listing(self, dg: bytes, seq: int, offset: int) -> list[F.DirEntry] | None:
+        """The entries after ``offset`` from the kept listing of ``dg`` (None: not answerable from it)."""
+        lst = self._listings.get(dg)
+        if lst is None or lst[0] != seq or not self._stamp_holds(dg, seq):
+            return None
+        i = lst[2].get(offset) if offset else 0
+        if i is None:
+            return None
+        ents = lst[1][i:i + LISTING_PAGE]
+        now, inodes, out = trio.current_time(), self._inodes, []
+        for ent in ents:
+            s = ent.stat
+            if s is None or s.gfid == NULL_GFID or ent.name in (".", ".."):
+                out.append(ent)
+                continue
+            e = inodes.get(s.gfid)
+            if e is None or e.iatt is None or not self._fresh(e, e.t, now):
+                return None  # changed, or no longer registered: the bricks answer (and fill it again)
+            out.append(ent if e.iatt is s else F.DirEntry(ent.ino, ent.off, ent.type, ent.name, e.iatt))
+        return out
+
+    def _record(self, fd: int, dg: bytes, seq: int, offset: int, entries: list[F.DirEntry]) -> None:
+        """A brick page of ``fd``'s listing: kept as the directory's once read whole under one stamp."""
+        rd = self._reading.get(fd)
+        if offset == 0:
+            rd = (0, [])
+        elif rd is None or rd[0] != offset:
+            self._reading.pop(fd, None)
+            return
+        if entries:
+            if len(rd[1]) + len(entries) > LISTING_MAX:
+                self._reading.pop(fd, None)
+                return
+            rd[1].extend(entries)
+            self._reading[fd] = (entries[-1].off, rd[1])
+            return
+        self._reading.pop(fd, None)
+        if self._stamp_holds(dg, seq):
+            whole = rd[1]
+            self._listings[dg] = (seq, whole, {e.off: i + 1 for i, e in enumerate(whole)})
 
     # ------------------------------------------------------------ handles (to know the gfid of an fd)
 
@@ -763,6 +844,8 @@ class MdCache(PassThrough):
     async def releasedir(self, fd: int) -> None:
         self._fd_gfid.pop(fd, None)
         self._pages.pop(fd, None)
+        self._fd_stamp.pop(fd, None)
+        self._reading.pop(fd, None)
         await self.child.releasedir(fd)
 
     # ------------------------------------------------------------ our own data changes: post-op attributes
@@ -865,6 +948,7 @@ class MdCache(PassThrough):
         for d in dirs:
             self._drop(d)
             self._stamps.pop(d, None)
+            self._listings.pop(d, None)
         return self._seq, trio.current_time()
 
     def _keep_parent(self, pargfid: bytes, iatt: Iatt | None, ticket: int, t0: float) -> None:

@@ -827,19 +827,29 @@ async def test_the_rest_of_a_listing_page_is_answered_from_it_until_something_ch
 # cached may be kept (listing_unchanged). In-memory brick, virtual time; m.wall is the virtual clock too (the
 # brick's times come from it).
 
+LAST_LISTING: list[F.DirEntry] = []
+
+
 async def _listed(m: MdCache, dg: bytes) -> bool:
-    """An opendir + full listing as the FUSE bridge does it; what listing_unchanged said at the open."""
+    """An opendir + full listing as the FUSE bridge does it; what listing_unchanged said at the open (the
+    entries are left in LAST_LISTING)."""
     o = await m.opendir(dg)
     assert o.fd is not None
-    keep = await m.listing_unchanged(dg)
+    keep = await m.listing_unchanged(dg, o.fd)
     off = 0
+    LAST_LISTING.clear()
     while True:
         ents = (await m.readdirp(o.fd, off)).entries
         if not ents:
             break
+        LAST_LISTING.extend(ents)
         off = ents[-1].off
     await m.releasedir(o.fd)
     return keep
+
+
+def _names() -> list[str]:
+    return sorted(e.name for e in LAST_LISTING if e.name not in (".", ".."))
 
 
 async def _listing_tree(b: MemClient) -> tuple[bytes, bytes, bytes]:
@@ -879,9 +889,13 @@ async def test_a_cached_listing_is_kept_until_another_client_changes_the_directo
         await trio.sleep(5)
         assert await _listed(m, dg), "an unchanged directory's listing was not kept"
     k.changed.clear()
+    before = _names()
     await LISTING_CHANGES[change](b, dg, eg, xg)
     await trio.sleep(0.01)
     assert not await _listed(m, dg), f"after B's {change} the kernel kept its old listing of d"
+    want = sorted(e.name for e in (await b.readdirp((await b.opendir(dg)).need_fd())).entries
+                  if e.name not in (".", ".."))
+    assert _names() == want != before, f"after B's {change} md-cache listed {_names()}"
     if not change.endswith("untouched"):
         assert (dg, True) in k.changed, "the upcall did not drop the kernel's cached listing of d"
     await trio.sleep(5)
@@ -919,3 +933,32 @@ async def test_no_listing_is_vouched_for_without_coherence(autojump_clock: trio.
     for _ in range(3):
         assert not await _listed(m, dg)
         await trio.sleep(5)
+
+
+async def test_a_vouched_listing_is_answered_from_md_cache_with_current_attributes(
+        autojump_clock: trio.abc.Clock, nursery: trio.Nursery) -> None:
+    """After drop_caches the kernel asks again though md-cache vouched for the listing: md-cache answers it
+    (no brick READDIRP), each entry with the attributes it holds now; a changed entry sends it to the bricks."""
+    brick, m, b, _ = coherent()
+    m.wall = trio.current_time
+    await nursery.start(m.run)
+    dg, _, _ = await _listing_tree(b)
+    await m.lookup(ROOT_GFID, "d")
+    await trio.sleep(10)
+    await _listed(m, dg)
+    first = list(LAST_LISTING)
+    n = brick.calls["readdirp"]
+    assert await _listed(m, dg)
+    assert brick.calls["readdirp"] == n, "a vouched listing was read from the bricks again"
+    assert [(e.name, e.stat) for e in LAST_LISTING] == [(e.name, e.stat) for e in first]
+    f2 = brick.inode("d/f2")
+    assert f2 is not None
+    await b.setattr(f2.gfid, Iatt(mode=0o600), SET_MODE)  # B's chmod: an upcall drops A's attributes of f2
+    assert await _listed(m, dg), "a chmod of an entry is no change of the directory"
+    assert brick.calls["readdirp"] > n, "an entry whose attributes changed was answered from the kept listing"
+    got = {e.name: e.stat for e in LAST_LISTING}
+    assert got["f2"] is not None and got["f2"].mode & 0o777 == 0o600
+    n = brick.calls["readdirp"]
+    assert await _listed(m, dg)
+    assert brick.calls["readdirp"] == n, "the listing read again was not kept"
+    assert {e.name: e.stat for e in LAST_LISTING}["f2"].mode & 0o777 == 0o600  # type: ignore[union-attr]
