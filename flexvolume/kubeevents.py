@@ -104,11 +104,49 @@ SA_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 def pod_ref(context: Mapping[str, str]) -> dict[str, str] | None:
     """The pod a mount belongs to, from the mount request's context (the FlexVolume driver passes kubelet's
     ``kubernetes.io/pod.name``/``.namespace``/``.uid`` as ``pod``, ``namespace``, ``pod_uid``); None when it is
-    not known (a CSI staging mount serves every pod of its volume on the node and names none)."""
+    not known (a CSI staging mount serves every pod of its volume on the node: see :func:`pod_refs`)."""
     name, ns, uid = context.get("pod"), context.get("namespace"), context.get("pod_uid")
     if not name or not ns or not uid:
         return None
     return {"apiVersion": "v1", "kind": "Pod", "name": name, "namespace": ns, "uid": uid}
+
+
+#: the context key of a CSI staging mount naming the pods it is published to: a JSON object, the pod's target
+#: path -> {"name", "namespace", "uid"} (kept up to date by the CSI node service at NodePublish/NodeUnpublish)
+CSI_PODS = "csi.pods"
+#: NodePublishVolume's volume context with the CSIDriver's podInfoOnMount: true
+CSI_POD_NAME = "csi.storage.k8s.io/pod.name"
+CSI_POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
+CSI_POD_UID = "csi.storage.k8s.io/pod.uid"
+
+
+def csi_pods(context: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """The pods of a CSI staging mount's context (:data:`CSI_PODS`), target -> pod; {} when none or unreadable."""
+    import json
+
+    try:
+        pods = json.loads(context.get(CSI_PODS) or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(pods, dict):
+        return {}
+    return {t: {k: str(p[k]) for k in ("name", "namespace", "uid")} for t, p in pods.items()
+            if isinstance(t, str) and isinstance(p, dict) and all(p.get(k) for k in ("name", "namespace", "uid"))}
+
+
+def encode_csi_pods(pods: Mapping[str, Mapping[str, str]]) -> str:
+    import json
+
+    return json.dumps({t: dict(p) for t, p in sorted(pods.items())}, sort_keys=True, separators=(",", ":"))
+
+
+def pod_refs(context: Mapping[str, str]) -> list[tuple[dict[str, str], str | None]]:
+    """Every pod a mount serves, each with its CSI target (None for a FlexVolume mount, which is the pod's)."""
+    ref = pod_ref(context)
+    if ref is not None:
+        return [(ref, None)]
+    return [({"apiVersion": "v1", "kind": "Pod", "name": p["name"], "namespace": p["namespace"], "uid": p["uid"]},
+             target) for target, p in csi_pods(context).items()]
 
 
 class RepairEvents:
@@ -130,25 +168,34 @@ class RepairEvents:
         while True:
             await trio.sleep(self.interval)
             for target, rec in list(agent.table.items()):
-                ref = pod_ref(rec.context or {})
+                refs = pod_refs(rec.context or {})
                 before = repairs.get(target, 0)  # a mount made after the start: its repairs count from 0
                 repairs[target] = rec.repairs
                 err = agent._repair_errors.get(target, "")
                 err_before = errors.get(target, "")
                 errors[target] = err
-                if ref is None:
-                    continue
-                if rec.repairs > before:
-                    await trio.to_thread.run_sync(
-                        self.recorder.record, ref, "Warning", "MountRepaired",
-                        f"the gfuse mount of {rec.source} on {target} was not serving (its server died, or the node "
-                        f"restarted); the gfuse node agent mounted it again (repair #{rec.repairs}): files open on "
-                        f"the old mount give errors (ENOTCONN/EIO) until reopened, new opens work")
-                if err and err != err_before:
-                    await trio.to_thread.run_sync(self.recorder.record, ref, "Warning", "MountRepairFailed", err)
+                for ref, pod_target in refs:
+                    if rec.repairs > before:
+                        await trio.to_thread.run_sync(self.recorder.record, ref, "Warning", "MountRepaired",
+                                                      repaired_message(rec, target, pod_target))
+                    if err and err != err_before:
+                        await trio.to_thread.run_sync(self.recorder.record, ref, "Warning", "MountRepairFailed", err)
             for gone in set(repairs) - set(agent.table):
                 repairs.pop(gone, None)
                 errors.pop(gone, None)
+
+
+def repaired_message(rec: Any, target: str, pod_target: str | None) -> str:
+    """A MountRepaired Event's message: for a CSI staging mount, which volume and which of the pod's paths."""
+    where = f"on {target}"
+    then = ""
+    if pod_target is not None:
+        vid = (rec.context or {}).get("csi.volume_id") or rec.source
+        where = f"of CSI volume {vid} staged on {target} (published for this pod at {pod_target})"
+        then = "; the gfuse CSI node plugin binds the pod's target to the new mount"
+    return (f"the gfuse mount of {rec.source} {where} was not serving (its server died, or the node restarted); "
+            f"the gfuse node agent mounted it again (repair #{rec.repairs}){then}: files open on the old mount give "
+            f"errors (ENOTCONN/EIO) until reopened, new opens work")
 
 
 def agent_events(kubeconfig: str | None, instance: str) -> RepairEvents | None:

@@ -16,6 +16,9 @@
   the reason, when the path is not a gfuse mount any more or its gfuse server is dead or hung (kubelet
   turns an abnormal condition into an event on the pod). A path that names no volume — relative,
   outside the kubelet directory, or absent — is NOT_FOUND.
+- Repair events: NodePublishVolume records the pod (podInfoOnMount's ``csi.storage.k8s.io/pod.*`` in the
+  volume context) in the agent's context of the staging mount (``csi.pods``, see flexvolume.kubeevents),
+  NodeUnpublishVolume forgets it; the agent's repair of the staging mount is then an Event on each pod.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import subprocess
 import threading
 from collections.abc import Callable
@@ -33,6 +37,7 @@ from typing import Any, TypeVar
 import grpc
 
 from ..agentclient import AgentClient
+from ..kubeevents import CSI_POD_NAME, CSI_POD_NAMESPACE, CSI_POD_UID, CSI_PODS, csi_pods, encode_csi_pods
 from .stubs import csi_pb2, csi_pb2_grpc
 from gfuse.mounttable import MountEntry, mount_at, read_mounts
 
@@ -66,6 +71,8 @@ COMMAND_TIMEOUT = 30.0
 STATS_TIMEOUT = 5.0
 
 T = TypeVar("T")
+#: kubelet's target of a CSI volume: <kubelet-dir>/pods/<pod uid>/volumes/kubernetes.io~csi/<pv>/mount
+POD_TARGET = re.compile(r"/pods/([0-9a-fA-F-]{8,})/volumes/kubernetes\.io~csi/[^/]+/mount$")
 
 
 def run(cmd: list[str], timeout: float = COMMAND_TIMEOUT) -> None:
@@ -148,6 +155,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self._run = run_cmd
         self._stats_inflight: dict[str, threading.Thread] = {}
         self._stats_mu = threading.Lock()
+        self._pods_mu = threading.Lock()  # read-modify-write of the staging mounts' pod lists in the agent
 
     # -- repair of published targets --------------------------------------------------------
 
@@ -245,6 +253,47 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                       if t.startswith(root) and not t.startswith(plugins) and t not in (exclude, staged.target)
                       and m.dev == staged.dev and m.root == staged.root)
 
+    # -- the pods of a staging mount, for the agent's repair Events ------------------------------------
+
+    @staticmethod
+    def pod_of(target: str, volume_context: Any) -> dict[str, str] | None:
+        """The pod a NodePublishVolume is for: the CSIDriver's podInfoOnMount puts its name, namespace and uid
+        in the volume context (the uid is also in kubelet's target path); None when not known."""
+        m = POD_TARGET.search(target)
+        pod = {"name": volume_context.get(CSI_POD_NAME, ""), "namespace": volume_context.get(CSI_POD_NAMESPACE, ""),
+               "uid": volume_context.get(CSI_POD_UID, "") or (m.group(1) if m else "")}
+        return pod if all(pod.values()) else None
+
+    def _update_pods(self, staging: str | None, target: str, pod: dict[str, str] | None) -> None:
+        """Best effort: record (``pod``) or forget (None) the pod published at ``target`` in the context of the
+        agent's staging mount (``staging``; None: whichever names ``target``), so that the agent's repair of it
+        is an Event on each pod it serves (:func:`flexvolume.kubeevents.pod_refs`). The agent replaces the
+        context of a mount asked again with the same source and mode (an idempotent mount request)."""
+        try:
+            with self._pods_mu:
+                for rec in self.agent.list(timeout=10):
+                    ctx = dict(rec.get("context") or {})
+                    pods = csi_pods(ctx)
+                    if staging is not None:
+                        if rec.get("target") != staging:
+                            continue
+                        staged = mount_at(staging)
+                        live = set(self.published_targets(staged)) if staged is not None else set()
+                        pods = {t: p for t, p in pods.items() if t in live}  # unpublished while we were down
+                        if pod is not None:
+                            pods[target] = pod
+                    elif target in pods:
+                        del pods[target]
+                    else:
+                        continue
+                    if pods == csi_pods(ctx):
+                        continue
+                    ctx[CSI_PODS] = encode_csi_pods(pods)
+                    self.agent.mount(rec["source"], rec["target"], options=rec.get("options") or [],
+                                     readonly=bool(rec.get("readonly")), context=ctx, timeout=self.mount_timeout)
+        except Exception as e:  # noqa: BLE001 - events are best effort; publishing does not depend on them
+            log.warning("cannot record the pod of %s with the agent (no repair events for it): %s", target, e)
+
     # -- stage ---------------------------------------------------------------------------------
 
     @rpc
@@ -310,7 +359,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             existing = mount_at(target)
             if existing is not None:
                 if existing.dev == staged.dev and existing.root == staged.root and existing.readonly == readonly:
-                    return csi_pb2.NodePublishVolumeResponse()  # published already, the same way
+                    pod = self.pod_of(target, request.volume_context)
+                    if pod is not None:  # published already, the same way (by a plugin that kept no pods?)
+                        self._update_pods(staging, target, pod)
+                    return csi_pb2.NodePublishVolumeResponse()
                 raise CsiError(grpc.StatusCode.ALREADY_EXISTS,
                                f"{target} is already mounted ({existing.fstype} {existing.source}"
                                f"{', ro' if existing.readonly else ''}) and not as this volume "
@@ -331,6 +383,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                     with contextlib.suppress(CsiError):
                         unmount_all(target, "target path")
                     raise
+            pod = self.pod_of(target, request.volume_context)
+            if pod is not None:
+                self._update_pods(staging, target, pod)
         return csi_pb2.NodePublishVolumeResponse()
 
     @rpc
@@ -341,6 +396,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         with self.locks.hold("path:" + target):
             log.info("unpublishing %s from %s", request.volume_id, target)
             unmount_all(target, "target path")
+            self._update_pods(None, target, None)
             try:
                 os.rmdir(target)
             except FileNotFoundError:

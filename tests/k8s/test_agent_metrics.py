@@ -8,6 +8,7 @@ serving process (SIGSTOP) and a killed one (SIGKILL) show ``gfuse_mount_up 0`` a
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -310,3 +311,96 @@ def test_bad_kubeconfig_stops_the_agent_with_one_line(tmp_path: Path) -> None:
     assert p.returncode == 2, p
     (line,) = p.stderr.strip().splitlines()
     assert line.startswith(f"gfuse-agent: cannot use {bad}: "), line
+
+
+@pytest.mark.timeout(240)
+def test_csi_repairs_are_events_on_the_pods(vol_replica3, tmp_path: Path) -> None:
+    """A CSI staging mount serves every pod of its volume on the node: NodePublishVolume (with the CSIDriver's
+    podInfoOnMount: the pod's name, namespace and uid in the volume context) records the pod in the agent's
+    context of the staging mount (``csi.pods``), NodeUnpublishVolume forgets it, and the agent's repair of the
+    staging mount is a ``MountRepaired`` Event on each pod still published, naming the volume and the pod's
+    path. A repair-only agent (--restartable no), so that a SIGKILL of the server is a repair. The plugin's
+    Node service runs in this process (its RPC methods called as grpc would)."""
+    import json
+
+    import grpc
+
+    from flexvolume.agentclient import AgentClient
+    from flexvolume.csi.node import NodeService
+    from flexvolume.csi.stubs import csi_pb2 as pb
+    from testkit.kube_emulator import KubeEmulator
+
+    class Context:
+        def abort(self, code: grpc.StatusCode, details: str) -> None:
+            raise AssertionError(f"{code}: {details}")
+
+    kubelet = tmp_path / "kubelet"
+    pods = {"web-0": str(uuid.uuid4()), "web-1": str(uuid.uuid4())}
+    cap = pb.VolumeCapability(mount=pb.VolumeCapability.MountVolume(), access_mode=pb.VolumeCapability.AccessMode(
+        mode=pb.VolumeCapability.AccessMode.MULTI_NODE_MULTI_WRITER))
+    vid = vol_replica3.source
+    staging = str(kubelet / "plugins/kubernetes.io/csi/gfuse.csi.example.org/0123abcd/globalmount")
+    targets = {}
+    for name, uid in pods.items():
+        d = kubelet / "pods" / uid / "volumes/kubernetes.io~csi/pv-data"
+        d.mkdir(parents=True)
+        targets[name] = str(d / "mount")
+    with KubeEmulator() as emu:
+        kubeconfig = emu.write_kubeconfig(tmp_path / "kubeconfig")
+        agent = AgentProcess(tmp_path / "agent", health_interval=1.0, kubelet_dir=kubelet,
+                             extra_args=("--kubeconfig", str(kubeconfig), "--restartable", "no"))
+        agent.start()
+        node = NodeService("n1", str(kubelet), AgentClient(agent.socket, timeout=90))
+        try:
+            node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=staging,
+                                                           volume_capability=cap), Context())
+            for name, uid in pods.items():
+                ctx = {"csi.storage.k8s.io/pod.name": name, "csi.storage.k8s.io/pod.namespace": "team-a",
+                       "csi.storage.k8s.io/pod.uid": uid, "csi.storage.k8s.io/ephemeral": "false"}
+                node.NodePublishVolume(pb.NodePublishVolumeRequest(
+                    volume_id=vid, staging_target_path=staging, target_path=targets[name], volume_capability=cap,
+                    volume_context=ctx), Context())
+
+            def recorded() -> dict:
+                (rec,) = [r for r in agent.client().list() if r["target"] == staging]
+                return json.loads(rec["context"].get("csi.pods", "{}"))
+
+            assert recorded() == {targets[n]: {"name": n, "namespace": "team-a", "uid": u} for n, u in pods.items()}
+            node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=targets["web-1"]),
+                                     Context())
+            assert list(recorded()) == [targets["web-0"]]
+            (rec,) = agent.client().list()
+            assert rec["context"]["csi.role"] == "staging" and rec["context"]["csi.volume_id"] == vid
+            os.kill(rec["pid"], signal.SIGKILL)
+
+            def events(reason: str) -> list[dict]:
+                return [e for e in emu.list("events", "team-a") if e["reason"] == reason]
+
+            (ev,) = wait_for(lambda: events("MountRepaired"), 60, "the MountRepaired event")
+            assert ev["type"] == "Warning" and ev["involvedObject"] == {
+                "apiVersion": "v1", "kind": "Pod", "name": "web-0", "namespace": "team-a", "uid": pods["web-0"]}
+            assert ev["message"].startswith(f"the gfuse mount of {vid} of CSI volume {vid} staged on {staging} "
+                                            f"(published for this pod at {targets['web-0']}) was not serving"), ev
+            assert "repair #1" in ev["message"] and "binds the pod's target" in ev["message"], ev
+            # the node plugin's rebind of the pod's target (its repair loop, one pass here)
+            def rebound() -> bool:
+                node.repair_targets()
+                try:
+                    Path(targets["web-0"], "after-repair.txt").write_text("ok\n")
+                    return True
+                except OSError as e:
+                    assert e.errno in (errno.ENOTCONN, errno.ECONNABORTED), e
+                    return False
+
+            wait_for(rebound, 30, "the pod's target to work again")
+            agent.wait_health_passes(2)
+            assert len(events("MountRepaired")) == 1, "web-1 was unpublished: no event for it"
+        finally:
+            for t in targets.values():
+                with contextlib.suppress(Exception):
+                    node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=t), Context())
+            with contextlib.suppress(Exception):
+                node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging),
+                                       Context())
+            agent.close()
+            cleanup_mounts_under(tmp_path)
