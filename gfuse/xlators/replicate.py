@@ -618,6 +618,8 @@ class Replicate(Fops):
                prefer: Iterable[int] = ()) -> _Outcome:
         """Sort the replies of one fop. ``want``: a write of that many bytes — a replica that wrote less
         than the best reply missed the rest (AFR blames short writes); the arbiter's count is not compared.
+        When no quorum wrote the longest count (each brick cut the write at its quota), the longest count a
+        quorum wrote is the answer and every other replica is blamed.
         The answer (its attributes: the size the kernel and md-cache keep) is a reply of a replica in
         ``prefer`` (those with good data) if one is done: a replica that missed earlier writes tells an
         older size even when it took this one."""
@@ -630,10 +632,19 @@ class Replicate(Fops):
         if want is not None:
             rets = [r.ret for i, r in ok.items() if i != self.arbiter]
             best = max(rets) if rets else want
+            if rets and not self._has_quorum([i for i, r in ok.items() if i == self.arbiter or r.ret == best]):
+                # Nothing a quorum took whole: at a quota or a full brick each brick may cut the write at
+                # another length. The longest count a quorum wrote exactly is the answer (a short write:
+                # the caller writes the rest, and gets EDQUOT/ENOSPC then); replicas that wrote more or
+                # less than it hold another state and are blamed, as a short one is.
+                for c in sorted(set(rets), reverse=True):
+                    if self._has_quorum([i for i, r in ok.items() if i == self.arbiter or r.ret == c]):
+                        best = c
+                        break
             for i, r in ok.items():
                 if i == self.arbiter:
                     r.ret = best  # the arbiter was sent one byte and stores none
-                elif r.ret < best:
+                elif r.ret != best:
                     short.add(i)
         done = [i for i in idx if i in ok and i not in short]
         if short:

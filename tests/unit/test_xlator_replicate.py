@@ -596,6 +596,26 @@ async def test_a_short_write_is_blamed(autojump_clock: trio.abc.Clock) -> None:
         assert a.bricks[0].heal_pending() == a.bricks[2].heal_pending() == {g}
 
 
+async def test_writes_cut_at_different_lengths_answer_what_a_quorum_wrote(autojump_clock: trio.abc.Clock) -> None:
+    """At a quota each brick may cut a write at its own length (its own accounting): seen through the node agent's
+    pool test, where gfuse answered EIO ('no replica answered': the longest count was one replica's) instead of
+    EDQUOT. The answer is a short write of what a quorum wrote exactly; the replica that wrote more holds another
+    state and is blamed, so heal makes it the others' and reads never show its extra bytes."""
+    async with afr() as a:
+        g, fd = await new_file(a.r, "f")
+        a.bricks[1].short_write(512)
+        a.bricks[2].short_write(512)
+        assert (await a.r.write(fd, 0, chunk(0))).ret == 512
+        for i in (1, 2):
+            assert a.bricks[i].changelog("f", blame(0))[0] > 0, a.bricks[i].pending("f")
+        assert len(a.bricks[0].data("f")) == 4 * KiB and a.bricks[1].data("f") == a.bricks[2].data("f")
+        for _ in range(3):  # reads rotate over the readable replicas: never the one that wrote more
+            assert (await a.r.read(fd, 0, 8 * KiB)).data == chunk(0)[:512]
+        await a.r.release(fd)
+        await settle()
+        assert a.bricks[1].heal_pending() == a.bricks[2].heal_pending() == {g}
+
+
 async def test_below_quorum_nobody_is_blamed_and_the_file_stays_dirty(autojump_clock: trio.abc.Clock) -> None:
     """Item 7: two bricks die under a held eager lock; the refused write and the release that follows must
     not let the survivor blame the two that have every acknowledged byte (split-brain when they return)."""
