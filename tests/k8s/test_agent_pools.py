@@ -12,7 +12,6 @@ import errno
 import os
 import signal
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -79,7 +78,7 @@ def _pools(c) -> list[dict]:
     return c.call({"op": "list"})["pools"]
 
 
-def _write_until_edquot(d: Path, limit: int, pool_dir: str) -> int:
+def _write_until_edquot(d: Path, limit: int) -> int:
     written = 0
     deadline = time.monotonic() + 20
     while written < 4 * limit and time.monotonic() < deadline:
@@ -89,29 +88,11 @@ def _write_until_edquot(d: Path, limit: int, pool_dir: str) -> int:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
-            if e.errno == errno.EIO and _quota_cut_a_write_short(pool_dir):
-                return written
             assert e.errno == errno.EDQUOT, e
             return written
         written += MiB
         time.sleep(0.3)  # the quota's accounting reaches the bricks with a delay
     pytest.fail(f"no EDQUOT after {written} bytes into a {limit}-byte PV")
-
-
-def _quota_cut_a_write_short(mountpoint: str) -> bool:
-    """At the limit the bricks may each take part of a write (a short write) and gfuse's replicate answers EIO
-    ("no replica answered") where the native client gives EDQUOT: a gfuse bug (reported), not the pool's; the
-    write was refused all the same."""
-    from gfuse.cli import _default_log_file
-
-    try:
-        text = Path(_default_log_file(mountpoint)).read_text(errors="replace")
-    except OSError:
-        return False
-    if "short write on" in text:
-        warnings.warn("gfuse replicate answered EIO where the bricks' quota cut a write short", stacklevel=2)
-        return True
-    return False
 
 
 @pytest.mark.timeout(120)
@@ -147,7 +128,7 @@ def test_two_pvs_one_server_isolated_quota_refcounted_across_restart(pool_vol, t
             assert not mounts_at(str(bad))
         assert _pools(c)[0]["refs"] == 2 and len(c.list()) == 2
         # the quota of a holds for a: EDQUOT at its 2 MiB; b (no quota) takes more than that
-        written = _write_until_edquot(ta, 2 * MiB, pool["target"])
+        written = _write_until_edquot(ta, 2 * MiB)
         assert MiB <= written <= 4 * MiB, written
         (tb / "big").write_bytes(b"y" * (3 * MiB))
         assert (tb / "big").stat().st_size == 3 * MiB
