@@ -1582,3 +1582,57 @@ def test_podman_converter_cli(tmp_path: Path) -> None:
     pod = yaml.safe_load(r.stdout)
     assert pod == kube_to_pod.template_to_pod(one("DaemonSet", "gfuse-node"), kubelet_dir=str(tmp_path / "kubelet"),
                                               node_name="n1")
+
+
+def _readme_distribution_table() -> dict[str, dict[str, str]]:
+    """The README's table of distributions (Deploying on Kubernetes): row name -> column (distribution) -> cell."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("| | vanilla Kubernetes (kubeadm, packages) | k3s | microk8s | OpenShift 4 |")
+    lines = []
+    for line in text[start:].splitlines():
+        if not line.startswith("|"):
+            break
+        lines.append(line)
+    split = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines]
+    head, rows = split[0], split[2:]
+    return {r[0]: dict(zip(head[1:], r[1:], strict=True)) for r in rows}
+
+
+@NEEDS_KUBECTL
+def test_readme_distribution_table_matches_the_manifests() -> None:
+    """What the README says per distribution is what the manifests do: the kubelet dir the base mounts, the
+    FlexVolume plugin dir of the base and of the OpenShift overlay, the SCC and the ServiceAccounts that may use
+    it, the Pod Security level of the namespace, the CSIDriver's seLinuxMount, the driver names."""
+    table = _readme_distribution_table()
+    vanilla, openshift, microk8s = "vanilla Kubernetes (kubeadm, packages)", "OpenShift 4", "microk8s"
+
+    def plugin_dir(docs: list[dict[str, Any]]) -> str:
+        (ds,) = [d for d in docs if d["kind"] == "DaemonSet" and d["metadata"]["name"] == "gfuse-node"]
+        (init,) = [c for c in ds["spec"]["template"]["spec"]["initContainers"] if c["name"] == "install-flexvolume"]
+        return {e["name"]: e.get("value") for e in init["env"]}["FLEXVOLUME_PLUGIN_DIR"]
+
+    base = _rendered(DAEMONSET / "converged")
+    osh = _rendered(DAEMONSET / "openshift")
+    row = table["FlexVolume plugin dir (kubelet's `--volume-plugin-dir`)"]
+    assert row[vanilla].startswith(f"`{plugin_dir(base)}`"), row[vanilla]
+    assert row[openshift].startswith(f"`{plugin_dir(osh)}`"), row[openshift]
+    # the kubelet dir: what the node pod mounts as kubelet-dir; microk8s's is the sed rewrite of it
+    (ds,) = [d for d in base if d["kind"] == "DaemonSet" and d["metadata"]["name"] == "gfuse-node"]
+    (kdir,) = [v["hostPath"]["path"] for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] == "kubelet-dir"]
+    kubelet = table["kubelet dir"]
+    assert kubelet[vanilla] == kubelet[openshift] == f"`{kdir}`" and kubelet["k3s"].startswith(f"`{kdir}`")
+    m = re.search(r"`(/var/snap/[^`]+)`", kubelet[microk8s])
+    assert m, kubelet[microk8s]
+    assert f"{kdir}\\|{m.group(1)}" in table["setting the kubelet dir in the manifests"][microk8s]
+    # OpenShift: the SCC and who may use it
+    (scc,) = [d for d in osh if d["kind"] == "SecurityContextConstraints"]
+    admission = table["admission"][openshift]
+    assert f"SCC `{scc['metadata']['name']}`" in admission
+    assert sorted(re.findall(r"`(gfuse-[a-z-]+)`", admission.split("bound to the ServiceAccounts")[1])) == \
+        sorted(name for _, name in _scc_users(osh, scc["metadata"]["name"]))
+    (ns,) = [d for d in base if d["kind"] == "Namespace"]
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+    assert "Pod Security `privileged`" in table["admission"][vanilla]
+    (csidriver,) = [d for d in base if d["kind"] == "CSIDriver"]
+    assert csidriver["spec"]["seLinuxMount"] is True and "seLinuxMount: true" in table["SELinux"][openshift]
+    assert f"CSI driver `{csidriver['metadata']['name']}`" in table
