@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import grpc
 from google.protobuf import wrappers_pb2
 
 from .stubs import csi_pb2, csi_pb2_grpc
@@ -49,9 +48,12 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
 
     @rpc
     def Probe(self, request, context):
+        # A node agent that is down or restarting (a DaemonSet update, a crash) is "not ready", not an error
+        # (issue 13): the CO waits and probes again; the mounts it serves keep serving meanwhile.
         if self.health is not None:
             try:
                 self.health()
             except CsiError as e:
-                raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, f"unhealthy: {e.message}") from None
+                log.warning("Probe: not ready: %s", e.message)
+                return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=False))
         return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=True))

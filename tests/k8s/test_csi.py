@@ -432,7 +432,7 @@ def test_node_and_controller_capabilities(stubs) -> None:
 
 
 def test_node_mode_without_agent(csi: Csi) -> None:
-    """--mode node: no Controller service, and Probe reports the missing agent as unhealthy."""
+    """--mode node: no Controller service, and Probe says not ready while the agent does not answer."""
     proc, endpoint, log = start_plugin(csi.root, "nodeonly", "--mode", "node", "--kubelet-dir", str(csi.kubelet),
                                        "--agent-socket", str(csi.root / "no-agent.sock"))
     try:
@@ -440,8 +440,8 @@ def test_node_mode_without_agent(csi: Csi) -> None:
             ident = pb_grpc.IdentityStub(ch)
             caps = ident.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest(), timeout=10).capabilities
             assert not any(c.HasField("service") for c in caps)
-            details = expect(Code.FAILED_PRECONDITION, ident.Probe, pb.ProbeRequest())
-            assert "agent" in details
+            # not ready (the agent may be restarting), not an error; the log says why
+            assert ident.Probe(pb.ProbeRequest(), timeout=10).ready.value is False
             expect(Code.UNIMPLEMENTED, pb_grpc.ControllerStub(ch).ControllerGetCapabilities,
                    pb.ControllerGetCapabilitiesRequest())
             # staging needs the agent: UNAVAILABLE, with the reason
