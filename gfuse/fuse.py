@@ -92,6 +92,15 @@ class _Inode:
 
 
 @dataclass
+class _DirIds:
+    """The readdir ids (FUSE offsets) of one directory's names, shared by all its handles: the kernel's
+    readdir cache holds the ids one handle gave and may continue from one of them on a later handle."""
+    by_name: dict[bytes, int] = field(default_factory=dict)
+    names: dict[int, bytes] = field(default_factory=dict)
+    next_id: int = 1
+
+
+@dataclass
 class _DirHandle:
     fd: int
     gfid: bytes
@@ -123,6 +132,8 @@ class GlusterOperations(pyfuse3.Operations):
         self.entry_timeout = entry_timeout
         self.inodes: dict[int, _Inode] = {pyfuse3.ROOT_INODE: _Inode(root_gfid, 1)}
         self.dirs: dict[int, _DirHandle] = {}
+        self._dir_ids: BoundedDict[bytes, _DirIds] = BoundedDict(1024)
+        self._ids_base = int(time.time()) << 24
         self._dir_handles = 1
         self._groups: dict[int, tuple[float, tuple[int, ...]]] = {}
         self._acl_unsupported = True
@@ -564,9 +575,18 @@ class GlusterOperations(pyfuse3.Operations):
         d = self.dirs.get(fh)
         if d is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        ids = self._dir_ids.get(d.gfid)
+        if ids is None:
+            # ids above any a predecessor process gave (gfuse.takeover restores its handles' cookies)
+            ids = self._dir_ids[d.gfid] = _DirIds(next_id=self._ids_base)
         offset = 0 if start_id == 0 else d.cookies.get(start_id)
+        skip: bytes | None = None
         if offset is None:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            # an id another handle gave (the kernel's cached listing ends there): from the start, after its name
+            skip = ids.names.get(start_id)
+            if skip is None:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            offset = 0
         while True:
             r = await self.top.readdirp(d.fd, offset, 128 * 1024)
             if not r.entries:
@@ -577,12 +597,20 @@ class GlusterOperations(pyfuse3.Operations):
                     continue
                 if e.stat.gfid == self.root_gfid:
                     continue
-                d.next_id += 1
-                nid = d.next_id
+                if skip is not None:
+                    if e.name.encode("utf-8", "surrogateescape") == skip:
+                        skip = None
+                    continue
+                bname = e.name.encode("utf-8", "surrogateescape")
+                nid = ids.by_name.get(bname)
+                if nid is None:
+                    ids.next_id += 1
+                    nid = ids.next_id
+                    ids.by_name[bname] = nid
+                    ids.names[nid] = bname
                 d.cookies[nid] = e.off
                 self.journal.cookie(fh, nid, e.off)
                 attrs = self.attrs(e.stat)
-                bname = e.name.encode("utf-8", "surrogateescape")
                 if not pyfuse3.readdir_reply(token, bname, attrs, nid):
                     return
                 self.kcache.dentry(self.ino(d.gfid), bname, self._remember(e.stat))  # readdirplus: a lookup

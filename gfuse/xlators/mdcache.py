@@ -231,6 +231,7 @@ class MdCache(PassThrough):
         #: (the stamp's sequence, its whole listing as the bricks gave it, offset → index of the next entry)
         self._fd_stamp: dict[int, int] = {}
         self._reading: dict[int, tuple[int, list[F.DirEntry]]] = {}
+        self._serving: dict[int, tuple[int, list[F.DirEntry], dict[int, int]]] = {}
         self._listings: BoundedDict[bytes, tuple[int, list[F.DirEntry], dict[int, int]]] = BoundedDict(LISTINGS)
         #: the clock the bricks' times are compared with (the unit tests' bricks run on the virtual clock)
         self.wall: Callable[[], float] = time.time
@@ -686,11 +687,10 @@ class MdCache(PassThrough):
         if seq is not None:
             dg0 = self._fd_gfid.get(fd)
             if dg0 is not None:
-                kept = self._from_listing(dg0, seq, offset)
+                kept = await self._from_listing(fd, dg0, seq, offset)
                 if kept is not None:
                     self._hit("readdirp")
                     return Result(0, 0, entries=kept)
-                self._listings.pop(dg0, None)
         if xdata is None and offset:
             page = self._pages.get(fd)
             if page is not None and page[0] == self._seq:
@@ -769,11 +769,18 @@ class MdCache(PassThrough):
         return self._coh and cur is not None and cur[1] == seq and seq >= self._floor and \
             self._changed.get(dg, -1) <= seq
 
-    def _from_listing(self, dg: bytes, seq: int, offset: int) -> list[F.DirEntry] | None:
-        """The entries after ``offset`` from the kept listing of ``dg`` (None: not answerable from it)."""
-        lst = self._listings.get(dg)
-        if lst is None or lst[0] != seq or not self._stamp_holds(dg, seq):
-            return None
+    async def _from_listing(self, fd: int, dg: bytes, seq: int, offset: int) -> list[F.DirEntry] | None:
+        """The entries after ``offset`` from the kept listing of ``dg`` (None: not answerable from it). An fd
+        answered from a listing at offset 0 is answered from it to its end: its offsets are those of the fd
+        that read it (distribute's cookies are per fd), and a change during a listing may or may not be in
+        it (POSIX). Each entry comes with what md-cache holds of it now; one not fresh is asked for (stat),
+        one gone meanwhile is left out."""
+        lst = self._serving.get(fd)
+        if lst is None:
+            cand = self._listings.get(dg)
+            if offset or cand is None or cand[0] != seq or not self._stamp_holds(dg, seq):
+                return None
+            lst = self._serving[fd] = cand
         i = lst[2].get(offset) if offset else 0
         if i is None:
             return None
@@ -785,9 +792,15 @@ class MdCache(PassThrough):
                 out.append(ent)
                 continue
             e = inodes.get(s.gfid)
-            if e is None or e.iatt is None or not self._fresh(e, e.t, now):
-                return None  # changed, or no longer registered: the bricks answer (and fill it again)
-            out.append(ent if e.iatt is s else F.DirEntry(ent.ino, ent.off, ent.type, ent.name, e.iatt))
+            cur = e.iatt if e is not None and e.iatt is not None and self._fresh(e, e.t, now) else None
+            if cur is None:
+                try:
+                    cur = (await self.stat(s.gfid)).stat
+                except OSError:
+                    continue
+                if cur is None:
+                    continue
+            out.append(ent if cur is s else F.DirEntry(ent.ino, ent.off, ent.type, ent.name, cur))
         return out
 
     def _record(self, fd: int, dg: bytes, seq: int, offset: int, entries: list[F.DirEntry]) -> None:
@@ -846,6 +859,7 @@ class MdCache(PassThrough):
         self._pages.pop(fd, None)
         self._fd_stamp.pop(fd, None)
         self._reading.pop(fd, None)
+        self._serving.pop(fd, None)
         await self.child.releasedir(fd)
 
     # ------------------------------------------------------------ our own data changes: post-op attributes
