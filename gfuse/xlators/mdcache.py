@@ -91,6 +91,8 @@ NEGATIVE_PER_DIR = 4096
 STAMP_SETTLE = 2.0
 #: whole listings kept (directories, entries per directory) and entries answered per READDIRP from one
 LISTINGS, LISTING_MAX, LISTING_PAGE = 64, 100_000, 256
+#: a page read ahead and not asked for within this is read again
+AHEAD_MAX_AGE = 1.0
 
 
 @dataclass
@@ -193,6 +195,18 @@ class _Stats:
     by_fop: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(eq=False)
+class _Ahead:
+    """A READDIRP page asked for before the kernel wants it (after the page ending at ``offset``)."""
+    offset: int
+    size: int
+    t0: float
+    ticket: int
+    asked: list[str]
+    result: Result | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+
+
 class MdCache(PassThrough):
     """Answers lookup, stat and getxattr of listed keys from what earlier replies brought."""
 
@@ -232,6 +246,8 @@ class MdCache(PassThrough):
         self._fd_stamp: dict[int, int] = {}
         self._reading: dict[int, tuple[int, list[F.DirEntry]]] = {}
         self._serving: dict[int, tuple[int, list[F.DirEntry], dict[int, int]]] = {}
+        #: open directory → the next brick page, asked for while the kernel takes the one before
+        self._ahead: dict[int, _Ahead] = {}
         self._listings: BoundedDict[bytes, tuple[int, list[F.DirEntry], dict[int, int]]] = BoundedDict(LISTINGS)
         #: the clock the bricks' times are compared with (the unit tests' bricks run on the virtual clock)
         self.wall: Callable[[], float] = time.time
@@ -698,8 +714,22 @@ class MdCache(PassThrough):
                 if i is not None and i + 1 < len(page[1]):
                     self._hit("readdirp")
                     return Result(0, 0, entries=page[1][i + 1:])
-        now, ticket, asked = trio.current_time(), self._seq, list(self._keys)
-        r = await self.child.readdirp(fd, offset, size, self._req(xdata), cred)
+        ahead = self._ahead.pop(fd, None) if xdata is None else None
+        r = None
+        if ahead is not None and ahead.offset == offset and ahead.size == size:
+            await ahead.done.wait()
+            dga = self._fd_gfid.get(fd)
+            if ahead.result is not None and trio.current_time() - ahead.t0 < AHEAD_MAX_AGE and \
+                    dga is not None and self._trusted(dga, ahead.ticket):  # else the directory changed since
+                now, ticket, asked, r = ahead.t0, ahead.ticket, ahead.asked, ahead.result
+        if r is None:
+            now, ticket, asked = trio.current_time(), self._seq, list(self._keys)
+            r = await self.child.readdirp(fd, offset, size, self._req(xdata), cred)
+        if xdata is None and r.entries and self._bg is not None and fd in self._fd_gfid:
+            # readdir-ahead: the next page is on its way while the kernel takes this one
+            nxt = _Ahead(r.entries[-1].off, size, trio.current_time(), self._seq, list(self._keys))
+            self._ahead[fd] = nxt
+            self._bg.start_soon(self._read_ahead, fd, nxt, cred)
         if xdata is None and r.entries:
             self._pages[fd] = (ticket, r.entries, {e.off: i for i, e in enumerate(r.entries)})
         else:
@@ -717,6 +747,14 @@ class MdCache(PassThrough):
             if dg is not None:
                 self._name(dg, ent.name, ent.stat.gfid, ticket)
         return r
+
+    async def _read_ahead(self, fd: int, a: _Ahead, cred: Credential | None) -> None:
+        try:
+            a.result = await self.child.readdirp(fd, a.offset, a.size, self._req(None), cred)
+        except Exception as e:  # noqa: BLE001 - the directory was closed meanwhile, a brick went away: asked again
+            log.debug("%s: reading ahead in a directory failed: %s", self.name, e)
+        finally:
+            a.done.set()
 
     async def listing_unchanged(self, gfid: bytes, fd: int | None = None) -> bool:
         """At an opendir of directory ``gfid``: may the kernel keep the listing it cached at an earlier open?
@@ -860,6 +898,7 @@ class MdCache(PassThrough):
         self._fd_stamp.pop(fd, None)
         self._reading.pop(fd, None)
         self._serving.pop(fd, None)
+        self._ahead.pop(fd, None)
         await self.child.releasedir(fd)
 
     # ------------------------------------------------------------ our own data changes: post-op attributes

@@ -817,7 +817,7 @@ async def test_the_rest_of_a_listing_page_is_answered_from_it_until_something_ch
     assert brick.calls["readdirp"] == n and [e.name for e in rest] == [e.name for e in first[6:]]
     await b.unlink(dg, "n10")  # A listed n10: the brick tells it (NLINK on n10, with its parent)
     rest = (await m.readdirp(o.fd, first[5].off)).entries
-    assert brick.calls["readdirp"] == n + 1, "a page older than an invalidation was answered"
+    assert brick.calls["readdirp"] > n, "a page older than an invalidation was answered"
     assert "n10" not in [e.name for e in rest]
     await m.releasedir(o.fd)
 
@@ -961,3 +961,31 @@ async def test_a_vouched_listing_is_answered_from_md_cache_with_current_attribut
     got = {e.name: e.stat for e in LAST_LISTING}
     assert got["f2"] is not None and got["f2"].mode & 0o777 == 0o600, "stale attributes in a kept listing"
     assert _names() == [f"f{i}" for i in range(5)]
+
+
+async def test_the_next_page_is_read_ahead_and_dropped_by_an_invalidation(autojump_clock: trio.abc.Clock,
+                                                                           nursery: trio.Nursery) -> None:
+    brick, m, b, _ = coherent(latency=0.01)
+    await nursery.start(m.run)
+    dg = new_gfid()
+    await b.mkdir(ROOT_GFID, "d", 0o755, dg)
+    for i in range(30):
+        await b.mknod(dg, f"n{i:02d}", st.S_IFREG | 0o644, 0, new_gfid())
+    await m.lookup(ROOT_GFID, "d")
+    o = await m.opendir(dg)
+    assert o.fd is not None
+    first = (await m.readdirp(o.fd, 0, 600)).entries
+    await trio.sleep(0.1)  # the kernel takes its time with the page: the next one arrives meanwhile
+    n = brick.calls["readdirp"]
+    t0 = trio.current_time()
+    second = (await m.readdirp(o.fd, first[-1].off, 600)).entries
+    assert trio.current_time() == t0 and brick.calls["readdirp"] == n, "the next page was not read ahead"
+    assert second and second[0].name not in [e.name for e in first]
+    await trio.sleep(0.1)
+    victim = second[-1].name  # the page after it was read ahead before B removes a name in the directory
+    await b.unlink(dg, "n00" if victim != "n00" else "n01")
+    third = (await m.readdirp(o.fd, second[-1].off, 600)).entries
+    assert trio.current_time() > t0, "a page read ahead before the directory changed was answered"
+    want = [e.name for e in (await b.readdirp((await b.opendir(dg)).need_fd(), second[-1].off, 600)).entries]
+    assert [e.name for e in third] == want
+    await m.releasedir(o.fd)
