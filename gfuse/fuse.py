@@ -396,7 +396,13 @@ class GlusterOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        r = await self.top.statfs(self.root_gfid)
+        return await self.statfs_of(pyfuse3.ROOT_INODE)
+
+    @fuse_errors
+    async def statfs_of(self, inode: int) -> pyfuse3.StatvfsData:
+        """statfs as seen from ``inode`` (fuse_lowlevel's handler: the bricks answer a directory's quota there)."""
+        i = self.inodes.get(inode)
+        r = await self.top.statfs(i.gfid if i is not None else self.root_gfid)
         s = r.need_statfs()
         out = pyfuse3.StatvfsData()
         out.f_bsize = s.bsize

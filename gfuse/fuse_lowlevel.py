@@ -40,7 +40,8 @@ import trio
 log = logging.getLogger(__name__)
 
 # slots of struct fuse_lowlevel_ops (libfuse 3.x keeps this order stable: fields are only appended)
-SLOT_LOOKUP, SLOT_FLUSH, SLOT_OPENDIR, SLOT_GETLK, SLOT_SETLK, SLOT_FLOCK, SLOT_FALLOCATE = 2, 17, 20, 31, 32, 39, 40
+SLOT_LOOKUP, SLOT_FLUSH, SLOT_OPENDIR, SLOT_STATFS, SLOT_GETLK, SLOT_SETLK, SLOT_FLOCK, SLOT_FALLOCATE = \
+    2, 17, 20, 24, 31, 32, 39, 40
 N_SLOTS = 44
 PTR = ctypes.sizeof(ctypes.c_void_p)
 
@@ -64,6 +65,13 @@ class CFlock(ctypes.Structure):
                 ("l_len", ctypes.c_int64), ("l_pid", ctypes.c_int32)]
 
 
+class CStatvfs(ctypes.Structure):
+    """struct statvfs of the C library (64-bit Linux: every count an unsigned long)."""
+    _fields_ = [(name, ctypes.c_ulong) for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+                                                     "f_files", "f_ffree", "f_favail", "f_fsid", "f_flag",
+                                                     "f_namemax")] + [("spare", ctypes.c_int * 6)]
+
+
 class FuseCtx(ctypes.Structure):
     _fields_ = [("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32), ("pid", ctypes.c_int32),
                 ("umask", ctypes.c_uint32)]
@@ -76,6 +84,7 @@ FLOCK = ctypes.CFUNCTYPE(None, REQ, INO, ctypes.POINTER(FileInfo), ctypes.c_int)
 FALLOCATE = ctypes.CFUNCTYPE(None, REQ, INO, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(FileInfo))
 FLUSH = ctypes.CFUNCTYPE(None, REQ, INO, ctypes.POINTER(FileInfo))
 OPENDIR = ctypes.CFUNCTYPE(None, REQ, INO, ctypes.POINTER(FileInfo))
+STATFS = ctypes.CFUNCTYPE(None, REQ, INO)
 INTERRUPT = ctypes.CFUNCTYPE(None, REQ, ctypes.c_void_p)
 
 
@@ -111,6 +120,10 @@ class LockOps(Protocol):
         ...
 
     async def releasedir(self, fh: int) -> None: ...
+
+    async def statfs_of(self, inode: int) -> Any:
+        """statfs of the file system as seen from ``inode`` (an object with pyfuse3.StatvfsData's fields)."""
+        ...
 
 
 class Unsupported(Exception):
@@ -206,6 +219,7 @@ def libfuse() -> ctypes.CDLL:
         lib.fuse_reply_err.argtypes = [REQ, ctypes.c_int]
         lib.fuse_reply_lock.argtypes = [REQ, ctypes.POINTER(CFlock)]
         lib.fuse_reply_open.argtypes = [REQ, ctypes.POINTER(FileInfo)]
+        lib.fuse_reply_statfs.argtypes = [REQ, ctypes.POINTER(CStatvfs)]
         lib.fuse_req_ctx.argtypes = [REQ]
         lib.fuse_req_ctx.restype = ctypes.POINTER(FuseCtx)
         lib.fuse_req_interrupt_func.argtypes = [REQ, INTERRUPT, ctypes.c_void_p]
@@ -233,7 +247,7 @@ class LowLevelHandlers:
         self._callbacks = {
             SLOT_GETLK: GETLK(g(self._getlk)), SLOT_SETLK: SETLK(g(self._setlk)), SLOT_FLOCK: FLOCK(g(self._flock)),
             SLOT_FALLOCATE: FALLOCATE(g(self._fallocate)), SLOT_FLUSH: FLUSH(g(self._flush)),
-            SLOT_OPENDIR: OPENDIR(g(self._opendir)),
+            SLOT_OPENDIR: OPENDIR(g(self._opendir)), SLOT_STATFS: STATFS(g(self._statfs)),
         }
         self._on_interrupt = INTERRUPT(self._interrupted)
         _keep_alive.append(self)
@@ -254,7 +268,7 @@ class LowLevelHandlers:
         for slot, cb in self._callbacks.items():
             table[slot] = ctypes.cast(cb, ctypes.c_void_p).value
         self._lib = lib
-        log.debug("FUSE lock, flock, fallocate, flush and opendir handlers installed")
+        log.debug("FUSE lock, flock, fallocate, flush, opendir and statfs handlers installed")
         return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -402,6 +416,17 @@ class LowLevelHandlers:
                     await self.ops.setlk(fh, owner, Lock(F_UNLCK, lock.start, lock.len, lock.pid), False, caller)
                 except Exception as e:  # noqa: BLE001 - best effort, in a shielded clean-up
                     log.warning("giving back an abandoned lock failed: %s", e)
+
+    def _statfs(self, req: int, ino: int) -> None:
+        """pyfuse3's statfs is not told the inode; the kernel sends the one df was pointed at. A bind mount of a
+        subdirectory (the node agent's pooled PVs) then shows that subdirectory's quota (quota-deem-statfs), as
+        a mount of the subdirectory itself does."""
+        def reply(st: Any) -> int:
+            out = CStatvfs(st.f_bsize, st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail, st.f_files, st.f_ffree,
+                           st.f_favail, 0, 0, st.f_namemax)
+            rc: int = self._lib.fuse_reply_statfs(req, ctypes.byref(out))
+            return rc
+        self._spawn(req, "statfs", lambda: self.ops.statfs_of(ino), reply)
 
     def _fallocate(self, req: int, ino: int, mode: int, offset: int, length: int, fi: Any) -> None:
         fh = fi.contents.fh
