@@ -91,6 +91,8 @@ NEGATIVE_PER_DIR = 4096
 STAMP_SETTLE = 2.0
 #: whole listings kept (directories, entries per directory) and entries answered per READDIRP from one
 LISTINGS, LISTING_MAX, LISTING_PAGE = 64, 100_000, 256
+#: entries of all kept listings together (they keep their attributes alive: memory)
+LISTING_TOTAL = 200_000
 #: a page read ahead and not asked for within this is read again
 AHEAD_MAX_AGE = 1.0
 
@@ -859,6 +861,10 @@ class MdCache(PassThrough):
         self._reading.pop(fd, None)
         if self._stamp_holds(dg, seq):
             whole = rd[1]
+            self._listings.pop(dg, None)
+            total = sum(len(v[1]) for v in self._listings.values())
+            while self._listings and total + len(whole) > LISTING_TOTAL:
+                total -= len(self._listings.pop(next(iter(self._listings)))[1])
             self._listings[dg] = (seq, whole, {e.off: i + 1 for i, e in enumerate(whole)})
 
     # ------------------------------------------------------------ handles (to know the gfid of an fd)

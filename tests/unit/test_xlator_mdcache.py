@@ -989,3 +989,23 @@ async def test_the_next_page_is_read_ahead_and_dropped_by_an_invalidation(autoju
     want = [e.name for e in (await b.readdirp((await b.opendir(dg)).need_fd(), second[-1].off, 600)).entries]
     assert [e.name for e in third] == want
     await m.releasedir(o.fd)
+
+
+async def test_kept_listings_are_bounded_in_entries(autojump_clock: trio.abc.Clock, nursery: trio.Nursery,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import gfuse.xlators.mdcache as mdc
+    monkeypatch.setattr(mdc, "LISTING_TOTAL", 12)
+    _, m, b, _ = coherent()
+    m.wall = trio.current_time
+    await nursery.start(m.run)
+    dirs = []
+    for d in ("a", "b"):
+        dg = new_gfid()
+        await b.mkdir(ROOT_GFID, d, 0o755, dg)
+        for i in range(6):
+            await b.mknod(dg, f"n{i}", st.S_IFREG | 0o644, 0, new_gfid())
+        dirs.append(dg)
+    await trio.sleep(10)
+    for dg in dirs:
+        await _listed(m, dg)
+    assert list(m._listings) == [dirs[1]], "more entries kept than LISTING_TOTAL"
