@@ -68,8 +68,10 @@ def _setup(vol: tc.Volume, gfuse_mount: Callable[..., tc.NativeMount],
     return {"gfuse1": gfuse_mount(vol).path, "gfuse2": gfuse_mount(vol).path, "native": native_mount(vol).path}
 
 
-def test_a_cached_listing_never_hides_another_clients_change(make_volume, gfuse_mount, native_mount) -> None:
-    vol = make_volume("replica3", options=METADATA_CACHE)
+@pytest.mark.parametrize("kind", ["replica3", "distrep"])
+def test_a_cached_listing_never_hides_another_clients_change(make_volume, gfuse_mount, native_mount,
+                                                             kind: str) -> None:
+    vol = make_volume(kind, options=METADATA_CACHE)
     mounts = _setup(vol, gfuse_mount, native_mount)
     obs = mounts["gfuse1"]
     cases = [(c, w) for c in CHANGES for w in ("gfuse2", "native")]
