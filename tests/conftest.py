@@ -182,6 +182,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     native_reason = tc.native_mount_unavailable_reason()
     here = Path(__file__).resolve().parent
     _slow_first(items, here)
+    _collected.clear()
+    _collected.update((item.nodeid, i) for i, item in enumerate(items))
+    users = [i for i, item in enumerate(items) if set(getattr(item, "fixturenames", ())) & _VOLUME_USERS]
+    _last_volume_user[0] = max(users, default=-1)
     for item in items:
         try:
             top = Path(str(item.fspath)).resolve().relative_to(here).parts[0]
@@ -242,7 +246,30 @@ def _session_volume(kind: str) -> Iterator[tc.Volume]:
         yield vol
     finally:
         _session_volumes.pop(kind, None)
-        vol.delete()
+        if vol.name not in _released_early:
+            vol.delete()
+
+
+#: The shared volumes and the spare are deleted (in the background) as soon as this process starts a test
+#: collected after the last one that can use them: xdist hands a worker whole modules in collection order, so
+#: none comes later, and the deletions (3 s of glusterd's time each, one after the other) overlap the tests
+#: left instead of all waiting at the session's end (25-28 s per worker at 53ea4cd).
+_collected: dict[str, int] = {}
+_last_volume_user: list[int] = [-1]
+_released_early: set[str] = set()
+_VOLUME_USERS = {*_SESSION_VOLUME_FIXTURES, "volume", "make_volume"}
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if _released_early or _collected.get(item.nodeid, -1) <= _last_volume_user[0]:
+        return
+    _released_early.add("")  # once
+    for kind, (vol, _baseline) in list(_session_volumes.items()):
+        _session_volumes.pop(kind, None)
+        _released_early.add(vol.name)
+        vol.release()
+        _pending_deletes.append((vol.name, _deleter().submit(vol.delete)))
+    _drop_spares()
 
 
 @pytest.fixture(scope="session")
