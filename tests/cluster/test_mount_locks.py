@@ -63,16 +63,29 @@ class Holder:
         self.path = path
         self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), kind, str(start), str(length),
                                       "w" if wait else "n"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
+                                     text=True, bufsize=1)
+        self._buf = b""  # what was read from its stdout and not yet taken as a line
         assert self.read() == "ready"
 
     def read(self, timeout: float = 30.0) -> str:
-        import selectors
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            raise TimeoutError(f"lock holder did not answer in {timeout:g} s: {self.state()}")
-        return self.proc.stdout.readline().strip()
+        """The holder's next line. Read from the pipe's fd with our own buffer: a buffered readline may take two
+        lines at once ("ready", then "locked" right after it), and a select on the fd then waits for a line that
+        was already read (the 30 s 'did not answer' flake, with the holder waiting for its next command)."""
+        import select
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError(f"lock holder did not answer in {timeout:g} s: {self.state()}")
+            chunk = os.read(fd, 4096)
+            if not chunk:  # it exited (e.g. told "exit"): as readline, an empty line
+                line, self._buf = self._buf, b""
+                return line.decode().strip()
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode().strip()
 
     def state(self) -> str:
         """What the mount was doing (a flake under load 5-9 is not root-caused: this says where it waits)."""
