@@ -157,7 +157,10 @@ def test_changes_are_seen_at_the_next_access_with_cache_invalidation(make_volume
                                                                      native_mount) -> None:
     vol = make_volume("distrep", options=METADATA_CACHE)
     mounts = _mounts(vol, gfuse_mount, native_mount)
-    results = [_run(mounts, c, w, o, 3.0) for c in CHANGES for w in mounts for o in mounts if o != w]
+    # a gfuse observer told by the other gfuse client and by native, and native told by gfuse (the two gfuse
+    # clients are alike: the reversed gfuse pair would repeat the check)
+    pairs = (("gfuse2", "gfuse1"), ("native", "gfuse1"), ("gfuse1", "native"))
+    results = [_run(mounts, c, w, o, 3.0) for c in CHANGES for w, o in pairs]
     report = "\n".join(map(str, results))
     print(report)
     stale = [r for r in results if r.observer != "native" and not r.first]

@@ -700,10 +700,10 @@ def test_no_call_fails_with_quorum_met_while_bricks_restart(make_volume, gfuse_m
     t = threading.Thread(target=work)
     t.start()
     try:
-        for b, heal in ((0, False), (1, True), (2, True), (0, True)):
-            time.sleep(1.5)
+        for b, heal in ((0, False), (1, True), (2, True)):
+            time.sleep(1.0)
             vol.kill_brick(b)
-            time.sleep(1.5)
+            time.sleep(1.0)
             vol.start_force()
             wait_bricks_seen(g, [True, True, True])
             if heal:
