@@ -131,25 +131,24 @@ def load_state(path: str, dropped: list[str] | None = None,
             raise TypeError(f"'mounts' is not a list but {type(mounts).__name__}")
     except Exception as e:  # noqa: BLE001 - any decoding problem is the same problem for the admin
         raise StateError(f"state file {path} is corrupt: {e}") from None
+    table = _records(mounts, "entry", dropped)
+    pool_list = obj.get("pools") or []
+    if pools is not None and isinstance(pool_list, list):
+        pools.update(_records(pool_list, "pool entry", dropped))
+    return table
+
+
+def _records(entries: list[Any], what: str, dropped: list[str] | None) -> dict[str, MountRecord]:
+    """The valid records of ``entries`` by target; each invalid one is said in ``dropped``."""
     table: dict[str, MountRecord] = {}
-    for i, m in enumerate(mounts):
+    for i, m in enumerate(entries):
         try:
             r = MountRecord.from_wire(m)
         except (ValueError, TypeError, OverflowError) as e:
             if dropped is not None:
-                dropped.append(f"entry {i}: {e}")
+                dropped.append(f"{what} {i}: {e}")
             continue
         table[r.target] = r
-    pool_list = obj.get("pools") or []
-    if pools is not None and isinstance(pool_list, list):
-        for i, m in enumerate(pool_list):
-            try:
-                r = MountRecord.from_wire(m)
-            except (ValueError, TypeError, OverflowError) as e:
-                if dropped is not None:
-                    dropped.append(f"pool entry {i}: {e}")
-                continue
-            pools[r.target] = r
     return table
 
 
