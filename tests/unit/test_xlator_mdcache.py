@@ -212,6 +212,18 @@ async def tree(b: MemClient) -> tuple[bytes, bytes]:
     return dg, fg
 
 
+async def open_dir_of_files(b: MemClient, m: MdCache, count: int) -> tuple[bytes, int]:
+    """d with n00.. made by B, looked up and opened through md-cache: (d's gfid, the open fd)."""
+    dg = new_gfid()
+    await b.mkdir(ROOT_GFID, "d", 0o755, dg)
+    for i in range(count):
+        await b.mknod(dg, f"n{i:02d}", st.S_IFREG | 0o644, 0, new_gfid())
+    await m.lookup(ROOT_GFID, "d")
+    o = await m.opendir(dg)
+    assert o.fd is not None
+    return dg, o.fd
+
+
 def brick_calls(brick: MemBrick) -> int:
     return sum(n for fop, n in brick.calls.items() if fop not in ("release", "ipc"))
 
@@ -244,15 +256,9 @@ async def test_ls_l_after_readdirp_costs_no_brick_call(autojump_clock: trio.abc.
     """The profile of issue 10: `ls -l` asked a brick for security xattrs of every entry."""
     brick, m, b, _ = coherent()
     await nursery.start(m.run)
-    dg = new_gfid()
-    await b.mkdir(ROOT_GFID, "d", 0o755, dg)
-    for i in range(50):
-        await b.mknod(dg, f"n{i}", st.S_IFREG | 0o644, 0, new_gfid())
-    await m.lookup(ROOT_GFID, "d")
-    o = await m.opendir(dg)
-    assert o.fd is not None
-    ents = (await m.readdirp(o.fd)).entries
-    await m.releasedir(o.fd)
+    dg, fd = await open_dir_of_files(b, m, 50)
+    ents = (await m.readdirp(fd)).entries
+    await m.releasedir(fd)
     before = brick_calls(brick)
     for e in ents:
         if e.name in (".", ".."):
@@ -804,22 +810,16 @@ async def test_the_rest_of_a_listing_page_is_answered_from_it_until_something_ch
     comes from the page (no brick call, no second fill), unless an invalidation came in between."""
     brick, m, b, _ = coherent()
     await nursery.start(m.run)
-    dg = new_gfid()
-    await b.mkdir(ROOT_GFID, "d", 0o755, dg)
-    for i in range(20):
-        await b.mknod(dg, f"n{i:02d}", st.S_IFREG | 0o644, 0, new_gfid())
-    await m.lookup(ROOT_GFID, "d")
-    o = await m.opendir(dg)
-    assert o.fd is not None
-    first = (await m.readdirp(o.fd)).entries
+    dg, fd = await open_dir_of_files(b, m, 20)
+    first = (await m.readdirp(fd)).entries
     n = brick.calls["readdirp"]
-    rest = (await m.readdirp(o.fd, first[5].off)).entries
+    rest = (await m.readdirp(fd, first[5].off)).entries
     assert brick.calls["readdirp"] == n and [e.name for e in rest] == [e.name for e in first[6:]]
     await b.unlink(dg, "n10")  # A listed n10: the brick tells it (NLINK on n10, with its parent)
-    rest = (await m.readdirp(o.fd, first[5].off)).entries
+    rest = (await m.readdirp(fd, first[5].off)).entries
     assert brick.calls["readdirp"] > n, "a page older than an invalidation was answered"
     assert "n10" not in [e.name for e in rest]
-    await m.releasedir(o.fd)
+    await m.releasedir(fd)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -967,28 +967,22 @@ async def test_the_next_page_is_read_ahead_and_dropped_by_an_invalidation(autoju
                                                                            nursery: trio.Nursery) -> None:
     brick, m, b, _ = coherent(latency=0.01)
     await nursery.start(m.run)
-    dg = new_gfid()
-    await b.mkdir(ROOT_GFID, "d", 0o755, dg)
-    for i in range(30):
-        await b.mknod(dg, f"n{i:02d}", st.S_IFREG | 0o644, 0, new_gfid())
-    await m.lookup(ROOT_GFID, "d")
-    o = await m.opendir(dg)
-    assert o.fd is not None
-    first = (await m.readdirp(o.fd, 0, 600)).entries
+    dg, fd = await open_dir_of_files(b, m, 30)
+    first = (await m.readdirp(fd, 0, 600)).entries
     await trio.sleep(0.1)  # the kernel takes its time with the page: the next one arrives meanwhile
     n = brick.calls["readdirp"]
     t0 = trio.current_time()
-    second = (await m.readdirp(o.fd, first[-1].off, 600)).entries
+    second = (await m.readdirp(fd, first[-1].off, 600)).entries
     assert trio.current_time() == t0 and brick.calls["readdirp"] == n, "the next page was not read ahead"
     assert second and second[0].name not in [e.name for e in first]
     await trio.sleep(0.1)
     victim = second[-1].name  # the page after it was read ahead before B removes a name in the directory
     await b.unlink(dg, "n00" if victim != "n00" else "n01")
-    third = (await m.readdirp(o.fd, second[-1].off, 600)).entries
+    third = (await m.readdirp(fd, second[-1].off, 600)).entries
     assert trio.current_time() > t0, "a page read ahead before the directory changed was answered"
     want = [e.name for e in (await b.readdirp((await b.opendir(dg)).need_fd(), second[-1].off, 600)).entries]
     assert [e.name for e in third] == want
-    await m.releasedir(o.fd)
+    await m.releasedir(fd)
 
 
 async def test_kept_listings_are_bounded_in_entries(autojump_clock: trio.abc.Clock, nursery: trio.Nursery,
