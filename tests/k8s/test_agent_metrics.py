@@ -59,6 +59,11 @@ def _value(series: Series, name: str, **labels: str) -> float:
 
 
 @pytest.mark.timeout(240)
+
+def _events(emu, reason: str, namespace: str = "team-a") -> list[dict]:
+    """The Events of ``reason`` the emulated API server holds in ``namespace``."""
+    return [e for e in emu.list("events", namespace) if e["reason"] == reason]
+
 def test_metrics_of_one_mount(vol_replica3, tmp_path: Path) -> None:
     port = _free_port()
     # a long health interval: the agent does not repair the killed server below while the test looks at it
@@ -276,22 +281,20 @@ def test_repairs_are_events_on_the_pod(vol_replica3, tmp_path: Path) -> None:
         save_state(str(agent.state), records)
         agent.start()
         try:
-            def events(reason: str) -> list[dict]:
-                return [e for e in emu.list("events", "team-a") if e["reason"] == reason]
-
-            (ok,) = wait_for(lambda: events("MountRepaired"), 60, "the MountRepaired event")
+            (ok,) = wait_for(lambda: _events(emu, "MountRepaired"), 60, "the MountRepaired event")
             assert ok["type"] == "Warning" and ok["involvedObject"] == {
                 "apiVersion": "v1", "kind": "Pod", "name": "web-0", "namespace": "team-a", "uid": pods["web-0"]}
             assert ok["message"].startswith(f"the gfuse mount of {vol_replica3.source} on {targets['web-0']} was "
                                             f"not serving") and "repair #1" in ok["message"]
             assert ok["source"] == {"component": "gfuse-agent"} and ok["reportingComponent"] == "gfuse-agent"
-            (bad,) = wait_for(lambda: events("MountRepairFailed"), 60, "the MountRepairFailed event")
+            (bad,) = wait_for(lambda: _events(emu, "MountRepairFailed"), 60, "the MountRepairFailed event")
             assert bad["type"] == "Warning" and bad["involvedObject"]["name"] == "web-1"
             assert bad["involvedObject"]["uid"] == pods["web-1"]
             assert bad["message"] == f"cannot mount {bad_source} on {targets['web-1']}: {cli}"
             agent.wait_health_passes(3)  # the repair is retried every pass; the event is not repeated
-            assert len(events("MountRepairFailed")) == 1 and events("MountRepairFailed")[0].get("count", 1) == 1
-            assert len(events("MountRepaired")) == 1
+            failed = _events(emu, "MountRepairFailed")
+            assert len(failed) == 1 and failed[0].get("count", 1) == 1
+            assert len(_events(emu, "MountRepaired")) == 1
         finally:
             agent.close()
             cleanup_mounts_under(tmp_path)
@@ -373,10 +376,7 @@ def test_csi_repairs_are_events_on_the_pods(vol_replica3, tmp_path: Path) -> Non
             assert rec["context"]["csi.role"] == "staging" and rec["context"]["csi.volume_id"] == vid
             os.kill(rec["pid"], signal.SIGKILL)
 
-            def events(reason: str) -> list[dict]:
-                return [e for e in emu.list("events", "team-a") if e["reason"] == reason]
-
-            (ev,) = wait_for(lambda: events("MountRepaired"), 60, "the MountRepaired event")
+            (ev,) = wait_for(lambda: _events(emu, "MountRepaired"), 60, "the MountRepaired event")
             assert ev["type"] == "Warning" and ev["involvedObject"] == {
                 "apiVersion": "v1", "kind": "Pod", "name": "web-0", "namespace": "team-a", "uid": pods["web-0"]}
             assert ev["message"].startswith(f"the gfuse mount of {vid} of CSI volume {vid} staged on {staging} "
@@ -394,7 +394,7 @@ def test_csi_repairs_are_events_on_the_pods(vol_replica3, tmp_path: Path) -> Non
 
             wait_for(rebound, 30, "the pod's target to work again")
             agent.wait_health_passes(2)
-            assert len(events("MountRepaired")) == 1, "web-1 was unpublished: no event for it"
+            assert len(_events(emu, "MountRepaired")) == 1, "web-1 was unpublished: no event for it"
         finally:
             for t in targets.values():
                 with contextlib.suppress(Exception):
