@@ -632,15 +632,14 @@ class Replicate(Fops):
         if want is not None:
             rets = [r.ret for i, r in ok.items() if i != self.arbiter]
             best = max(rets) if rets else want
-            if rets and not self._has_quorum([i for i, r in ok.items() if i == self.arbiter or r.ret == best]):
-                # Nothing a quorum took whole: at a quota or a full brick each brick may cut the write at
-                # another length. The longest count a quorum wrote exactly is the answer (a short write:
-                # the caller writes the rest, and gets EDQUOT/ENOSPC then); replicas that wrote more or
-                # less than it hold another state and are blamed, as a short one is.
-                for c in sorted(set(rets), reverse=True):
-                    if self._has_quorum([i for i, r in ok.items() if i == self.arbiter or r.ret == c]):
-                        best = c
-                        break
+            # The longest count a quorum wrote exactly is the answer: at a quota or a full brick each brick may
+            # cut the write at another length (a short write: the caller writes the rest, and gets EDQUOT or
+            # ENOSPC then); replicas that wrote more or less than it hold another state and are blamed, as a
+            # short one is. No such count: the longest (the write then fails for quorum).
+            for c in sorted(set(rets), reverse=True):
+                if self._has_quorum([i for i, r in ok.items() if i == self.arbiter or r.ret == c]):
+                    best = c
+                    break
             for i, r in ok.items():
                 if i == self.arbiter:
                     r.ret = best  # the arbiter was sent one byte and stores none
