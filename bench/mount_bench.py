@@ -56,6 +56,7 @@ import subprocess
 import sys
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +182,46 @@ class Interrupted(Exception):
 # ------------------------------------------------------------------------------------ the volume
 
 
+#: gluster's upcall counters by index (gf_upcall_list, libglusterfs/src/globals.c) ...
+UPCALL_NAMES = ("NULL", "UPCALL", "CI_IATT", "CI_XATTR", "CI_RENAME", "CI_UNLINK", "CI_FORGET", "LEASE_RECALL")
+#: ... which the CLI's XML output names with the fop list instead (cli-xml-output.c writes
+#: ``gf_fop_list[i]`` for upcall i): 1 UPCALL shows as STAT, 2 CI_IATT as READLINK, and so on
+FOP_NAMES_OF_UPCALLS = ("NULL", "STAT", "READLINK", "MKNOD", "MKDIR", "UNLINK", "RMDIR", "SYMLINK")
+
+
+def profile_counts(root: ET.Element) -> tuple[dict[str, int], dict[str, int], int, int]:
+    """({FOP: hits}, {UPCALL: sent}, bytes read, bytes written) of the interval of a profile's XML.
+
+    Each brick's ``<fopStats>`` lists the fops in fop order, then the upcall notifications the brick
+    sent to *other* clients (cache invalidations), misnamed after the fops of the same index and with
+    all latencies 0 (the text output names them right). A real STAT..SYMLINK always has a latency, so
+    the first zero-latency entry of those names starts the upcalls; they are not fops the client made.
+    """
+    fops: dict[str, int] = {}
+    upcalls: dict[str, int] = {}
+    rd = wr = 0
+    for brick in root.iter("brick"):
+        st = brick.find("intervalStats")
+        if st is None:
+            continue
+        in_upcalls = False
+        for fop in st.iter("fop"):
+            name = fop.findtext("name") or "?"
+            hits = int(float(fop.findtext("hits") or 0))
+            lat = [float(fop.findtext(k) or 0) for k in ("avgLatency", "minLatency", "maxLatency")]
+            if not in_upcalls and name in FOP_NAMES_OF_UPCALLS[1:] and not any(lat):
+                in_upcalls = True
+            if in_upcalls:
+                i = FOP_NAMES_OF_UPCALLS.index(name) if name in FOP_NAMES_OF_UPCALLS else -1
+                name = UPCALL_NAMES[i] if i >= 0 else f"upcall {name}"
+                upcalls[name] = upcalls.get(name, 0) + hits
+            else:
+                fops[name] = fops.get(name, 0) + hits
+        rd += int(float(st.findtext("totalRead") or 0))
+        wr += int(float(st.findtext("totalWrite") or 0))
+    return fops, upcalls, rd, wr
+
+
 @dataclass
 class Target:
     """The volume under test: a throwaway one we made, or an existing one."""
@@ -214,8 +255,8 @@ class Target:
                 remote += 1
         return pids, (f"{remote} brick(s) not local" if remote else None)
 
-    def profile(self) -> tuple[dict[str, int], int, int] | None:
-        """Fops since the last call, summed over bricks: ({FOP: hits}, bytes read, bytes written)."""
+    def profile(self) -> tuple[dict[str, int], dict[str, int], int, int] | None:
+        """Since the last call, summed over bricks: ({FOP: hits}, {UPCALL: sent}, bytes read, bytes written)."""
         if self.profile_error:
             return None
         try:
@@ -223,18 +264,7 @@ class Target:
         except tc.GlusterError as e:
             self.profile_error = str(e).splitlines()[0]
             return None
-        fops: dict[str, int] = {}
-        rd = wr = 0
-        for brick in root.iter("brick"):
-            st = brick.find("intervalStats")
-            if st is None:
-                continue
-            for fop in st.iter("fop"):
-                name = fop.findtext("name") or "?"
-                fops[name] = fops.get(name, 0) + int(float(fop.findtext("hits") or 0))
-            rd += int(float(st.findtext("totalRead") or 0))
-            wr += int(float(st.findtext("totalWrite") or 0))
-        return fops, rd, wr
+        return profile_counts(root)
 
     def start_profile(self) -> None:
         try:
@@ -328,6 +358,8 @@ class Result:
     cpu: float | None = None
     brick_cpu: float | None = None
     fops: dict[str, int] | None = None
+    #: cache-invalidation notifications the bricks sent to other clients during the workload
+    upcalls: dict[str, int] | None = None
     brick_read: int = 0
     brick_written: int = 0
     error: str | None = None
@@ -437,7 +469,7 @@ class Bench:
         if self.brick_pids and not self.brick_cpu_note and None not in b0 + b1:
             r.brick_cpu = sum(b1) - sum(b0)  # type: ignore[arg-type]
         if prof is not None:
-            r.fops, r.brick_read, r.brick_written = prof
+            r.fops, r.upcalls, r.brick_read, r.brick_written = prof
         if r.error:
             progress(f"{workload} {c.name}: {r.error}")
         else:
@@ -788,7 +820,11 @@ def report(bench: Bench, only: list[str], top: int) -> str:
                 diff = ", ".join(f"{k} {d:+.2f}" for k, d in sorted(deltas.items(), key=lambda kv: -abs(kv[1]))
                                  if abs(d) >= 0.05) or "none ≥ 0.05"
             io = f"{r.brick_read / MiB / max(r.ops, 1):.3g} / {r.brick_written / MiB / max(r.ops, 1):.3g}"
-            tail = f" ({'; '.join(r.notes)})" if r.notes else ""
+            notes = list(r.notes)
+            if r.upcalls and any(r.upcalls.values()):
+                ups = ", ".join(f"{k} {per(v, r.ops)}" for k, v in sorted(r.upcalls.items(), key=lambda kv: -kv[1]))
+                notes.append(f"not fops: upcalls the bricks sent to other clients {ups}")
+            tail = f" ({'; '.join(notes)})" if notes else ""
             err = " FAILED" if r.error else ""
             out.append(f"| {w} | {cname}{err} | {r.ops:,} | {r.seconds:.2f} | {tops}{tail} | {diff} | {io} |")
     if failures:
