@@ -34,6 +34,15 @@ empty) and ``backend`` (the provisioner's storage backend ``subdir``/``volume`` 
 ``gfuse_agent_mounts``, ``gfuse_agent_health_passes_total``, ``gfuse_agent_info{version}``, ``process_*``
 =======================================================  =====================================================
 
+Pooled subdir PVs (``gfuse-agent --pool-subdirs yes``, :mod:`flexvolume.pools`): every PV of the agent's table
+has its own series of what is per PV -- ``gfuse_mount_up``, ``_healthy``, ``_repairs_total``, ``_repair_failing``,
+``_start_time_seconds``, ``_bricks``, ``_bricks_up``, ``gfuse_brick_up`` -- with its own labels (its ``target``,
+``pod_uid``, ``bridge``, ``backend``, its ``source`` with the subdirectory), answered from the status of the pool
+mount's server, which serves it, and ``gfuse_mount_pool{pool}`` 1 naming that pool mount's directory. What the
+server counts for all of them together (FUSE requests, errors, latency, bytes, inodes, calls in flight) is the
+pool mount's own series (``target`` its directory, ``bridge`` ``pool``), once: never repeated per PV, where a
+``sum()`` would count it once per PV. ``gfuse_agent_mounts`` counts the PVs, ``gfuse_agent_pools`` the pool mounts.
+
 Counters of a mount start again from 0 when a new serving process takes over (a repair, ``-o restartable``):
 ``rate()`` treats that as a counter reset.
 """
@@ -105,6 +114,10 @@ class MountSample:
     repair_failing: bool
     status: dict[str, Any] | None = None
     error: str = ""
+    #: a pooled PV: the directory of the pool mount whose server serves it (its per-server series are the pool's)
+    pool: str = ""
+    #: the agent's pool mount itself (not an entry of its table)
+    pool_mount: bool = False
 
 
 @dataclass
@@ -131,20 +144,29 @@ def mount_labels(rec: MountRecord, volume: str = "") -> dict[str, str]:
 
 async def gather(agent: Agent, version: str = "", timeout: float = STATUS_TIMEOUT,
                  budget: float = SCRAPE_BUDGET) -> AgentSample:
-    """Ask every mount of the agent's table for its status, all at once, each bounded."""
+    """Ask every mount of the agent's table for its status, all at once, each bounded; a pool mount's server
+    once for the pool and all its PVs."""
     records = list(agent.table.values())
+    pools_obj = getattr(agent, "pools", None)
+    pool_table: dict[str, MountRecord] = dict(getattr(pools_obj, "table", None) or {})
     health = dict(agent._health)
     repair_errors = dict(agent._repair_errors)
-    samples = [MountSample(labels=mount_labels(rec), healthy=health.get(rec.target, ("", ""))[0] == "healthy",
+
+    def sample_of(rec: MountRecord, **kw: Any) -> MountSample:
+        return MountSample(labels=mount_labels(rec), healthy=health.get(rec.target, ("", ""))[0] == "healthy",
                            repairs=rec.repairs, repair_failing=bool(repair_errors.get(rec.target)),
-                           error="not asked: the scrape's time was up")
-               for rec in records]
+                           error="not asked: the scrape's time was up", **kw)
+
+    samples = [sample_of(rec, pool=rec.pool if rec.pool in pool_table else "") for rec in records]
+    pool_samples = {d: sample_of(rec, pool_mount=True) for d, rec in sorted(pool_table.items())}
+    for ps in pool_samples.values():
+        ps.labels["bridge"] = "pool"
     limiter = trio.CapacityLimiter(PARALLEL)
 
-    async def ask(rec: MountRecord, sample: MountSample) -> None:
+    async def ask(target: str, sample: MountSample) -> None:
         async with limiter:
             try:
-                sample.status = await query_status_async(rec.target, timeout)
+                sample.status = await query_status_async(target, timeout)
                 sample.error = ""
             except trio.TooSlowError:
                 sample.error = f"its status socket did not answer within {timeout:g}s"
@@ -156,8 +178,18 @@ async def gather(agent: Agent, version: str = "", timeout: float = STATUS_TIMEOU
     with trio.move_on_after(budget):
         async with trio.open_nursery() as nursery:
             for rec, sample in zip(records, samples):
-                nursery.start_soon(ask, rec, sample)
-    return AgentSample(version=version, health_passes=agent.health_passes, mounts=samples)
+                if not sample.pool:
+                    nursery.start_soon(ask, rec.target, sample)
+            for pool_dir, ps in pool_samples.items():
+                nursery.start_soon(ask, pool_dir, ps)
+    for sample in samples:
+        if sample.pool:  # served by its pool's server: what it answered (or why not)
+            ps = pool_samples[sample.pool]
+            sample.status, sample.error = ps.status, ps.error
+            if ps.status is not None and isinstance(ps.status.get("volume"), str):
+                sample.labels["volume"] = ps.status["volume"]
+    return AgentSample(version=version, health_passes=agent.health_passes,
+                       mounts=samples + list(pool_samples.values()))
 
 
 def _num(v: Any) -> float:
@@ -176,7 +208,10 @@ class MountCollector(Collector):
         info = GaugeMetricFamily("gfuse_agent_info", "the gfuse node agent", labels=["version"])
         info.add_metric([s.version], 1)
         yield info
-        yield GaugeMetricFamily("gfuse_agent_mounts", "mounts in the agent's table", value=len(s.mounts))
+        yield GaugeMetricFamily("gfuse_agent_mounts", "mounts in the agent's table",
+                                value=sum(1 for m in s.mounts if not m.pool_mount))
+        yield GaugeMetricFamily("gfuse_agent_pools", "pool mounts serving subdir PVs (--pool-subdirs)",
+                                value=sum(1 for m in s.mounts if m.pool_mount))
         yield CounterMetricFamily("gfuse_agent_health_passes", "health checks of every mount done",
                                   value=s.health_passes)
 
@@ -206,9 +241,13 @@ class MountCollector(Collector):
                                         labels=[*L, "op"])
         rbytes = CounterMetricFamily("gfuse_read_bytes", "bytes read through FUSE", labels=L)
         wbytes = CounterMetricFamily("gfuse_written_bytes", "bytes written through FUSE", labels=L)
+        pool = GaugeMetricFamily("gfuse_mount_pool", "1: the PV is a bind of a subdirectory of the pool mount "
+                                 "``pool``, whose server serves it", labels=[*L, "pool"])
 
         for m in s.mounts:
             lv = [m.labels[k] for k in MOUNT_LABELS]
+            if m.pool:
+                pool.add_metric([*lv, m.pool], 1)
             up.add_metric(lv, 1 if m.status is not None else 0)
             healthy.add_metric(lv, 1 if m.healthy else 0)
             repairs.add_metric(lv, m.repairs)
@@ -222,6 +261,8 @@ class MountCollector(Collector):
             bricks_up.add_metric(lv, sum(1 for b in blist if b.get("up")))
             for b in blist:
                 brick_up.add_metric([*lv, str(b.get("brick", "")), str(b.get("name", ""))], 1 if b.get("up") else 0)
+            if m.pool:
+                continue  # what the server counts for all the pool's PVs is the pool mount's series, once
             calls.add_metric(lv, _num(st.get("pending_brick_calls")))
             freqs.add_metric(lv, _num(st.get("fuse_requests_in_flight")))
             inodes.add_metric(lv, _num(st.get("inodes")))
@@ -246,7 +287,7 @@ class MountCollector(Collector):
             rbytes.add_metric(lv, _num(fuse.get("bytes_read")))
             wbytes.add_metric(lv, _num(fuse.get("bytes_written")))
         yield from (up, healthy, repairs, failing, start, bricks, bricks_up, brick_up, calls, freqs, inodes,
-                    requests, errors, latency, rbytes, wbytes)
+                    requests, errors, latency, rbytes, wbytes, pool)
 
 
 def render(sample: AgentSample, accept: str = "", process: bool = True) -> tuple[bytes, str]:

@@ -28,9 +28,16 @@ How (``gfuse-agent --pool-subdirs yes``):
   from, so each PV still on the dead one gets a bind of the new pool mount stacked over it -- never detached
   first, as the agent's repairs never are (nothing can be written into the node's directory underneath).
 
-Known limit: statfs of a pooled PV (``df``, the agent's ``stats``, NodeGetVolumeStats) shows the pool's figures,
-not the PV's quota: pyfuse3 does not pass the inode of a STATFS request on, and gfuse answers for its root.
-Writes past the quota fail with EDQUOT all the same. This is why pooling is not the default yet.
+statfs of a pooled PV (``df`` in a pod, the agent's ``stats``, NodeGetVolumeStats) is the PV's: the kernel names
+the bound subdirectory's inode in STATFS and gfuse answers for it, so with the subdir backend's quota (and
+``features.quota-deem-statfs``) a PV shows its quota as its size, not the pool's (tests/k8s/test_agent_pools.py
+checks ``os.statvfs`` of a CSI target and NodeGetVolumeStats; tests/cluster/test_mount_statfs.py the bridge).
+Writes past the quota fail with EDQUOT. The CLI default is still ``no`` (tests/k8s/test_csi.py's node tests
+expect a gfuse mount per staged PV); the DaemonSet (daemonset/base/daemonset-node.yaml) runs the agent with
+``--pool-subdirs=yes``.
+
+Metrics (:mod:`flexvolume.metrics`): each PV keeps its series under its own target, answered by the pool's
+server (``gfuse_mount_pool`` names the pool mount); the server's FUSE counters are the pool mount's, once.
 """
 
 from __future__ import annotations
@@ -310,8 +317,12 @@ class Pools:
             d = rec.to_wire()
             state, reason = a._health.get(rec.target, ("unknown", ""))
             targets = sorted(r.target for r in self.refs(rec.target))
-            d.update(pid=a._find_pid(rec), refs=len(targets), targets=targets, state=state, reason=reason,
-                     healthy=state == "healthy", mode=a._mode(rec, held.get(rec.target)))
+            h = held.get(rec.target)
+            pid = (h.get("pid") if h is not None and h.get("served") else None) or a._find_pid(rec)  # as a PV's
+            handoffs = (h or {}).get("handoffs") or []
+            d.update(pid=pid, takeovers=int((h or {}).get("restarts") or 0),
+                     pause=float(handoffs[-1]) if handoffs else None, refs=len(targets), targets=targets,
+                     state=state, reason=reason, healthy=state == "healthy", mode=a._mode(rec, h))
             out.append(d)
         return out
 

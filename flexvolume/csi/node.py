@@ -1,5 +1,15 @@
 """CSI Node service: one gfuse mount per volume per node (staging), a bind mount per pod (publish).
 
+With the agent's pooled subdir PVs (``gfuse-agent --pool-subdirs yes``, what the DaemonSet runs;
+:mod:`flexvolume.pools`) the staging path of a PV that names a subdirectory of a volume is not a gfuse mount of
+its own but the agent's bind of that subdirectory of its one gfuse mount of the pool volume (in the mount
+table: ``fuse.gfuse``, the pool's source, root ``/<subdir>``, the pool mount's device); publishing binds the
+staging path as always, so a target is a bind of the same subdirectory. Nothing here depends on which: targets
+are matched to their staging path by device and root, NodeGetVolumeStats asks statvfs of the path it is given
+(gfuse answers statfs for the bound directory's inode: a PV's quota, not the pool's size) and its
+VolumeCondition is the pool server's health, and NodeUnstageVolume has the agent drop its PV (the pool mount
+goes with its last PV).
+
 - NodeStageVolume asks the node agent (``gfuse-agent``) to mount the volume's gluster source at the
   staging path kubelet gives (``<kubelet-dir>/plugins/kubernetes.io/csi/<driver>/<hash>/globalmount``):
   the agent owns the FUSE server process, so restarting this plugin never breaks a pod's mount.
@@ -37,6 +47,7 @@ from typing import Any, TypeVar
 import grpc
 
 from ..agentclient import AgentClient
+from ..pools import effective_source
 from ..kubeevents import CSI_POD_NAME, CSI_POD_NAMESPACE, CSI_POD_UID, CSI_PODS, csi_pods, encode_csi_pods
 from .stubs import csi_pb2, csi_pb2_grpc
 from gfuse.mounttable import MountEntry, mount_at, read_mounts
@@ -441,6 +452,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                                       f"agent mounts the volume again and the plugin rebinds pods' targets to it")
             return self._abnormal(f"the gfuse mount of {m.source} at {path} fails: {e.strerror or e}")
         bs = st.f_frsize or st.f_bsize
+        served = effective_source(m.source, m.root)  # a pooled PV's bind: the pool's source and its subdirectory
         return csi_pb2.NodeGetVolumeStatsResponse(
             usage=[
                 VolumeUsage(unit=VolumeUsage.BYTES, total=st.f_blocks * bs, available=st.f_bavail * bs,
@@ -448,7 +460,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 VolumeUsage(unit=VolumeUsage.INODES, total=st.f_files, available=st.f_favail,
                             used=max(0, st.f_files - st.f_ffree)),
             ],
-            volume_condition=VolumeCondition(abnormal=False, message=f"the gfuse mount of {m.source} answers"),
+            volume_condition=VolumeCondition(abnormal=False, message=f"the gfuse mount of {served} answers"),
         )
 
     @staticmethod

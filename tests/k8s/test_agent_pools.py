@@ -8,17 +8,19 @@ can run here.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from flexvolume.agentclient import AgentError
 from flexvolume.storage.backends import QUOTA_OPTIONS
-from gfuse.mounttable import mounts_at, pid_alive
+from gfuse.mounttable import mounts_at, mounts_under, pid_alive
 from testkit import cluster as tc
 from testkit.kubelet import AgentProcess, cleanup_mounts_under, gfuse_serving_pids_under, wait_for
 
@@ -198,3 +200,160 @@ def test_killed_pool_server_is_repaired_and_every_pv_works_again(pool_vol, tmp_p
     finally:
         a.close()
         cleanup_mounts_under(tmp_path)
+
+
+# -- CSI on pools: NodeStage/Publish/GetVolumeStats/Unpublish/Unstage of pooled subdir PVs -------------------
+
+
+def _scrape(log: Path) -> str:
+    import re
+    import urllib.request
+
+    m = re.search(r"metrics on http://([^/\s]+)/metrics", log.read_text(errors="replace"))
+    assert m, "the agent logged no metrics address"
+    with urllib.request.urlopen(f"http://{m.group(1)}/metrics", timeout=15) as r:
+        return r.read().decode()
+
+
+def _series(text: str, name: str, **labels: str) -> list[float]:
+    """Values of the samples of ``name`` whose labels include ``labels``."""
+    out = []
+    for line in text.splitlines():
+        if not line.startswith((name + "{", name + " ")):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            out.append(float(value))
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_csi_node_on_a_pool_one_server_quota_stats_metrics_takeover(request, pool_vol) -> None:
+    """The CSI node plugin with an agent that pools subdir PVs (what the DaemonSet runs): two PVs of one volume
+    staged are binds of one gfuse mount of it (one server), published at three targets; NodeGetVolumeStats and
+    statvfs of a target show its PV's quota (a: 2 MiB) or the volume's size (b: no quota), and a normal
+    condition; /metrics has each PV's series under its own target; a SIGKILL of the pool's server (restartable:
+    the holder keeps the connection) is taken over with no repair and every bind -- open fds included -- keeps
+    working; unstaging the last PV unmounts the pool."""
+    from test_csi import csi_processes, mount_cap, pb, pb_grpc
+
+    with csi_processes(request, agent_args=("--pool-subdirs", "yes", "--metrics-address", "127.0.0.1:0")) as csi:
+        agent = csi.agent_client()
+        ch = csi.channel()
+        try:
+            node = pb_grpc.NodeStub(ch)
+            cap = mount_cap()
+            targets: dict[str, tuple[str, str, bool]] = {}
+            vids = {sub: f"{pool_vol.source}/{sub}" for sub in ("a", "b")}
+            staging = {sub: csi.staging(f"pv-{sub}") for sub in vids}
+            for sub, vid in vids.items():
+                stage = pb.NodeStageVolumeRequest(volume_id=vid, staging_target_path=staging[sub],
+                                                  volume_capability=cap)
+                node.NodeStageVolume(stage, timeout=90)
+                node.NodeStageVolume(stage, timeout=90)  # idempotent: no second bind, no second reference
+            [pool] = _pools(agent)
+            [pid] = _servers(csi.root)
+            restartable = pool["restartable"]  # where the kernel has FUSE_NOTIFY_RESEND (Linux >= 6.9)
+            print(f"pool mount {pool['mode']}")
+            assert pool["refs"] == 2 and pool["pid"] == pid and pool["targets"] == sorted(staging.values())
+            pdev = mounts_at(pool["target"])[-1].dev
+            for sub, st in staging.items():
+                [m] = mounts_at(st)
+                assert m.fstype == "fuse.gfuse" and m.root == f"/{sub}" and m.dev == pdev, m
+            targets |= {"a-rw": ("a", csi.target("pod-1", "pv-a"), False),
+                       "a-ro": ("a", csi.target("pod-2", "pv-a"), True),
+                       "b-rw": ("b", csi.target("pod-3", "pv-b"), False)}
+            for sub, t, ro in targets.values():
+                publish = pb.NodePublishVolumeRequest(volume_id=vids[sub], staging_target_path=staging[sub],
+                                                      target_path=t, volume_capability=cap, readonly=ro)
+                node.NodePublishVolume(publish, timeout=30)
+                node.NodePublishVolume(publish, timeout=30)
+                [m] = mounts_at(t)
+                assert m.root == f"/{sub}" and m.dev == pdev and m.readonly == ro, m
+                assert sorted(os.listdir(t)) == [f"only-in-{sub}"]  # its own directory, nothing else
+            assert _pools(agent)[0]["refs"] == 2 and _servers(csi.root) == [pid]
+            with pytest.raises(OSError) as ei:
+                Path(targets["a-ro"][1], "nope").write_text("x")
+            assert ei.value.errno == errno.EROFS
+
+            # statfs per PV: a's quota (2 MiB) through the target and NodeGetVolumeStats; b shows the volume
+            vfs_b = os.statvfs(targets["b-rw"][1])
+            for name, (sub, t, _) in targets.items():
+                vfs = os.statvfs(t)
+                total = vfs.f_blocks * vfs.f_frsize
+                if sub == "a":
+                    assert total == 2 * MiB, (name, vfs)
+                else:
+                    assert total > 64 * MiB, (name, vfs)
+                stats = node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(volume_id=vids[sub], volume_path=t),
+                                                timeout=30)
+                assert not stats.volume_condition.abnormal, stats
+                assert stats.volume_condition.message == f"the gfuse mount of {vids[sub]} answers", stats
+                usage = {u.unit: u for u in stats.usage}
+                assert usage[pb.VolumeUsage.BYTES].total == total, (name, stats)
+            assert vfs_b.f_blocks * vfs_b.f_frsize > 2 * MiB
+
+            # metrics: each PV's series under its own target and source, served by the pool; the pool's once
+            text = _scrape(csi.agent_log)
+            for sub, st in staging.items():
+                lab = {"target": st, "source": vids[sub], "volume": pool_vol.name, "bridge": "csi"}
+                assert _series(text, "gfuse_mount_up", **lab) == [1.0], text
+                assert _series(text, "gfuse_mount_healthy", **lab) == [1.0]
+                assert _series(text, "gfuse_mount_pool", **lab, pool=pool["target"]) == [1.0]
+                assert _series(text, "gfuse_mount_bricks_up", **lab) == [3.0]
+                assert _series(text, "gfuse_read_bytes_total", target=st) == []  # the pool's, not repeated
+            assert _series(text, "gfuse_mount_up", target=pool["target"], bridge="pool") == [1.0]
+            assert len(_series(text, "gfuse_read_bytes_total", target=pool["target"])) == 1
+            assert _series(text, "gfuse_agent_mounts") == [2.0] and _series(text, "gfuse_agent_pools") == [1.0]
+
+            if restartable:
+                # the pool's server SIGKILLed under open fds of every target: a takeover, not a repair
+                fds = {name: os.open(os.path.join(t, f"held-{name}"), os.O_RDWR | os.O_CREAT)
+                       for name, (_, t, ro) in targets.items() if not ro}
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    wait_for(lambda: not pid_alive(pid), 10, "the pool's server to die")
+                    for fd in fds.values():
+                        assert os.pwrite(fd, b"after the kill", 0) == 14  # waits for the successor
+                        os.fsync(fd)
+                    for name, (sub, t, _) in targets.items():
+                        assert len(mounts_at(t)) == 1 and mounts_at(t)[-1].dev == pdev, name  # nothing stacked
+                        assert (Path(t) / f"only-in-{sub}").read_text() == sub
+                    assert Path(targets["a-ro"][1], "held-a-rw").read_bytes() == b"after the kill"
+                finally:
+                    for fd in fds.values():
+                        os.close(fd)
+                # the successor (the holder's standby, or the agent's takeover) serves every PV
+                new_pid = wait_for(lambda: (p := _pools(agent)[0]["pid"]) not in (None, pid) and pid_alive(p) and p,
+                                   20, "a successor serving the pool")
+                wait_for(lambda: all(m["healthy"] and m["pid"] == new_pid for m in agent.list()), 20,
+                         "the agent to report the PVs healthy on the successor")
+                assert all(m["repairs"] == 0 and m["takeovers"] >= 1 for m in agent.list()), agent.list()
+                assert _pools(agent)[0]["repairs"] == 0 and _pools(agent)[0]["takeovers"] >= 1
+                assert "repairing" not in csi.agent_log.read_text()
+                stats = node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(
+                    volume_id=vids["a"], volume_path=targets["a-rw"][1]), timeout=30)
+                assert not stats.volume_condition.abnormal, stats
+
+            # unpublish all; unstage a: the pool stays for b; unstage b: the pool goes
+            for sub, t, _ in targets.values():
+                node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vids[sub], target_path=t),
+                                         timeout=30)
+                assert not mounts_at(t) and not os.path.exists(t)
+            assert sorted(m["target"] for m in agent.list()) == sorted(staging.values())
+            unstage = pb.NodeUnstageVolumeRequest(volume_id=vids["a"], staging_target_path=staging["a"])
+            node.NodeUnstageVolume(unstage, timeout=60)
+            node.NodeUnstageVolume(unstage, timeout=60)  # idempotent: b's reference stays
+            assert not mounts_at(staging["a"]) and _pools(agent)[0]["refs"] == 1
+            assert (Path(staging["b"]) / "only-in-b").read_text() == "b"
+            node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(volume_id=vids["b"], staging_target_path=staging["b"]),
+                                   timeout=60)
+            assert _pools(agent) == [] and agent.list() == [] and not mounts_under(str(csi.kubelet))
+            server = new_pid if restartable else pid
+            wait_for(lambda: not pid_alive(server), 10, "the pool's server to exit")
+        finally:
+            for sub, t, _ in targets.values():  # after a failure: kubelet's unpublish, before the agent goes
+                with contextlib.suppress(grpc.RpcError):
+                    node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=vids[sub], target_path=t),
+                                             timeout=30)
+            ch.close()
